@@ -16,3 +16,41 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+TINY_TEXTS = [
+    "The movie was great and I loved every minute of it.",
+    "The acting was not bad at all, honestly.",
+    "What a waste of two hours! The plot was dull.",
+    "A slow drama with a gorgeous soundtrack.",
+    "I would not watch this film again.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer GPT-2 with a small BPE tokenizer, saved in save_pretrained layout.
+
+    Built from a local config: no download, a few hundred milliseconds.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf_scratch.pretrain import train_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = train_tokenizer(TINY_TEXTS, vocab_size=320, directory=directory)
+    special = tokenizer.bos_token_id
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=special, eos_token_id=special, pad_token_id=special,
+    )
+    GPT2LMHeadModel(config).eval().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture()
+def tiny_bridge(tiny_model_dir):
+    from rlhf_scratch.models import load_bridge
+
+    return load_bridge(tiny_model_dir)

@@ -1,0 +1,175 @@
+"""The ``rlhf-scratch`` command: one sub-command per system.
+
+Each sub-command is a documented dataclass config parsed by ``tyro`` (every field is a
+flag; ``--help`` lists them with their docstrings), then a plain function call.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from rlhf_scratch.sampling import SamplingConfig
+
+TYRO_CONFIG = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagConversionOff)
+
+
+@dataclass
+class SampleConfig:
+    """Sample responses from a model and print them (optionally scored by a reward)."""
+
+    model: str = "builtin"
+    """Model: "builtin", a local model directory or run checkpoint, or a hub name such as gpt2."""
+    prompt: str = ""
+    """Fixed prompt for every sample (fixed-prefix mode); empty: start from BOS alone."""
+    data: str | None = None
+    """Dataset mode: prompts are the first 2–8 tokens of texts from "builtin", a .txt/.jsonl/.csv file, or a datasets name."""
+    column: str = "text"
+    """Text column for --data .jsonl/.csv files and datasets."""
+    n: Annotated[int, tyro.conf.arg(aliases=["-n"])] = 5
+    """Number of samples."""
+    reward: str | None = None
+    """Score the samples with this reward (vader, chars:., hf:DIR:LABEL)."""
+    prepend_bos: bool = True
+    """Put the BOS token in front of every prompt (as the built-in model was trained)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    out: Path | None = None
+    """If given, write config.json, samples.jsonl and summary.json here."""
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"-n must be >= 1, got {self.n}.")
+
+
+def run_sample(config: SampleConfig) -> list[dict]:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
+    from rlhf_scratch.models import load_bridge
+    from rlhf_scratch.outputs import append_jsonl, write_json
+    from rlhf_scratch.rewards import make_reward, score_texts
+    from rlhf_scratch.sampling import encode, generate
+
+    console = Console()
+    torch.manual_seed(config.seed)
+    bridge = load_bridge(config.model)
+    reward = make_reward(config.reward) if config.reward else None
+
+    def encode_text(text: str) -> list[int]:
+        return encode(bridge.tokenizer, text, prepend_bos=config.prepend_bos)
+
+    if config.data is not None:
+        prompts = prompts_from_texts(load_texts(config.data, column=config.column), encode_text, config.n, seed=config.seed)
+    elif config.prompt:
+        prompts = fixed_prefix_prompts(config.prompt, encode_text, config.n)
+    else:
+        prompts = [encode(bridge.tokenizer, "", prepend_bos=True)] * config.n
+    generation = generate(bridge, prompts, config.sampling, generator=torch.Generator().manual_seed(config.seed))
+    scores = score_texts(reward, generation.texts).tolist() if reward else [None] * config.n
+    rows = [
+        {"prompt": p, "response": r, "reward": s}
+        for p, r, s in zip(generation.prompts, generation.responses, scores)
+    ]
+    table = Table(title=f"{config.n} samples from {config.model}", show_lines=True)
+    table.add_column("prompt", style="cyan")
+    table.add_column("response")
+    if reward:
+        table.add_column(reward.name, justify="right")
+    for row in rows:
+        table.add_row(row["prompt"], row["response"], *([f"{row['reward']:.3f}"] if reward else []))
+    console.print(table)
+    if config.out is not None:
+        write_json(config.out / "config.json", config)
+        for row in rows:
+            append_jsonl(config.out / "samples.jsonl", row)
+        summary = {"n": config.n, "mean_response_tokens": generation.gen_mask.sum(1).float().mean().item()}
+        if reward:
+            summary["reward_mean"] = sum(scores) / len(scores)
+        write_json(config.out / "summary.json", summary)
+    return rows
+
+
+def run_pretrain(config) -> dict:
+    from rlhf_scratch.pretrain import pretrain
+
+    return pretrain(config)
+
+
+def _commands() -> dict:
+    """name → (config class, presets {name: config}, runner, one-line description)."""
+    from rlhf_scratch.pretrain import PretrainConfig
+
+    return {
+        "pretrain": (PretrainConfig, {}, run_pretrain, "Build the built-in tiny model (corpus, tokenizer, GPT-2) or pretrain on --data."),
+        "sample": (SampleConfig, {}, run_sample, "Print samples from a model, optionally scored by a reward."),
+    }
+
+
+def _usage(commands: dict) -> str:
+    lines = ["usage: rlhf-scratch COMMAND [--help] [FLAGS]", "", "commands:"]
+    lines += [f"  {name:<10} {description}" for name, (_, _, _, description) in commands.items()]
+    lines += ["", "Run `rlhf-scratch COMMAND --help` for the flags of a command."]
+    return "\n".join(lines)
+
+
+def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``--preset NAME`` (or ``--preset=NAME``) out of the argument list."""
+    rest, preset = [], None
+    iterator = iter(args)
+    for arg in iterator:
+        if arg == "--preset":
+            preset = next(iterator, None)
+            if preset is None:
+                raise SystemExit("--preset needs a name.")
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return preset, rest
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(commands))
+        return 0 if argv else 2
+    name, args = argv[0], argv[1:]
+    if name not in commands:
+        print(f"rlhf-scratch: unknown command {name!r}.\n\n{_usage(commands)}", file=sys.stderr)
+        return 2
+    config_class, presets, runner, description = commands[name]
+    default = None
+    if presets:
+        preset, args = _split_preset(args)
+        preset = preset or next(iter(presets))
+        if preset not in presets:
+            print(f"rlhf-scratch {name}: unknown preset {preset!r}; choose from {', '.join(presets)}.", file=sys.stderr)
+            return 2
+        default = presets[preset]()
+        description += f" Presets (--preset NAME): {', '.join(presets)}; current: {preset}."
+    try:
+        config = tyro.cli(config_class, args=args, default=default, prog=f"rlhf-scratch {name}", description=description, config=TYRO_CONFIG)
+    except ValueError as error:  # config validation in __post_init__
+        print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    from rlhf_scratch.models import ModelLoadError
+
+    try:
+        runner(config)
+    except (ValueError, FileNotFoundError, ModelLoadError) as error:
+        # Bad input (paths, model names, rewards, prompts): a message, not a traceback.
+        print(f"rlhf-scratch {name}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

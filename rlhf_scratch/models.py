@@ -1,0 +1,250 @@
+"""Language models on TransformerLens: loading, the value head, the policy, the reference.
+
+TransformerLens 4 wraps a Hugging Face module in a ``TransformerBridge``: hook names
+(``blocks.0.hook_resid_post``, ``ln_final.hook_out``, ...), ``run_with_hooks``,
+``run_with_cache`` and KV-cached forward passes all work on it.
+
+Where a model can come from (``load_bridge(source)``):
+
+* ``"builtin"`` -- the project's own tiny GPT-2 trained on its review corpus
+  (built on first use by ``rlhf_scratch.pretrain`` and cached);
+* a local directory in ``save_pretrained`` layout (config, weights, tokenizer), which
+  includes checkpoints written by this project (they add ``value_head.safetensors``);
+* a hub name such as ``"gpt2"`` -- ``TransformerBridge.boot_transformers(name)``; this
+  needs network access to the Hugging Face hub (or a warm local HF cache).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+CHECKPOINT_META_FILE = "rlhf_scratch.json"
+BUILTIN_NAMES = ("builtin", "tiny", "tiny-reviews")
+
+# The hook whose output is exactly the input to the unembedding in TransformerLens 4.3:
+# the final residual stream *after* the final LayerNorm, weight and bias included.
+# (``ln_final.hook_normalized`` is taken before the LayerNorm's affine part.)
+FINAL_RESIDUAL_HOOK = "ln_final.hook_out"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do instead."""
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def load_bridge(source: str | os.PathLike, device: str = "cpu"):
+    """Load a ``TransformerBridge`` from ``"builtin"``, a local directory, or a hub name.
+
+    The model is returned in eval mode (dropout off): RLHF compares log-probs of the
+    same tokens across forward passes, and dropout noise would make the PPO ratio
+    differ from 1 even before any update.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source = str(source)
+    if source in BUILTIN_NAMES:
+        from rlhf_scratch.pretrain import ensure_builtin_model
+
+        source = str(ensure_builtin_model())
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} exists but has no config.json, so it is not a model directory. "
+                "Pass a directory written by `save_pretrained` (config.json, weights, "
+                "tokenizer files) or by `rlhf-scratch` (a run's checkpoint/ folder)."
+            )
+        bridge = TransformerBridge.boot_transformers(str(path), device=device)
+    else:
+        looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
+        if looks_like_path:
+            raise ModelLoadError(f"No such model directory: {source}. Check the path.")
+        if _hub_offline():
+            raise ModelLoadError(
+                f"Cannot load {source!r} from the Hugging Face hub: HF_HUB_OFFLINE is set. "
+                "On a machine with network, download it once "
+                f"(`huggingface-cli download {source} --local-dir DIR`, or "
+                "`AutoModelForCausalLM.from_pretrained(name).save_pretrained(DIR)` plus the "
+                "tokenizer) and pass --model DIR; or use --model builtin for the offline model."
+            )
+        try:
+            bridge = TransformerBridge.boot_transformers(source, device=device)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"Could not load {source!r} from the Hugging Face hub ({type(error).__name__}: "
+                f"{str(error)[:200]}). If the hub is unreachable, download the model on a "
+                "machine with network, save it to a directory and pass --model DIR; "
+                "or use --model builtin for the offline model."
+            ) from error
+    bridge.eval()
+    return bridge
+
+
+class ValueHead(nn.Module):
+    """Scalar value estimate from the final residual stream.
+
+    ``V(x) = w2 · relu(W1 x + b1) + b2`` with ``W1: d_model → 4·d_model`` (the shape used
+    in the ARENA RLHF exercise and the seed setups). The output layer starts at zero
+    weight and zero bias so the first value estimates are exactly 0: a random head
+    would start with values of arbitrary scale and make the first phases' advantages
+    mostly noise from the head rather than signal from the reward.
+    """
+
+    def __init__(self, d_model: int, hidden_mult: int = 4):
+        super().__init__()
+        self.hidden = nn.Linear(d_model, hidden_mult * d_model)
+        self.out = nn.Linear(hidden_mult * d_model, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    @jaxtyped(typechecker=beartype)
+    def forward(self, resid: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq"]:
+        return self.out(torch.relu(self.hidden(resid))).squeeze(-1)
+
+
+@dataclass
+class PolicyOutput:
+    """One forward pass of the policy: next-token logits and state values."""
+
+    logits: Float[Tensor, "batch seq vocab"]
+    values: Float[Tensor, "batch seq"]
+
+
+class PolicyWithValueHead(nn.Module):
+    """A TransformerBridge plus a value head hooked onto ``ln_final.hook_out``.
+
+    One forward pass gives both heads: the hook captures the final residual stream
+    (after the final LayerNorm, the exact input to the unembedding), the value head
+    reads it, and the logits come out of the bridge as usual. Because the hook runs
+    inside ``run_with_hooks`` (not ``run_with_cache``) gradients flow from the value
+    loss into the trunk as well as into the head.
+    """
+
+    def __init__(self, bridge, value_head: ValueHead | None = None):
+        super().__init__()
+        self.bridge = bridge
+        self.value_head = value_head if value_head is not None else ValueHead(bridge.cfg.d_model)
+
+    @property
+    def tokenizer(self):
+        return self.bridge.tokenizer
+
+    @property
+    def cfg(self):
+        return self.bridge.cfg
+
+    @jaxtyped(typechecker=beartype)
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        attention_mask: Int[Tensor, "batch seq"] | None = None,
+        fwd_hooks: list | tuple = (),
+    ) -> PolicyOutput:
+        """``tokens [B, S]`` → ``PolicyOutput(logits [B, S, V], values [B, S])``.
+
+        ``attention_mask`` (1 = real token) is needed for left-padded batches: the bridge
+        then masks padding in attention and derives position ids from the mask.
+        ``fwd_hooks`` are extra TransformerLens hooks ``(name, fn)`` applied to this pass
+        only (e.g. an ablation during training).
+        """
+        captured: dict[str, Tensor] = {}
+
+        def capture_final_resid(resid, hook):
+            captured["resid"] = resid
+            return resid
+
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        logits = self.bridge.run_with_hooks(
+            tokens,
+            fwd_hooks=[*fwd_hooks, (FINAL_RESIDUAL_HOOK, capture_final_resid)],
+            **kwargs,
+        )
+        values = self.value_head(captured["resid"])
+        return PolicyOutput(logits=logits, values=values)
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """The bridge's trainable parameters, each storage once.
+
+        The GPT-2 bridge exposes the fused ``c_attn`` weight (as ``attn.qkv``) *and* the
+        split q/k/v views of it; only the split views are used in the forward pass, so
+        the fused alias is dropped here to keep weight decay and the optimizer's state
+        from touching the same memory twice.
+        """
+        return [p for name, p in self.bridge.named_parameters() if ".qkv." not in name]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.value_head.parameters())
+
+
+def make_reference(bridge):
+    """A frozen deep copy of ``bridge`` for the KL penalty (no grads, eval mode)."""
+    reference = copy.deepcopy(bridge)
+    reference.eval()
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    return reference
+
+
+def hf_module_from_bridge(bridge):
+    """A fresh Hugging Face module holding the bridge's current weights.
+
+    ``save_pretrained`` on a module after bridging fails (the bridge leaves
+    non-contiguous q/k/v views in it), so weights are exported into a fresh module of
+    the same config. Keys of the bridged module carry ``._original_component``; the
+    stripped keys match the fresh module's, and the bridge's extra alias entries
+    (split q/k/v, ``ln1``/``mlp.in`` views) are ignored. No key may be missing.
+    """
+    from transformers import AutoModelForCausalLM
+
+    original = bridge.original_model
+    fresh = AutoModelForCausalLM.from_config(original.config)
+    weights = {
+        key.replace("._original_component", ""): value.detach().clone().contiguous()
+        for key, value in original.state_dict().items()
+    }
+    result = fresh.load_state_dict(weights, strict=False)
+    if result.missing_keys:
+        raise RuntimeError(f"Exporting the bridge lost weights: {result.missing_keys[:5]}")
+    return fresh.eval()
+
+
+def save_model_dir(bridge, directory: str | os.PathLike, value_head: ValueHead | None = None, meta: dict | None = None) -> Path:
+    """Write ``bridge`` (and optionally a value head) in ``save_pretrained`` layout.
+
+    The result loads with ``load_bridge(directory)`` here and with plain
+    ``AutoModelForCausalLM.from_pretrained(directory)`` elsewhere. Weights are
+    safetensors; nothing is pickled.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_module_from_bridge(bridge).save_pretrained(directory)
+    bridge.tokenizer.save_pretrained(directory)
+    if value_head is not None:
+        save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, directory / VALUE_HEAD_FILE)
+    if meta is not None:
+        (directory / CHECKPOINT_META_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithValueHead:
+    """A policy from any model source; a checkpoint's value head is restored if present."""
+    bridge = load_bridge(source, device=device)
+    value_head = ValueHead(bridge.cfg.d_model)
+    head_file = Path(str(source)) / VALUE_HEAD_FILE
+    if head_file.is_file():
+        value_head.load_state_dict(load_file(head_file))
+    return PolicyWithValueHead(bridge, value_head.to(device))

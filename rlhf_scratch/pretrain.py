@@ -1,0 +1,321 @@
+"""Build the built-in offline model: review corpus → BPE tokenizer → tiny GPT-2 → bridge.
+
+Steps (``pretrain(config)``):
+
+1. texts: the project's own generated review corpus (``rlhf_scratch.corpus``), or the
+   user's file with ``--data PATH``; a held-out slice is kept apart for perplexity;
+2. a byte-level BPE tokenizer trained on the training texts (``tokenizers``), with one
+   special token ``<|endoftext|>`` that serves as BOS, EOS and padding, as in GPT-2;
+3. a small GPT-2 built from a local ``GPT2Config`` and trained on ``BOS text EOS``
+   examples with next-token cross-entropy (padding masked out of the loss);
+4. measurements: held-out perplexity, and the share of words in the model's own
+   samples that are real English words (``corpus.english_word_share``).
+
+The language-model pretraining runs on the plain Hugging Face module (the bridge
+would only add hook overhead to a job that hooks nothing); the saved directory is
+then loaded as a ``TransformerBridge`` like any other model, so generation uses the
+Hugging Face KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILTIN_MODEL_NAME = "tiny-reviews-v1"
+SPECIAL_TOKEN = "<|endoftext|>"
+
+
+def default_cache_dir() -> Path:
+    """``$RLHF_SCRATCH_CACHE`` if set, else the user's cache directory for rlhf_scratch."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("RLHF_SCRATCH_CACHE") or user_cache_dir("rlhf_scratch"))
+
+
+def builtin_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / BUILTIN_MODEL_NAME
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining of a small GPT-2 on the built-in review corpus or your own text."""
+
+    out: Path | None = None
+    """Directory for config.json, summary.json, samples.txt and the model (out/model)."""
+    data: Path | None = None
+    """Your own text (.txt one text per line, .jsonl or .csv with --column); default: the built-in review corpus."""
+    column: str = "text"
+    """Column/field holding the text in a .jsonl or .csv --data file."""
+    n_texts: int = 24000
+    """Number of generated reviews to train on (built-in corpus only)."""
+    n_heldout: int = 1000
+    """Texts kept apart to measure perplexity."""
+    vocab_size: int = 2048
+    """BPE vocabulary size (including the special token)."""
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    n_ctx: int = 128
+    """Context length in tokens; longer texts are truncated."""
+    steps: int = 1500
+    """Optimizer steps."""
+    batch_size: int = 48
+    lr: float = 3e-3
+    """Peak learning rate (AdamW), with linear warmup over 5% of the steps and cosine decay."""
+    weight_decay: float = 0.01
+    seed: int = 0
+    n_samples: int = 200
+    """Samples drawn after training to measure the English-word share."""
+    install_builtin: bool = True
+    """With the built-in corpus, also install the model as the cached built-in model."""
+    cache_dir: Path | None = None
+    """Where the built-in model is cached (default: $RLHF_SCRATCH_CACHE or the user cache dir)."""
+
+    def __post_init__(self):
+        if self.data is not None and not Path(self.data).is_file():
+            raise ValueError(f"--data {self.data}: no such file. Give a .txt, .jsonl or .csv file of texts.")
+        for name in ("n_texts", "n_heldout", "vocab_size", "n_layer", "n_head", "d_model", "n_ctx", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}).")
+        if self.vocab_size < 300:
+            raise ValueError(f"vocab_size must be >= 300 (256 byte symbols + merges), got {self.vocab_size}.")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}.")
+
+
+def load_training_texts(config: PretrainConfig) -> tuple[list[str], list[str]]:
+    """``(train_texts, heldout_texts)``; held-out texts never appear in training."""
+    if config.data is None:
+        from rlhf_scratch.corpus import generate_reviews
+
+        texts = generate_reviews(config.n_texts + config.n_heldout, seed=config.seed)
+    else:
+        from rlhf_scratch.data import load_texts
+
+        texts = load_texts(str(config.data), column=config.column)
+        random.Random(config.seed).shuffle(texts)
+    if len(texts) < 2:
+        raise ValueError(f"Need at least 2 texts to pretrain, got {len(texts)}.")
+    n_heldout = min(config.n_heldout, max(1, len(texts) // 10))
+    return texts[n_heldout:], texts[:n_heldout]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, directory: Path):
+    """Byte-level BPE (as GPT-2) trained on ``texts``; saved to ``directory`` and returned."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=SPECIAL_TOKEN, eos_token=SPECIAL_TOKEN, pad_token=SPECIAL_TOKEN
+    )
+    # The bridge reloads its tokenizer from tokenizer.name_or_path: it must live on disk.
+    tokenizer.save_pretrained(directory)
+    return PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+def encode_examples(tokenizer, texts: list[str], n_ctx: int) -> list[list[int]]:
+    """``BOS text EOS`` token lists, truncated to ``n_ctx`` tokens."""
+    special = tokenizer.bos_token_id
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [([special] + ids + [special])[:n_ctx] for ids in encoded]
+
+
+def make_batch(examples: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids [B, L]`` and ``labels [B, L]`` (−100 on padding).
+
+    Padding is marked by length, not by id: the pad id equals the EOS id, and the
+    closing EOS must stay in the loss so the model learns to end a review.
+    """
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, ids in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(ids)
+    return input_ids, labels
+
+
+@torch.no_grad()
+def heldout_perplexity(model, examples: list[list[int]], pad_id: int, batch_size: int = 64) -> float:
+    """exp(mean next-token cross-entropy over all held-out tokens)."""
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        input_ids, labels = make_batch(examples[start : start + batch_size], pad_id)
+        attention_mask = (labels != -100).long()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += int((targets != -100).sum())
+    return math.exp(total_nll / total_tokens)
+
+
+def pretrain(config: PretrainConfig, console=None) -> dict:
+    """Run the whole pipeline; returns the summary (also written to ``out/summary.json``)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf_scratch.corpus import english_word_share
+    from rlhf_scratch.models import load_bridge
+    from rlhf_scratch.outputs import write_json
+    from rlhf_scratch.sampling import SamplingConfig, encode, generate
+
+    console = console or Console()
+    start_time = time.time()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+
+    out = Path(config.out) if config.out is not None else None
+    # Build into a temporary directory and move it into place at the end, so that a
+    # run killed half-way never leaves a half-written model where a loader looks.
+    work_dir = Path(tempfile.mkdtemp(prefix="rlhf_scratch_pretrain_"))
+    model_dir = work_dir / "model"
+
+    train_texts, heldout_texts = load_training_texts(config)
+    console.print(f"[bold]pretrain[/]: {len(train_texts)} training texts, {len(heldout_texts)} held out")
+    tokenizer = train_tokenizer(train_texts, config.vocab_size, model_dir)
+    special = tokenizer.bos_token_id
+    train_examples = encode_examples(tokenizer, train_texts, config.n_ctx)
+    heldout_examples = encode_examples(tokenizer, heldout_texts, config.n_ctx)
+
+    model_config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=config.n_ctx,
+        n_embd=config.d_model,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        bos_token_id=special,
+        eos_token_id=special,
+        pad_token_id=special,
+    )
+    model = GPT2LMHeadModel(model_config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    warmup = max(1, config.steps // 20)
+
+    def lr_multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, config.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
+    order: list[int] = []
+    losses: list[float] = []
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("pretraining", total=config.steps, loss=float("nan"))
+        for step in range(config.steps):
+            if len(order) < config.batch_size:
+                fresh = list(range(len(train_examples)))
+                rng.shuffle(fresh)
+                order.extend(fresh)
+            batch_ids, order = order[: config.batch_size], order[config.batch_size :]
+            input_ids, labels = make_batch([train_examples[i] for i in batch_ids], special)
+            loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            progress.update(task, advance=1, loss=sum(losses[-50:]) / len(losses[-50:]))
+
+    model.eval()
+    perplexity = heldout_perplexity(model, heldout_examples, special)
+    model.save_pretrained(model_dir)
+    write_json(model_dir / "pretrain_config.json", config)
+
+    # Sample through the bridge, exactly as the RL code will.
+    bridge = load_bridge(model_dir)
+    generator = torch.Generator().manual_seed(config.seed)
+    prompts = [encode(bridge.tokenizer, "", prepend_bos=True)] * config.n_samples
+    samples = generate(bridge, prompts, SamplingConfig(max_new_tokens=min(64, config.n_ctx - 1)), generator=generator).responses
+    word_share = english_word_share(samples)
+
+    summary = {
+        "train_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "heldout_perplexity": perplexity,
+        "english_word_share": word_share,
+        "seconds": time.time() - start_time,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_texts": len(train_texts),
+        "steps": config.steps,
+    }
+    final_dirs = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config)
+        (out / "samples.txt").write_text("\n".join(samples) + "\n")
+        _replace_dir(model_dir, out / "model", copy=True)
+        write_json(out / "summary.json", summary)
+        final_dirs.append(out / "model")
+    if config.data is None and config.install_builtin:
+        target = builtin_model_dir(config.cache_dir)
+        _replace_dir(model_dir, target, copy=True)
+        final_dirs.append(target)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    summary["model_dirs"] = [str(d) for d in final_dirs]
+    console.print(
+        f"train loss {summary['train_loss']:.3f} · held-out perplexity {perplexity:.2f} · "
+        f"English-word share {word_share:.3f} · {summary['seconds']:.0f} s"
+    )
+    for sample in samples[:5]:
+        console.print(f"  [dim]sample:[/] {sample}")
+    for directory in final_dirs:
+        console.print(f"model saved to {directory}")
+    return summary
+
+
+def ensure_builtin_model(cache_dir: str | os.PathLike | None = None, console=None) -> Path:
+    """The built-in model's directory, pretraining it first if no cached copy exists."""
+    target = builtin_model_dir(cache_dir)
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    console.print(
+        f"[yellow]No cached built-in model at {target}: pretraining it now "
+        "(a few minutes on 2 CPU cores, once; `rlhf-scratch pretrain` does the same).[/]"
+    )
+    pretrain(PretrainConfig(cache_dir=Path(cache_dir) if cache_dir else None), console=console)
+    return target
+
+
+def _replace_dir(source: Path, target: Path, copy: bool) -> None:
+    """Put ``source`` at ``target`` via a sibling temporary directory and a rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.rmdir()
+    (shutil.copytree if copy else shutil.move)(source, staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+

@@ -1,0 +1,135 @@
+"""Models: value-head placement, gradients, padding, loading and saving."""
+
+import time
+
+import pytest
+import torch
+
+from rlhf_scratch.models import (
+    FINAL_RESIDUAL_HOOK,
+    ModelLoadError,
+    PolicyWithValueHead,
+    load_bridge,
+    load_policy,
+    make_reference,
+    save_model_dir,
+)
+from rlhf_scratch.sampling import encode, left_pad
+
+
+def test_value_head_reads_exactly_the_unembedding_input(tiny_bridge):
+    policy = PolicyWithValueHead(tiny_bridge)
+    torch.nn.init.normal_(policy.value_head.out.weight)  # the head starts at zero; make it informative
+    tokens = torch.tensor([[0, 5, 9, 17, 3]])
+    _, cache = tiny_bridge.run_with_cache(tokens)
+    resid = cache[FINAL_RESIDUAL_HOOK]
+    out = policy(tokens)
+    # The captured residual is the exact input to the unembedding ...
+    unembedded = resid @ tiny_bridge.original_model.lm_head.weight.T
+    torch.testing.assert_close(unembedded, out.logits, atol=1e-5, rtol=1e-5)
+    # ... and the values are the head applied to it.
+    torch.testing.assert_close(policy.value_head(resid), out.values)
+    assert out.values.shape == (1, 5)
+
+
+def test_gradients_reach_trunk_and_head(tiny_bridge):
+    policy = PolicyWithValueHead(tiny_bridge)
+    tokens = torch.tensor([[0, 5, 9, 17, 3], [0, 7, 7, 2, 1]])
+    out = policy(tokens)
+    (out.values - 1.0).pow(2).mean().backward()
+    # The output layer starts at zero, so the value loss first moves the head's output
+    # layer; the gradient w.r.t. the hidden layer and trunk flows through it once nonzero.
+    assert policy.value_head.out.weight.grad.abs().sum() > 0
+    policy.zero_grad()
+    torch.nn.init.normal_(policy.value_head.out.weight)
+    out = policy(tokens)
+    out.values.sum().backward()
+    assert policy.value_head.hidden.weight.grad.abs().sum() > 0
+    trunk_grads = [p.grad for p in policy.trunk_parameters() if p.grad is not None]
+    assert trunk_grads and sum(g.abs().sum() for g in trunk_grads) > 0
+    # Logit loss alone also reaches the trunk.
+    policy.zero_grad()
+    policy(tokens).logits[:, -1].logsumexp(-1).sum().backward()
+    assert sum(p.grad.abs().sum() for p in policy.trunk_parameters() if p.grad is not None) > 0
+
+
+def test_trunk_parameters_have_no_aliased_storage(tiny_bridge, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    policy = PolicyWithValueHead(tiny_bridge)
+    params = policy.trunk_parameters()
+    # q/k/v are strided views into the fused c_attn weight; they may share a storage
+    # but no element may belong to two trainable parameters (double updates).
+    counts_by_storage = {}
+    for p in params:
+        storage = p.untyped_storage()
+        counts = counts_by_storage.setdefault(
+            storage.data_ptr(), torch.zeros(storage.nbytes() // p.element_size())
+        )
+        counts.as_strided(p.shape, p.stride(), p.storage_offset()).add_(1)
+    assert max(c.max().item() for c in counts_by_storage.values()) == 1
+    # Every weight of the plain Hugging Face model is trained exactly once.
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert sum(p.numel() for p in params) == sum(p.numel() for p in plain.parameters())
+
+
+def test_left_padded_batch_equals_each_row_alone(tiny_bridge):
+    tokenizer = tiny_bridge.tokenizer
+    prompts = [encode(tokenizer, t) for t in ["The movie was great", "What", "I would not watch this film again"]]
+    tokens, mask = left_pad(prompts, tokenizer.pad_token_id)
+    policy = PolicyWithValueHead(tiny_bridge)
+    torch.nn.init.normal_(policy.value_head.out.weight)
+    batched = policy(tokens, attention_mask=mask)
+    for row, ids in enumerate(prompts):
+        alone = policy(torch.tensor([ids]))
+        n = len(ids)
+        torch.testing.assert_close(batched.logits[row, -n:], alone.logits[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.values[row, -n:], alone.values[0], atol=1e-4, rtol=1e-4)
+
+
+def test_reference_is_frozen_copy(tiny_bridge):
+    reference = make_reference(tiny_bridge)
+    tokens = torch.tensor([[0, 5, 9]])
+    torch.testing.assert_close(reference(tokens), tiny_bridge(tokens))
+    assert all(not p.requires_grad for p in reference.parameters())
+    with torch.no_grad():
+        next(tiny_bridge.parameters()).add_(1.0)
+    assert not torch.allclose(reference(tokens), tiny_bridge(tokens))
+
+
+def test_save_and_load_round_trip(tiny_bridge, tmp_path):
+    policy = PolicyWithValueHead(tiny_bridge)
+    torch.nn.init.normal_(policy.value_head.out.weight)
+    with torch.no_grad():  # change weights after bridging so the export must carry them
+        for p in policy.trunk_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_model_dir(policy.bridge, tmp_path / "ckpt", value_head=policy.value_head, meta={"kind": "test"})
+    loaded = load_policy(tmp_path / "ckpt")
+    tokens = torch.tensor([[0, 5, 9, 17, 3]])
+    a, b = policy(tokens), loaded(tokens)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=1e-6)
+
+
+def test_local_directory_loads_and_plain_hf_matches(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    bridge = load_bridge(tiny_model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokens = torch.tensor([[0, 5, 9, 17, 3]])
+    torch.testing.assert_close(bridge(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
+    assert not bridge.training
+
+
+def test_hub_name_fails_fast_offline():
+    start = time.time()
+    with pytest.raises(ModelLoadError, match="local|DIR"):
+        load_bridge("gpt2")
+    assert time.time() - start < 5
+
+
+def test_missing_directory_and_non_model_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="No such model directory"):
+        load_bridge(str(tmp_path / "nope" / "model"))
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_bridge(tmp_path)
