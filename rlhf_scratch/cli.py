@@ -104,9 +104,11 @@ def run_pretrain(config) -> dict:
 
 def _commands() -> dict:
     """name → (config class, presets {name: config}, runner, one-line description)."""
+    from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
     from rlhf_scratch.pretrain import PretrainConfig
 
     return {
+        "ppo": (PPOConfig, preset_configs(), run_ppo, "Train a policy with PPO (default: the built-in offline sentiment task)."),
         "pretrain": (PretrainConfig, {}, run_pretrain, "Build the built-in tiny model (corpus, tokenizer, GPT-2) or pretrain on --data."),
         "sample": (SampleConfig, {}, run_sample, "Print samples from a model, optionally scored by a reward."),
     }

@@ -1,0 +1,339 @@
+"""Prompt data: where the texts come from, and how prompts are cut from them.
+
+Two steps, each a plain function:
+
+1. ``load_texts(source)`` gives a list of strings from the built-in review corpus,
+   a local ``.txt`` / ``.jsonl`` / ``.csv`` file, or a Hugging Face dataset by name.
+2. ``prompts_from_texts(texts, encode, n)`` ("dataset mode", as in the TRL IMDB
+   recipe: each prompt is the first 2–8 tokens of a real text) or
+   ``fixed_prefix_prompts(prefix, encode, n)`` (the ARENA mode: every row the
+   same prompt) turns them into token-id lists of ragged length, ready for
+   left-padding by the sampler.
+
+``hub_offline_var`` and ``hub_is_reachable`` let any loader fail in a fraction of
+a second when the hub cannot be reached, instead of retrying for ~25 s.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+FILE_EXTENSIONS = (".txt", ".jsonl", ".csv")
+BUILTIN_DEFAULT_N = 2_000
+# Pretraining draws the built-in corpus with seed 0; prompts use seed 1 + seed so
+# that they are held-out reviews the model has not been trained on.
+BUILTIN_PROMPT_SEED_OFFSET = 1
+# "name" or "owner/name", as the hub spells repository ids.
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+class DataError(ValueError):
+    """Prompt data could not be loaded or cut; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------- hub access
+
+
+def hub_offline_var(names: Sequence[str] = _OFFLINE_VARS) -> str | None:
+    """The first of ``names`` set to a true value (1/true/yes/on) in the environment, or None."""
+    for name in names:
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return name
+    return None
+
+
+def hub_is_reachable(timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the hub endpoint ($HF_ENDPOINT, default huggingface.co) open?
+
+    The Hugging Face libraries retry an unreachable hub five times with back-off
+    (~25 s per file); this probe answers in at most ``timeout`` seconds. It runs in a
+    daemon thread because a hanging DNS lookup ignores socket timeouts. Behind an HTTP
+    proxy (HTTPS_PROXY / ALL_PROXY set) a direct probe says nothing, so it answers True
+    and lets the library try.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def load_texts(
+    source: str,
+    column: str = "text",
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Load a list of texts from ``source``.
+
+    Sources:
+      - ``"builtin"``: the built-in synthetic review corpus,
+        ``generate_reviews(limit or 2000, seed=1 + seed)``. Pretraining draws the
+        same generator with seed 0, so these are held-out prompts.
+      - a local file, chosen by extension: ``.txt`` (one text per line), ``.jsonl``
+        (one JSON object per line, text in field ``column``) or ``.csv`` (header row,
+        text in column ``column``).
+      - otherwise a Hugging Face dataset name such as ``"stanfordnlp/imdb"``:
+        ``datasets.load_dataset(source, split=split)[column]``. This needs the
+        dataset hub, or the dataset already in the local ``datasets`` cache. When
+        the hub cannot be reached (probed with a 3 s timeout) it fails at once;
+        when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set, only the local cache is
+        read (that also fails in milliseconds). Either way the message says to
+        export the texts to a local file and pass its path.
+
+    Empty or whitespace-only texts (blank lines, empty fields) are dropped
+    everywhere. ``limit`` keeps the first ``limit`` texts in source order (no
+    shuffle: ``prompts_from_texts`` does the seeded sampling). ``seed`` is only
+    used by ``"builtin"``.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive integer or None, got {limit!r}.")
+    source = str(source)
+    if source == "builtin":
+        texts = _load_builtin(limit or BUILTIN_DEFAULT_N, seed)
+    else:
+        path = Path(source).expanduser()
+        if path.exists():
+            texts = _load_file(path, column)
+        elif _looks_like_path(source):
+            raise DataError(
+                f"No such file: {source} (resolved to {path.resolve()}). Check the path; "
+                f"supported files are {', '.join(FILE_EXTENSIONS)}."
+            )
+        else:
+            texts = _load_hub_dataset(source, column, split, limit)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"{source} holds no texts (it is empty or every text is blank).")
+    return texts[:limit] if limit is not None else texts
+
+
+def _looks_like_path(source: str) -> bool:
+    """A missing source is a file path, not a dataset name, if it is not shaped like a hub id
+    or ends in a file extension we read."""
+    return source.lower().endswith(FILE_EXTENSIONS) or not HUB_ID_PATTERN.match(source)
+
+
+def _load_builtin(n: int, seed: int) -> list[str]:
+    # Imported here: the corpus module is only needed for the built-in source.
+    from rlhf_scratch.corpus import generate_reviews
+
+    return list(generate_reviews(n, seed=BUILTIN_PROMPT_SEED_OFFSET + seed))
+
+
+def _load_file(path: Path, column: str) -> list[str]:
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass a {', '.join(FILE_EXTENSIONS)} file.")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_EXTENSIONS:
+        raise DataError(
+            f"Unknown file type {suffix or '(no extension)'!r} for {path}: supported are "
+            f"{', '.join(FILE_EXTENSIONS)} (one text per line / one JSON object per line "
+            "/ CSV with a header row). Convert the file or rename it."
+        )
+    try:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
+        with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as f:
+            if suffix == ".txt":
+                return [line.rstrip("\r\n") for line in f]
+            if suffix == ".jsonl":
+                return _read_jsonl(f, path, column)
+            return _read_csv(f, path, column)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text ({error}). Re-save it as UTF-8.") from error
+
+
+def _read_jsonl(lines, path: Path, column: str) -> list[str]:
+    texts = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}, line {lineno}: invalid JSON ({error.msg}). Each line must be one "
+                f'JSON object such as {{"{column}": "..."}}.'
+            ) from error
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}. "
+                f'Each line must be one JSON object such as {{"{column}": "..."}}.'
+            )
+        if column not in row:
+            raise DataError(
+                f"{path}, line {lineno}: no field {column!r}; available fields: "
+                f"{sorted(row)}. Pass column=... (--column) to choose one."
+            )
+        value = row[column]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(
+                f"{path}, line {lineno}: field {column!r} is a {type(value).__name__}, not a string."
+            )
+        texts.append(value)
+    return texts
+
+
+def _read_csv(f, path: Path, column: str) -> list[str]:
+    reader = csv.DictReader(f)
+    if reader.fieldnames is None:
+        return []  # empty file; load_texts reports "no texts"
+    if column not in reader.fieldnames:
+        raise DataError(
+            f"{path}: no column {column!r}; available columns: {list(reader.fieldnames)}. "
+            "Pass column=... (--column) to choose one."
+        )
+    # A short row gives None for the missing field: treat it as empty.
+    return [row[column] or "" for row in reader]
+
+
+def _load_hub_dataset(name: str, column: str, split: str, limit: int | None) -> list[str]:
+    export_hint = (
+        "Export the texts to a local .txt/.jsonl/.csv file on a machine with network "
+        f"(e.g. `datasets.load_dataset({name!r}, split={split!r}).to_json('texts.jsonl')`) "
+        "and pass its path."
+    )
+    offline = hub_offline_var()
+    # Without the offline flag, an unreachable hub makes `datasets` retry for ~25 s: probe first.
+    if offline is None and not hub_is_reachable():
+        raise DataError(
+            f"{name!r} is not a local file, so it was taken as a Hugging Face dataset name, "
+            f"but the dataset hub is unreachable. {export_hint}"
+        )
+    import datasets  # slow to import; only this source needs it
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError, bad split
+        reason = (
+            f"{offline} is set and it is not in the local datasets cache"
+            if offline
+            else f"{type(error).__name__}: {str(error)[:300]}"
+        )
+        raise DataError(
+            f"Could not load the Hugging Face dataset {name!r} (split {split!r}): {reason}. "
+            f"If you meant a local file, no file {Path(name).resolve()} exists. {export_hint}"
+        ) from error
+    if column not in dataset.column_names:
+        raise DataError(
+            f"Dataset {name!r} has no column {column!r}; available columns: "
+            f"{dataset.column_names}. Pass column=... (--column) to choose one."
+        )
+    if limit is not None:
+        # Select rows before reading the column: a full column can be large.
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return [t for t in dataset[column] if isinstance(t, str)]
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def prompts_from_texts(
+    texts: list[str],
+    encode: Callable[[str], list[int]],
+    n: int,
+    min_tokens: int = 2,
+    max_tokens: int = 8,
+    seed: int = 0,
+) -> list[list[int]]:
+    """``n`` prompts, each the first k tokens of a text, k ~ Uniform{min_tokens..max_tokens}.
+
+    This is the TRL IMDB recipe's "dataset mode". Texts are visited in a seeded
+    permutation (``random.Random(seed)``), cycling through the same permutation again
+    when ``n`` exceeds the number of usable texts. Texts with fewer than ``min_tokens``
+    tokens are skipped; a text with fewer than k tokens is used whole (as TRL's
+    ``input_ids[:k]``), so every prompt has between ``min_tokens`` and ``max_tokens``
+    tokens. ``encode`` decides about a BOS token; one counts toward the length.
+
+    Returns a list of ``n`` token-id lists (ragged). Same arguments, same prompts.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DataError(f"n (number of prompts) must be a positive integer, got {n!r}.")
+    if not 1 <= min_tokens <= max_tokens:
+        raise DataError(
+            f"Need 1 <= min_tokens <= max_tokens, got min_tokens={min_tokens}, "
+            f"max_tokens={max_tokens}."
+        )
+    if not texts:
+        raise DataError("prompts_from_texts got no texts; load some with load_texts first.")
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    cache: dict[int, list[int]] = {}  # encode each text once, even when cycling
+    prompts: list[list[int]] = []
+    while len(prompts) < n:
+        found_one = False
+        for i in order:
+            if i not in cache:
+                cache[i] = _encode_checked(encode, texts[i])
+            ids = cache[i]
+            if len(ids) < min_tokens:
+                continue
+            found_one = True
+            k = rng.randint(min_tokens, max_tokens)
+            prompts.append(ids[:k])
+            if len(prompts) == n:
+                break
+        if not found_one:  # a whole pass without a usable text: cycling would never end
+            longest = max(len(ids) for ids in cache.values())
+            raise DataError(
+                f"No text has at least min_tokens={min_tokens} tokens (the longest has "
+                f"{longest}). Lower min_tokens or use longer texts."
+            )
+    return prompts
+
+
+def fixed_prefix_prompts(prefix: str, encode: Callable[[str], list[int]], n: int) -> list[list[int]]:
+    """``n`` copies of ``encode(prefix)`` (the ARENA setup: one prompt, many samples).
+
+    Each row is its own list, so editing one prompt does not change the others.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DataError(f"n (number of prompts) must be a positive integer, got {n!r}.")
+    ids = _encode_checked(encode, prefix)
+    if not ids:
+        raise DataError(
+            f"The prefix {prefix!r} encodes to no tokens; pass a non-empty prefix "
+            "(or an encoder that prepends a BOS token)."
+        )
+    return [list(ids) for _ in range(n)]
+
+
+def _encode_checked(encode: Callable[[str], list[int]], text: str) -> list[int]:
+    """``encode(text)`` as a flat list of Python ints, with a clear error for a 2-D result."""
+    ids = encode(text)
+    if getattr(ids, "ndim", 1) != 1:
+        raise DataError(
+            f"encode must return a flat sequence of token ids, got shape {tuple(ids.shape)}. "
+            "(`to_tokens` returns [1, seq]: take row 0.)"
+        )
+    return [int(t) for t in ids]

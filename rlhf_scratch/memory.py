@@ -1,0 +1,182 @@
+"""ReplayMemory: one rollout's tensors, by name, and the shuffled minibatches drawn from it.
+
+Shapes: B batch, P prompt length, G generated length, S = P + G, V vocab.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
+
+import torch
+from beartype import BeartypeConf, beartype
+from jaxtyping import Bool, Float, Int, jaxtyped
+from torch import Tensor
+
+typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
+
+# Each tensor field's dtype family and dims, checked in __post_init__ (see there for why
+# not by @jaxtyped on the class). Order matters only for the order of the checks.
+_FIELD_SPECS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "sequences": (Int, ("batch", "seq")),
+    "attention_mask": (Int, ("batch", "seq")),
+    "gen_mask": (Bool, ("batch", "gen")),
+    "logprobs": (Float, ("batch", "gen")),
+    "ref_logprobs": (Float, ("batch", "gen")),
+    "values": (Float, ("batch", "gen")),
+    "advantages": (Float, ("batch", "gen")),
+    "returns": (Float, ("batch", "gen")),
+    "rewards": (Float, ("batch",)),
+    "ref_logits_gen": (Float, ("batch", "gen", "vocab")),
+}
+
+
+@dataclass(eq=False, repr=False)
+class ReplayMemory:
+    """Everything one rollout phase produced, for the learning phase to sample from.
+
+    sequences       Int   [B, S]     prompt (left-padded to P) followed by the G generated tokens
+    attention_mask  Int   [B, S]     1 on real prompt and generated tokens, 0 on left padding and post-EOS
+    gen_mask        Bool  [B, G]     True on real generated tokens (through the first EOS);
+                                     must equal attention_mask[:, P:]
+    logprobs        Float [B, G]     log π_old(token) under the policy at rollout time
+    ref_logprobs    Float [B, G]     log π_ref(token) under the reference model
+    values          Float [B, G]     value head at rollout time (state before each generated token)
+    advantages      Float [B, G]     from one-step TD or GAE, 0 on padding
+    returns         Float [B, G]     value-head targets, 0 on padding
+    rewards         Float [B]        the scalar task reward of each response
+    prompt_len      int              P
+    ref_logits_gen  Float [B, G, V]  reference logits at the generated positions, or None.
+        Keep these only when the exact KL (full vocabulary) is a loss term. They cost
+        B·G·V·4 bytes in float32: at GPT-2 size, 64·20·50257·4 ≈ 257 MB. Only the G
+        generated positions are kept, not all S (B·S·V), since only they carry loss.
+
+    Shapes are checked on construction, with messages that name the wrong field.
+    ``memory[idx]`` (idx an int tensor of rows) is a smaller ReplayMemory;
+    ``memory.minibatches(...)`` yields shuffled ones; ``print(memory)`` shows names,
+    shapes and a few statistics.
+    """
+
+    sequences: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    gen_mask: Bool[Tensor, "batch gen"]
+    logprobs: Float[Tensor, "batch gen"]
+    ref_logprobs: Float[Tensor, "batch gen"]
+    values: Float[Tensor, "batch gen"]
+    advantages: Float[Tensor, "batch gen"]
+    returns: Float[Tensor, "batch gen"]
+    rewards: Float[Tensor, "batch"]
+    prompt_len: int
+    ref_logits_gen: Float[Tensor, "batch gen vocab"] | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here rather than by @jaxtyped on the class: jaxtyping would run before
+        # __post_init__, take each size from the first field it reads and blame the next
+        # one; these messages say which field is wrong and where the expected sizes came from.
+        if not isinstance(self.sequences, Int[Tensor, "batch seq"]):
+            raise TypeError(
+                f"ReplayMemory.sequences must be an integer tensor [batch, seq], got {_describe(self.sequences)}."
+            )
+        batch, seq = self.sequences.shape
+        if not isinstance(self.prompt_len, int) or not 1 <= self.prompt_len < seq:
+            raise ValueError(
+                f"ReplayMemory.prompt_len={self.prompt_len!r} must be an int with 1 <= prompt_len < seq={seq} "
+                f"(sequences has shape {tuple(self.sequences.shape)}: P prompt tokens then G >= 1 generated ones)."
+            )
+        gen = seq - self.prompt_len
+        sizes: dict[str, int | str] = {"batch": batch, "seq": seq, "gen": gen, "vocab": "vocab"}
+        if isinstance(self.ref_logits_gen, Tensor) and self.ref_logits_gen.ndim == 3:
+            sizes["vocab"] = self.ref_logits_gen.shape[2]  # V is whatever the reference model's vocab is
+        origin = f"batch={batch}, seq={seq} from sequences; gen = seq - prompt_len = {seq} - {self.prompt_len} = {gen}"
+        for name, (dtype_family, dims) in _FIELD_SPECS.items():
+            value = getattr(self, name)
+            if value is None and name == "ref_logits_gen":
+                continue
+            expected = tuple(sizes[d] for d in dims)
+            if not isinstance(value, dtype_family[Tensor, " ".join(map(str, expected))]):
+                raise ValueError(
+                    f"ReplayMemory.{name} must be a {dtype_family.__name__} tensor of shape "
+                    f"[{', '.join(dims)}] = {list(expected)}, but it is {_describe(value)} ({origin})."
+                )
+        real_gen = self.attention_mask[:, self.prompt_len :].bool()
+        if not torch.equal(real_gen, self.gen_mask.to(real_gen.device)):
+            raise ValueError(
+                "ReplayMemory.gen_mask must equal attention_mask[:, prompt_len:] != 0 (both mark the real generated "
+                "tokens); build them from the same first-EOS positions."
+            )
+
+    def __len__(self) -> int:
+        """The batch size B."""
+        return self.sequences.shape[0]
+
+    @property
+    def gen_len(self) -> int:
+        """G, the number of generated positions."""
+        return self.gen_mask.shape[1]
+
+    @jaxtyped(typechecker=typechecker)
+    def __getitem__(self, idx: Int[Tensor, "n"]) -> "ReplayMemory":
+        """The rows ``idx`` [n] of every tensor, as a ReplayMemory with the same prompt_len."""
+        idx = idx.to(self.sequences.device)
+        rows = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **{name: value[idx] for name, value in rows.items()})
+
+    def minibatches(
+        self, minibatch_size: int, epochs: int = 1, generator: torch.Generator | None = None
+    ) -> Iterator["ReplayMemory"]:
+        """Yield shuffled minibatches: ``epochs`` passes over the batch, B / minibatch_size per pass.
+
+        Each epoch draws a fresh random permutation of the B rows (from ``generator``,
+        a CPU generator, or torch's global RNG if None) and cuts it into consecutive
+        chunks of ``minibatch_size``, so every row appears exactly once per epoch.
+        B must be a multiple of ``minibatch_size``: equal minibatches keep every
+        optimiser step on the same footing (same number of rows in each loss mean
+        and in each advantage normalisation), rather than one small noisy last step.
+        """
+        batch = len(self)
+        if not 1 <= minibatch_size <= batch or batch % minibatch_size != 0:
+            divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+            raise ValueError(
+                f"minibatch_size={minibatch_size} must divide the batch size {batch} exactly; "
+                f"choose one of {divisors}, or change the rollout batch size."
+            )
+        if epochs < 1:
+            raise ValueError(f"epochs={epochs} must be >= 1 (the number of passes over the rollout).")
+        for _ in range(epochs):
+            permutation = torch.randperm(batch, generator=generator)
+            for start in range(0, batch, minibatch_size):
+                yield self[permutation[start : start + minibatch_size]]
+
+    def summary(self) -> str:
+        """One line per field: name, dtype, shape and, for float tensors, mean/min/max over real positions."""
+        lines = [
+            f"ReplayMemory(batch={len(self)}, prompt_len={self.prompt_len}, gen={self.gen_len}, "
+            f"seq={self.sequences.shape[1]}, real generated tokens={int(self.gen_mask.sum())}/{self.gen_mask.numel()})"
+        ]
+        for name in _FIELD_SPECS:
+            value = getattr(self, name)
+            if value is None:
+                lines.append(f"  {name:<15} None")
+                continue
+            line = f"  {name:<15} {str(value.dtype).removeprefix('torch.'):<8} {str(list(value.shape)):<16}"
+            if value.is_floating_point():
+                real = self._real_values(name, value)
+                if real.numel() > 0:
+                    real = real.detach().float()
+                    line += f"  mean {real.mean():+.4g}  min {real.min():+.4g}  max {real.max():+.4g}"
+            lines.append(line.rstrip())
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _real_values(self, name: str, value: Tensor) -> Tensor:
+        """The entries of a float field at real generated positions (all of them for ``rewards``)."""
+        if name == "rewards":
+            return value
+        return value[self.gen_mask]  # [n_real] or, for ref_logits_gen, [n_real, V]
+
+
+def _describe(value: object) -> str:
+    """'float32 tensor of shape [4, 5]', or the type name for a non-tensor."""
+    if isinstance(value, Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"

@@ -1,0 +1,536 @@
+"""The PPO trainer: ``rollout_phase() -> ReplayMemory``, ``learning_phase(memory)``, ``train()``.
+
+One phase, step by step (every arrow is a plain call you can step into)::
+
+    prompts ─► generate (KV cache) ─► sequences [B, S], attention_mask [B, S], gen_mask [B, G]
+      ├─► policy forward (no grad) ─► logprobs [B, G] (at the sampling temperature), values [B, G]
+      ├─► reference forward (no grad) ─► ref_logprobs [B, G]  (+ ref logits [B, G, V] only if needed)
+      └─► reward on decoded text ─► rewards [B]
+    token rewards [B, G] = reward at the last real token (− kl_coef·KL_t per token, if kl_mode="reward")
+    GAE(γ, λ) ─► advantages, returns [B, G] ─► ReplayMemory
+    for each shuffled minibatch (ppo_epochs passes):
+        policy forward with the value hook ─► objective = surrogate − value loss + entropy bonus
+        (− kl_coef·KL if kl_mode="loss") ─► backward, clip grad norm, AdamW step
+    scheduler step (once per phase), KL controller update
+
+Index convention: generated token i sits at column P + i, its log-prob comes from the
+logits at column P − 1 + i, and ``values[:, i]`` (read at the same column P − 1 + i) is
+the value of the state in which token i is chosen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from rlhf_scratch.advantages import RunningMoments, gae_advantages, terminal_rewards
+from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
+from rlhf_scratch.memory import ReplayMemory
+from rlhf_scratch.models import PolicyWithValueHead, load_bridge, load_policy, make_reference, save_model_dir
+from rlhf_scratch.objectives import (
+    calc_clipped_surrogate,
+    calc_entropy_bonus,
+    calc_value_loss,
+    entropy_per_token,
+    generated_logits,
+    kl_exact,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    ppo_diagnostics,
+    taken_logprobs,
+)
+from rlhf_scratch.rewards import make_reward, score_texts
+from rlhf_scratch.sampling import Generation, SamplingConfig, encode, generate
+from rlhf_scratch.schedule import warmup_decay_lambda
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the term."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO on a TransformerLens policy. Defaults: the built-in offline sentiment task."""
+
+    # --- what to train, on what, for what ---
+    model: str = "builtin"
+    """Policy to start from: "builtin", a local model directory or checkpoint, or a hub name (gpt2)."""
+    reference: str | None = None
+    """Reference model for the KL penalty (default: a frozen copy of the starting policy)."""
+    reward: str = "vader"
+    """Reward: vader | chars:. | hf:PATH_OR_NAME:LABEL[:prob]."""
+    data: str = "builtin"
+    """Prompt texts (dataset mode): "builtin" reviews, a .txt/.jsonl/.csv file, or a datasets name."""
+    column: str = "text"
+    """Text column for .jsonl/.csv/datasets prompt sources."""
+    prompt: str | None = None
+    """Fixed-prefix mode: every row gets this prompt (overrides --data)."""
+    min_prompt_tokens: int = 2
+    """Dataset mode: shortest prompt, in tokens (first k tokens of a text, k uniform in [min, max])."""
+    max_prompt_tokens: int = 8
+    """Dataset mode: longest prompt, in tokens."""
+    prepend_bos: bool = True
+    """Put BOS in front of each prompt (the built-in model was trained that way)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    # --- how much ---
+    phases: int = 40
+    """Number of rollout + learning phases."""
+    batch_size: int = 64
+    """Episodes (prompt + response) sampled per phase."""
+    minibatch_size: int = 16
+    """Episodes per gradient step; must divide batch_size."""
+    ppo_epochs: int = 4
+    """Passes over each phase's replay memory (gradient steps per phase = ppo_epochs · batch/minibatch)."""
+
+    # --- optimisation ---
+    lr: float = 3e-5
+    """Peak learning rate of the trunk (the language model)."""
+    head_lr: float = 1e-3
+    """Peak learning rate of the value head (new, randomly initialised: it needs to move faster)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm (trunk and head together) to this value."""
+    warmup_phases: int = 2
+    """Linear warmup length in phases (the schedule steps once per phase)."""
+    final_lr_scale: float = 0.1
+    """Learning-rate multiplier reached at the last phase (linear decay after warmup)."""
+
+    # --- PPO objective ---
+    clip_coef: float = 0.2
+    """ε of the clipped surrogate: ratio clipped to [1−ε, 1+ε]."""
+    vf_coef: float = 0.5
+    """Value loss weight: ½·vf_coef·mean((V − returns)²)."""
+    clip_range_value: float | None = None
+    """Clip new values to ±this around the rollout's values (None: no value clipping)."""
+    ent_coef: float = 0.001
+    """Entropy bonus weight."""
+    normalize_advantages: bool = True
+    """Normalise advantages over each minibatch's real positions (mean 0, std 1)."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """λ of GAE; λ=0 with γ=1 is the one-step TD advantage A_t = V_{t+1} − V_t (A_T = r − V_T)."""
+    normalize_rewards: bool = False
+    """Divide task rewards by their running standard deviation (kept across phases)."""
+    no_eos_penalty: float | None = None
+    """If set, a response that reached max_new_tokens without EOS gets this reward instead."""
+
+    # --- KL to the reference ---
+    kl_coef: float = 0.05
+    """Weight of the KL penalty (initial value when adaptive)."""
+    kl_mode: Literal["reward", "loss"] = "reward"
+    """"reward": −kl_coef·KL_t is added to each token's reward (Ziegler et al., TRL); "loss": kl_coef·KL is a loss term (ARENA)."""
+    kl_estimator: Literal["exact", "k1", "k3"] = "k1"
+    """Per-token KL: "exact" full-distribution Σ_v π(v) log(π(v)/π_ref(v)); "k1" log π − log π_ref; "k3" (r−1) − log r."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target sequence KL (nats) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (episodes) of the adaptive controller."""
+
+    # --- run ---
+    seed: int = 0
+    device: str = "cpu"
+    out: Path | None = None
+    """Output directory (config.json, metrics.jsonl, samples.jsonl, plots, checkpoint/, summary.json)."""
+    samples_per_phase: int = 4
+    """Rows written to samples.jsonl per phase."""
+    table_rows: int = 6
+    """Rows of the before/after sample table printed at the end."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline mode when there is no network)."""
+    wandb_project: str = "rlhf_scratch"
+
+    def __post_init__(self):
+        checks = [
+            (self.phases >= 1, f"phases must be >= 1, got {self.phases}."),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
+            (1 <= self.minibatch_size <= self.batch_size,
+             f"minibatch_size must be in [1, batch_size={self.batch_size}], got {self.minibatch_size}."),
+            (self.batch_size % max(self.minibatch_size, 1) == 0,
+             f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size}); "
+             f"e.g. use --minibatch-size {math.gcd(self.batch_size, max(self.minibatch_size, 1))}."),
+            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}."),
+            (self.lr > 0 and self.head_lr > 0, f"lr and head_lr must be > 0, got {self.lr} and {self.head_lr}."),
+            (0 <= self.warmup_phases < self.phases,
+             f"warmup_phases must be in [0, phases={self.phases}), got {self.warmup_phases}."),
+            (0 <= self.final_lr_scale <= 1, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}."),
+            (0 < self.clip_coef < 1, f"clip_coef must be in (0, 1), got {self.clip_coef}."),
+            (self.vf_coef >= 0 and self.ent_coef >= 0 and self.kl_coef >= 0,
+             "vf_coef, ent_coef and kl_coef must be >= 0."),
+            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}."),
+            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
+            (1 <= self.min_prompt_tokens <= self.max_prompt_tokens,
+             f"need 1 <= min_prompt_tokens <= max_prompt_tokens, got {self.min_prompt_tokens}, {self.max_prompt_tokens}."),
+            (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
+            (self.prompt is None or self.prompt != "", "--prompt must not be empty; omit it to use --data."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def steps_per_phase(self) -> int:
+        return self.ppo_epochs * self.batch_size // self.minibatch_size
+
+
+def preset_configs() -> dict:
+    """Named starting points for ``rlhf-scratch ppo --preset NAME`` (the first is the default)."""
+    return {
+        # The built-in offline task: the tiny review model, prompts cut from held-out
+        # reviews, VADER sentiment as the reward.
+        "tiny-sentiment": lambda: PPOConfig(),
+        # ARENA-style fixed prefix on the tiny model: reward = number of periods.
+        "tiny-periods": lambda: PPOConfig(
+            reward="chars:.", prompt="The movie", phases=30, kl_coef=0.02, lr=5e-5,
+            sampling=SamplingConfig(max_new_tokens=32),
+        ),
+        # The TRL IMDB recipe: gpt2 policy, IMDB prompts of 2–8 tokens, POSITIVE logit of
+        # lvwerra/distilbert-imdb. Needs the hub (or local copies passed with --model/--reward/--data).
+        "gpt2-imdb": lambda: PPOConfig(
+            model="gpt2", data="stanfordnlp/imdb", reward="hf:lvwerra/distilbert-imdb:POSITIVE",
+            prepend_bos=False, lr=1.41e-5, head_lr=1.41e-4, batch_size=128, minibatch_size=32, ppo_epochs=4,
+            phases=100, kl_coef=0.2, adaptive_kl=True, target_kl=6.0, ent_coef=0.0,
+            sampling=SamplingConfig(max_new_tokens=16),
+        ),
+        # The ARENA RLHF exercise: gpt2-small, prefix "This is", reward = period count.
+        "arena-gpt2": lambda: PPOConfig(
+            model="gpt2", prompt="This is", reward="chars:.", batch_size=128, minibatch_size=32, ppo_epochs=2,
+            phases=100, lr=2e-5, head_lr=5e-4, kl_coef=2.5, kl_mode="loss", kl_estimator="exact",
+            ent_coef=0.001, lam=0.0, gamma=1.0, warmup_phases=10, final_lr_scale=0.1,
+            sampling=SamplingConfig(max_new_tokens=30),
+        ),
+    }
+
+
+def check_finite(name: str, value: Tensor) -> Tensor:
+    """Raise ``NonFiniteLossError`` naming ``name`` if ``value`` has a NaN or inf."""
+    if not torch.isfinite(value).all():
+        raise NonFiniteLossError(
+            f"The {name} is {value.detach().flatten()[:4].tolist()} (not finite). Lower the learning rate, "
+            "check the reward for extreme values, or clip the value loss (--clip-range-value)."
+        )
+    return value
+
+
+class PPOTrainer:
+    """Holds the policy, the reference, the reward, the optimizer and the schedule.
+
+    Use it in a notebook or debugger one call at a time::
+
+        trainer = PPOTrainer(PPOConfig(phases=3))
+        memory = trainer.rollout_phase()        # a ReplayMemory; print(memory) shows shapes
+        stats = trainer.learning_phase(memory)  # one dict of loss terms per minibatch
+        trainer.train()                         # or all phases with logging and outputs
+    """
+
+    def __init__(self, config: PPOConfig, policy: PolicyWithValueHead | None = None, reward=None, fwd_hooks: list | tuple = ()):
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.prompt_rng = random.Random(config.seed)
+        self.policy = (policy or load_policy(config.model, device=config.device)).to(config.device)
+        self.policy.eval()  # dropout off: log-probs must be reproducible between passes
+        reference_bridge = load_bridge(config.reference, device=config.device) if config.reference else self.policy.bridge
+        self.reference = make_reference(reference_bridge)
+        self.reward = reward or make_reward(config.reward)
+        self.fwd_hooks = list(fwd_hooks)
+        self.prompt_pool = self._build_prompt_pool()
+
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.policy.trunk_parameters(), "lr": config.lr},
+                {"params": self.policy.head_parameters(), "lr": config.head_lr},
+            ],
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_decay_lambda(config.phases, config.warmup_phases, config.final_lr_scale)
+        )
+        self.kl_controller = (
+            AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+            if config.adaptive_kl
+            else FixedKLController(config.kl_coef)
+        )
+        self.reward_moments = RunningMoments()
+        self.phase = 0
+
+    # ------------------------------------------------------------------ prompts
+    def encode_text(self, text: str) -> list[int]:
+        return encode(self.policy.tokenizer, text, prepend_bos=self.config.prepend_bos)
+
+    def _build_prompt_pool(self) -> list[list[int]]:
+        """Token-id prompts to draw each phase's batch from."""
+        from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
+
+        if self.config.prompt is not None:
+            return fixed_prefix_prompts(self.config.prompt, self.encode_text, 1)
+        texts = load_texts(self.config.data, column=self.config.column, seed=self.config.seed)
+        return prompts_from_texts(
+            texts, self.encode_text, n=max(len(texts), self.config.batch_size),
+            min_tokens=self.config.min_prompt_tokens, max_tokens=self.config.max_prompt_tokens, seed=self.config.seed,
+        )
+
+    def sample_prompts(self, n: int) -> list[list[int]]:
+        return [self.prompt_pool[self.prompt_rng.randrange(len(self.prompt_pool))] for _ in range(n)]
+
+    # ------------------------------------------------------------------ rollout
+    def per_token_kl(self, logprobs: Tensor, ref_logprobs: Tensor, logits_gen: Tensor | None = None,
+                     ref_logits_gen: Tensor | None = None) -> Tensor:
+        """KL_t [B, G] with the configured estimator."""
+        if self.config.kl_estimator == "exact":
+            return kl_exact(logits_gen, ref_logits_gen)
+        if self.config.kl_estimator == "k3":
+            return kl_k3(logprobs, ref_logprobs)
+        return kl_k1(logprobs, ref_logprobs)
+
+    @torch.no_grad()
+    def rollout_phase(self, prompts: list[list[int]] | None = None) -> ReplayMemory:
+        """Sample a batch, score it, and fill a ``ReplayMemory`` with everything learning needs."""
+        config = self.config
+        prompts = prompts if prompts is not None else self.sample_prompts(config.batch_size)
+        generation = generate(self.policy.bridge, prompts, config.sampling, generator=self.generator, fwd_hooks=self.fwd_hooks)
+        self.last_generation = generation
+        sequences = generation.sequences.to(config.device)
+        attention_mask = generation.attention_mask.to(config.device)
+        gen_mask = generation.gen_mask.to(config.device)
+        P = generation.prompt_len
+
+        # Old policy: log-probs at the sampling temperature and values of each state.
+        output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
+        logits_gen = generated_logits(output.logits, P) / config.sampling.temperature
+        logprobs = taken_logprobs(output.logits / config.sampling.temperature, sequences, P)
+        values = output.values[:, P - 1 : -1]
+
+        # Reference: the same tokens under the frozen starting model.
+        ref_logits = self.reference(sequences, attention_mask=attention_mask)
+        ref_logits_gen = generated_logits(ref_logits, P) / config.sampling.temperature
+        ref_logprobs = taken_logprobs(ref_logits / config.sampling.temperature, sequences, P)
+        kl_per_token = torch.where(gen_mask, self.per_token_kl(logprobs, ref_logprobs, logits_gen, ref_logits_gen), 0.0)
+        exact_kl = torch.where(gen_mask, kl_exact(logits_gen, ref_logits_gen), 0.0)
+
+        # Task reward on the decoded text.
+        rewards = score_texts(self.reward, generation.texts).to(config.device)
+        task_rewards = rewards.clone()
+        if config.no_eos_penalty is not None:
+            task_rewards = torch.where(generation.ended_with_eos.to(config.device), task_rewards, config.no_eos_penalty)
+        if config.normalize_rewards:
+            _, std = self.reward_moments.update(task_rewards)
+            task_rewards = task_rewards / max(std, 1e-8)
+
+        token_rewards = terminal_rewards(task_rewards, gen_mask)
+        if config.kl_mode == "reward":
+            token_rewards = token_rewards - self.kl_controller.value * kl_per_token
+        advantages, returns = gae_advantages(token_rewards, values, gen_mask, config.gamma, config.lam)
+
+        self.last_rollout_stats = {
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            # Sequence KL: Σ over a response's generated tokens, averaged over responses.
+            "objective/kl": exact_kl.sum(1).mean().item(),
+            "objective/kl_estimate": kl_per_token.sum(1).mean().item(),
+            "objective/kl_coef": self.kl_controller.value,
+            "objective/entropy": masked_mean(entropy_per_token(logits_gen), gen_mask).item(),
+            "response/length": gen_mask.sum(1).float().mean().item(),
+            "response/eos_rate": generation.ended_with_eos.float().mean().item(),
+        }
+        keep_ref_logits = config.kl_mode == "loss" and config.kl_estimator == "exact"
+        return ReplayMemory(
+            sequences=sequences,
+            attention_mask=attention_mask,
+            gen_mask=gen_mask,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            advantages=advantages,
+            returns=returns,
+            rewards=rewards,
+            prompt_len=P,
+            ref_logits_gen=ref_logits_gen if keep_ref_logits else None,
+        )
+
+    # ------------------------------------------------------------------ learning
+    def compute_losses(self, minibatch: ReplayMemory) -> dict[str, Tensor]:
+        """Every term of the PPO objective on one minibatch (with grad), by name."""
+        config = self.config
+        P, mask = minibatch.prompt_len, minibatch.gen_mask
+        output = self.policy(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks)
+        scaled_logits = output.logits / config.sampling.temperature
+        logits_gen = generated_logits(scaled_logits, P)
+        logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
+        values = output.values[:, P - 1 : -1]
+
+        terms = {
+            "surrogate": calc_clipped_surrogate(
+                logprobs, minibatch.logprobs, minibatch.advantages, mask, config.clip_coef, config.normalize_advantages
+            ),
+            "value_loss": calc_value_loss(values, minibatch.returns, mask, config.vf_coef, minibatch.values, config.clip_range_value),
+            "entropy_bonus": calc_entropy_bonus(logits_gen, mask, config.ent_coef),
+        }
+        if config.kl_mode == "loss":
+            kl = self.per_token_kl(logprobs, minibatch.ref_logprobs, logits_gen, minibatch.ref_logits_gen)
+            terms["kl_penalty"] = self.kl_controller.value * masked_mean(kl, mask)
+        else:
+            terms["kl_penalty"] = torch.zeros((), device=logprobs.device)
+        for name, value in terms.items():
+            check_finite(name, value)
+        # The objective is maximised; the loss is its negative.
+        terms["loss"] = -(terms["surrogate"] - terms["value_loss"] + terms["entropy_bonus"] - terms["kl_penalty"])
+        terms.update({f"diag/{k}": v for k, v in ppo_diagnostics(logprobs.detach(), minibatch.logprobs, mask, config.clip_coef).items()})
+        return terms
+
+    def learning_phase(self, memory: ReplayMemory) -> list[dict[str, float]]:
+        """PPO updates over shuffled minibatches; returns each minibatch's loss breakdown."""
+        config = self.config
+        breakdown = []
+        all_params = self.policy.trunk_parameters() + self.policy.head_parameters()
+        for minibatch in memory.minibatches(config.minibatch_size, config.ppo_epochs, generator=self.generator):
+            terms = self.compute_losses(minibatch)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(all_params, config.max_grad_norm)
+            check_finite("gradient norm", grad_norm)
+            self.optimizer.step()
+            row = {name: value.item() for name, value in terms.items()}
+            row["grad_norm"] = grad_norm.item()
+            breakdown.append(row)
+        self.scheduler.step()
+        self.kl_controller.update(self.last_rollout_stats["objective/kl"], config.batch_size)
+        self.phase += 1
+        return breakdown
+
+    def phase_metrics(self, breakdown: list[dict[str, float]], seconds: float, lr: float) -> dict:
+        """The fixed metric names logged once per phase."""
+        def mean(key: str) -> float:
+            return sum(row[key] for row in breakdown) / len(breakdown)
+
+        return {
+            "phase": self.phase,
+            **self.last_rollout_stats,
+            "losses/policy": -mean("surrogate"),
+            "losses/value": mean("value_loss"),
+            "losses/entropy_bonus": mean("entropy_bonus"),
+            "losses/kl_penalty": mean("kl_penalty"),
+            "losses/total": mean("loss"),
+            "losses/clipfrac": mean("diag/clipfrac"),
+            "losses/approx_kl": mean("diag/approx_kl"),
+            "losses/grad_norm": mean("grad_norm"),
+            "lr": lr,
+            "seconds": seconds,
+        }
+
+    # ------------------------------------------------------------------ outputs
+    def sample_table(self, model_bridge, prompts: list[list[int]], seed: int) -> tuple[Generation, list[float]]:
+        """Samples from ``model_bridge`` on fixed prompts with a fixed seed, and their rewards."""
+        generation = generate(model_bridge, prompts, self.config.sampling, generator=torch.Generator().manual_seed(seed))
+        return generation, score_texts(self.reward, generation.texts).tolist()
+
+    def save_checkpoint(self, directory: Path) -> Path:
+        """Policy weights (safetensors, save_pretrained layout) and value head, written atomically."""
+        from rlhf_scratch.pretrain import _replace_dir
+        import tempfile
+
+        staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=directory.parent))
+        save_model_dir(self.policy.bridge, staging, value_head=self.policy.value_head,
+                       meta={"kind": "ppo", "phase": self.phase, "base_model": self.config.model})
+        _replace_dir(staging, directory, copy=False)
+        return directory
+
+    def train(self, console=None) -> dict:
+        """All phases with progress bar, logging and outputs; returns the summary."""
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from rlhf_scratch.outputs import append_jsonl, write_json
+        from rlhf_scratch.evaluation import plot_curves, print_before_after
+
+        config = self.config
+        console = console or Console()
+        out = Path(config.out) if config.out is not None else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in ("metrics.jsonl", "samples.jsonl"):
+                (out / stale).unlink(missing_ok=True)
+            write_json(out / "config.json", config)
+        run = _start_wandb(config) if config.wandb else None
+
+        table_prompts = self.sample_prompts(config.table_rows)
+        before, before_rewards = self.sample_table(self.reference, table_prompts, seed=config.seed + 1)
+        history: list[dict] = []
+        start = time.time()
+        columns = [TextColumn("[bold]PPO[/] phase {task.completed}/{task.total}"), BarColumn(),
+                   TextColumn("reward {task.fields[reward]:+.3f}  kl {task.fields[kl]:.3f}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("ppo", total=config.phases, reward=float("nan"), kl=float("nan"))
+            for _ in range(config.phases):
+                phase_start = time.time()
+                lr = self.optimizer.param_groups[0]["lr"]
+                memory = self.rollout_phase()
+                breakdown = self.learning_phase(memory)
+                metrics = self.phase_metrics(breakdown, time.time() - phase_start, lr)
+                history.append(metrics)
+                progress.update(task, advance=1, reward=metrics["reward/mean"], kl=metrics["objective/kl"])
+                if out is not None:
+                    append_jsonl(out / "metrics.jsonl", metrics)
+                    generation = self.last_generation
+                    for row in range(min(config.samples_per_phase, len(generation.prompts))):
+                        append_jsonl(out / "samples.jsonl", {
+                            "phase": self.phase, "prompt": generation.prompts[row],
+                            "response": generation.responses[row], "reward": memory.rewards[row].item(),
+                        })
+                if run is not None:
+                    run.log(metrics, step=self.phase)
+
+        after, after_rewards = self.sample_table(self.policy.bridge, table_prompts, seed=config.seed + 1)
+        print_before_after(console, before, before_rewards, after, after_rewards, self.reward)
+        last = history[-5:]
+        summary = {
+            "reward_first": history[0]["reward/mean"],
+            "reward_last": sum(m["reward/mean"] for m in last) / len(last),
+            "kl_last": sum(m["objective/kl"] for m in last) / len(last),
+            "phases": len(history),
+            "episodes": len(history) * config.batch_size,
+            "seconds": time.time() - start,
+        }
+        if out is not None:
+            self.save_checkpoint(out / "checkpoint")
+            plot_curves(history, out)
+            write_json(out / "summary.json", summary)
+            console.print(f"outputs in {out} (checkpoint: {out / 'checkpoint'})")
+        if run is not None:
+            run.summary.update(summary)
+            run.finish()
+        console.print(
+            f"reward {summary['reward_first']:+.3f} → {summary['reward_last']:+.3f} (mean of last {len(last)} phases), "
+            f"KL {summary['kl_last']:.3f} nats, {summary['episodes']} episodes in {summary['seconds']:.0f} s"
+        )
+        self.history = history
+        return summary
+
+
+def _start_wandb(config: PPOConfig):
+    """A wandb run; offline mode unless WANDB_MODE says otherwise (no network here)."""
+    import os
+
+    import wandb
+
+    from rlhf_scratch.outputs import to_jsonable
+
+    mode = os.environ.get("WANDB_MODE", "offline")
+    return wandb.init(project=config.wandb_project, config=to_jsonable(config), mode=mode,
+                      dir=str(config.out) if config.out else None)
+
+
+def run_ppo(config: PPOConfig) -> dict:
+    return PPOTrainer(config).train()

@@ -1,0 +1,312 @@
+"""Reward functions: decoded texts → one float per text.
+
+A reward is any object with a ``name: str`` and ``__call__(texts) -> Float[Tensor, "batch"]``
+(the ``Reward`` protocol). Trainers never call a reward directly: they call
+``score_texts(reward, texts)``, which checks the result's type, shape and finiteness
+and names the reward in every error, so a broken reward stops the run at the first
+bad batch instead of turning into NaN losses later.
+
+Rewards return CPU float32 tensors; the trainer moves them to its device.
+
+Build one from a command-line spec with ``make_reward`` (forms in ``REWARD_SPECS``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from torch import Tensor
+
+from rlhf_scratch.data import HUB_ID_PATTERN, hub_is_reachable, hub_offline_var
+
+REWARD_SPECS = """\
+Reward specs (--reward):
+  vader                      VADER sentiment, compound score in [-1, 1]
+  chars[:C]                  count of the character (or substring) C per text; default "."
+  hf:PATH_OR_NAME:LABEL      a Hugging Face sequence classifier's logit for LABEL
+  hf:PATH_OR_NAME:LABEL:prob ... its softmax probability for LABEL (":logit" is the default)
+                             LABEL is a label name from config.id2label (any case) or an index;
+                             e.g. hf:models/distilbert-imdb:POSITIVE
+  rm:DIR                     a trained reward model (not available yet)"""
+
+HF_OUTPUTS = ("logit", "prob")
+
+
+class RewardError(ValueError):
+    """A reward could not be built, or returned an unusable score; the message says why."""
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """What a reward is: a name for logs and errors, and texts → scores [batch]."""
+
+    name: str
+
+    def __call__(self, texts: list[str]) -> Float[Tensor, "batch"]: ...
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+class VaderReward:
+    """VADER sentiment: ``polarity_scores(text)["compound"]`` in [−1, 1] (positive > 0)."""
+
+    name = "vader"
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()  # loads the lexicon once
+
+    @jaxtyped(typechecker=beartype)
+    def __call__(self, texts: list[str]) -> Float[Tensor, "batch"]:
+        scores = [self._analyzer.polarity_scores(t)["compound"] for t in texts]
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+class CharCountReward:
+    """Occurrences of ``char`` in each text (``str.count``: non-overlapping, so a
+    multi-character ``char`` counts substrings). With ``"."`` this is ARENA's
+    "make the model write more sentences" task."""
+
+    def __init__(self, char: str = "."):
+        if not isinstance(char, str) or not char:
+            raise RewardError(
+                f"CharCountReward needs a non-empty string to count, got {char!r}; "
+                'e.g. --reward chars:. or --reward "chars:!".'
+            )
+        self.char = char
+        self.name = f"chars:{char}"
+
+    @jaxtyped(typechecker=beartype)
+    def __call__(self, texts: list[str]) -> Float[Tensor, "batch"]:
+        return torch.tensor([t.count(self.char) for t in texts], dtype=torch.float32)
+
+
+class HFClassifierReward:
+    """A Hugging Face sequence classifier's score for one label.
+
+    ``output="logit"``: ``logits[:, label]`` (the TRL IMDB recipe uses the POSITIVE
+    logit of ``lvwerra/distilbert-imdb``); ``output="prob"``:
+    ``softmax(logits, -1)[:, label]``. ``label`` is a name matched case-insensitively
+    against ``config.id2label``, or an index (an int, or a digit string that names no
+    label). Texts are scored in batches of ``batch_size``, padded, and truncated to
+    ``min(max_length, max_position_embeddings)`` tokens.
+
+    ``name_or_path`` is a local directory (from ``save_pretrained`` or
+    ``huggingface-cli download NAME --local-dir DIR``) or a hub name. Loading a hub
+    name needs the hub or the local HF cache; when neither works it fails at once,
+    saying how to get a local copy.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        label: str | int,
+        output: str = "logit",
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        max_length: int = 512,
+    ):
+        if output not in HF_OUTPUTS:
+            raise RewardError(f"output must be one of {HF_OUTPUTS}, got {output!r}.")
+        if batch_size < 1 or max_length < 1:
+            raise RewardError(
+                f"batch_size and max_length must be positive, got {batch_size} and {max_length}."
+            )
+        self.tokenizer, self.model = _load_classifier(str(name_or_path), device)
+        self.device = torch.device(device)
+        self.output = output
+        self.batch_size = batch_size
+        n_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = min(max_length, n_positions) if n_positions else max_length
+        self.label_index = _resolve_label(self.model.config.id2label, label, name_or_path)
+        self.label_name = self.model.config.id2label[self.label_index]
+        self.name = f"hf:{name_or_path}:{self.label_name}" + (":prob" if output == "prob" else "")
+        # Some tokenizers emit inputs the model does not take (token_type_ids for DistilBERT).
+        self._input_names = set(inspect.signature(self.model.forward).parameters)
+        if self.tokenizer.pad_token is None:  # GPT-2-style classifiers: pad with EOS
+            if self.tokenizer.eos_token is None:
+                raise RewardError(f"The tokenizer of {name_or_path} has no pad or EOS token.")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.eos_token_id
+
+    @jaxtyped(typechecker=beartype)
+    def __call__(self, texts: list[str]) -> Float[Tensor, "batch"]:
+        scores = [torch.zeros(0)]
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(
+                    texts[start : start + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                inputs = {k: v.to(self.device) for k, v in batch.items() if k in self._input_names}
+                logits: Float[Tensor, "b labels"] = self.model(**inputs).logits.float()
+                if self.output == "prob":
+                    logits = torch.softmax(logits, dim=-1)
+                scores.append(logits[:, self.label_index].cpu())
+        return torch.cat(scores)
+
+
+def _load_classifier(name_or_path: str, device):
+    """(tokenizer, model in eval mode) from a local directory or a hub name; fails fast offline."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    def load(**kwargs):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+        return tokenizer, model.to(device).eval()  # eval: dropout off, scores deterministic
+
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        try:
+            return load()
+        except (OSError, ValueError) as error:
+            raise RewardError(
+                f"{path} is not a loadable sequence-classification model directory "
+                f"({type(error).__name__}: {str(error)[:300]}). It needs config.json, the "
+                "weights and the tokenizer files, as written by save_pretrained."
+            ) from error
+    if os.path.exists(path) or not HUB_ID_PATTERN.match(name_or_path):
+        raise RewardError(
+            f"No such directory: {name_or_path}. Pass a directory holding a Hugging Face "
+            "sequence classifier (config.json, weights, tokenizer files)."
+        )
+    how_to_fix = (
+        f"Download the model on a machine with network (`huggingface-cli download "
+        f"{name_or_path} --local-dir DIR`, or from_pretrained(...).save_pretrained(DIR) for "
+        "the model and the tokenizer), copy DIR here and pass the local directory: "
+        "--reward hf:DIR:LABEL."
+    )
+    offline = hub_offline_var(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    # An unreachable hub makes transformers retry for ~25 s per file: probe first, and
+    # then look only in the local cache.
+    local_only = offline is None and not hub_is_reachable()
+    try:
+        return load(local_files_only=True) if local_only else load()
+    except (OSError, ValueError) as error:
+        if offline or local_only:
+            reason = f"{offline} is set" if offline else "the Hugging Face hub is unreachable"
+            raise RewardError(
+                f"Cannot load the reward classifier {name_or_path!r}: it is not a local "
+                f"directory, {reason}, and it is not in the local HF cache. {how_to_fix}"
+            ) from error
+        raise RewardError(
+            f"Cannot load the reward classifier {name_or_path!r} from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error)[:300]}). {how_to_fix}"
+        ) from error
+
+
+def _resolve_label(id2label: dict, label: str | int, where: str) -> int:
+    """Index of ``label`` in ``id2label`` (name, any case; or an index)."""
+    names = {int(i): str(n) for i, n in id2label.items()}
+    available = ", ".join(f"{i}={n}" for i, n in sorted(names.items()))
+    if isinstance(label, str):
+        matches = [i for i, n in names.items() if n.lower() == label.lower()]
+        if matches:
+            return matches[0]
+        if not label.isdigit():
+            raise RewardError(f"{where} has no label {label!r}; its labels are: {available}.")
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or label not in names:
+        raise RewardError(f"{where} has no label index {label!r}; its labels are: {available}.")
+    return label
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def make_reward(spec: str) -> Reward:
+    """Build a reward from a command-line spec (see ``REWARD_SPECS``).
+
+    ``hf:`` specs are split from the right, so a path may contain colons (a Windows
+    drive, say) while the label and the output may not: an optional trailing
+    ``:prob``/``:logit`` is taken off first, then the label is what follows the last
+    remaining colon.
+    """
+    spec = spec.strip()
+    if spec == "vader":
+        return VaderReward()
+    if spec == "chars":
+        return CharCountReward(".")
+    if spec.startswith("chars:"):
+        return CharCountReward(spec[len("chars:") :])  # everything after it: "chars::" counts ":"
+    if spec.startswith("hf:"):
+        rest, output = spec[len("hf:") :], "logit"
+        head, _, last = rest.rpartition(":")
+        if last in HF_OUTPUTS and ":" in head:
+            rest, output = head, last
+        path, _, label = rest.rpartition(":")
+        if not path or not label:
+            raise RewardError(
+                f"Bad reward spec {spec!r}: expected hf:PATH_OR_NAME:LABEL[:prob], "
+                "e.g. hf:models/distilbert-imdb:POSITIVE."
+            )
+        return HFClassifierReward(path, label, output=output)
+    if spec.startswith("rm:"):
+        raise RewardError(
+            f"Reward-model rewards ({spec!r}) are not available yet. Use vader, chars[:C] "
+            "or hf:PATH:LABEL for now."
+        )
+    raise RewardError(f"Unknown reward spec {spec!r}.\n{REWARD_SPECS}")
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _reward_name(reward: Any) -> str:
+    return str(getattr(reward, "name", None) or getattr(reward, "__name__", None) or repr(reward))
+
+
+@jaxtyped(typechecker=beartype)
+def score_texts(reward: Any, texts: list[str]) -> Float[Tensor, "batch"]:
+    """``reward(texts)`` checked: a float tensor of shape [len(texts)] with no NaN or inf.
+
+    The result is always float32: lists, numpy arrays and int/bool/float64 tensors are
+    converted (on the reward's device). Every
+    error names the reward; a non-finite score also names the first offending rows
+    and their (truncated) texts.
+    """
+    name = _reward_name(reward)
+    scores = reward(texts)
+    if not isinstance(scores, Tensor):
+        try:
+            scores = torch.as_tensor(scores, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise RewardError(
+                f"Reward {name!r} returned a {type(scores).__name__} that cannot be turned into "
+                f"a float tensor ({error}); return a torch tensor of shape [batch]."
+            ) from error
+    if scores.is_complex() or not (scores.is_floating_point() or scores.dtype in _REAL_DTYPES):
+        raise RewardError(f"Reward {name!r} returned dtype {scores.dtype}; return real floats.")
+    # One dtype for every reward: counts are fine as rewards but losses need floats, and a
+    # float64 reward would silently promote the advantages it is mixed into.
+    scores = scores.float()
+    if tuple(scores.shape) != (len(texts),):
+        hint = " (squeeze the last dimension)" if tuple(scores.shape) == (len(texts), 1) else ""
+        raise RewardError(
+            f"Reward {name!r} returned shape {list(scores.shape)} for {len(texts)} texts; "
+            f"expected [{len(texts)}], one score per text{hint}."
+        )
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        rows = "; ".join(f"[{i}] {scores[i].item()} for {_clip(texts[i])!r}" for i in bad[:3])
+        raise RewardError(
+            f"Reward {name!r} returned {len(bad)} non-finite score(s) (NaN or inf), first: {rows}."
+        )
+    return scores
+
+
+_REAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
