@@ -190,8 +190,22 @@ class PolicyWithValueHead(nn.Module):
         return list(self.value_head.parameters())
 
 
+def drop_cached_activations(module: nn.Module) -> None:
+    """Forget activations a module kept from its last forward pass.
+
+    TransformerLens 4.3's attention bridge stores the last attention pattern
+    (``_pattern``); after a training pass it is part of an autograd graph, and
+    ``copy.deepcopy`` refuses to copy such tensors.
+    """
+    for submodule in module.modules():
+        for name, value in list(vars(submodule).items()):
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                setattr(submodule, name, None)
+
+
 def make_reference(bridge):
     """A frozen deep copy of ``bridge`` for the KL penalty (no grads, eval mode)."""
+    drop_cached_activations(bridge)
     reference = copy.deepcopy(bridge)
     reference.eval()
     for param in reference.parameters():
