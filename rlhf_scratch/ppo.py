@@ -299,18 +299,22 @@ class PPOTrainer:
         """Sample a batch, score it, and fill a ``ReplayMemory`` with everything learning needs."""
         config = self.config
         prompts = prompts if prompts is not None else self.sample_prompts(config.batch_size)
+        clock = time.perf_counter()
+        timings = {}
         generation = generate(self.policy.bridge, prompts, config.sampling, generator=self.generator, fwd_hooks=self.fwd_hooks)
         self.last_generation = generation
         sequences = generation.sequences.to(config.device)
         attention_mask = generation.attention_mask.to(config.device)
         gen_mask = generation.gen_mask.to(config.device)
         P = generation.prompt_len
+        timings["time/generate"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Old policy: log-probs at the sampling temperature and values of each state.
         output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
         logits_gen = generated_logits(output.logits, P) / config.sampling.temperature
         logprobs = taken_logprobs(output.logits / config.sampling.temperature, sequences, P)
         values = output.values[:, P - 1 : -1]
+        timings["time/policy_forward"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Reference: the same tokens under the frozen starting model.
         ref_logits = self.reference(sequences, attention_mask=attention_mask)
@@ -318,9 +322,11 @@ class PPOTrainer:
         ref_logprobs = taken_logprobs(ref_logits / config.sampling.temperature, sequences, P)
         kl_per_token = torch.where(gen_mask, self.per_token_kl(logprobs, ref_logprobs, logits_gen, ref_logits_gen), 0.0)
         exact_kl = torch.where(gen_mask, kl_exact(logits_gen, ref_logits_gen), 0.0)
+        timings["time/reference_forward"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Task reward on the decoded text.
         rewards = score_texts(self.reward, generation.texts).to(config.device)
+        timings["time/reward"], clock = time.perf_counter() - clock, time.perf_counter()
         task_rewards = rewards.clone()
         if config.no_eos_penalty is not None:
             task_rewards = torch.where(generation.ended_with_eos.to(config.device), task_rewards, config.no_eos_penalty)
@@ -343,6 +349,7 @@ class PPOTrainer:
             "objective/entropy": masked_mean(entropy_per_token(logits_gen), gen_mask).item(),
             "response/length": gen_mask.sum(1).float().mean().item(),
             "response/eos_rate": generation.ended_with_eos.float().mean().item(),
+            **timings,
         }
         keep_ref_logits = config.kl_mode == "loss" and config.kl_estimator == "exact"
         return ReplayMemory(
@@ -393,6 +400,7 @@ class PPOTrainer:
         """PPO updates over shuffled minibatches; returns each minibatch's loss breakdown."""
         config = self.config
         breakdown = []
+        clock = time.perf_counter()
         all_params = self.policy.trunk_parameters() + self.policy.head_parameters()
         for minibatch in memory.minibatches(config.minibatch_size, config.ppo_epochs, generator=self.generator):
             terms = self.compute_losses(minibatch)
@@ -404,6 +412,7 @@ class PPOTrainer:
             row = {name: value.item() for name, value in terms.items()}
             row["grad_norm"] = grad_norm.item()
             breakdown.append(row)
+        self.last_learning_seconds = time.perf_counter() - clock
         self.scheduler.step()
         self.kl_controller.update(self.last_rollout_stats["objective/kl"], config.batch_size)
         self.phase += 1
@@ -426,6 +435,7 @@ class PPOTrainer:
             "losses/approx_kl": mean("diag/approx_kl"),
             "losses/grad_norm": mean("grad_norm"),
             "lr": lr,
+            "time/learning": self.last_learning_seconds,
             "seconds": seconds,
         }
 
