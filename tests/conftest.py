@@ -54,3 +54,19 @@ def tiny_bridge(tiny_model_dir):
     from rlhf_scratch.models import load_bridge
 
     return load_bridge(tiny_model_dir)
+
+
+SMALL_PRETRAIN = dict(
+    n_texts=3000, n_heldout=200, vocab_size=512, n_layer=2, n_head=2, d_model=64, n_ctx=96,
+    steps=250, batch_size=32, lr=5e-3, n_samples=40, install_builtin=False,
+)
+
+
+@pytest.fixture(scope="session")
+def small_pretrained(tmp_path_factory):
+    """A small model pretrained on the built-in corpus (~10-20 s): ``(out_dir, summary)``."""
+    from rlhf_scratch.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("pretrain")
+    summary = pretrain(PretrainConfig(out=out, **SMALL_PRETRAIN))
+    return out, summary
