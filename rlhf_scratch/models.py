@@ -42,10 +42,6 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to do instead."""
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def load_bridge(source: str | os.PathLike, device: str = "cpu"):
     """Load a ``TransformerBridge`` from ``"builtin"``, a local directory, or a hub name.
 
@@ -73,9 +69,14 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
         looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
         if looks_like_path:
             raise ModelLoadError(f"No such model directory: {source}. Check the path.")
-        if _hub_offline():
+        from rlhf_scratch.data import hub_is_reachable, hub_offline_var
+
+        # Without this check an unreachable hub costs ~25 s of retries before failing.
+        offline_var = hub_offline_var()
+        if offline_var or not hub_is_reachable():
+            reason = f"{offline_var} is set" if offline_var else "the hub is unreachable from this machine"
             raise ModelLoadError(
-                f"Cannot load {source!r} from the Hugging Face hub: HF_HUB_OFFLINE is set. "
+                f"Cannot load {source!r} from the Hugging Face hub: {reason}. "
                 "On a machine with network, download it once "
                 f"(`huggingface-cli download {source} --local-dir DIR`, or "
                 "`AutoModelForCausalLM.from_pretrained(name).save_pretrained(DIR)` plus the "

@@ -133,3 +133,15 @@ def test_missing_directory_and_non_model_directory(tmp_path):
         load_bridge(str(tmp_path / "nope" / "model"))
     with pytest.raises(ModelLoadError, match="config.json"):
         load_bridge(tmp_path)
+
+
+def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
+    import rlhf_scratch.data as data
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(data, "hub_is_reachable", lambda timeout=3.0: False)
+    start = time.time()
+    with pytest.raises(ModelLoadError, match="unreachable"):
+        load_bridge("gpt2")
+    assert time.time() - start < 5
