@@ -156,6 +156,24 @@ def make_batch(examples: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, labels
 
 
+def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 50) -> list[list[int]]:
+    """One epoch of batches of indices, each batch made of examples of similar length.
+
+    Shuffle, then sort within windows of ``window`` batches and cut: batches stay
+    random, but a batch pads to a length close to its examples' own, which roughly
+    halves the padded tokens (and the time) of a review corpus.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 @torch.no_grad()
 def heldout_perplexity(model, examples: list[list[int]], pad_id: int, batch_size: int = 64) -> float:
     """exp(mean next-token cross-entropy over all held-out tokens)."""
@@ -225,18 +243,16 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
-    order: list[int] = []
+    batches: list[list[int]] = []
     losses: list[float] = []
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("pretraining", total=config.steps, loss=float("nan"))
         for step in range(config.steps):
-            if len(order) < config.batch_size:
-                fresh = list(range(len(train_examples)))
-                rng.shuffle(fresh)
-                order.extend(fresh)
-            batch_ids, order = order[: config.batch_size], order[config.batch_size :]
+            if not batches:
+                batches = length_bucketed_batches([len(e) for e in train_examples], config.batch_size, rng)
+            batch_ids = batches.pop()
             input_ids, labels = make_batch([train_examples[i] for i in batch_ids], special)
             loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
