@@ -66,7 +66,7 @@ class PretrainConfig:
     d_model: int = 128
     n_ctx: int = 128
     """Context length in tokens; longer texts are truncated."""
-    steps: int = 1500
+    steps: int = 900
     """Optimizer steps."""
     batch_size: int = 48
     lr: float = 3e-3
