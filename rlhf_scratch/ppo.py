@@ -57,8 +57,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class PPOConfig:
-    """PPO on a TransformerLens policy. Defaults: the built-in offline sentiment task."""
+class PolicyTrainingConfig:
+    """Fields shared by every trainer of a policy by sampling (PPO, REINFORCE): the task, the amount of
+    training, the optimiser, the KL to the reference, and the run. Defaults: the built-in offline sentiment task."""
 
     # --- what to train, on what, for what ---
     model: str = "builtin"
@@ -86,43 +87,17 @@ class PPOConfig:
     """Number of rollout + learning phases."""
     batch_size: int = 64
     """Episodes (prompt + response) sampled per phase."""
-    minibatch_size: int = 16
-    """Episodes per gradient step; must divide batch_size."""
-    ppo_epochs: int = 4
-    """Passes over each phase's replay memory (gradient steps per phase = ppo_epochs · batch/minibatch)."""
 
     # --- optimisation ---
     lr: float = 3e-5
     """Peak learning rate of the trunk (the language model)."""
-    head_lr: float = 1e-3
-    """Peak learning rate of the value head (new, randomly initialised: it needs to move faster)."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    """Clip the global gradient norm (trunk and head together) to this value."""
+    """Clip the global gradient norm of every optimised parameter (trunk, and value head for PPO) to this value."""
     warmup_phases: int = 2
     """Linear warmup length in phases (the schedule steps once per phase)."""
     final_lr_scale: float = 0.1
     """Learning-rate multiplier reached at the last phase (linear decay after warmup)."""
-
-    # --- PPO objective ---
-    clip_coef: float = 0.2
-    """ε of the clipped surrogate: ratio clipped to [1−ε, 1+ε]."""
-    vf_coef: float = 0.5
-    """Value loss weight: ½·vf_coef·mean((V − returns)²)."""
-    clip_range_value: float | None = None
-    """Clip new values to ±this around the rollout's values (None: no value clipping)."""
-    ent_coef: float = 0.001
-    """Entropy bonus weight."""
-    normalize_advantages: bool = True
-    """Normalise advantages over each minibatch's real positions (mean 0, std 1)."""
-    gamma: float = 1.0
-    """Discount of GAE."""
-    lam: float = 0.95
-    """λ of GAE; λ=0 with γ=1 is the one-step TD advantage A_t = V_{t+1} − V_t (A_T = r − V_T)."""
-    normalize_rewards: bool = False
-    """Divide task rewards by their running standard deviation (kept across phases)."""
-    no_eos_penalty: float | None = None
-    """If set, a response that reached max_new_tokens without EOS gets this reward instead."""
 
     # --- KL to the reference ---
     kl_coef: float = 0.05
@@ -152,32 +127,76 @@ class PPOConfig:
     wandb_project: str = "rlhf_scratch"
 
     def __post_init__(self):
-        checks = [
+        for ok, message in self._checks():
+            if not ok:
+                raise ValueError(message)
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        """(condition, message saying how to fix it) pairs; subclasses add their own."""
+        return [
             (self.phases >= 1, f"phases must be >= 1, got {self.phases}."),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
-            (1 <= self.minibatch_size <= self.batch_size,
-             f"minibatch_size must be in [1, batch_size={self.batch_size}], got {self.minibatch_size}."),
-            (self.batch_size % max(self.minibatch_size, 1) == 0,
-             f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size}); "
-             f"e.g. use --minibatch-size {math.gcd(self.batch_size, max(self.minibatch_size, 1))}."),
-            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}."),
-            (self.lr > 0 and self.head_lr > 0, f"lr and head_lr must be > 0, got {self.lr} and {self.head_lr}."),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}."),
             (0 <= self.warmup_phases < self.phases,
              f"warmup_phases must be in [0, phases={self.phases}), got {self.warmup_phases}."),
             (0 <= self.final_lr_scale <= 1, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}."),
-            (0 < self.clip_coef < 1, f"clip_coef must be in (0, 1), got {self.clip_coef}."),
-            (self.vf_coef >= 0 and self.ent_coef >= 0 and self.kl_coef >= 0,
-             "vf_coef, ent_coef and kl_coef must be >= 0."),
-            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}."),
+            (self.kl_coef >= 0, f"kl_coef must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}."),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
             (1 <= self.min_prompt_tokens <= self.max_prompt_tokens,
              f"need 1 <= min_prompt_tokens <= max_prompt_tokens, got {self.min_prompt_tokens}, {self.max_prompt_tokens}."),
             (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
             (self.prompt is None or self.prompt != "", "--prompt must not be empty; omit it to use --data."),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+
+
+@dataclass
+class PPOConfig(PolicyTrainingConfig):
+    """PPO on a TransformerLens policy. Defaults: the built-in offline sentiment task."""
+
+    # --- how much (PPO) ---
+    minibatch_size: int = 16
+    """Episodes per gradient step; must divide batch_size."""
+    ppo_epochs: int = 4
+    """Passes over each phase's replay memory (gradient steps per phase = ppo_epochs · batch/minibatch)."""
+
+    # --- optimisation (PPO) ---
+    head_lr: float = 1e-3
+    """Peak learning rate of the value head (new, randomly initialised: it needs to move faster)."""
+
+    # --- PPO objective ---
+    clip_coef: float = 0.2
+    """ε of the clipped surrogate: ratio clipped to [1−ε, 1+ε]."""
+    vf_coef: float = 0.5
+    """Value loss weight: ½·vf_coef·mean((V − returns)²)."""
+    clip_range_value: float | None = None
+    """Clip new values to ±this around the rollout's values (None: no value clipping)."""
+    ent_coef: float = 0.001
+    """Entropy bonus weight."""
+    normalize_advantages: bool = True
+    """Normalise advantages over each minibatch's real positions (mean 0, std 1)."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """λ of GAE; λ=0 with γ=1 is the one-step TD advantage A_t = V_{t+1} − V_t (A_T = r − V_T)."""
+    normalize_rewards: bool = False
+    """Divide task rewards by their running standard deviation (kept across phases)."""
+    no_eos_penalty: float | None = None
+    """If set, a response that reached max_new_tokens without EOS gets this reward instead."""
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
+            *super()._checks(),
+            (1 <= self.minibatch_size <= self.batch_size,
+             f"minibatch_size must be in [1, batch_size={self.batch_size}], got {self.minibatch_size}."),
+            (self.batch_size % max(self.minibatch_size, 1) == 0,
+             f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size}); "
+             f"e.g. use --minibatch-size {math.gcd(self.batch_size, max(self.minibatch_size, 1))}."),
+            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}."),
+            (self.head_lr > 0, f"head_lr must be > 0, got {self.head_lr}."),
+            (0 < self.clip_coef < 1, f"clip_coef must be in (0, 1), got {self.clip_coef}."),
+            (self.vf_coef >= 0 and self.ent_coef >= 0, "vf_coef and ent_coef must be >= 0."),
+            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}."),
+        ]
 
     @property
     def steps_per_phase(self) -> int:
@@ -223,18 +242,60 @@ def check_finite(name: str, value: Tensor) -> Tensor:
     return value
 
 
-class PPOTrainer:
-    """Holds the policy, the reference, the reward, the optimizer and the schedule.
+@dataclass(eq=False, repr=False)
+class ScoredRollout:
+    """One sampled batch, read by the policy and the reference (no grad) and scored by the reward.
 
-    Use it in a notebook or debugger one call at a time::
-
-        trainer = PPOTrainer(PPOConfig(phases=3))
-        memory = trainer.rollout_phase()        # a ReplayMemory; print(memory) shows shapes
-        stats = trainer.learning_phase(memory)  # one dict of loss terms per minibatch
-        trainer.train()                         # or all phases with logging and outputs
+    generation      Generation        the sampled batch (prompts, responses, masks, decoded texts)
+    sequences       Int   [B, S]      prompt (left-padded to P) then the G generated tokens
+    attention_mask  Int   [B, S]      1 on real tokens
+    gen_mask        Bool  [B, G]      True on real generated tokens (through the first EOS)
+    logprobs        Float [B, G]      log π(token) at the sampling temperature
+    values          Float [B, G]      value head at each state (unused by trainers without a critic)
+    ref_logprobs    Float [B, G]      log π_ref(token) at the sampling temperature
+    ref_logits_gen  Float [B, G, V]   reference logits at the generated positions (temperature-scaled)
+    kl_per_token    Float [B, G]      KL_t with the configured estimator, 0 on padding
+    rewards         Float [B]         the task reward of each response
     """
 
-    def __init__(self, config: PPOConfig, policy: PolicyWithValueHead | None = None, reward=None, fwd_hooks: list | tuple = ()):
+    generation: Generation
+    sequences: Tensor
+    attention_mask: Tensor
+    gen_mask: Tensor
+    logprobs: Tensor
+    values: Tensor
+    ref_logprobs: Tensor
+    ref_logits_gen: Tensor
+    kl_per_token: Tensor
+    rewards: Tensor
+
+    @property
+    def prompt_len(self) -> int:
+        return self.generation.prompt_len
+
+    def __repr__(self) -> str:
+        return f"ScoredRollout({self.generation!r}, mean reward {self.rewards.mean().item():+.3f})"
+
+
+class PolicyTrainer:
+    """The parts every trainer of a policy by sampling shares (PPO, REINFORCE).
+
+    It holds the policy, a frozen reference, the reward, the prompt pool, the optimiser, the
+    learning-rate schedule and the KL controller; it samples and scores a batch
+    (``sample_and_score``), takes a clipped optimiser step (``optimizer_step``), ends a phase
+    (``end_phase``), and runs the whole loop with logging and outputs (``train``). A subclass
+    supplies ``rollout_phase``, ``learning_phase`` and ``phase_metrics``.
+    """
+
+    title = "policy"
+    """Name in progress bars and messages."""
+    kind = "policy"
+    """Written to the checkpoint's metadata."""
+    saves_value_head = False
+    """Whether the checkpoint includes the value head."""
+
+    def __init__(self, config: PolicyTrainingConfig, policy: PolicyWithValueHead | None = None, reward=None,
+                 fwd_hooks: list | tuple = ()):
         self.config = config
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -247,13 +308,7 @@ class PPOTrainer:
         self.fwd_hooks = list(fwd_hooks)
         self.prompt_pool = self._build_prompt_pool()
 
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": self.policy.trunk_parameters(), "lr": config.lr},
-                {"params": self.policy.head_parameters(), "lr": config.head_lr},
-            ],
-            weight_decay=config.weight_decay,
-        )
+        self.optimizer = torch.optim.AdamW(self.param_groups(), weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_decay_lambda(config.phases, config.warmup_phases, config.final_lr_scale)
         )
@@ -262,8 +317,11 @@ class PPOTrainer:
             if config.adaptive_kl
             else FixedKLController(config.kl_coef)
         )
-        self.reward_moments = RunningMoments()
         self.phase = 0
+
+    def param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups: the trunk at ``lr``."""
+        return [{"params": self.policy.trunk_parameters(), "lr": self.config.lr}]
 
     # ------------------------------------------------------------------ prompts
     def encode_text(self, text: str) -> list[int]:
@@ -294,9 +352,25 @@ class PPOTrainer:
             return kl_k3(logprobs, ref_logprobs)
         return kl_k1(logprobs, ref_logprobs)
 
+    @property
+    def keeps_ref_logits(self) -> bool:
+        """Whether the replay memory keeps reference logits [B, G, V]: only for an exact KL loss term."""
+        return self.config.kl_mode == "loss" and self.config.kl_estimator == "exact"
+
+    def kl_loss_term(self, logprobs: Tensor, logits_gen: Tensor, minibatch: ReplayMemory) -> Tensor:
+        """kl_coef · masked_mean(KL_t) with kl_mode="loss" (with grad), else 0; KL_t by the configured estimator."""
+        if self.config.kl_mode != "loss":
+            return torch.zeros((), device=logprobs.device)
+        kl = self.per_token_kl(logprobs, minibatch.ref_logprobs, logits_gen, minibatch.ref_logits_gen)
+        return self.kl_controller.value * masked_mean(kl, minibatch.gen_mask)
+
     @torch.no_grad()
-    def rollout_phase(self, prompts: list[list[int]] | None = None) -> ReplayMemory:
-        """Sample a batch, score it, and fill a ``ReplayMemory`` with everything learning needs."""
+    def sample_and_score(self, prompts: list[list[int]] | None = None) -> ScoredRollout:
+        """Sample a batch, read it with the policy and the reference, and score it.
+
+        Sets ``last_generation`` and ``last_rollout_stats`` (reward, exact sequence KL, entropy,
+        response length, EOS rate, timings).
+        """
         config = self.config
         prompts = prompts if prompts is not None else self.sample_prompts(config.batch_size)
         clock = time.perf_counter()
@@ -326,18 +400,7 @@ class PPOTrainer:
 
         # Task reward on the decoded text.
         rewards = score_texts(self.reward, generation.texts).to(config.device)
-        timings["time/reward"], clock = time.perf_counter() - clock, time.perf_counter()
-        task_rewards = rewards.clone()
-        if config.no_eos_penalty is not None:
-            task_rewards = torch.where(generation.ended_with_eos.to(config.device), task_rewards, config.no_eos_penalty)
-        if config.normalize_rewards:
-            _, std = self.reward_moments.update(task_rewards)
-            task_rewards = task_rewards / max(std, 1e-8)
-
-        token_rewards = terminal_rewards(task_rewards, gen_mask)
-        if config.kl_mode == "reward":
-            token_rewards = token_rewards - self.kl_controller.value * kl_per_token
-        advantages, returns = gae_advantages(token_rewards, values, gen_mask, config.gamma, config.lam)
+        timings["time/reward"] = time.perf_counter() - clock
 
         self.last_rollout_stats = {
             "reward/mean": rewards.mean().item(),
@@ -351,93 +414,37 @@ class PPOTrainer:
             "response/eos_rate": generation.ended_with_eos.float().mean().item(),
             **timings,
         }
-        keep_ref_logits = config.kl_mode == "loss" and config.kl_estimator == "exact"
-        return ReplayMemory(
-            sequences=sequences,
-            attention_mask=attention_mask,
-            gen_mask=gen_mask,
-            logprobs=logprobs,
-            ref_logprobs=ref_logprobs,
-            values=values,
-            advantages=advantages,
-            returns=returns,
-            rewards=rewards,
-            prompt_len=P,
-            ref_logits_gen=ref_logits_gen if keep_ref_logits else None,
+        return ScoredRollout(
+            generation=generation, sequences=sequences, attention_mask=attention_mask, gen_mask=gen_mask,
+            logprobs=logprobs, values=values, ref_logprobs=ref_logprobs, ref_logits_gen=ref_logits_gen,
+            kl_per_token=kl_per_token, rewards=rewards,
         )
 
     # ------------------------------------------------------------------ learning
-    def compute_losses(self, minibatch: ReplayMemory) -> dict[str, Tensor]:
-        """Every term of the PPO objective on one minibatch (with grad), by name."""
-        config = self.config
-        P, mask = minibatch.prompt_len, minibatch.gen_mask
-        output = self.policy(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks)
-        scaled_logits = output.logits / config.sampling.temperature
-        logits_gen = generated_logits(scaled_logits, P)
-        logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
-        values = output.values[:, P - 1 : -1]
+    def optimizer_step(self, loss: Tensor) -> float:
+        """Backward, clip the global gradient norm of every optimised parameter, step; returns the norm."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        check_finite("gradient norm", grad_norm)
+        self.optimizer.step()
+        return grad_norm.item()
 
-        terms = {
-            "surrogate": calc_clipped_surrogate(
-                logprobs, minibatch.logprobs, minibatch.advantages, mask, config.clip_coef, config.normalize_advantages
-            ),
-            "value_loss": calc_value_loss(values, minibatch.returns, mask, config.vf_coef, minibatch.values, config.clip_range_value),
-            "entropy_bonus": calc_entropy_bonus(logits_gen, mask, config.ent_coef),
-        }
-        if config.kl_mode == "loss":
-            kl = self.per_token_kl(logprobs, minibatch.ref_logprobs, logits_gen, minibatch.ref_logits_gen)
-            terms["kl_penalty"] = self.kl_controller.value * masked_mean(kl, mask)
-        else:
-            terms["kl_penalty"] = torch.zeros((), device=logprobs.device)
-        for name, value in terms.items():
-            check_finite(name, value)
-        # The objective is maximised; the loss is its negative.
-        terms["loss"] = -(terms["surrogate"] - terms["value_loss"] + terms["entropy_bonus"] - terms["kl_penalty"])
-        terms.update({f"diag/{k}": v for k, v in ppo_diagnostics(logprobs.detach(), minibatch.logprobs, mask, config.clip_coef).items()})
-        return terms
+    def end_phase(self) -> None:
+        """One scheduler step and one KL-controller update per phase."""
+        self.scheduler.step()
+        self.kl_controller.update(self.last_rollout_stats["objective/kl"], self.config.batch_size)
+        self.phase += 1
+
+    def rollout_phase(self, prompts: list[list[int]] | None = None) -> ReplayMemory:
+        raise NotImplementedError
 
     def learning_phase(self, memory: ReplayMemory) -> list[dict[str, float]]:
-        """PPO updates over shuffled minibatches; returns each minibatch's loss breakdown."""
-        config = self.config
-        breakdown = []
-        clock = time.perf_counter()
-        all_params = self.policy.trunk_parameters() + self.policy.head_parameters()
-        for minibatch in memory.minibatches(config.minibatch_size, config.ppo_epochs, generator=self.generator):
-            terms = self.compute_losses(minibatch)
-            self.optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(all_params, config.max_grad_norm)
-            check_finite("gradient norm", grad_norm)
-            self.optimizer.step()
-            row = {name: value.item() for name, value in terms.items()}
-            row["grad_norm"] = grad_norm.item()
-            breakdown.append(row)
-        self.last_learning_seconds = time.perf_counter() - clock
-        self.scheduler.step()
-        self.kl_controller.update(self.last_rollout_stats["objective/kl"], config.batch_size)
-        self.phase += 1
-        return breakdown
+        raise NotImplementedError
 
     def phase_metrics(self, breakdown: list[dict[str, float]], seconds: float, lr: float) -> dict:
-        """The fixed metric names logged once per phase."""
-        def mean(key: str) -> float:
-            return sum(row[key] for row in breakdown) / len(breakdown)
-
-        return {
-            "phase": self.phase,
-            **self.last_rollout_stats,
-            "losses/policy": -mean("surrogate"),
-            "losses/value": mean("value_loss"),
-            "losses/entropy_bonus": mean("entropy_bonus"),
-            "losses/kl_penalty": mean("kl_penalty"),
-            "losses/total": mean("loss"),
-            "losses/clipfrac": mean("diag/clipfrac"),
-            "losses/approx_kl": mean("diag/approx_kl"),
-            "losses/grad_norm": mean("grad_norm"),
-            "lr": lr,
-            "time/learning": self.last_learning_seconds,
-            "seconds": seconds,
-        }
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ outputs
     def sample_table(self, model_bridge, prompts: list[list[int]], seed: int) -> tuple[Generation, list[float]]:
@@ -446,13 +453,13 @@ class PPOTrainer:
         return generation, score_texts(self.reward, generation.texts).tolist()
 
     def save_checkpoint(self, directory: Path) -> Path:
-        """Policy weights (safetensors, save_pretrained layout) and value head, written atomically."""
+        """Policy weights (safetensors, save_pretrained layout) and value head if any, written atomically."""
         from rlhf_scratch.pretrain import _replace_dir
         import tempfile
 
         staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=directory.parent))
-        save_model_dir(self.policy.bridge, staging, value_head=self.policy.value_head,
-                       meta={"kind": "ppo", "phase": self.phase, "base_model": self.config.model})
+        save_model_dir(self.policy.bridge, staging, value_head=self.policy.value_head if self.saves_value_head else None,
+                       meta={"kind": self.kind, "phase": self.phase, "base_model": self.config.model})
         _replace_dir(staging, directory, copy=False)
         return directory
 
@@ -478,11 +485,11 @@ class PPOTrainer:
         before, before_rewards = self.sample_table(self.reference, table_prompts, seed=config.seed + 1)
         history: list[dict] = []
         start = time.time()
-        columns = [TextColumn("[bold]PPO[/] phase {task.completed}/{task.total}"), BarColumn(),
+        columns = [TextColumn(f"[bold]{self.title}[/] phase {{task.completed}}/{{task.total}}"), BarColumn(),
                    TextColumn("reward {task.fields[reward]:+.3f}  kl {task.fields[kl]:.3f}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task("ppo", total=config.phases, reward=float("nan"), kl=float("nan"))
+            task = progress.add_task(self.kind, total=config.phases, reward=float("nan"), kl=float("nan"))
             for _ in range(config.phases):
                 phase_start = time.time()
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -522,14 +529,136 @@ class PPOTrainer:
             run.summary.update(summary)
             run.finish()
         console.print(
-            f"reward {summary['reward_first']:+.3f} → {summary['reward_last']:+.3f} (mean of last {len(last)} phases), "
+            f"{self.title}: reward {summary['reward_first']:+.3f} → {summary['reward_last']:+.3f} (mean of last {len(last)} phases), "
             f"KL {summary['kl_last']:.3f} nats, {summary['episodes']} episodes in {summary['seconds']:.0f} s"
         )
         self.history = history
         return summary
 
 
-def _start_wandb(config: PPOConfig):
+class PPOTrainer(PolicyTrainer):
+    """Holds the policy, the reference, the reward, the optimizer and the schedule.
+
+    Use it in a notebook or debugger one call at a time::
+
+        trainer = PPOTrainer(PPOConfig(phases=3))
+        memory = trainer.rollout_phase()        # a ReplayMemory; print(memory) shows shapes
+        stats = trainer.learning_phase(memory)  # one dict of loss terms per minibatch
+        trainer.train()                         # or all phases with logging and outputs
+    """
+
+    title = "PPO"
+    kind = "ppo"
+    saves_value_head = True
+
+    def __init__(self, config: PPOConfig, policy: PolicyWithValueHead | None = None, reward=None, fwd_hooks: list | tuple = ()):
+        super().__init__(config, policy=policy, reward=reward, fwd_hooks=fwd_hooks)
+        self.reward_moments = RunningMoments()
+
+    def param_groups(self) -> list[dict]:
+        """Trunk at ``lr`` and value head at ``head_lr``."""
+        return [
+            {"params": self.policy.trunk_parameters(), "lr": self.config.lr},
+            {"params": self.policy.head_parameters(), "lr": self.config.head_lr},
+        ]
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout_phase(self, prompts: list[list[int]] | None = None) -> ReplayMemory:
+        """Sample a batch, score it, and fill a ``ReplayMemory`` with everything learning needs."""
+        config = self.config
+        rollout = self.sample_and_score(prompts)
+        gen_mask = rollout.gen_mask
+        task_rewards = rollout.rewards.clone()
+        if config.no_eos_penalty is not None:
+            task_rewards = torch.where(rollout.generation.ended_with_eos.to(config.device), task_rewards, config.no_eos_penalty)
+        if config.normalize_rewards:
+            _, std = self.reward_moments.update(task_rewards)
+            task_rewards = task_rewards / max(std, 1e-8)
+
+        token_rewards = terminal_rewards(task_rewards, gen_mask)
+        if config.kl_mode == "reward":
+            token_rewards = token_rewards - self.kl_controller.value * rollout.kl_per_token
+        advantages, returns = gae_advantages(token_rewards, rollout.values, gen_mask, config.gamma, config.lam)
+
+        return ReplayMemory(
+            sequences=rollout.sequences,
+            attention_mask=rollout.attention_mask,
+            gen_mask=gen_mask,
+            logprobs=rollout.logprobs,
+            ref_logprobs=rollout.ref_logprobs,
+            values=rollout.values,
+            advantages=advantages,
+            returns=returns,
+            rewards=rollout.rewards,
+            prompt_len=rollout.prompt_len,
+            ref_logits_gen=rollout.ref_logits_gen if self.keeps_ref_logits else None,
+        )
+
+    # ------------------------------------------------------------------ learning
+    def compute_losses(self, minibatch: ReplayMemory) -> dict[str, Tensor]:
+        """Every term of the PPO objective on one minibatch (with grad), by name."""
+        config = self.config
+        P, mask = minibatch.prompt_len, minibatch.gen_mask
+        output = self.policy(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks)
+        scaled_logits = output.logits / config.sampling.temperature
+        logits_gen = generated_logits(scaled_logits, P)
+        logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
+        values = output.values[:, P - 1 : -1]
+
+        terms = {
+            "surrogate": calc_clipped_surrogate(
+                logprobs, minibatch.logprobs, minibatch.advantages, mask, config.clip_coef, config.normalize_advantages
+            ),
+            "value_loss": calc_value_loss(values, minibatch.returns, mask, config.vf_coef, minibatch.values, config.clip_range_value),
+            "entropy_bonus": calc_entropy_bonus(logits_gen, mask, config.ent_coef),
+        }
+        terms["kl_penalty"] = self.kl_loss_term(logprobs, logits_gen, minibatch)
+        for name, value in terms.items():
+            check_finite(name, value)
+        # The objective is maximised; the loss is its negative.
+        terms["loss"] = -(terms["surrogate"] - terms["value_loss"] + terms["entropy_bonus"] - terms["kl_penalty"])
+        terms.update({f"diag/{k}": v for k, v in ppo_diagnostics(logprobs.detach(), minibatch.logprobs, mask, config.clip_coef).items()})
+        return terms
+
+    def learning_phase(self, memory: ReplayMemory) -> list[dict[str, float]]:
+        """PPO updates over shuffled minibatches; returns each minibatch's loss breakdown."""
+        config = self.config
+        breakdown = []
+        clock = time.perf_counter()
+        for minibatch in memory.minibatches(config.minibatch_size, config.ppo_epochs, generator=self.generator):
+            terms = self.compute_losses(minibatch)
+            grad_norm = self.optimizer_step(terms["loss"])
+            row = {name: value.item() for name, value in terms.items()}
+            row["grad_norm"] = grad_norm
+            breakdown.append(row)
+        self.last_learning_seconds = time.perf_counter() - clock
+        self.end_phase()
+        return breakdown
+
+    def phase_metrics(self, breakdown: list[dict[str, float]], seconds: float, lr: float) -> dict:
+        """The fixed metric names logged once per phase."""
+        def mean(key: str) -> float:
+            return sum(row[key] for row in breakdown) / len(breakdown)
+
+        return {
+            "phase": self.phase,
+            **self.last_rollout_stats,
+            "losses/policy": -mean("surrogate"),
+            "losses/value": mean("value_loss"),
+            "losses/entropy_bonus": mean("entropy_bonus"),
+            "losses/kl_penalty": mean("kl_penalty"),
+            "losses/total": mean("loss"),
+            "losses/clipfrac": mean("diag/clipfrac"),
+            "losses/approx_kl": mean("diag/approx_kl"),
+            "losses/grad_norm": mean("grad_norm"),
+            "lr": lr,
+            "time/learning": self.last_learning_seconds,
+            "seconds": seconds,
+        }
+
+
+def _start_wandb(config: PolicyTrainingConfig):
     """A wandb run; offline mode unless WANDB_MODE says otherwise (no network here)."""
     import os
 

@@ -1,0 +1,265 @@
+"""``rlhf-scratch compare``: several systems on the same held-out prompts, one table, one report.
+
+Systems are named on the command line, one word each, ``[LABEL=]KIND[:ARG]``:
+
+    reference            the reference model (``--model``) itself
+    bon:N                best-of-N from the reference (``bon:N:M`` also sets the KL pool to M samples)
+    ppo:DIR              a PPO checkpoint (a run's ``checkpoint/`` folder)
+    reinforce:DIR        a REINFORCE checkpoint
+    model:DIR            any other model directory
+    LABEL=...            the same, shown as LABEL (needed when two systems would share a name)
+
+e.g. ``rlhf-scratch compare --out runs/cmp --systems reference ppo:runs/ppo/checkpoint bon:4 bon:16``.
+Every system answers the same prompts with the same seed; the metrics are those of
+``rlhf_scratch.evaluation`` (reward, KL to the reference, diversity, length).
+
+Outputs in ``--out``: ``config.json``; ``report.md`` (the table, the per-system details, the sample
+table and the plots); ``report.csv`` (every metric); ``reward_vs_kl.png``; ``reward_vs_diversity.png``;
+``samples.jsonl`` (every response of every system with its reward); ``summary.json``
+(``{"rows": [one dict per system with system, reward_mean, reward_median, kl, token_entropy,
+distinct_2, length, ...], ...}``).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf_scratch.evaluation import METRIC_KEYS, EvalConfig, EvalResult
+
+SYSTEM_SYNTAX = (
+    "Name systems as [LABEL=]KIND[:ARG]: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | model:DIR, "
+    "e.g. --systems reference ppo:runs/ppo/checkpoint bon:4 bon:16."
+)
+MODEL_KINDS = ("ppo", "reinforce", "model")
+
+
+@dataclass
+class SystemSpec:
+    """One system to evaluate: ``kind`` is reference | bon | ppo | reinforce | model."""
+
+    label: str
+    kind: str
+    path: str | None = None
+    n: int | None = None
+    pool_size: int | None = None
+
+
+def parse_system(text: str) -> SystemSpec:
+    """``"bon:4"`` → SystemSpec("best-of-4", "bon", n=4); see the module docstring for the syntax."""
+    label = None
+    head = text.split(":", 1)[0]
+    if "=" in head:
+        label, text = text.split("=", 1)
+        if not label:
+            raise ValueError(f"Empty label in system {text!r}. {SYSTEM_SYNTAX}")
+    kind, _, arg = text.partition(":")
+    if kind == "reference":
+        if arg:
+            raise ValueError(f"'reference' takes no argument (got {text!r}); set the reference with --model.")
+        return SystemSpec(label or "reference", "reference")
+    if kind == "bon":
+        parts = arg.split(":")
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"Bad best-of-n system {text!r}: write bon:N or bon:N:POOL with integers, e.g. bon:4.") from None
+        if not 1 <= len(numbers) <= 2 or numbers[0] < 1 or (len(numbers) == 2 and numbers[1] < numbers[0]):
+            raise ValueError(f"Bad best-of-n system {text!r}: need bon:N with N >= 1, or bon:N:POOL with POOL >= N.")
+        n = numbers[0]
+        return SystemSpec(label or f"best-of-{n}", "bon", n=n, pool_size=numbers[1] if len(numbers) == 2 else None)
+    if kind in MODEL_KINDS:
+        if not arg:
+            raise ValueError(f"{kind} needs a directory: {kind}:DIR (e.g. {kind}:runs/{kind}/checkpoint).")
+        if not Path(arg).expanduser().is_dir():
+            raise ValueError(f"System {text!r}: no such directory {arg!r}. A training run's model is in OUT/checkpoint.")
+        default = kind if kind != "model" else (Path(arg).parent.name if Path(arg).name == "checkpoint" else Path(arg).name)
+        return SystemSpec(label or default, kind, path=arg)
+    raise ValueError(f"Unknown system {text!r}. {SYSTEM_SYNTAX}")
+
+
+@dataclass
+class CompareConfig(EvalConfig):
+    """Compare systems (reference, checkpoints, best-of-n) on the same held-out prompts; write a report."""
+
+    systems: list[str] = field(default_factory=lambda: ["reference", "bon:4"])
+    """Systems to compare, [LABEL=]KIND[:ARG] each: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | model:DIR."""
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        checks = [*super()._checks(), (len(self.systems) >= 1, f"Give at least one system. {SYSTEM_SYNTAX}")]
+        labels = [parse_system(s).label for s in self.systems]  # raises ValueError with the syntax on a bad one
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        checks.append((not duplicates, f"Two systems are both called {', '.join(duplicates)}; "
+                                       "tell them apart with LABEL=, e.g. ppo_a=ppo:runs/a/checkpoint."))
+        return checks
+
+
+def build_sampler(spec: SystemSpec, reference, config: EvalConfig):
+    """The sampler of one system; checkpoints must share the reference's tokenizer (the prompts are token ids)."""
+    from rlhf_scratch.bon import BestOfNSampler
+    from rlhf_scratch.evaluation import ModelSampler
+    from rlhf_scratch.models import load_bridge
+
+    if spec.kind == "reference":
+        return ModelSampler(spec.label, reference, reference, config.sampling)
+    if spec.kind == "bon":
+        return BestOfNSampler(reference, spec.n, config.sampling, pool_size=spec.pool_size, name=spec.label)
+    bridge = load_bridge(spec.path, device=config.device)
+    if bridge.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        raise ValueError(
+            f"{spec.label} ({spec.path}) has a different tokenizer from the reference {config.model!r}; "
+            "compare checkpoints trained from the reference (or pass that model as --model)."
+        )
+    return ModelSampler(spec.label, bridge, reference, config.sampling)
+
+
+def run_systems(config: EvalConfig, systems: list[SystemSpec], title: str, console=None) -> list[dict]:
+    """Evaluate ``systems`` on the same prompts, print the tables, write the report if ``config.out``; the rows."""
+    import torch
+    from rich.console import Console
+
+    from rlhf_scratch.evaluation import evaluate, evaluation_prompts, print_metrics_table, print_sample_table
+    from rlhf_scratch.models import load_bridge
+    from rlhf_scratch.rewards import make_reward
+
+    console = console or Console()
+    torch.manual_seed(config.seed)
+    reference = load_bridge(config.model, device=config.device)
+    reward = make_reward(config.reward)
+    prompts = evaluation_prompts(config, reference.tokenizer)
+    results: list[EvalResult] = []
+    for spec in systems:
+        sampler = build_sampler(spec, reference, config)
+        with console.status(f"evaluating {spec.label} on {len(prompts)} prompts"):
+            result = evaluate(sampler, prompts, reward, seed=config.seed, threshold=config.threshold,
+                              batch_size=config.batch_size)
+        console.print(f"{spec.label}: reward {result.metrics['reward_mean']:+.3f}, KL {result.metrics['kl']:.3f} "
+                      f"({result.metrics['seconds']:.1f} s)")
+        results.append(result)
+    if config.table_rows:
+        print_sample_table(console, results, config.table_rows)
+    print_metrics_table(console, [r.metrics for r in results], title=title)
+    if config.out is not None:
+        write_report(Path(config.out), config, results, title)
+        console.print(f"report in {Path(config.out) / 'report.md'}")
+    return [r.metrics for r in results]
+
+
+def run_compare(config: CompareConfig) -> dict:
+    rows = run_systems(config, [parse_system(s) for s in config.systems], title="Comparison on held-out prompts")
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(out: Path, config: EvalConfig, results: list[EvalResult], title: str) -> None:
+    """config.json, report.md, report.csv, reward_vs_kl.png, reward_vs_diversity.png, samples.jsonl, summary.json."""
+    from rlhf_scratch.evaluation import markdown_metrics_table, markdown_sample_table
+    from rlhf_scratch.outputs import append_jsonl, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r.metrics for r in results]
+    write_json(out / "config.json", config)
+    with (out / "report.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(METRIC_KEYS))
+        writer.writeheader()
+        writer.writerows([{k: ("" if row[k] is None else row[k]) for k in METRIC_KEYS} for row in rows])
+    plot_reward_vs_kl(rows, out / "reward_vs_kl.png")
+    plot_reward_vs_diversity(rows, out / "reward_vs_diversity.png")
+    (out / "samples.jsonl").unlink(missing_ok=True)
+    for result in results:
+        for prompt, response, reward in zip(result.samples.prompts, result.samples.responses, result.samples.rewards.tolist()):
+            append_jsonl(out / "samples.jsonl", {"system": result.system, "prompt": prompt, "response": response, "reward": reward})
+
+    details = ["| system | reward std | reward > threshold | KL ± s.e. | KL bound | distinct-1 | EOS rate | samples | seconds |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        bound = "–" if row["kl_bound"] is None else f"{row['kl_bound']:.3f}"
+        details.append(f"| {row['system']} | {row['reward_std']:.3f} | {row['reward_frac_above']:.3f} | "
+                       f"{row['kl']:.3f} ± {row['kl_se']:.3f} | {bound} | {row['distinct_1']:.3f} | "
+                       f"{row['eos_rate']:.3f} | {row['n_samples']} | {row['seconds']:.1f} |")
+    prompts = f"fixed prefix {config.prompt!r}" if config.prompt is not None else (
+        f"first {config.min_prompt_tokens}–{config.max_prompt_tokens} tokens of held-out texts from {config.data!r}")
+    text = [
+        f"# {title}",
+        "",
+        f"Reference model `{config.model}`, reward `{config.reward}`, {config.n_prompts} prompts ({prompts}), "
+        f"one response per prompt and system, seed {config.seed}, at most {config.sampling.max_new_tokens} new tokens, "
+        f"temperature {config.sampling.temperature}.",
+        "",
+        markdown_metrics_table(rows),
+        "",
+        "KL (nats, whole response) to the reference: for a model, the mean over its samples of "
+        "Σ_t log π(y_t) − log π_ref(y_t) (± its standard error); for best-of-n, the mean over prompts of the exact KL "
+        "of best-of-n from the empirical reward distribution of a pool of reference samples (see `rlhf_scratch/bon.py`), "
+        "with the analytic bound log n − (n−1)/n in brackets. Token entropy: entropy (nats) of the empirical distribution "
+        "of all generated tokens; distinct-2: distinct token bigrams / all bigrams; length: generated tokens per response "
+        "(closing EOS included).",
+        "",
+        f"## Details (reward threshold {config.threshold})",
+        "",
+        *details,
+        "",
+        "## Samples",
+        "",
+        markdown_sample_table(results, config.table_rows),
+        "",
+        "## Plots",
+        "",
+        "![reward vs KL](reward_vs_kl.png)",
+        "",
+        "![reward vs diversity](reward_vs_diversity.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(text))
+    write_json(out / "summary.json", {"rows": rows, "n_prompts": config.n_prompts, "seed": config.seed,
+                                      "reward": config.reward, "model": config.model})
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_reward_vs_kl(rows: list[dict], path: Path) -> Path:
+    """Mean reward against KL to the reference (± s.e.); best-of-n's analytic bound as a hollow marker."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        points = ax.errorbar(row["kl"], row["reward_mean"], xerr=row["kl_se"], fmt="o", capsize=3, label=row["system"])
+        if row["kl_bound"] is not None:
+            ax.plot([row["kl"], row["kl_bound"]], [row["reward_mean"]] * 2, ":", color=points[0].get_color())
+            ax.plot(row["kl_bound"], row["reward_mean"], "o", mfc="none", color=points[0].get_color())
+        ax.annotate(row["system"], (row["kl"], row["reward_mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("KL(π ‖ π_ref), nats per response (hollow: best-of-n bound)")
+    ax.set_ylabel("mean reward")
+    ax.set_title("Reward vs KL to the reference")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_reward_vs_diversity(rows: list[dict], path: Path) -> Path:
+    """Mean reward against token entropy and against distinct-2 (the reward–diversity trade-off)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for ax, key, label in ((axes[0], "token_entropy", "token entropy (nats)"), (axes[1], "distinct_2", "distinct-2")):
+        for row in rows:
+            ax.plot(row[key], row["reward_mean"], "o", label=row["system"])
+            ax.annotate(row["system"], (row[key], row["reward_mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("mean reward")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Reward vs diversity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,220 @@
+"""REINFORCE with a moving-average baseline: the simplest policy gradient, on the same engine as PPO.
+
+One phase::
+
+    prompts ─► generate ─► sequences [B, S], gen_mask [B, G]          (PolicyTrainer.sample_and_score:
+      ├─► policy and reference forward (no grad) ─► log-probs, KL_t    the same sampler, reward and
+      └─► reward on decoded text ─► r [B]                              statistics as PPO)
+    r' = r − kl_coef · Σ_t KL_t          (kl_mode="reward"; "loss" adds kl_coef·mean KL_t to the loss instead)
+    A  = r' − b                          b: the moving average of the r' of *earlier* phases
+    loss = −mean_b( A_b · Σ_t log π(y_{b,t}) ) over real generated tokens ─► one AdamW step per minibatch
+    b ← update with this phase's r'
+
+The gradient of the loss is −mean_b A_b ∇ log π(y_b): a sample with a reward above the
+baseline has its log-probability raised, one below lowered. The baseline does not bias the
+gradient (E[∇ log π(y)] = 0) but reduces its variance. There is no value head, no ratio, no
+clipping and no reuse of samples: each phase's batch gives ``batch_size / minibatch_size``
+steps (one by default).
+
+Logging, samples, checkpoints (``checkpoint/``, no value head) and ``summary.json`` keys are
+those of PPO (``PolicyTrainer.train``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from beartype import BeartypeConf, beartype
+from jaxtyping import Bool, Float, jaxtyped
+from torch import Tensor
+
+from rlhf_scratch.memory import ReplayMemory
+from rlhf_scratch.objectives import generated_logits, taken_logprobs
+from rlhf_scratch.ppo import PolicyTrainer, PolicyTrainingConfig, check_finite
+
+typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
+
+
+@dataclass
+class REINFORCEConfig(PolicyTrainingConfig):
+    """REINFORCE with a moving-average baseline. Defaults: the built-in offline sentiment task."""
+
+    lr: float = 3e-4
+    """Peak learning rate. REINFORCE takes one step per phase (PPO 16), so it needs a larger one; on the built-in
+    task, 20 phases reach a reward of about 0.24 at 1e-4, 0.46 at 3e-4 and 0.69 (with a KL of 5 nats) at 1e-3."""
+    minibatch_size: int | None = None
+    """Episodes per gradient step (must divide batch_size); None: the whole batch, one step per phase."""
+    baseline: Literal["mean", "ema"] = "mean"
+    """"mean": b = mean of every earlier reward; "ema": b ← decay·b + (1 − decay)·(this phase's mean reward)."""
+    baseline_decay: float = 0.9
+    """Decay of the "ema" baseline."""
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        mb = self.minibatch_size
+        return [
+            *super()._checks(),
+            (mb is None or (1 <= mb <= self.batch_size and self.batch_size % mb == 0),
+             f"minibatch_size ({mb}) must divide batch_size ({self.batch_size}); omit it for one step per phase."),
+            (0 <= self.baseline_decay < 1, f"baseline_decay must be in [0, 1), got {self.baseline_decay}."),
+        ]
+
+
+class MovingAverageBaseline:
+    """A running average of past rewards, the baseline b of REINFORCE.
+
+    mode "mean":  after batches r^(1..k) of sizes n_1..n_k,  b = Σ_j Σ_i r^(j)_i / Σ_j n_j
+    mode "ema":   b ← r̄^(1) after the first batch, then b ← decay·b + (1 − decay)·r̄^(k)
+                  (r̄^(k) the mean of batch k)
+    ``value`` is None before the first update.
+    """
+
+    def __init__(self, mode: Literal["mean", "ema"] = "mean", decay: float = 0.9):
+        if mode not in ("mean", "ema"):
+            raise ValueError(f"baseline mode must be 'mean' or 'ema', got {mode!r}.")
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay}.")
+        self.mode, self.decay = mode, decay
+        self.value: float | None = None
+        self.count = 0
+
+    @jaxtyped(typechecker=typechecker)
+    def update(self, rewards: Float[Tensor, "batch"]) -> float:
+        """Fold a batch of rewards [B] into the average; returns the new value."""
+        batch_mean, n = rewards.double().mean().item(), rewards.numel()
+        if self.value is None:
+            self.value = batch_mean
+        elif self.mode == "mean":
+            self.value = (self.value * self.count + batch_mean * n) / (self.count + n)
+        else:
+            self.value = self.decay * self.value + (1 - self.decay) * batch_mean
+        self.count += n
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "decay": self.decay, "value": self.value, "count": self.count}
+
+
+@jaxtyped(typechecker=typechecker)
+def sequence_logprobs(logprobs: Float[Tensor, "batch gen"], gen_mask: Bool[Tensor, "batch gen"]) -> Float[Tensor, "batch"]:
+    """log π(y) of each response: Σ_t log π(y_t) over its real generated tokens.      [B, G] -> [B]"""
+    return torch.where(gen_mask, logprobs, torch.zeros_like(logprobs)).sum(dim=1)
+
+
+@jaxtyped(typechecker=typechecker)
+def reinforce_loss(seq_logprobs: Float[Tensor, "batch"], advantages: Float[Tensor, "batch"]) -> Float[Tensor, ""]:
+    """REINFORCE loss, to be *minimised*.
+
+    loss = −(1/B) Σ_b A_b · log π(y_b),   A_b = r_b − b (a constant: no gradient flows through it)
+    seq_logprobs [B] (Σ_t log π(y_t), with grad), advantages [B] -> []
+
+    ∂loss/∂ log π(y_b) = −A_b / B: gradient descent raises log π(y_b) when A_b > 0 and lowers it when A_b < 0.
+    """
+    return -(advantages.detach() * seq_logprobs).mean()
+
+
+class REINFORCETrainer(PolicyTrainer):
+    """REINFORCE on a TransformerLens policy, sharing PPO's sampler, reward, outputs and checkpoints.
+
+    ::
+
+        trainer = REINFORCETrainer(REINFORCEConfig(phases=3))
+        memory = trainer.rollout_phase()        # ReplayMemory: advantages = r' − b on every real token
+        stats = trainer.learning_phase(memory)  # one dict of loss terms per minibatch
+        trainer.train()                         # or all phases with logging and outputs
+    """
+
+    title = "REINFORCE"
+    kind = "reinforce"
+    saves_value_head = False
+
+    def __init__(self, config: REINFORCEConfig, policy=None, reward=None, fwd_hooks: list | tuple = ()):
+        super().__init__(config, policy=policy, reward=reward, fwd_hooks=fwd_hooks)
+        self.baseline = MovingAverageBaseline(config.baseline, config.baseline_decay)
+
+    @torch.no_grad()
+    def rollout_phase(self, prompts: list[list[int]] | None = None) -> ReplayMemory:
+        """Sample and score a batch; advantages A = r' − b (the baseline before this batch), then update b.
+
+        r' = r − kl_coef·Σ_t KL_t with kl_mode="reward", else r. The first batch, with no
+        earlier rewards, uses its own mean as b. ``values`` and ``returns`` are zeros (no critic).
+        """
+        config = self.config
+        rollout = self.sample_and_score(prompts)
+        gen_mask = rollout.gen_mask
+        shaped = rollout.rewards
+        if config.kl_mode == "reward":
+            shaped = shaped - self.kl_controller.value * rollout.kl_per_token.sum(dim=1)
+        baseline = self.baseline.value if self.baseline.value is not None else shaped.mean().item()
+        advantage = shaped - baseline
+        self.baseline.update(shaped)
+        self.last_rollout_stats.update({
+            "reinforce/baseline": baseline,
+            "reinforce/shaped_reward": shaped.mean().item(),
+            "reinforce/advantage_std": advantage.std().item() if len(advantage) > 1 else 0.0,
+        })
+        zeros = torch.zeros_like(rollout.logprobs)
+        return ReplayMemory(
+            sequences=rollout.sequences,
+            attention_mask=rollout.attention_mask,
+            gen_mask=gen_mask,
+            logprobs=rollout.logprobs,
+            ref_logprobs=rollout.ref_logprobs,
+            values=zeros,
+            advantages=torch.where(gen_mask, advantage[:, None].expand_as(zeros), zeros),
+            returns=zeros,
+            rewards=rollout.rewards,
+            prompt_len=rollout.prompt_len,
+            ref_logits_gen=rollout.ref_logits_gen if self.keeps_ref_logits else None,
+        )
+
+    def compute_losses(self, minibatch: ReplayMemory) -> dict[str, Tensor]:
+        """The REINFORCE loss (and the KL term with kl_mode="loss") on one minibatch, with grad."""
+        config = self.config
+        P, mask = minibatch.prompt_len, minibatch.gen_mask
+        logits = self.policy(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks).logits
+        scaled_logits = logits / config.sampling.temperature
+        logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
+        # Every real token of a row carries the row's advantage; read it back as one number per row.
+        advantages = minibatch.advantages.sum(1) / mask.sum(1).clamp(min=1)
+        terms = {"policy_loss": reinforce_loss(sequence_logprobs(logprobs, mask), advantages)}
+        terms["kl_penalty"] = self.kl_loss_term(logprobs, generated_logits(scaled_logits, P), minibatch)
+        for name, value in terms.items():
+            check_finite(name, value)
+        terms["loss"] = terms["policy_loss"] + terms["kl_penalty"]
+        return terms
+
+    def learning_phase(self, memory: ReplayMemory) -> list[dict[str, float]]:
+        """One pass over the batch in shuffled minibatches, one AdamW step each."""
+        breakdown = []
+        clock = time.perf_counter()
+        for minibatch in memory.minibatches(self.config.minibatch_size or len(memory), 1, generator=self.generator):
+            terms = self.compute_losses(minibatch)
+            grad_norm = self.optimizer_step(terms["loss"])
+            breakdown.append({**{name: value.item() for name, value in terms.items()}, "grad_norm": grad_norm})
+        self.last_learning_seconds = time.perf_counter() - clock
+        self.end_phase()
+        return breakdown
+
+    def phase_metrics(self, breakdown: list[dict[str, float]], seconds: float, lr: float) -> dict:
+        """PPO's metric names where they apply (losses/policy, losses/kl_penalty, ...) plus reinforce/*."""
+        def mean(key: str) -> float:
+            return sum(row[key] for row in breakdown) / len(breakdown)
+
+        return {
+            "phase": self.phase,
+            **self.last_rollout_stats,
+            "losses/policy": mean("policy_loss"),
+            "losses/kl_penalty": mean("kl_penalty"),
+            "losses/total": mean("loss"),
+            "losses/grad_norm": mean("grad_norm"),
+            "lr": lr,
+            "time/learning": self.last_learning_seconds,
+            "seconds": seconds,
+        }
+
+
+def run_reinforce(config: REINFORCEConfig) -> dict:
+    return REINFORCETrainer(config).train()
