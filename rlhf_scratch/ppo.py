@@ -20,7 +20,6 @@ the value of the state in which token i is chosen.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -190,7 +189,7 @@ class PPOConfig(PolicyTrainingConfig):
              f"minibatch_size must be in [1, batch_size={self.batch_size}], got {self.minibatch_size}."),
             (self.batch_size % max(self.minibatch_size, 1) == 0,
              f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size}); "
-             f"e.g. use --minibatch-size {math.gcd(self.batch_size, max(self.minibatch_size, 1))}."),
+             f"e.g. use --minibatch-size {max(d for d in range(1, max(self.minibatch_size, 1) + 1) if self.batch_size % d == 0)}."),
             (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}."),
             (self.head_lr > 0, f"head_lr must be > 0, got {self.head_lr}."),
             (0 < self.clip_coef < 1, f"clip_coef must be in (0, 1), got {self.clip_coef}."),

@@ -130,6 +130,21 @@ def filter_logits(
     return logits
 
 
+@jaxtyped(typechecker=beartype)
+def sample_tokens(probs: Float[Tensor, "batch vocab"], generator: torch.Generator | None = None) -> Int[Tensor, "batch"]:
+    """One token per row by inverse-CDF sampling: the first v with cdf(v) > u·cdf(V), u ~ U[0, 1).
+
+    The uniforms come from ``generator`` on its own device (a CPU generator works for a
+    model on a GPU, and the same seed gives the same tokens on either); tokens with
+    probability 0 are never chosen because the comparison is strict.
+    """
+    device = generator.device if generator is not None else probs.device
+    uniform = torch.rand((probs.shape[0], 1), generator=generator, device=device).to(probs.device)
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+    return index.clamp(max=probs.shape[-1] - 1).squeeze(-1)
+
+
 @torch.no_grad()
 def generate(
     bridge,
@@ -170,8 +185,7 @@ def generate(
                 step_input, return_type="logits_and_cache", attention_mask=attention_mask, past_key_values=cache
             )
             next_logits = filter_logits(logits[:, -1, :].float(), config.temperature, config.top_k, config.top_p)
-            probs = torch.softmax(next_logits, dim=-1)
-            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            next_token = sample_tokens(torch.softmax(next_logits, dim=-1), generator)
             # Rows that already ended keep emitting padding; it carries no loss.
             next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
             new_tokens.append(next_token)

@@ -153,12 +153,13 @@ def test_default_task_reward_rises(small_pretrained, tmp_path):
     """Regression: PPO on the built-in sentiment task (small model, few phases) raises VADER reward."""
     out, _ = small_pretrained
     config = PPOConfig(
-        model=str(out / "model"), phases=12, batch_size=32, minibatch_size=8, ppo_epochs=2,
-        lr=3e-4, head_lr=3e-3, warmup_phases=1, kl_coef=0.02, sampling=SamplingConfig(max_new_tokens=12),
+        model=str(out / "model"), phases=30, batch_size=64, minibatch_size=16, ppo_epochs=4,
+        lr=3e-4, head_lr=3e-3, warmup_phases=1, kl_coef=0.02, sampling=SamplingConfig(max_new_tokens=16),
         out=tmp_path / "run", table_rows=2,
     )
     trainer = PPOTrainer(config)
     summary = trainer.train()
     early = sum(m["reward/mean"] for m in trainer.history[:3]) / 3
-    assert summary["reward_last"] > early + 0.15, (early, summary["reward_last"])
+    # Measured (seed 0): about 0.06 over the first phases, about 0.58 over the last five.
+    assert summary["reward_last"] > early + 0.25, (early, summary["reward_last"])
     assert summary["kl_last"] > 0

@@ -132,3 +132,16 @@ def test_tokenizer_round_trip(tiny_bridge):
         ids = encode(tokenizer, text, prepend_bos=False)
         assert tokenizer.decode(ids) == text
     assert encode(tokenizer, "The", prepend_bos=True)[0] == tokenizer.bos_token_id
+
+
+def test_sample_tokens_frequencies_and_zero_probability():
+    from rlhf_scratch.sampling import sample_tokens
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2]]).repeat(20000, 1)
+    tokens = sample_tokens(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert counts[0] == 0 and counts[2] == 0  # probability-0 tokens never come out
+    torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)  # ~3 standard errors
+    # Same seed, same tokens.
+    again = sample_tokens(probs, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)
