@@ -40,6 +40,7 @@ from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.sampling import Generation, SamplingConfig, filter_logits
+from rlhf_scratch.config import TaskConfig
 
 # is_pep484_tower: accept an int where a float is annotated, as PEP 484 does.
 typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
@@ -324,26 +325,9 @@ def evaluate(sampler: Sampler, prompts: list[list[int]], reward, seed: int = 0, 
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(TaskConfig):
     """Evaluation of systems on held-out prompts (shared fields of `bon` and `compare`)."""
 
-    model: str = "builtin"
-    """Reference model: "builtin", a local model directory or checkpoint, or a hub name (gpt2)."""
-    reward: str = "vader"
-    """Reward: vader | chars:. | hf:PATH_OR_NAME:LABEL[:prob]."""
-    data: str = "builtin"
-    """Prompt texts: "builtin" reviews (held out from training), a .txt/.jsonl/.csv file, or a datasets name."""
-    column: str = "text"
-    """Text column for .jsonl/.csv/datasets prompt sources."""
-    prompt: str | None = None
-    """Fixed-prefix mode: every prompt is this text (overrides --data)."""
-    min_prompt_tokens: int = 2
-    """Dataset mode: shortest prompt, in tokens."""
-    max_prompt_tokens: int = 8
-    """Dataset mode: longest prompt, in tokens."""
-    prepend_bos: bool = True
-    """Put BOS in front of each prompt (the built-in model was trained that way)."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     n_prompts: int = 128
     """Number of held-out prompts; every system answers the same ones, once each."""
     threshold: float = 0.5
@@ -357,19 +341,12 @@ class EvalConfig:
     out: Path | None = None
     """Output directory (config.json, summary.json, report files)."""
 
-    def __post_init__(self):
-        for ok, message in self._checks():
-            if not ok:
-                raise ValueError(message)
-
     def _checks(self) -> list[tuple[bool, str]]:
         return [
+            *super()._checks(),
             (self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}."),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
             (self.table_rows >= 0, f"table_rows must be >= 0, got {self.table_rows}."),
-            (1 <= self.min_prompt_tokens <= self.max_prompt_tokens,
-             f"need 1 <= min_prompt_tokens <= max_prompt_tokens, got {self.min_prompt_tokens}, {self.max_prompt_tokens}."),
-            (self.prompt is None or self.prompt != "", "--prompt must not be empty; omit it to use --data."),
         ]
 
 

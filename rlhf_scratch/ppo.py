@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.advantages import RunningMoments, gae_advantages, terminal_rewards
 from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
@@ -56,30 +57,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class PolicyTrainingConfig:
+class PolicyTrainingConfig(TaskConfig):
     """Fields shared by every trainer of a policy by sampling (PPO, REINFORCE): the task, the amount of
     training, the optimiser, the KL to the reference, and the run. Defaults: the built-in offline sentiment task."""
 
-    # --- what to train, on what, for what ---
-    model: str = "builtin"
-    """Policy to start from: "builtin", a local model directory or checkpoint, or a hub name (gpt2)."""
     reference: str | None = None
     """Reference model for the KL penalty (default: a frozen copy of the starting policy)."""
-    reward: str = "vader"
-    """Reward: vader | chars:. | hf:PATH_OR_NAME:LABEL[:prob]."""
-    data: str = "builtin"
-    """Prompt texts (dataset mode): "builtin" reviews, a .txt/.jsonl/.csv file, or a datasets name."""
-    column: str = "text"
-    """Text column for .jsonl/.csv/datasets prompt sources."""
-    prompt: str | None = None
-    """Fixed-prefix mode: every row gets this prompt (overrides --data)."""
-    min_prompt_tokens: int = 2
-    """Dataset mode: shortest prompt, in tokens (first k tokens of a text, k uniform in [min, max])."""
-    max_prompt_tokens: int = 8
-    """Dataset mode: longest prompt, in tokens."""
-    prepend_bos: bool = True
-    """Put BOS in front of each prompt (the built-in model was trained that way)."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     # --- how much ---
     phases: int = 40
@@ -125,14 +108,9 @@ class PolicyTrainingConfig:
     """Log to Weights & Biases (offline mode when there is no network)."""
     wandb_project: str = "rlhf_scratch"
 
-    def __post_init__(self):
-        for ok, message in self._checks():
-            if not ok:
-                raise ValueError(message)
-
     def _checks(self) -> list[tuple[bool, str]]:
-        """(condition, message saying how to fix it) pairs; subclasses add their own."""
         return [
+            *super()._checks(),
             (self.phases >= 1, f"phases must be >= 1, got {self.phases}."),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
             (self.lr > 0, f"lr must be > 0, got {self.lr}."),
@@ -141,10 +119,7 @@ class PolicyTrainingConfig:
             (0 <= self.final_lr_scale <= 1, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}."),
             (self.kl_coef >= 0, f"kl_coef must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}."),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
-            (1 <= self.min_prompt_tokens <= self.max_prompt_tokens,
-             f"need 1 <= min_prompt_tokens <= max_prompt_tokens, got {self.min_prompt_tokens}, {self.max_prompt_tokens}."),
             (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
-            (self.prompt is None or self.prompt != "", "--prompt must not be empty; omit it to use --data."),
         ]
 
 
