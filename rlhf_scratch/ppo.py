@@ -33,7 +33,7 @@ from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.advantages import RunningMoments, gae_advantages, terminal_rewards
 from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
-from rlhf_scratch.models import PolicyWithValueHead, load_bridge, load_policy, make_reference, save_model_dir
+from rlhf_scratch.models import BUILTIN_NAMES, PolicyWithValueHead, load_bridge, load_policy, make_reference, save_model_dir
 from rlhf_scratch.objectives import (
     calc_clipped_surrogate,
     calc_entropy_bonus,
@@ -271,10 +271,20 @@ class PolicyTrainer:
     def __init__(self, config: PolicyTrainingConfig, policy: PolicyWithValueHead | None = None, reward=None,
                  fwd_hooks: list | tuple = ()):
         self.config = config
-        torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.prompt_rng = random.Random(config.seed)
-        self.policy = (policy or load_policy(config.model, device=config.device)).to(config.device)
+        if policy is None:
+            from rlhf_scratch.pretrain import ensure_builtin_model
+
+            # Build the built-in model (if it is not cached) before seeding: pretraining
+            # draws from the global RNG, and the value head's initialisation must not
+            # depend on whether this run had to pretrain first.
+            if config.model in BUILTIN_NAMES:
+                ensure_builtin_model()
+            torch.manual_seed(config.seed)
+            policy = load_policy(config.model, device=config.device)
+        torch.manual_seed(config.seed)
+        self.policy = policy.to(config.device)
         self.policy.eval()  # dropout off: log-probs must be reproducible between passes
         reference_bridge = load_bridge(config.reference, device=config.device) if config.reference else self.policy.bridge
         self.reference = make_reference(reference_bridge)
