@@ -96,18 +96,12 @@ def run_sample(config: SampleConfig) -> list[dict]:
     return rows
 
 
-def run_pretrain(config) -> dict:
-    from rlhf_scratch.pretrain import pretrain
-
-    return pretrain(config)
-
-
 def _commands() -> dict:
     """name → (config class, presets {name: config}, runner, one-line description)."""
     from rlhf_scratch.bon import BonConfig, run_bon
     from rlhf_scratch.compare import CompareConfig, run_compare
     from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
-    from rlhf_scratch.pretrain import PretrainConfig
+    from rlhf_scratch.pretrain import PretrainConfig, pretrain
     from rlhf_scratch.reinforce import REINFORCEConfig, run_reinforce
 
     return {
@@ -117,7 +111,7 @@ def _commands() -> dict:
         "bon": (BonConfig, {}, run_bon, "Best-of-n from the reference model vs the reference: reward, measured KL and its bound."),
         "compare": (CompareConfig, {}, run_compare,
                     "Compare systems (reference, ppo:DIR, reinforce:DIR, bon:N) on held-out prompts; write report.md."),
-        "pretrain": (PretrainConfig, {}, run_pretrain, "Build the built-in tiny model (corpus, tokenizer, GPT-2) or pretrain on --data."),
+        "pretrain": (PretrainConfig, {}, pretrain, "Build the built-in tiny model (corpus, tokenizer, GPT-2) or pretrain on --data."),
         "sample": (SampleConfig, {}, run_sample, "Print samples from a model, optionally scored by a reward."),
     }
 

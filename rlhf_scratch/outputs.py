@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -42,3 +44,14 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
         handle.write(json.dumps(to_jsonable(row)) + "\n")
+
+
+def replace_dir(source: Path, target: Path, copy: bool) -> None:
+    """Put ``source`` at ``target`` via a sibling temporary directory and a rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.rmdir()
+    (shutil.copytree if copy else shutil.move)(source, staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)

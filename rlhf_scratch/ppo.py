@@ -33,7 +33,7 @@ from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.advantages import RunningMoments, gae_advantages, terminal_rewards
 from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
-from rlhf_scratch.models import BUILTIN_NAMES, PolicyWithValueHead, load_bridge, load_policy, make_reference, save_model_dir
+from rlhf_scratch.models import PolicyWithValueHead, load_bridge, load_policy, make_reference, save_model_dir
 from rlhf_scratch.objectives import (
     calc_clipped_surrogate,
     calc_entropy_bonus,
@@ -247,6 +247,25 @@ class ScoredRollout:
     def prompt_len(self) -> int:
         return self.generation.prompt_len
 
+    def to_memory(self, values: Tensor, advantages: Tensor, returns: Tensor, keep_ref_logits: bool) -> ReplayMemory:
+        """The replay memory a trainer learns from: this rollout plus its values, advantages and returns.
+
+        ``ref_logits_gen`` [B, G, V] is kept only when ``keep_ref_logits`` (an exact KL loss term needs it).
+        """
+        return ReplayMemory(
+            sequences=self.sequences,
+            attention_mask=self.attention_mask,
+            gen_mask=self.gen_mask,
+            logprobs=self.logprobs,
+            ref_logprobs=self.ref_logprobs,
+            values=values,
+            advantages=advantages,
+            returns=returns,
+            rewards=self.rewards,
+            prompt_len=self.prompt_len,
+            ref_logits_gen=self.ref_logits_gen if keep_ref_logits else None,
+        )
+
     def __repr__(self) -> str:
         return f"ScoredRollout({self.generation!r}, mean reward {self.rewards.mean().item():+.3f})"
 
@@ -271,20 +290,10 @@ class PolicyTrainer:
     def __init__(self, config: PolicyTrainingConfig, policy: PolicyWithValueHead | None = None, reward=None,
                  fwd_hooks: list | tuple = ()):
         self.config = config
+        torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.prompt_rng = random.Random(config.seed)
-        if policy is None:
-            from rlhf_scratch.pretrain import ensure_builtin_model
-
-            # Build the built-in model (if it is not cached) before seeding: pretraining
-            # draws from the global RNG, and the value head's initialisation must not
-            # depend on whether this run had to pretrain first.
-            if config.model in BUILTIN_NAMES:
-                ensure_builtin_model()
-            torch.manual_seed(config.seed)
-            policy = load_policy(config.model, device=config.device)
-        torch.manual_seed(config.seed)
-        self.policy = policy.to(config.device)
+        self.policy = (policy or load_policy(config.model, device=config.device)).to(config.device)
         self.policy.eval()  # dropout off: log-probs must be reproducible between passes
         reference_bridge = load_bridge(config.reference, device=config.device) if config.reference else self.policy.bridge
         self.reference = make_reference(reference_bridge)
@@ -369,17 +378,20 @@ class PolicyTrainer:
 
         # Old policy: log-probs at the sampling temperature and values of each state.
         output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
-        logits_gen = generated_logits(output.logits, P) / config.sampling.temperature
-        logprobs = taken_logprobs(output.logits / config.sampling.temperature, sequences, P)
+        scaled_logits = output.logits / config.sampling.temperature
+        logits_gen = generated_logits(scaled_logits, P)
+        logprobs = taken_logprobs(scaled_logits, sequences, P)
         values = output.values[:, P - 1 : -1]
         timings["time/policy_forward"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Reference: the same tokens under the frozen starting model.
-        ref_logits = self.reference(sequences, attention_mask=attention_mask)
-        ref_logits_gen = generated_logits(ref_logits, P) / config.sampling.temperature
-        ref_logprobs = taken_logprobs(ref_logits / config.sampling.temperature, sequences, P)
-        kl_per_token = torch.where(gen_mask, self.per_token_kl(logprobs, ref_logprobs, logits_gen, ref_logits_gen), 0.0)
+        ref_scaled_logits = self.reference(sequences, attention_mask=attention_mask) / config.sampling.temperature
+        ref_logits_gen = generated_logits(ref_scaled_logits, P)
+        ref_logprobs = taken_logprobs(ref_scaled_logits, sequences, P)
         exact_kl = torch.where(gen_mask, kl_exact(logits_gen, ref_logits_gen), 0.0)
+        # The exact KL is always logged; with the exact estimator it is also the penalty.
+        kl_per_token = exact_kl if config.kl_estimator == "exact" else torch.where(
+            gen_mask, self.per_token_kl(logprobs, ref_logprobs), 0.0)
         timings["time/reference_forward"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Task reward on the decoded text.
@@ -424,8 +436,24 @@ class PolicyTrainer:
     def rollout_phase(self, prompts: list[list[int]] | None = None) -> ReplayMemory:
         raise NotImplementedError
 
-    def learning_phase(self, memory: ReplayMemory) -> list[dict[str, float]]:
+    def minibatches(self, memory: ReplayMemory):
+        """The shuffled minibatches one learning phase steps on."""
         raise NotImplementedError
+
+    def compute_losses(self, minibatch: ReplayMemory) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def learning_phase(self, memory: ReplayMemory) -> list[dict[str, float]]:
+        """One AdamW step per minibatch; returns each minibatch's loss breakdown (and grad norm)."""
+        breakdown = []
+        clock = time.perf_counter()
+        for minibatch in self.minibatches(memory):
+            terms = self.compute_losses(minibatch)
+            grad_norm = self.optimizer_step(terms["loss"])
+            breakdown.append({**{name: value.item() for name, value in terms.items()}, "grad_norm": grad_norm})
+        self.last_learning_seconds = time.perf_counter() - clock
+        self.end_phase()
+        return breakdown
 
     def phase_metrics(self, breakdown: list[dict[str, float]], seconds: float, lr: float) -> dict:
         raise NotImplementedError
@@ -438,13 +466,14 @@ class PolicyTrainer:
 
     def save_checkpoint(self, directory: Path) -> Path:
         """Policy weights (safetensors, save_pretrained layout) and value head if any, written atomically."""
-        from rlhf_scratch.pretrain import _replace_dir
         import tempfile
+
+        from rlhf_scratch.outputs import replace_dir
 
         staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=directory.parent))
         save_model_dir(self.policy.bridge, staging, value_head=self.policy.value_head if self.saves_value_head else None,
                        meta={"kind": self.kind, "phase": self.phase, "base_model": self.config.model})
-        _replace_dir(staging, directory, copy=False)
+        replace_dir(staging, directory, copy=False)
         return directory
 
     def train(self, console=None) -> dict:
@@ -565,19 +594,7 @@ class PPOTrainer(PolicyTrainer):
             token_rewards = token_rewards - self.kl_controller.value * rollout.kl_per_token
         advantages, returns = gae_advantages(token_rewards, rollout.values, gen_mask, config.gamma, config.lam)
 
-        return ReplayMemory(
-            sequences=rollout.sequences,
-            attention_mask=rollout.attention_mask,
-            gen_mask=gen_mask,
-            logprobs=rollout.logprobs,
-            ref_logprobs=rollout.ref_logprobs,
-            values=rollout.values,
-            advantages=advantages,
-            returns=returns,
-            rewards=rollout.rewards,
-            prompt_len=rollout.prompt_len,
-            ref_logits_gen=rollout.ref_logits_gen if self.keeps_ref_logits else None,
-        )
+        return rollout.to_memory(rollout.values, advantages, returns, keep_ref_logits=self.keeps_ref_logits)
 
     # ------------------------------------------------------------------ learning
     def compute_losses(self, minibatch: ReplayMemory) -> dict[str, Tensor]:
@@ -605,20 +622,9 @@ class PPOTrainer(PolicyTrainer):
         terms.update({f"diag/{k}": v for k, v in ppo_diagnostics(logprobs.detach(), minibatch.logprobs, mask, config.clip_coef).items()})
         return terms
 
-    def learning_phase(self, memory: ReplayMemory) -> list[dict[str, float]]:
-        """PPO updates over shuffled minibatches; returns each minibatch's loss breakdown."""
-        config = self.config
-        breakdown = []
-        clock = time.perf_counter()
-        for minibatch in memory.minibatches(config.minibatch_size, config.ppo_epochs, generator=self.generator):
-            terms = self.compute_losses(minibatch)
-            grad_norm = self.optimizer_step(terms["loss"])
-            row = {name: value.item() for name, value in terms.items()}
-            row["grad_norm"] = grad_norm
-            breakdown.append(row)
-        self.last_learning_seconds = time.perf_counter() - clock
-        self.end_phase()
-        return breakdown
+    def minibatches(self, memory: ReplayMemory):
+        """``ppo_epochs`` passes over the memory, each in a fresh shuffle of ``minibatch_size`` episodes."""
+        return memory.minibatches(self.config.minibatch_size, self.config.ppo_epochs, generator=self.generator)
 
     def phase_metrics(self, breakdown: list[dict[str, float]], seconds: float, lr: float) -> dict:
         """The fixed metric names logged once per phase."""

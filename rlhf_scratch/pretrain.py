@@ -200,7 +200,7 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
 
     from rlhf_scratch.corpus import english_word_share
     from rlhf_scratch.models import load_bridge
-    from rlhf_scratch.outputs import write_json
+    from rlhf_scratch.outputs import replace_dir, write_json
     from rlhf_scratch.sampling import SamplingConfig, encode, generate
 
     console = console or Console()
@@ -289,12 +289,12 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config)
         (out / "samples.txt").write_text("\n".join(samples) + "\n")
-        _replace_dir(model_dir, out / "model", copy=True)
+        replace_dir(model_dir, out / "model", copy=True)
         write_json(out / "summary.json", summary)
         final_dirs.append(out / "model")
     if config.data is None and config.install_builtin:
         target = builtin_model_dir(config.cache_dir)
-        _replace_dir(model_dir, target, copy=True)
+        replace_dir(model_dir, target, copy=True)
         final_dirs.append(target)
     shutil.rmtree(work_dir, ignore_errors=True)
     summary["model_dirs"] = [str(d) for d in final_dirs]
@@ -321,17 +321,9 @@ def ensure_builtin_model(cache_dir: str | os.PathLike | None = None, console=Non
         f"[yellow]No cached built-in model at {target}: pretraining it now "
         "(a few minutes on 2 CPU cores, once; `rlhf-scratch pretrain` does the same).[/]"
     )
-    pretrain(PretrainConfig(cache_dir=Path(cache_dir) if cache_dir else None), console=console)
+    # Pretraining seeds and draws from the global RNG; fork it so that a caller's
+    # random state (e.g. the value head's initialisation) is the same whether or not
+    # this call had to build the model.
+    with torch.random.fork_rng():
+        pretrain(PretrainConfig(cache_dir=Path(cache_dir) if cache_dir else None), console=console)
     return target
-
-
-def _replace_dir(source: Path, target: Path, copy: bool) -> None:
-    """Put ``source`` at ``target`` via a sibling temporary directory and a rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.rmdir()
-    (shutil.copytree if copy else shutil.move)(source, staging)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
-

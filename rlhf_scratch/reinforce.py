@@ -156,19 +156,8 @@ class REINFORCETrainer(PolicyTrainer):
             "reinforce/advantage_std": advantage.std().item() if len(advantage) > 1 else 0.0,
         })
         zeros = torch.zeros_like(rollout.logprobs)
-        return ReplayMemory(
-            sequences=rollout.sequences,
-            attention_mask=rollout.attention_mask,
-            gen_mask=gen_mask,
-            logprobs=rollout.logprobs,
-            ref_logprobs=rollout.ref_logprobs,
-            values=zeros,
-            advantages=torch.where(gen_mask, advantage[:, None].expand_as(zeros), zeros),
-            returns=zeros,
-            rewards=rollout.rewards,
-            prompt_len=rollout.prompt_len,
-            ref_logits_gen=rollout.ref_logits_gen if self.keeps_ref_logits else None,
-        )
+        advantages = torch.where(gen_mask, advantage[:, None].expand_as(zeros), zeros)
+        return rollout.to_memory(zeros, advantages, zeros, keep_ref_logits=self.keeps_ref_logits)
 
     def compute_losses(self, minibatch: ReplayMemory) -> dict[str, Tensor]:
         """The REINFORCE loss (and the KL term with kl_mode="loss") on one minibatch, with grad."""
@@ -186,17 +175,9 @@ class REINFORCETrainer(PolicyTrainer):
         terms["loss"] = terms["policy_loss"] + terms["kl_penalty"]
         return terms
 
-    def learning_phase(self, memory: ReplayMemory) -> list[dict[str, float]]:
-        """One pass over the batch in shuffled minibatches, one AdamW step each."""
-        breakdown = []
-        clock = time.perf_counter()
-        for minibatch in memory.minibatches(self.config.minibatch_size or len(memory), 1, generator=self.generator):
-            terms = self.compute_losses(minibatch)
-            grad_norm = self.optimizer_step(terms["loss"])
-            breakdown.append({**{name: value.item() for name, value in terms.items()}, "grad_norm": grad_norm})
-        self.last_learning_seconds = time.perf_counter() - clock
-        self.end_phase()
-        return breakdown
+    def minibatches(self, memory: ReplayMemory):
+        """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size)."""
+        return memory.minibatches(self.config.minibatch_size or len(memory), 1, generator=self.generator)
 
     def phase_metrics(self, breakdown: list[dict[str, float]], seconds: float, lr: float) -> dict:
         """PPO's metric names where they apply (losses/policy, losses/kl_penalty, ...) plus reinforce/*."""
