@@ -103,6 +103,8 @@ def _commands() -> dict:
     from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
     from rlhf_scratch.pretrain import PretrainConfig, pretrain
     from rlhf_scratch.reinforce import REINFORCEConfig, run_reinforce
+    from rlhf_scratch.model_diff import DiffConfig, run_diff
+    from rlhf_scratch.value_lens import InspectConfig, run_inspect
 
     return {
         "ppo": (PPOConfig, preset_configs(), run_ppo, "Train a policy with PPO (default: the built-in offline sentiment task)."),
@@ -113,6 +115,10 @@ def _commands() -> dict:
                     "Compare systems (reference, ppo:DIR, reinforce:DIR, bon:N) on held-out prompts; write report.md."),
         "pretrain": (PretrainConfig, {}, pretrain, "Build the built-in tiny model (corpus, tokenizer, GPT-2) or pretrain on --data."),
         "sample": (SampleConfig, {}, run_sample, "Print samples from a model, optionally scored by a reward."),
+        "diff": (DiffConfig, {}, run_diff,
+                 "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA."),
+        "inspect": (InspectConfig, {}, run_inspect,
+                    "One sample of a PPO checkpoint: value, reward, advantage per token, and the value lens per layer."),
     }
 
 

@@ -231,6 +231,14 @@ def hf_module_from_bridge(bridge):
         key.replace("._original_component", ""): value.detach().clone().contiguous()
         for key, value in original.state_dict().items()
     }
+    # The bridge runs (and trains) split q/k/v views of GPT-2's fused c_attn; after
+    # copy.deepcopy they no longer share storage with it, so c_attn may be stale.
+    # Rebuild it from the live split weights (Linear [out, in] -> Conv1D [in, out]).
+    for key in [k for k in weights if k.endswith("c_attn.weight")]:
+        prefix = key[: -len("c_attn.weight")]
+        if prefix + "q.weight" in weights:
+            weights[key] = torch.cat([weights[prefix + f"{n}.weight"].T for n in "qkv"], dim=1).contiguous()
+            weights[prefix + "c_attn.bias"] = torch.cat([weights[prefix + f"{n}.bias"] for n in "qkv"]).contiguous()
     result = fresh.load_state_dict(weights, strict=False)
     if result.missing_keys:
         raise RuntimeError(f"Exporting the bridge lost weights: {result.missing_keys[:5]}")

@@ -111,6 +111,19 @@ def test_save_and_load_round_trip(tiny_bridge, tmp_path):
     torch.testing.assert_close(a.values, b.values, atol=1e-6, rtol=1e-6)
 
 
+def test_saving_an_edited_deep_copy_keeps_its_query_key_value_edits(tiny_bridge, tmp_path):
+    # After copy.deepcopy the bridge's split q/k/v weights no longer share memory with
+    # GPT-2's fused c_attn; the export must write the edited split weights, not stale c_attn.
+    copied = make_reference(tiny_bridge)
+    with torch.no_grad():
+        copied.blocks[0].attn.W_V[2] += torch.randn_like(copied.blocks[0].attn.W_V[2])
+        copied.blocks[1].attn.W_Q[0] += torch.randn_like(copied.blocks[1].attn.W_Q[0])
+    tokens = torch.tensor([[0, 5, 9, 17, 3]])
+    assert not torch.allclose(copied(tokens), tiny_bridge(tokens))  # the edit changed the model
+    save_model_dir(copied, tmp_path / "copy")
+    torch.testing.assert_close(load_bridge(tmp_path / "copy")(tokens), copied(tokens), atol=1e-5, rtol=1e-5)
+
+
 def test_local_directory_loads_and_plain_hf_matches(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
