@@ -146,7 +146,21 @@ class ReplayMemory:
                 yield self[permutation[start : start + minibatch_size]]
 
     def summary(self) -> str:
-        """One line per field: name, dtype, shape and, for float tensors, mean/min/max over real positions."""
+        """One line per field: name, dtype, shape and a few statistics, never the values themselves.
+
+        Float fields: mean, min, max and std over real generated positions (every row for
+        ``rewards``). ``sequences``: the range and number of distinct token ids among real
+        tokens; ``attention_mask``: real prompt tokens per row; ``gen_mask``: response lengths.
+        """
+        real_tokens = self.attention_mask.bool()
+        prompt_lengths = real_tokens[:, : self.prompt_len].sum(1)
+        lengths = self.gen_mask.sum(1).float()
+        ids = self.sequences[real_tokens]
+        notes = {
+            "sequences": f"token ids {int(ids.min())}..{int(ids.max())}, {int(ids.unique().numel())} distinct" if ids.numel() else "",
+            "attention_mask": f"prompt tokens per row {int(prompt_lengths.min())}..{int(prompt_lengths.max())}, left-padded",
+            "gen_mask": f"response lengths {int(lengths.min())}..{int(lengths.max())}, mean {lengths.mean():.1f}",
+        }
         lines = [
             f"ReplayMemory(batch={len(self)}, prompt_len={self.prompt_len}, gen={self.gen_len}, "
             f"seq={self.sequences.shape[1]}, real generated tokens={int(self.gen_mask.sum())}/{self.gen_mask.numel()})"
@@ -156,12 +170,13 @@ class ReplayMemory:
             if value is None:
                 lines.append(f"  {name:<15} None")
                 continue
-            line = f"  {name:<15} {str(value.dtype).removeprefix('torch.'):<8} {str(list(value.shape)):<16}"
+            line = f"  {name:<15} {str(value.dtype).removeprefix('torch.'):<8} {str(list(value.shape)):<16}  {notes.get(name, '')}"
             if value.is_floating_point():
                 real = self._real_values(name, value)
                 if real.numel() > 0:
                     real = real.detach().float()
-                    line += f"  mean {real.mean():+.4g}  min {real.min():+.4g}  max {real.max():+.4g}"
+                    std = real.std().item() if real.numel() > 1 else 0.0
+                    line += f"mean {real.mean():+.4g}  min {real.min():+.4g}  max {real.max():+.4g}  std {std:.3g}"
             lines.append(line.rstrip())
         return "\n".join(lines)
 

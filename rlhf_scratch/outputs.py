@@ -1,4 +1,4 @@
-"""Writing run outputs: JSON that accepts dataclasses and paths, JSON lines, run folders."""
+"""Writing run outputs: JSON that accepts dataclasses and paths, JSON lines, directories replaced atomically."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -46,12 +48,104 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
         handle.write(json.dumps(to_jsonable(row)) + "\n")
 
 
-def replace_dir(source: Path, target: Path, copy: bool) -> None:
-    """Put ``source`` at ``target`` via a sibling temporary directory and a rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.rmdir()
-    (shutil.copytree if copy else shutil.move)(source, staging)
+# ---------------------------------------------------------------- directories written atomically
+#
+# A directory cannot be renamed over a non-empty one, so "write a temporary copy, then
+# rename" takes two renames for a directory. The scheme (``swap_in_dir``):
+#
+#     1. rename TARGET -> TARGET.old      (after dropping a stale TARGET.old if TARGET exists)
+#     2. rename STAGING -> TARGET         (STAGING: a complete copy, written beside TARGET)
+#     3. delete TARGET.old
+#
+# Each rename is atomic, so at every instant a complete directory sits at TARGET or, only
+# between steps 1 and 2, at TARGET.old; ``existing_dir`` reads TARGET and falls back to
+# TARGET.old. A half-written STAGING is a hidden sibling (``.NAME.*.partial``) that no loader
+# looks at; the next write to TARGET removes it. This protects against the process dying at
+# any moment (kill, crash, Ctrl-C); files are not fsync'ed, so it does not claim to survive a
+# power cut.
+
+BACKUP_SUFFIX = ".old"
+PARTIAL_SUFFIX = ".partial"
+
+
+def backup_dir(target: Path) -> Path:
+    """``TARGET.old``: where ``swap_in_dir`` keeps the previous directory for an instant."""
+    target = Path(target)
+    return target.with_name(target.name + BACKUP_SUFFIX)
+
+
+def existing_dir(target: str | os.PathLike) -> Path:
+    """The complete directory written at ``target``: ``target`` itself, or ``target.old`` if a
+    process was killed between the two renames of ``swap_in_dir``. Raises FileNotFoundError."""
+    target = Path(target)
+    for candidate in (target, backup_dir(target)):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"No directory at {target} (nor its fallback {backup_dir(target).name}).")
+
+
+def swap_in_dir(staging: Path, target: Path) -> None:
+    """Rename the complete directory ``staging`` to ``target``, replacing what was there (scheme above)."""
+    backup = backup_dir(target)
     if target.exists():
-        shutil.rmtree(target)
+        if backup.exists():  # left by a kill during step 3 of an earlier swap; TARGET is complete
+            shutil.rmtree(backup)
+        os.replace(target, backup)
+    # If TARGET was missing and TARGET.old exists (a kill between steps 1 and 2), step 2 then 3 still hold.
     os.replace(staging, target)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _staging_dir(target: Path) -> Path:
+    """A new empty hidden sibling of ``target`` (same filesystem, so the final rename is atomic).
+
+    Staging directories left by a process killed while writing are removed first: they are
+    never read (a complete directory is always at TARGET or TARGET.old) and may be large.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent))
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a directory atomically: fill the yielded staging directory; on success it replaces ``target``.
+
+    ::
+
+        with atomic_dir(out / "checkpoint") as staging:
+            save_model_dir(bridge, staging)
+
+    If the block raises, ``target`` is left untouched and the staging directory is removed.
+    """
+    target = Path(target)
+    staging = _staging_dir(target)
+    try:
+        yield staging
+        swap_in_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing left there after a successful swap
+
+
+def replace_dir(source: Path, target: Path, copy: bool) -> None:
+    """Put the directory ``source`` at ``target`` atomically (copied, or moved if ``copy`` is False)."""
+    target = Path(target)
+    staging = _staging_dir(target)
+    try:
+        staging.rmdir()  # copytree and move want to create it
+        (shutil.copytree if copy else shutil.move)(source, staging)
+        swap_in_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def filter_jsonl(path: str | os.PathLike, keep) -> None:
+    """Rewrite a JSON-lines file keeping the rows for which ``keep(row)`` is true (atomically); no file, no-op."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(row + "\n" for row in rows))
+    os.replace(temporary, path)

@@ -16,24 +16,40 @@ One phase, step by step (every arrow is a plain call you can step into)::
 Index convention: generated token i sits at column P + i, its log-prob comes from the
 logits at column P − 1 + i, and ``values[:, i]`` (read at the same column P − 1 + i) is
 the value of the state in which token i is chosen.
+
+Around the loop: ``fwd_hooks`` (TransformerLens ``(name, fn)`` pairs) act on every policy pass
+and never on the reference; ``debug=True`` checks the invariants of ``invariants.py`` each
+phase; ``save_checkpoint`` writes a resumable checkpoint atomically (``checkpoint.py``), and
+``resume=DIR`` continues a run so that its remaining phases log what an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from rlhf_scratch import invariants
 from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.advantages import RunningMoments, gae_advantages, terminal_rewards
+from rlhf_scratch.checkpoint import (
+    FORMAT_VERSION,
+    find_checkpoint,
+    read_resume_state,
+    resumed_config,
+    same_fingerprint,
+    weights_fingerprint,
+    write_resume_state,
+)
 from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.models import PolicyWithValueHead, load_bridge, load_policy, make_reference, save_model_dir
+from rlhf_scratch.outputs import atomic_dir, to_jsonable
 from rlhf_scratch.objectives import (
     calc_clipped_surrogate,
     calc_entropy_bonus,
@@ -107,6 +123,19 @@ class PolicyTrainingConfig(TaskConfig):
     wandb: bool = False
     """Log to Weights & Biases (offline mode when there is no network)."""
     wandb_project: str = "rlhf_scratch"
+    checkpoint_every: int = 0
+    """Write OUT/checkpoint every this many phases as well as at the end (0: only at the end)."""
+    resume: Path | None = None
+    """Continue a run from its checkpoint: the run's --out directory or its checkpoint/ folder. The run's saved config
+    is used; flags you pass must agree with it, except out, device, wandb, checkpoint_every, debug and the sample
+    rows written. Metrics for the remaining phases equal an uninterrupted run's."""
+
+    # --- debugging ---
+    debug: bool = False
+    """Check invariants every phase (masks, no NaN, ratio = 1 on the first minibatch, approx-KL bound) and stop
+    with an InvariantError naming the first that fails (see rlhf_scratch/invariants.py)."""
+    debug_max_approx_kl: float = 1.0
+    """With --debug: the largest approx-KL(π_old ‖ π) a minibatch may reach (default-task runs peak near 0.01)."""
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [
@@ -120,6 +149,8 @@ class PolicyTrainingConfig(TaskConfig):
             (self.kl_coef >= 0, f"kl_coef must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}."),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
             (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}."),
+            (self.debug_max_approx_kl > 0, f"debug_max_approx_kl must be > 0, got {self.debug_max_approx_kl}."),
         ]
 
 
@@ -216,6 +247,34 @@ def check_finite(name: str, value: Tensor) -> Tensor:
     return value
 
 
+def check_fwd_hooks(bridge, fwd_hooks) -> list:
+    """``fwd_hooks`` as a list, after checking each is a ``(name, fn)`` pair whose name exists on ``bridge``.
+
+    TransformerLens would raise a bare KeyError for a misspelt name, and only at the first forward
+    pass; this says so at once and lists the closest names. A name may also be a filter function
+    ``name -> bool`` (TransformerLens convention).
+    """
+    import difflib
+
+    hooks = list(fwd_hooks)
+    known = bridge.hook_dict
+    for item in hooks:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and callable(item[1])):
+            raise ValueError(f"Each forward hook must be a (name, function) pair, got {item!r}.")
+        name = item[0]
+        if isinstance(name, str) and name not in known:
+            close = difflib.get_close_matches(name, list(known), n=6, cutoff=0.6)
+            suggestion = f" Closest names: {', '.join(close)}." if close else ""
+            raise ValueError(
+                f"No hook named {name!r} on this model.{suggestion} "
+                "See every name with sorted(bridge.hook_dict), e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] "
+                "or blocks.0.hook_mlp_out [batch, pos, d_model]."
+            )
+        if not isinstance(name, str) and not callable(name):
+            raise ValueError(f"A hook's name must be a string or a filter function name -> bool, got {name!r}.")
+    return hooks
+
+
 @dataclass(eq=False, repr=False)
 class ScoredRollout:
     """One sampled batch, read by the policy and the reference (no grad) and scored by the reward.
@@ -276,8 +335,16 @@ class PolicyTrainer:
     It holds the policy, a frozen reference, the reward, the prompt pool, the optimiser, the
     learning-rate schedule and the KL controller; it samples and scores a batch
     (``sample_and_score``), takes a clipped optimiser step (``optimizer_step``), ends a phase
-    (``end_phase``), and runs the whole loop with logging and outputs (``train``). A subclass
-    supplies ``rollout_phase``, ``learning_phase`` and ``phase_metrics``.
+    (``end_phase``), and runs the whole loop with logging, outputs and checkpoints (``train``).
+    A subclass supplies ``rollout_phase``, ``minibatches``, ``compute_losses`` and ``phase_metrics``,
+    and keeps any state of its own in ``init_algorithm_state`` / ``algorithm_state`` /
+    ``load_algorithm_state`` (so that checkpoints resume it).
+
+    ``fwd_hooks`` — TransformerLens hooks ``(name, fn)`` — are applied to every pass of the
+    policy: generation, the rollout's forward pass and the learning forward pass; never to the
+    reference. They live only for the duration of each pass (nothing stays attached to the bridge).
+    ``reference`` (a bridge) replaces the default reference (a frozen copy of the starting policy,
+    or ``config.reference``); a resumed run reloads the run's reference unless one is given.
     """
 
     title = "policy"
@@ -288,17 +355,28 @@ class PolicyTrainer:
     """Whether the checkpoint includes the value head."""
 
     def __init__(self, config: PolicyTrainingConfig, policy: PolicyWithValueHead | None = None, reward=None,
-                 fwd_hooks: list | tuple = ()):
+                 fwd_hooks: list | tuple = (), reference=None):
+        resume_state, checkpoint = None, None
+        if config.resume is not None:
+            if policy is not None:
+                raise ValueError("With resume, the policy is loaded from the checkpoint: don't pass policy= as well.")
+            checkpoint = find_checkpoint(config.resume)
+            resume_state = read_resume_state(checkpoint)
+            if resume_state["kind"] != self.kind:
+                raise ValueError(f"{checkpoint} is a {resume_state['kind']} checkpoint; resume it with "
+                                 f"`rlhf-scratch {resume_state['kind']} --resume {config.resume}`.")
+            config = resumed_config(config, resume_state["config"], checkpoint)
         self.config = config
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.prompt_rng = random.Random(config.seed)
-        self.policy = (policy or load_policy(config.model, device=config.device)).to(config.device)
+        source = checkpoint if checkpoint is not None else config.model
+        self.policy = (policy or load_policy(source, device=config.device)).to(config.device)
         self.policy.eval()  # dropout off: log-probs must be reproducible between passes
-        reference_bridge = load_bridge(config.reference, device=config.device) if config.reference else self.policy.bridge
-        self.reference = make_reference(reference_bridge)
+        self.reference, self.reference_source = self._make_reference(reference, policy, resume_state)
+        self.reference_fingerprint = weights_fingerprint(self.reference)
         self.reward = reward or make_reward(config.reward)
-        self.fwd_hooks = list(fwd_hooks)
+        self.fwd_hooks = check_fwd_hooks(self.policy.bridge, fwd_hooks)
         self.prompt_pool = self._build_prompt_pool()
 
         self.optimizer = torch.optim.AdamW(self.param_groups(), weight_decay=config.weight_decay)
@@ -311,6 +389,101 @@ class PolicyTrainer:
             else FixedKLController(config.kl_coef)
         )
         self.phase = 0
+        """Phases completed (the next phase is ``phase + 1``); checkpoints record it."""
+        self.history: list[dict] = []
+        """The metrics of every completed phase logged by ``train`` (restored on resume)."""
+        self.table_prompts: list[list[int]] | None = None
+        """The prompts of the before/after sample table, drawn once per run."""
+        self.elapsed_seconds = 0.0
+        self.last_logprobs: Tensor | None = None
+        """log π of the last minibatch's generated tokens (detached), from ``compute_losses``; read by --debug."""
+        self.init_algorithm_state()
+        if resume_state is not None:
+            self.load_resume_state(resume_state)
+
+    def _make_reference(self, reference, policy, resume_state) -> tuple:
+        """The frozen reference and where it came from (a model source, or None for an in-memory model).
+
+        Fresh run: ``reference`` if given, else ``config.reference``, else a copy of the starting
+        policy. Resumed run: ``reference`` if given, else the source recorded in the checkpoint;
+        either way it must be the model the run started with (checked by a weights fingerprint).
+        """
+        config = self.config
+        if reference is not None:
+            bridge, source = reference, None
+        elif config.reference:
+            bridge, source = load_bridge(config.reference, device=config.device), config.reference
+        elif resume_state is not None:
+            source = resume_state["reference"]["source"]
+            if source is None:
+                raise ValueError(
+                    "This run's reference was an in-memory model (the trainer was given policy= or reference=), so "
+                    "the checkpoint cannot reload it: pass reference=<the starting model's bridge> to the trainer."
+                )
+            bridge = load_bridge(source, device=config.device)
+        else:
+            bridge, source = self.policy.bridge, (config.model if policy is None else None)
+        frozen = make_reference(bridge)
+        if resume_state is not None and not same_fingerprint(weights_fingerprint(frozen), resume_state["reference"]["fingerprint"]):
+            raise ValueError(
+                f"The reference model ({source or 'passed in'}) is not the one this run started with (its weights differ). "
+                "A resumed run must keep the original reference: pass the run's starting model."
+            )
+        return frozen, source
+
+    # ------------------------------------------------------------------ state kept in checkpoints
+    def init_algorithm_state(self) -> None:
+        """Create the subclass's own state (PPO: reward statistics; REINFORCE: the baseline)."""
+
+    def algorithm_state(self) -> dict:
+        """The subclass's own state, for the checkpoint (JSON values and tensors)."""
+        return {}
+
+    def load_algorithm_state(self, state: dict) -> None:
+        """Restore ``algorithm_state()``."""
+
+    def resume_state(self) -> dict:
+        """Everything beyond the weights that the next phase depends on, for ``save_checkpoint``."""
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(), "python": self.prompt_rng.getstate()}
+        if torch.cuda.is_available() and str(self.config.device).startswith("cuda"):
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": FORMAT_VERSION,
+            "kind": self.kind,
+            "phase": self.phase,
+            "config": to_jsonable(self.config),
+            "reference": {"source": self.reference_source, "fingerprint": self.reference_fingerprint},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "algorithm": self.algorithm_state(),
+            "rng": rng,
+            "table_prompts": self.table_prompts,
+            "history": self.history,
+            "elapsed_seconds": self.elapsed_seconds,
+        }
+
+    def load_resume_state(self, state: dict) -> None:
+        """Restore ``resume_state()`` into this freshly built trainer (same model and config)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, moments in state["optimizer"]["state"].items():
+            saved = tuple(moments["exp_avg"].shape)
+            if index >= len(params) or tuple(params[index].shape) != saved:
+                have = tuple(params[index].shape) if index < len(params) else "no such parameter"
+                raise ValueError(f"The checkpoint's optimizer state does not fit this model (parameter {index}: saved "
+                                 f"{list(saved)}, model {have}); resume with the model the run trained.")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.load_algorithm_state(state["algorithm"])
+        self.phase, self.history = state["phase"], list(state["history"])
+        self.table_prompts, self.elapsed_seconds = state["table_prompts"], state["elapsed_seconds"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        self.prompt_rng.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def param_groups(self) -> list[dict]:
         """The optimiser's parameter groups: the trunk at ``lr``."""
@@ -443,17 +616,40 @@ class PolicyTrainer:
     def compute_losses(self, minibatch: ReplayMemory) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def learning_phase(self, memory: ReplayMemory) -> list[dict[str, float]]:
-        """One AdamW step per minibatch; returns each minibatch's loss breakdown (and grad norm)."""
+    def learning_phase(self, memory: ReplayMemory, minibatches: list[ReplayMemory] | None = None) -> list[dict[str, float]]:
+        """One AdamW step per minibatch; returns each minibatch's loss breakdown (and grad norm), in order.
+
+        ``minibatches`` (default: ``self.minibatches(memory)``, drawn now) lets you draw them first and
+        look at them: ``breakdown[i]`` is computed on ``minibatches[i]`` before its own step, so
+        ``breakdown[0]`` is what the objectives give on ``minibatches[0]`` with the policy as it was
+        before this call. With ``config.debug`` the invariants (``rlhf_scratch.invariants``) are
+        checked first on the memory, then on each minibatch before its step.
+        """
+        if self.config.debug:
+            tokenizer = self.policy.tokenizer
+            eos = tokenizer.eos_token_id if self.config.sampling.stop_at_eos else None
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            invariants.check_memory(memory, eos_id=eos, pad_id=pad, where=f"phase {self.phase + 1}")
         breakdown = []
         clock = time.perf_counter()
-        for minibatch in self.minibatches(memory):
+        for index, minibatch in enumerate(minibatches if minibatches is not None else self.minibatches(memory)):
             terms = self.compute_losses(minibatch)
+            if self.config.debug:
+                self.check_minibatch(index, minibatch)
             grad_norm = self.optimizer_step(terms["loss"])
             breakdown.append({**{name: value.item() for name, value in terms.items()}, "grad_norm": grad_norm})
         self.last_learning_seconds = time.perf_counter() - clock
         self.end_phase()
         return breakdown
+
+    def check_minibatch(self, index: int, minibatch: ReplayMemory) -> None:
+        """--debug checks on a minibatch after ``compute_losses``, before its step (no extra forward pass):
+        ratio = 1 on the phase's first minibatch, approx-KL below the bound on every one."""
+        where = f"phase {self.phase + 1}, minibatch {index}"
+        if index == 0:
+            invariants.check_ratio_is_one(self.last_logprobs, minibatch.logprobs, minibatch.gen_mask, where=where)
+        invariants.check_approx_kl(self.last_logprobs, minibatch.logprobs, minibatch.gen_mask,
+                                   self.config.debug_max_approx_kl, where=where)
 
     def phase_metrics(self, breakdown: list[dict[str, float]], seconds: float, lr: float) -> dict:
         raise NotImplementedError
@@ -465,45 +661,56 @@ class PolicyTrainer:
         return generation, score_texts(self.reward, generation.texts).tolist()
 
     def save_checkpoint(self, directory: Path) -> Path:
-        """Policy weights (safetensors, save_pretrained layout) and value head if any, written atomically."""
-        import tempfile
+        """A resumable checkpoint, written atomically (``outputs.atomic_dir``; layout in ``rlhf_scratch.checkpoint``):
+        the policy (save_pretrained layout, safetensors), the value head if any, and ``resume_state()``."""
+        meta = {"kind": self.kind, "phase": self.phase, "base_model": self.config.model, "reference": self.reference_source}
+        with atomic_dir(directory) as staging:
+            save_model_dir(self.policy.bridge, staging, value_head=self.policy.value_head if self.saves_value_head else None,
+                           meta=meta)
+            write_resume_state(staging, self.resume_state())
+        return Path(directory)
 
-        from rlhf_scratch.outputs import replace_dir
+    def train(self, console=None, stop_after: int | None = None) -> dict:
+        """Run the phases left (all of them for a new trainer) with progress bar, logging and outputs; returns the summary.
 
-        staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=directory.parent))
-        save_model_dir(self.policy.bridge, staging, value_head=self.policy.value_head if self.saves_value_head else None,
-                       meta={"kind": self.kind, "phase": self.phase, "base_model": self.config.model})
-        replace_dir(staging, directory, copy=False)
-        return directory
-
-    def train(self, console=None) -> dict:
-        """All phases with progress bar, logging and outputs; returns the summary."""
+        A trainer that has completed phases (resumed from a checkpoint, or stepped by hand)
+        continues from phase ``self.phase + 1``: metrics.jsonl and samples.jsonl keep their rows
+        up to that phase and grow from there. ``stop_after=k`` stops after phase k (as if the run
+        were interrupted there), with the checkpoint and outputs written.
+        """
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from rlhf_scratch.outputs import append_jsonl, write_json
+        from rlhf_scratch.outputs import append_jsonl, filter_jsonl, write_json
         from rlhf_scratch.evaluation import plot_curves, print_before_after
 
         config = self.config
         console = console or Console()
+        last_phase = config.phases if stop_after is None else min(stop_after, config.phases)
+        if last_phase < 1:
+            raise ValueError(f"stop_after must be >= 1, got {stop_after}.")
         out = Path(config.out) if config.out is not None else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            for stale in ("metrics.jsonl", "samples.jsonl"):
-                (out / stale).unlink(missing_ok=True)
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                # Rows of phases this trainer has not completed are dropped: all of them for a new run,
+                # those logged after the checkpoint by a run that was killed later, when resuming.
+                filter_jsonl(out / name, lambda row: row.get("phase", 0) <= self.phase)
             write_json(out / "config.json", config)
         run = _start_wandb(config) if config.wandb else None
 
-        table_prompts = self.sample_prompts(config.table_rows)
-        before, before_rewards = self.sample_table(self.reference, table_prompts, seed=config.seed + 1)
-        history: list[dict] = []
-        start = time.time()
+        if self.table_prompts is None:
+            self.table_prompts = self.sample_prompts(config.table_rows)
+        before, before_rewards = self.sample_table(self.reference, self.table_prompts, seed=config.seed + 1)
+        history = self.history
+        start, elapsed_before = time.time(), self.elapsed_seconds
+        saved_phase, first_phase = None, self.phase
         columns = [TextColumn(f"[bold]{self.title}[/] phase {{task.completed}}/{{task.total}}"), BarColumn(),
                    TextColumn("reward {task.fields[reward]:+.3f}  kl {task.fields[kl]:.3f}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task(self.kind, total=config.phases, reward=float("nan"), kl=float("nan"))
-            for _ in range(config.phases):
+            task = progress.add_task(self.kind, total=config.phases, completed=self.phase, reward=float("nan"), kl=float("nan"))
+            while self.phase < last_phase:
                 phase_start = time.time()
                 lr = self.optimizer.param_groups[0]["lr"]
                 memory = self.rollout_phase()
@@ -519,10 +726,19 @@ class PolicyTrainer:
                             "phase": self.phase, "prompt": generation.prompts[row],
                             "response": generation.responses[row], "reward": memory.rewards[row].item(),
                         })
+                    if config.checkpoint_every and self.phase % config.checkpoint_every == 0:
+                        self.elapsed_seconds = elapsed_before + time.time() - start
+                        self.save_checkpoint(out / "checkpoint")
+                        saved_phase = self.phase
                 if run is not None:
                     run.log(metrics, step=self.phase)
 
-        after, after_rewards = self.sample_table(self.policy.bridge, table_prompts, seed=config.seed + 1)
+        if not history:
+            raise ValueError(f"No phase to run or summarise: the trainer has completed {self.phase} of {config.phases} phases.")
+        self.elapsed_seconds = elapsed_before + time.time() - start
+        if out is not None and saved_phase != self.phase and (self.phase > first_phase or not (out / "checkpoint").exists()):
+            self.save_checkpoint(out / "checkpoint")  # before the sample table: the state is the phase's end
+        after, after_rewards = self.sample_table(self.policy.bridge, self.table_prompts, seed=config.seed + 1)
         print_before_after(console, before, before_rewards, after, after_rewards, self.reward)
         last = history[-5:]
         summary = {
@@ -531,21 +747,20 @@ class PolicyTrainer:
             "kl_last": sum(m["objective/kl"] for m in last) / len(last),
             "phases": len(history),
             "episodes": len(history) * config.batch_size,
-            "seconds": time.time() - start,
+            "seconds": self.elapsed_seconds,
         }
         if out is not None:
-            self.save_checkpoint(out / "checkpoint")
             plot_curves(history, out)
             write_json(out / "summary.json", summary)
             console.print(f"outputs in {out} (checkpoint: {out / 'checkpoint'})")
         if run is not None:
             run.summary.update(summary)
             run.finish()
+        stopped = f", stopped after phase {self.phase} of {config.phases}" if self.phase < config.phases else ""
         console.print(
             f"{self.title}: reward {summary['reward_first']:+.3f} → {summary['reward_last']:+.3f} (mean of last {len(last)} phases), "
-            f"KL {summary['kl_last']:.3f} nats, {summary['episodes']} episodes in {summary['seconds']:.0f} s"
+            f"KL {summary['kl_last']:.3f} nats, {summary['episodes']} episodes in {summary['seconds']:.0f} s{stopped}"
         )
-        self.history = history
         return summary
 
 
@@ -555,18 +770,28 @@ class PPOTrainer(PolicyTrainer):
     Use it in a notebook or debugger one call at a time::
 
         trainer = PPOTrainer(PPOConfig(phases=3))
-        memory = trainer.rollout_phase()        # a ReplayMemory; print(memory) shows shapes
-        stats = trainer.learning_phase(memory)  # one dict of loss terms per minibatch
-        trainer.train()                         # or all phases with logging and outputs
+        memory = trainer.rollout_phase()             # a ReplayMemory; print(memory) shows shapes and statistics
+        minibatches = list(trainer.minibatches(memory))
+        stats = trainer.learning_phase(memory, minibatches=minibatches)  # one dict of loss terms per minibatch
+        trainer.train()                              # or the remaining phases with logging and outputs
+
+    ``stats[0]`` equals the objectives of ``rlhf_scratch.objectives`` called by hand on
+    ``minibatches[0]`` before ``learning_phase`` (see ``experiments/step_through.py``).
     """
 
     title = "PPO"
     kind = "ppo"
     saves_value_head = True
 
-    def __init__(self, config: PPOConfig, policy: PolicyWithValueHead | None = None, reward=None, fwd_hooks: list | tuple = ()):
-        super().__init__(config, policy=policy, reward=reward, fwd_hooks=fwd_hooks)
+    def init_algorithm_state(self) -> None:
         self.reward_moments = RunningMoments()
+        """Running statistics of the task rewards (used with normalize_rewards); kept in checkpoints."""
+
+    def algorithm_state(self) -> dict:
+        return {"reward_moments": self.reward_moments.state_dict()}
+
+    def load_algorithm_state(self, state: dict) -> None:
+        self.reward_moments.load_state_dict(state["reward_moments"])
 
     def param_groups(self) -> list[dict]:
         """Trunk at ``lr`` and value head at ``head_lr``."""
@@ -606,6 +831,7 @@ class PPOTrainer(PolicyTrainer):
         logits_gen = generated_logits(scaled_logits, P)
         logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
         values = output.values[:, P - 1 : -1]
+        self.last_logprobs = logprobs.detach()
 
         terms = {
             "surrogate": calc_clipped_surrogate(

@@ -16,13 +16,12 @@ gradient (E[∇ log π(y)] = 0) but reduces its variance. There is no value head
 clipping and no reuse of samples: each phase's batch gives ``batch_size / minibatch_size``
 steps (one by default).
 
-Logging, samples, checkpoints (``checkpoint/``, no value head) and ``summary.json`` keys are
-those of PPO (``PolicyTrainer.train``).
+Logging, samples, resumable checkpoints (``checkpoint/``, no value head; the baseline is kept),
+``--debug`` invariants, forward hooks and ``summary.json`` keys are those of PPO (``PolicyTrainer``).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,7 +93,14 @@ class MovingAverageBaseline:
         return self.value
 
     def state_dict(self) -> dict:
+        """Everything needed to resume exactly."""
         return {"mode": self.mode, "decay": self.decay, "value": self.value, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``."""
+        self.mode, self.decay = state["mode"], float(state["decay"])
+        self.value = None if state["value"] is None else float(state["value"])
+        self.count = int(state["count"])
 
 
 @jaxtyped(typechecker=typechecker)
@@ -130,9 +136,14 @@ class REINFORCETrainer(PolicyTrainer):
     kind = "reinforce"
     saves_value_head = False
 
-    def __init__(self, config: REINFORCEConfig, policy=None, reward=None, fwd_hooks: list | tuple = ()):
-        super().__init__(config, policy=policy, reward=reward, fwd_hooks=fwd_hooks)
-        self.baseline = MovingAverageBaseline(config.baseline, config.baseline_decay)
+    def init_algorithm_state(self) -> None:
+        self.baseline = MovingAverageBaseline(self.config.baseline, self.config.baseline_decay)
+
+    def algorithm_state(self) -> dict:
+        return {"baseline": self.baseline.state_dict()}
+
+    def load_algorithm_state(self, state: dict) -> None:
+        self.baseline.load_state_dict(state["baseline"])
 
     @torch.no_grad()
     def rollout_phase(self, prompts: list[list[int]] | None = None) -> ReplayMemory:
@@ -166,6 +177,7 @@ class REINFORCETrainer(PolicyTrainer):
         logits = self.policy(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks).logits
         scaled_logits = logits / config.sampling.temperature
         logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
+        self.last_logprobs = logprobs.detach()
         # Every real token of a row carries the row's advantage; read it back as one number per row.
         advantages = minibatch.advantages.sum(1) / mask.sum(1).clamp(min=1)
         terms = {"policy_loss": reinforce_loss(sequence_logprobs(logprobs, mask), advantages)}

@@ -151,6 +151,12 @@ def test_repr_shows_names_shapes_and_stats_not_numbers():
     ]:
         assert any(line.split()[0] == name and shape in line for line in lines[1:]), name
     assert "tensor(" not in text
-    # stats are over real positions: rewards are 0..63, mean 31.5
-    assert "mean +31.5  min +0  max +63" in text
+    # stats are over real positions: rewards are 0..63, mean 31.5, unbiased std sqrt(64·65/12) = 18.6
+    assert "mean +31.5  min +0  max +63  std 18.6" in text
+    # row b has 1 + b % 20 real generated tokens: 3 cycles of 1..20 and 1..4, mean (3·210 + 10)/64 = 10
+    assert "response lengths 1..20, mean 10.0" in text
+    assert "prompt tokens per row 2..3, left-padded" in text  # row 0's prompt is left-padded by one
+    # token ids 100·b + column, all distinct: 64·3 − 1 prompt + 640 generated = 831 real tokens; lowest real id is row 0,
+    # column 1; highest is row 63 (4 generated tokens, last at column 3 + 3 = 6): 6306
+    assert "token ids 1..6306, 831 distinct" in text
     assert "ref_logits_gen  None" in repr(make_memory(with_logits=False))

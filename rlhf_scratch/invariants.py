@@ -1,0 +1,236 @@
+"""Invariants of one rollout + learning phase, checked every phase with ``--debug``.
+
+Each check is a small pure function: it returns None when its invariant holds and raises
+``InvariantError`` naming the check and showing the offending numbers when it does not.
+``check_memory`` runs the replay-memory checks in the order below, so the error names the
+*first* invariant that fails; the trainer then checks each minibatch before its optimiser step.
+
+    check                        what must hold                                     what breaks it
+    gen_mask_is_prefix           each row of gen_mask is True..True False..False    a real token after padding
+    gen_mask_matches_attention   gen_mask == (attention_mask[:, P:] != 0)           masks built separately
+    prompt_is_left_padded        attention_mask[:, :P] is 0..0 1..1 (some 1)        right-padded prompts
+    padding_after_first_eos      generated tokens are real through the first EOS,   a response not cut at
+                                 padding (gen_mask False, pad token) after it       its first EOS
+    memory_is_finite             no NaN/inf at the real positions of any float      a broken reward or
+                                 tensor (rewards: every row)                        value head
+    ratio_is_one                 first minibatch of a phase, before any step:       dropout on, a hook in one
+                                 max |exp(logp_new − logp_old) − 1| <= tol          pass only, a temperature
+                                                                                    mismatch, misaligned logprobs
+    approx_kl_bound              every minibatch: mean((r − 1) − log r) <= bound,   too large a step
+                                 r = exp(logp_new − logp_old) (k3 of KL(π_old‖π))   (lr, epochs)
+
+Only real positions are checked: padding may hold anything, since every loss masks it
+with ``torch.where`` before use.
+"""
+
+from __future__ import annotations
+
+import torch
+from beartype import BeartypeConf, beartype
+from jaxtyping import Bool, Float, Int, jaxtyped
+from torch import Tensor
+
+from rlhf_scratch.memory import ReplayMemory
+
+typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
+
+RATIO_TOLERANCE = 1e-3
+"""Largest |ratio − 1| accepted on a phase's first minibatch. The rollout reads all B rows in one
+forward pass and learning reads a minibatch of them; on CPU the two agree exactly (measured 0 on
+the built-in task), but GPU kernels picked by batch size may round differently, hence a margin.
+A real bug (dropout on, a hook in one pass only, a temperature applied twice) moves the ratio
+by far more."""
+
+
+class InvariantError(AssertionError):
+    """An invariant of the training loop does not hold. ``check`` is its name (see the module table)."""
+
+    def __init__(self, check: str, detail: str, where: str = ""):
+        self.check, self.detail, self.where = check, detail, where
+        place = f" ({where})" if where else ""
+        super().__init__(f"invariant {check!r} failed{place}: {detail}")
+
+
+def _bits(row: Tensor, limit: int = 32) -> str:
+    """A 0/1 row as a compact string, e.g. '1 1 0 1 0 0'."""
+    values = [str(int(v)) for v in row[:limit].tolist()]
+    return " ".join(values) + (" ..." if row.numel() > limit else "")
+
+
+def _first(mask: Tensor) -> tuple[int, ...]:
+    """Index of the first True entry of ``mask`` (row-major)."""
+    return tuple(int(i) for i in torch.nonzero(mask)[0])
+
+
+@jaxtyped(typechecker=typechecker)
+def check_gen_mask_is_prefix(gen_mask: Bool[Tensor, "batch gen"], where: str = "") -> None:
+    """gen_mask[b] = [t < L_b for t in range(G)] with L_b = gen_mask[b].sum(): real tokens come first."""
+    positions = torch.arange(gen_mask.shape[1], device=gen_mask.device)
+    prefix = positions < gen_mask.sum(1, keepdim=True)
+    bad_rows = (gen_mask != prefix).any(1)
+    if bad_rows.any():
+        row = int(torch.nonzero(bad_rows)[0])
+        first_padding = int(torch.nonzero(~gen_mask[row])[0])
+        column = first_padding + int(torch.nonzero(gen_mask[row, first_padding:])[0])
+        raise InvariantError(
+            "gen_mask_is_prefix",
+            f"gen_mask must be True on a prefix of each row (real tokens, then padding), but row {row} is "
+            f"[{_bits(gen_mask[row])}]: a real token at column {column} after padding ({int(bad_rows.sum())} of "
+            f"{len(gen_mask)} rows affected). Build gen_mask from each row's first EOS.",
+            where,
+        )
+
+
+@jaxtyped(typechecker=typechecker)
+def check_gen_mask_matches_attention(
+    attention_mask: Int[Tensor, "batch seq"], gen_mask: Bool[Tensor, "batch gen"], prompt_len: int, where: str = ""
+) -> None:
+    """gen_mask == (attention_mask[:, P:] != 0): both masks mark the same real generated tokens."""
+    real = attention_mask[:, prompt_len:] != 0
+    if real.shape != gen_mask.shape or not torch.equal(real, gen_mask):
+        if real.shape != gen_mask.shape:
+            detail = f"attention_mask[:, {prompt_len}:] has shape {list(real.shape)}, gen_mask {list(gen_mask.shape)}"
+        else:
+            row, column = _first(real != gen_mask)
+            detail = (f"row {row}, generated column {column}: attention_mask is {int(attention_mask[row, prompt_len + column])}"
+                      f" but gen_mask is {bool(gen_mask[row, column])}")
+        raise InvariantError(
+            "gen_mask_matches_attention",
+            f"gen_mask must equal attention_mask[:, P:] != 0 (P = {prompt_len}), but {detail}. "
+            "Derive both from the same first-EOS positions.",
+            where,
+        )
+
+
+@jaxtyped(typechecker=typechecker)
+def check_prompt_is_left_padded(attention_mask: Int[Tensor, "batch seq"], prompt_len: int, where: str = "") -> None:
+    """attention_mask[b, :P] = [0]·(P − n_b) + [1]·n_b with n_b >= 1: padding on the left, the prompt after it."""
+    prompt = attention_mask[:, :prompt_len]
+    lengths = (prompt != 0).sum(1, keepdim=True)
+    positions = torch.arange(prompt_len, device=prompt.device)
+    expected = (positions >= prompt_len - lengths).long()
+    bad_rows = (prompt != expected).any(1) | (lengths[:, 0] == 0)
+    if bad_rows.any():
+        row = int(torch.nonzero(bad_rows)[0])
+        raise InvariantError(
+            "prompt_is_left_padded",
+            f"the prompt part of attention_mask (first P = {prompt_len} columns) must be 0..0 1..1 with at least one 1 "
+            f"(left padding, then the prompt), but row {row} is [{_bits(prompt[row])}]. Left-pad prompts "
+            "(sampling.left_pad) so that generated token i sits at column P + i in every row.",
+            where,
+        )
+
+
+@jaxtyped(typechecker=typechecker)
+def check_padding_after_first_eos(
+    sequences: Int[Tensor, "batch seq"], gen_mask: Bool[Tensor, "batch gen"], prompt_len: int, eos_id: int,
+    pad_id: int, where: str = "",
+) -> None:
+    """Generated tokens are real up to and including the first EOS (all of them if none), padding after it.
+
+    With E_b the column of row b's first EOS (G − 1 if it has none):
+    gen_mask[b, t] = (t <= E_b), and sequences[b, P + t] = pad_id for t > E_b.
+    """
+    generated = sequences[:, prompt_len:]
+    G = generated.shape[1]
+    is_eos = generated == eos_id
+    positions = torch.arange(G, device=generated.device)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], G - 1, dtype=torch.long))
+    expected = positions <= first_eos[:, None]
+    if not torch.equal(expected, gen_mask):
+        row, column = _first(expected != gen_mask)
+        eos_text = f"its first EOS (id {eos_id}) is at column {int(first_eos[row])}" if bool(is_eos[row].any()) else "it has no EOS"
+        raise InvariantError(
+            "padding_after_first_eos",
+            f"row {row}: {eos_text}, so gen_mask should be {bool(expected[row, column])} at generated column {column}, "
+            f"but it is [{_bits(gen_mask[row])}]. A response ends at its first EOS (kept, it carries loss); "
+            "later positions are padding.",
+            where,
+        )
+    not_pad = ~expected & (generated != pad_id)
+    if not_pad.any():
+        row, column = _first(not_pad)
+        raise InvariantError(
+            "padding_after_first_eos",
+            f"row {row}, generated column {column} holds token {int(generated[row, column])} after the first EOS "
+            f"(column {int(first_eos[row])}); padding positions must hold the pad token {pad_id}.",
+            where,
+        )
+
+
+def check_memory_is_finite(memory: ReplayMemory, where: str = "") -> None:
+    """No NaN or inf at the real positions of any float tensor of the memory (rewards: every row)."""
+    for name in ("rewards", "logprobs", "ref_logprobs", "values", "advantages", "returns", "ref_logits_gen"):
+        value = getattr(memory, name)
+        if value is None:
+            continue
+        real = torch.ones_like(value, dtype=torch.bool) if name == "rewards" else memory.gen_mask
+        if name == "ref_logits_gen":
+            real = real[..., None].expand_as(value)
+        bad = real & ~torch.isfinite(value)
+        if bad.any():
+            index = _first(bad)
+            raise InvariantError(
+                "memory_is_finite",
+                f"memory.{name} has {int(bad.sum())} non-finite value(s) at real positions; the first is "
+                f"{value[index].item()} at index {list(index)} (shape {list(value.shape)}). Check the reward "
+                "(rewards), the value head (values, returns) or the advantages' inputs.",
+                where,
+            )
+
+
+def check_memory(memory: ReplayMemory, eos_id: int | None = None, pad_id: int | None = None, where: str = "") -> None:
+    """The replay-memory invariants in order; the error names the first that fails.
+
+    ``eos_id``/``pad_id`` None skips ``padding_after_first_eos`` (sampling without stopping at EOS).
+    """
+    P = memory.prompt_len
+    check_gen_mask_is_prefix(memory.gen_mask, where)
+    check_gen_mask_matches_attention(memory.attention_mask, memory.gen_mask, P, where)
+    check_prompt_is_left_padded(memory.attention_mask, P, where)
+    if eos_id is not None and pad_id is not None:
+        check_padding_after_first_eos(memory.sequences, memory.gen_mask, P, eos_id, pad_id, where)
+    check_memory_is_finite(memory, where)
+
+
+@jaxtyped(typechecker=typechecker)
+def check_ratio_is_one(
+    logprobs: Float[Tensor, "batch gen"], old_logprobs: Float[Tensor, "batch gen"], gen_mask: Bool[Tensor, "batch gen"],
+    tol: float = RATIO_TOLERANCE, where: str = "",
+) -> None:
+    """Before any step of a phase the policy is the rollout policy: max over real positions of
+    |exp(logp_new − logp_old) − 1| <= tol."""
+    log_ratio = torch.where(gen_mask, logprobs.detach() - old_logprobs, torch.zeros_like(logprobs))
+    deviation = (torch.exp(log_ratio) - 1).abs()
+    deviation = torch.where(torch.isnan(deviation), torch.full_like(deviation, float("inf")), deviation)
+    worst = float(deviation.max()) if deviation.numel() else 0.0
+    if not worst <= tol:
+        row, column = _first(deviation == deviation.max())
+        raise InvariantError(
+            "ratio_is_one",
+            f"on the first minibatch, before any optimiser step, max |exp(logp_new − logp_old) − 1| = {worst:.3g} > "
+            f"tol {tol:g}, at row {row}, generated column {column} (logp_new {float(logprobs[row, column]):.5f}, "
+            f"logp_old {float(old_logprobs[row, column]):.5f}). The learning forward pass disagrees with the rollout's: "
+            "look for dropout (call .eval()), a hook or a temperature applied in one pass only, "
+            "or log-probs read at the wrong positions.",
+            where,
+        )
+
+
+@jaxtyped(typechecker=typechecker)
+def check_approx_kl(
+    logprobs: Float[Tensor, "batch gen"], old_logprobs: Float[Tensor, "batch gen"], gen_mask: Bool[Tensor, "batch gen"],
+    bound: float, where: str = "",
+) -> None:
+    """approx-KL = masked_mean((r − 1) − log r), r = exp(logp_new − logp_old) (as ``ppo_diagnostics``), must be <= bound."""
+    log_ratio = torch.where(gen_mask, logprobs.detach() - old_logprobs, torch.zeros_like(logprobs))
+    approx_kl = torch.where(gen_mask, torch.expm1(log_ratio) - log_ratio, torch.zeros_like(log_ratio)).sum()
+    approx_kl = float(approx_kl / gen_mask.sum().clamp(min=1))
+    if not approx_kl <= bound:
+        raise InvariantError(
+            "approx_kl_bound",
+            f"approx-KL(π_old ‖ π) of this minibatch is {approx_kl:.4g} > bound {bound:g} (max ratio "
+            f"{float(torch.exp(log_ratio).max()):.3g}). The policy moved too far within one phase: lower lr, "
+            "ppo_epochs or max_grad_norm, or raise --debug-max-approx-kl if this is expected.",
+            where,
+        )
