@@ -38,6 +38,17 @@ BUILTIN_NAMES = ("builtin", "tiny", "tiny-reviews")
 FINAL_RESIDUAL_HOOK = "ln_final.hook_out"
 
 
+def complete_checkpoint_dir(source: str | os.PathLike) -> Path:
+    """``source`` as a path, or its ``.old`` sibling when a run was killed between the two renames
+    that swap a new checkpoint in (``outputs.swap_in_dir``) and only the previous one is complete."""
+    from rlhf_scratch.outputs import backup_dir
+
+    path = Path(str(source)).expanduser()
+    if not path.exists() and backup_dir(path).is_dir():
+        return backup_dir(path)
+    return path
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to do instead."""
 
@@ -56,7 +67,7 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
         from rlhf_scratch.pretrain import ensure_builtin_model
 
         source = str(ensure_builtin_model())
-    path = Path(source).expanduser()
+    path = complete_checkpoint_dir(source)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -267,7 +278,7 @@ def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithVal
     """A policy from any model source; a checkpoint's value head is restored if present."""
     bridge = load_bridge(source, device=device)
     value_head = ValueHead(bridge.cfg.d_model)
-    head_file = Path(str(source)) / VALUE_HEAD_FILE
+    head_file = complete_checkpoint_dir(source) / VALUE_HEAD_FILE
     if head_file.is_file():
         value_head.load_state_dict(load_file(head_file))
     return PolicyWithValueHead(bridge, value_head.to(device))

@@ -158,3 +158,13 @@ def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
     with pytest.raises(ModelLoadError, match="unreachable"):
         load_bridge("gpt2")
     assert time.time() - start < 5
+
+
+def test_a_checkpoint_left_only_at_its_old_name_still_loads(tiny_bridge, tmp_path):
+    # A run killed between the two renames of a checkpoint swap leaves only checkpoint.old.
+    policy = PolicyWithValueHead(tiny_bridge)
+    torch.nn.init.normal_(policy.value_head.out.weight)
+    save_model_dir(policy.bridge, tmp_path / "checkpoint.old", value_head=policy.value_head)
+    loaded = load_policy(tmp_path / "checkpoint")
+    tokens = torch.tensor([[0, 5, 9, 17, 3]])
+    torch.testing.assert_close(loaded(tokens).values, policy(tokens).values)
