@@ -100,9 +100,12 @@ def _commands() -> dict:
     """name → (config class, presets {name: config}, runner, one-line description)."""
     from rlhf_scratch.bon import BonConfig, run_bon
     from rlhf_scratch.compare import CompareConfig, run_compare
+    from rlhf_scratch.dpo import DPOConfig, run_dpo
     from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
     from rlhf_scratch.pretrain import PretrainConfig, pretrain
     from rlhf_scratch.reinforce import REINFORCEConfig, run_reinforce
+    from rlhf_scratch.preferences import PairsConfig, run_pairs
+    from rlhf_scratch.reward_model import RewardModelConfig, ScoreConfig, run_score, train_reward_model
     from rlhf_scratch.model_diff import DiffConfig, run_diff
     from rlhf_scratch.value_lens import InspectConfig, run_inspect
 
@@ -115,6 +118,12 @@ def _commands() -> dict:
                     "Compare systems (reference, ppo:DIR, reinforce:DIR, bon:N) on held-out prompts; write report.md."),
         "pretrain": (PretrainConfig, {}, pretrain, "Build the built-in tiny model (corpus, tokenizer, GPT-2) or pretrain on --data."),
         "sample": (SampleConfig, {}, run_sample, "Print samples from a model, optionally scored by a reward."),
+        "pairs": (PairsConfig, {}, run_pairs, "Build preference pairs from a model's samples scored by a reward (writes pairs.jsonl)."),
+        "rm": (RewardModelConfig, {}, train_reward_model,
+               "Train a reward model (--loss bt|margin|dist) on preference pairs; held-out pairwise accuracy; use as --reward rm:DIR."),
+        "score": (ScoreConfig, {}, run_score, "Pairwise accuracy of any reward (rm:DIR, vader, hf:...) on a pair file."),
+        "dpo": (DPOConfig, {}, run_dpo,
+                "DPO / f-DPO on preference pairs (--loss sigmoid|hinge, --divergence rkl|fkl|js|alpha); evaluates with --reward."),
         "diff": (DiffConfig, {}, run_diff,
                  "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA."),
         "inspect": (InspectConfig, {}, run_inspect,

@@ -6,6 +6,7 @@ Systems are named on the command line, one word each, ``[LABEL=]KIND[:ARG]``:
     bon:N                best-of-N from the reference (``bon:N:M`` also sets the KL pool to M samples)
     ppo:DIR              a PPO checkpoint (a run's ``checkpoint/`` folder)
     reinforce:DIR        a REINFORCE checkpoint
+    dpo:DIR              a DPO checkpoint
     model:DIR            any other model directory
     LABEL=...            the same, shown as LABEL (needed when two systems would share a name)
 
@@ -29,15 +30,15 @@ from pathlib import Path
 from rlhf_scratch.evaluation import METRIC_KEYS, EvalConfig, EvalResult
 
 SYSTEM_SYNTAX = (
-    "Name systems as [LABEL=]KIND[:ARG]: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | model:DIR, "
+    "Name systems as [LABEL=]KIND[:ARG]: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | dpo:DIR | model:DIR, "
     "e.g. --systems reference ppo:runs/ppo/checkpoint bon:4 bon:16."
 )
-MODEL_KINDS = ("ppo", "reinforce", "model")
+MODEL_KINDS = ("ppo", "reinforce", "dpo", "model")
 
 
 @dataclass
 class SystemSpec:
-    """One system to evaluate: ``kind`` is reference | bon | ppo | reinforce | model."""
+    """One system to evaluate: ``kind`` is reference | bon | ppo | reinforce | dpo | model."""
 
     label: str
     kind: str
@@ -84,7 +85,7 @@ class CompareConfig(EvalConfig):
     """Compare systems (reference, checkpoints, best-of-n) on the same held-out prompts; write a report."""
 
     systems: list[str] = field(default_factory=lambda: ["reference", "bon:4"])
-    """Systems to compare, [LABEL=]KIND[:ARG] each: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | model:DIR."""
+    """Systems to compare, [LABEL=]KIND[:ARG] each: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | dpo:DIR | model:DIR."""
 
     def _checks(self) -> list[tuple[bool, str]]:
         checks = [*super()._checks(), (len(self.systems) >= 1, f"Give at least one system. {SYSTEM_SYNTAX}")]

@@ -20,7 +20,7 @@ class TaskConfig:
     """Model: "builtin", a local model directory or run checkpoint, or a hub name such as gpt2 (the policy to
     start from when training, the reference when evaluating)."""
     reward: str = "vader"
-    """Reward: vader | chars:. | hf:PATH_OR_NAME:LABEL[:prob]."""
+    """Reward: vader | chars:. | hf:PATH_OR_NAME:LABEL[:prob] | rm:DIR (a reward model trained with `rlhf-scratch rm`)."""
     data: str = "builtin"
     """Prompt texts (dataset mode): "builtin" held-out reviews, a .txt/.jsonl/.csv file, or a datasets name."""
     column: str = "text"

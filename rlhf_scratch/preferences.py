@@ -1,8 +1,46 @@
-"""Preference pairs ``(prompt, chosen, rejected)``: loading, validation, and building them from scored samples."""
+"""Preference pairs ``(prompt, chosen, rejected)``: loading, validation, and building them from scored samples.
+
+Where pairs come from:
+
+* ``load_pairs(path)`` -- a local ``.jsonl`` (one JSON object per line) or ``.csv`` (header
+  row) with the fields ``prompt``, ``chosen``, ``rejected`` and optionally ``margin`` (≥ 0) or
+  ``chosen_score`` and ``rejected_score``. Example line::
+
+      {"prompt": "The plot", "chosen": " was a joy.", "rejected": " was dull.", "chosen_score": 0.6, "rejected_score": -0.3}
+
+  A reward model reads ``prompt + chosen`` and ``prompt + rejected`` (plain concatenation, so
+  put the separating space where it belongs).
+* ``load_pairs(name)`` -- a Hugging Face ``datasets`` name in the binarized HelpSteer2 layout
+  (the same fields); needs the dataset hub or the local ``datasets`` cache.
+* ``run_pairs(PairsConfig(...))`` (``rlhf-scratch pairs``) -- the DPO-seed recipe: sample
+  several responses per prompt from a model, score them with a reward, and pair responses
+  above a winner threshold with responses at or below it (``build_pairs``).
+
+Bad rows are never dropped silently: every bad row of a file is collected and reported
+with its line number in one ``PairDataError``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rlhf_scratch.config import TaskConfig
+
+PAIR_FILE_EXTENSIONS = (".jsonl", ".csv")
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+NUMBER_FIELDS = ("margin", "chosen_score", "rejected_score")
+MAX_REPORTED_ROWS = 20
+"""At most this many bad rows are spelled out in one error (the count covers all of them)."""
+
+
+class PairDataError(ValueError):
+    """Preference pairs could not be loaded or built; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -28,3 +66,371 @@ class PreferencePair:
         if self.chosen_score is not None and self.rejected_score is not None:
             return self.chosen_score - self.rejected_score
         return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_pairs(source: str | os.PathLike, limit: int | None = None, split: str = "train") -> list[PreferencePair]:
+    """Preference pairs from a local ``.jsonl``/``.csv`` file or a Hugging Face dataset name.
+
+    Each row needs ``prompt``, ``chosen`` and ``rejected`` (``chosen`` and ``rejected`` must not
+    be empty or whitespace-only; ``prompt`` may be empty) and may have ``margin`` (≥ 0),
+    ``chosen_score`` and ``rejected_score`` (numbers; numeric strings such as ``"0.5"`` are read
+    as numbers, so CSV works; an empty CSV cell means "absent"). Other fields are ignored.
+
+    ``chosen``/``rejected`` may also be a list of chat messages ``[{"role": ..., "content":
+    ...}, ...]`` (the layout of many binarized preference sets, where each holds the whole
+    conversation): the content of the *last* ``assistant`` message is the response. A
+    ``prompt`` given as a message list becomes the content of its last ``user`` message.
+
+    Every bad row (invalid JSON, missing field, empty text, non-numeric or non-finite number,
+    negative margin) is collected and all are reported together, with line numbers (1-based;
+    a CSV header is line 1; for a dataset, the row index), in one ``PairDataError``.
+    ``limit`` reads only the first ``limit`` rows. A source without pairs is an error too.
+
+    A source that is not an existing local path and looks like a hub id is loaded with
+    ``datasets.load_dataset(source, split=split)``; offline that fails at once with a message
+    saying how to export the dataset to a local ``.jsonl``.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise PairDataError(f"limit must be a positive integer or None, got {limit!r}.")
+    from rlhf_scratch.data import HUB_ID_PATTERN
+
+    name = str(source)
+    path = Path(name).expanduser()
+    if path.exists():
+        rows, where = _read_file(path, limit), str(path)
+    elif name.lower().endswith(PAIR_FILE_EXTENSIONS) or not HUB_ID_PATTERN.match(name):
+        raise PairDataError(
+            f"No such file: {name} (resolved to {path.resolve()}). Pass a .jsonl or .csv file of "
+            "pairs (fields prompt, chosen, rejected), or a Hugging Face dataset name."
+        )
+    else:
+        rows, where = _read_hub(name, split, limit), f"dataset {name!r} (split {split!r})"
+
+    pairs, problems = [], []
+    for lineno, row in rows:
+        if isinstance(row, str):  # a problem found while reading (e.g. invalid JSON)
+            problems.append((lineno, row))
+            continue
+        try:
+            pairs.append(_pair_from_row(row))
+        except _RowError as error:
+            problems.append((lineno, str(error)))
+    if problems:
+        unit = "row" if where.startswith("dataset") else "line"
+        shown = "; ".join(f"{unit} {n}: {message}" for n, message in problems[:MAX_REPORTED_ROWS])
+        more = f"; ... and {len(problems) - MAX_REPORTED_ROWS} more" if len(problems) > MAX_REPORTED_ROWS else ""
+        raise PairDataError(
+            f"{where}: {len(problems)} bad row{'s' if len(problems) != 1 else ''}: {shown}{more}. "
+            "Fix or remove these rows."
+        )
+    if not pairs:
+        raise PairDataError(
+            f"{where} holds no preference pairs. Each row needs the fields prompt, chosen and rejected, "
+            'e.g. {"prompt": "The film", "chosen": " was great.", "rejected": " was dull."}.'
+        )
+    return pairs
+
+
+class _RowError(ValueError):
+    """One row's problem; load_pairs collects them."""
+
+
+def _read_file(path: Path, limit: int | None) -> list[tuple[int, dict | str]]:
+    """``(line number, row dict or problem message)`` for each non-blank row of a local pair file."""
+    if path.is_dir():
+        raise PairDataError(f"{path} is a directory; pass a .jsonl or .csv file of pairs.")
+    suffix = path.suffix.lower()
+    if suffix not in PAIR_FILE_EXTENSIONS:
+        raise PairDataError(
+            f"Unknown pair file type {suffix or '(no extension)'!r} for {path}: use .jsonl (one JSON object "
+            "per line) or .csv (header row prompt,chosen,rejected[,margin,chosen_score,rejected_score])."
+        )
+    rows: list[tuple[int, dict | str]] = []
+    try:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
+        with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as handle:
+            if suffix == ".jsonl":
+                for lineno, line in enumerate(handle, start=1):
+                    if limit is not None and len(rows) >= limit:
+                        break
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        rows.append((lineno, f"invalid JSON ({error.msg})"))
+                        continue
+                    rows.append((lineno, row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"))
+            else:
+                reader = csv.DictReader(handle)
+                if reader.fieldnames is not None:
+                    missing = [f for f in TEXT_FIELDS if f not in reader.fieldnames]
+                    if missing:
+                        raise PairDataError(
+                            f"{path}: the header has no column{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(repr(m) for m in missing)}; it has {list(reader.fieldnames)}. The header "
+                            "must name prompt, chosen, rejected (and optionally margin, chosen_score, rejected_score)."
+                        )
+                start = reader.line_num + 1
+                for row in reader:  # a row's line is where it starts (quoted cells may span lines)
+                    if limit is not None and len(rows) >= limit:
+                        break
+                    if None in row:
+                        rows.append((start, f"{len(row[None])} more cell(s) than the header has columns"))
+                    else:
+                        rows.append((start, row))
+                    start = reader.line_num + 1
+    except UnicodeDecodeError as error:
+        raise PairDataError(f"{path} is not UTF-8 text ({error}). Re-save it as UTF-8.") from error
+    return rows
+
+
+def _read_hub(name: str, split: str, limit: int | None) -> list[tuple[int, dict]]:
+    """``(row index, row dict)`` of a Hugging Face dataset; fails fast when the hub cannot be reached."""
+    from rlhf_scratch.data import hub_is_reachable, hub_offline_var
+
+    export_hint = (
+        "On a machine with network, export it to a local file: `datasets.load_dataset("
+        f"{name!r}, split={split!r}).to_json('pairs.jsonl')` (fields prompt, chosen, rejected, and "
+        "chosen_score/rejected_score if present), copy pairs.jsonl here and pass its path."
+    )
+    offline = hub_offline_var()
+    # Without the offline flag, an unreachable hub makes `datasets` retry for ~25 s: probe first.
+    if offline is None and not hub_is_reachable():
+        raise PairDataError(
+            f"{name!r} is not a local file, so it was taken as a Hugging Face dataset name, but the "
+            f"dataset hub is unreachable. {export_hint}"
+        )
+    import datasets  # slow to import; only this source needs it
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError, bad split
+        reason = (
+            f"{offline} is set and it is not in the local datasets cache"
+            if offline
+            else f"{type(error).__name__}: {str(error)[:300]}"
+        )
+        raise PairDataError(
+            f"Could not load the Hugging Face dataset {name!r} (split {split!r}): {reason}. If you meant a "
+            f"local file, no file {Path(name).resolve()} exists. {export_hint}"
+        ) from error
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return list(enumerate(dataset))
+
+
+def _message_content(value, field: str, role: str):
+    """A string field, or the content of the last ``role`` message of a chat-message list."""
+    if not isinstance(value, list):
+        return value
+    contents = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == role]
+    if not contents:
+        raise _RowError(f"{field!r} is a message list without a {role!r} message")
+    return contents[-1]
+
+
+def _number(row: dict, field: str) -> float | None:
+    value = row.get(field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise _RowError(f"{field!r} is {value!r}, not a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _RowError(f"{field!r} is {value!r}, not a number") from None
+    if not math.isfinite(number):
+        raise _RowError(f"{field!r} is {value!r}, not a finite number")
+    return number
+
+
+def _pair_from_row(row: dict) -> PreferencePair:
+    texts = {}
+    for field in TEXT_FIELDS:
+        if field not in row or row[field] is None:
+            raise _RowError(f"missing field {field!r}")
+        value = _message_content(row[field], field, "user" if field == "prompt" else "assistant")
+        if not isinstance(value, str):
+            raise _RowError(f"{field!r} is a {type(value).__name__}, not a string")
+        if field != "prompt" and not value.strip():
+            raise _RowError(f"{field!r} is empty")
+        texts[field] = value
+    numbers = {field: _number(row, field) for field in NUMBER_FIELDS}
+    if numbers["margin"] is not None and numbers["margin"] < 0:
+        raise _RowError(f"'margin' is {numbers['margin']}, negative (a margin says how much better chosen is: >= 0)")
+    return PreferencePair(**texts, **numbers)
+
+
+def write_pairs(path: str | os.PathLike, pairs: list[PreferencePair]) -> Path:
+    """Write pairs as JSON lines (optional fields only when set), atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        for pair in pairs:
+            handle.write(json.dumps({k: v for k, v in asdict(pair).items() if v is not None}) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+# --------------------------------------------------------------------------- building pairs from scored samples
+
+
+def build_pairs(
+    prompts: list[str], responses: list[list[str]], scores: list[list[float]], threshold: float
+) -> list[PreferencePair]:
+    """Pairs from scored responses, the DPO-seed recipe.
+
+    For each prompt ``prompts[k]`` with responses ``responses[k]`` and their scores
+    ``scores[k]``: responses with score > ``threshold`` are winners, those with score ≤
+    ``threshold`` losers. Winners are sorted best first, losers worst first (ties keep their
+    original order), and the i-th winner is paired with the i-th loser for i < min(#winners,
+    #losers): the best winner with the worst loser, the second best with the second worst, and
+    so on. Each response is used at most once, so a group with w winners and l losers gives
+    min(w, l) pairs, and ``chosen_score > threshold ≥ rejected_score`` in every pair.
+    Responses that are empty or whitespace-only are skipped (a pair file may not hold them).
+    ``chosen_score``/``rejected_score`` are filled; ``margin`` is left unset.
+    """
+    if not len(prompts) == len(responses) == len(scores):
+        raise PairDataError(
+            f"build_pairs needs one response group and one score group per prompt; got {len(prompts)} prompts, "
+            f"{len(responses)} response groups and {len(scores)} score groups."
+        )
+    pairs = []
+    for k, (prompt, group, group_scores) in enumerate(zip(prompts, responses, scores)):
+        if len(group) != len(group_scores):
+            raise PairDataError(f"prompt {k}: {len(group)} responses but {len(group_scores)} scores.")
+        if any(not math.isfinite(s) for s in group_scores):
+            raise PairDataError(f"prompt {k}: a score is not finite ({group_scores}); check the reward.")
+        scored = [(float(s), r) for r, s in zip(group, group_scores) if r.strip()]
+        winners = sorted((x for x in scored if x[0] > threshold), key=lambda x: -x[0])
+        losers = sorted((x for x in scored if x[0] <= threshold), key=lambda x: x[0])
+        pairs += [
+            PreferencePair(prompt=prompt, chosen=w, rejected=l, chosen_score=ws, rejected_score=ls)
+            for (ws, w), (ls, l) in zip(winners, losers)
+        ]
+    return pairs
+
+
+@dataclass
+class PairsConfig(TaskConfig):
+    """Build preference pairs from a model's own samples: sample, score with a reward, pair winners with losers.
+
+    Prompts come from ``--data`` (first min–max tokens of its texts; by default held-out built-in
+    reviews) or ``--prompt``; each gets ``samples_per_prompt`` responses."""
+
+    n: int = 5000
+    """Number of sampled responses in total (n / samples_per_prompt prompts)."""
+    samples_per_prompt: int = 4
+    """Responses sampled per prompt; pairs are formed within a prompt's responses."""
+    threshold: float = 0.0
+    """Winner threshold: score > threshold wins, score <= threshold loses. With vader (compound in [-1, 1]), 0.0
+    splits positive from neutral-or-negative texts: about half of the built-in model's samples each."""
+    batch_size: int = 256
+    """Sequences generated per forward batch."""
+    seed: int = 0
+    device: str = "cpu"
+    out: Path = Path("runs/pairs")
+    """Output directory: pairs.jsonl, config.json, summary.json."""
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        spp = self.samples_per_prompt
+        return [
+            *super()._checks(),
+            (spp >= 2, f"samples_per_prompt must be >= 2 (pairs are formed within a prompt's responses), got {spp}."),
+            (self.n >= max(spp, 1), f"n ({self.n}) must be >= samples_per_prompt ({spp})."),
+            (spp < 1 or self.n % spp == 0,
+             f"n ({self.n}) must be a multiple of samples_per_prompt ({spp}); e.g. --n {max(spp, 1) * max(self.n // max(spp, 1), 1)}."),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
+            (math.isfinite(self.threshold), f"threshold must be a finite number, got {self.threshold}."),
+        ]
+
+
+def run_pairs(config: PairsConfig) -> dict:
+    """Sample ``config.n`` responses, score them, build pairs; write pairs.jsonl, config.json, summary.json.
+
+    Returns the summary: n_prompts, n_samples, n_pairs, n_empty (empty responses, never paired),
+    sample_score_mean, frac_above_threshold, chosen_score_mean, rejected_score_mean, threshold,
+    pairs_file, seconds.
+    """
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
+    from rlhf_scratch.models import load_bridge
+    from rlhf_scratch.outputs import write_json
+    from rlhf_scratch.rewards import make_reward, score_texts
+    from rlhf_scratch.sampling import encode, generate
+
+    console = Console()
+    start = time.time()
+    torch.manual_seed(config.seed)
+    bridge = load_bridge(config.model, device=config.device)
+    reward = make_reward(config.reward)
+    n_prompts = config.n // config.samples_per_prompt
+
+    def encode_text(text: str) -> list[int]:
+        return encode(bridge.tokenizer, text, prepend_bos=config.prepend_bos)
+
+    if config.prompt is not None:
+        prompt_ids = fixed_prefix_prompts(config.prompt, encode_text, n_prompts)
+    else:
+        texts = load_texts(config.data, column=config.column, seed=config.seed)
+        prompt_ids = prompts_from_texts(texts, encode_text, n_prompts, min_tokens=config.min_prompt_tokens,
+                                        max_tokens=config.max_prompt_tokens, seed=config.seed)
+    # Row r answers prompt r // samples_per_prompt: a prompt's responses are consecutive.
+    rows = [ids for ids in prompt_ids for _ in range(config.samples_per_prompt)]
+    generator = torch.Generator().manual_seed(config.seed)
+    prompt_texts, responses, scores = [], [], []
+    columns = [TextColumn("[bold]pairs[/] sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sample", total=len(rows))
+        for i in range(0, len(rows), config.batch_size):
+            generation = generate(bridge, rows[i : i + config.batch_size], config.sampling, generator=generator)
+            prompt_texts += generation.prompts
+            responses += generation.responses
+            # Rounded: float32 rewards would otherwise print as 0.4767000079154968 in the jsonl.
+            scores += [round(s, 6) for s in score_texts(reward, generation.texts).tolist()]
+            progress.update(task, advance=len(generation.prompts))
+
+    spp = config.samples_per_prompt
+    groups = range(0, len(rows), spp)
+    pairs = build_pairs([prompt_texts[g] for g in groups], [responses[g : g + spp] for g in groups],
+                        [scores[g : g + spp] for g in groups], config.threshold)
+    out = Path(config.out)
+    write_json(out / "config.json", config)
+    write_pairs(out / "pairs.jsonl", pairs)
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    summary = {
+        "reward": reward.name,
+        "n_prompts": n_prompts,
+        "n_samples": len(rows),
+        "n_pairs": len(pairs),
+        "n_empty": sum(not r.strip() for r in responses),
+        "sample_score_mean": mean(scores),
+        "frac_above_threshold": mean([float(s > config.threshold) for s in scores]),
+        "chosen_score_mean": mean([p.chosen_score for p in pairs]),
+        "rejected_score_mean": mean([p.rejected_score for p in pairs]),
+        "threshold": config.threshold,
+        "pairs_file": str(out / "pairs.jsonl"),
+        "seconds": time.time() - start,
+    }
+    write_json(out / "summary.json", summary)
+    if not pairs:
+        console.print(f"[yellow]No pairs: no prompt had responses on both sides of threshold {config.threshold}. "
+                      "Move --threshold towards the median score or raise --samples-per-prompt.[/]")
+    else:
+        console.print(
+            f"pairs: {len(pairs)} pairs from {len(rows)} samples ({n_prompts} prompts × {spp}); {reward.name} "
+            f"chosen {summary['chosen_score_mean']:+.3f} vs rejected {summary['rejected_score_mean']:+.3f} "
+            f"(threshold {config.threshold:g}); {summary['seconds']:.0f} s → {out / 'pairs.jsonl'}"
+        )
+    return summary

@@ -32,7 +32,9 @@ Reward specs (--reward):
   hf:PATH_OR_NAME:LABEL:prob ... its softmax probability for LABEL (":logit" is the default)
                              LABEL is a label name from config.id2label (any case) or an index;
                              e.g. hf:models/distilbert-imdb:POSITIVE
-  rm:DIR                     a trained reward model (not available yet)"""
+  rm:DIR                     a trained reward model: the --out folder of `rlhf-scratch rm` (or its
+                             reward_model/ subfolder); scalar heads give r, distributional heads
+                             the expected rating in [0, K-1]"""
 
 HF_OUTPUTS = ("logit", "prob")
 
@@ -252,10 +254,12 @@ def make_reward(spec: str) -> Reward:
             )
         return HFClassifierReward(path, label, output=output)
     if spec.startswith("rm:"):
-        raise RewardError(
-            f"Reward-model rewards ({spec!r}) are not available yet. Use vader, chars[:C] "
-            "or hf:PATH:LABEL for now."
-        )
+        directory = spec[len("rm:") :]
+        if not directory:
+            raise RewardError(f"Bad reward spec {spec!r}: expected rm:DIR, the --out folder of `rlhf-scratch rm`.")
+        from rlhf_scratch.reward_model import RewardModelReward  # imports the model code only when needed
+
+        return RewardModelReward(directory)
     raise RewardError(f"Unknown reward spec {spec!r}.\n{REWARD_SPECS}")
 
 

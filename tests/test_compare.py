@@ -24,8 +24,9 @@ def test_parse_system(tmp_path):
     assert parse_system(f"ppo:{run}") == SystemSpec("ppo", "ppo", path=str(run))
     assert parse_system(f"model:{run}").label == "ppo_run"  # a run's checkpoint is named after its run
     assert parse_system(f"late=reinforce:{run}") == SystemSpec("late", "reinforce", path=str(run))
+    assert parse_system(f"dpo:{run}") == SystemSpec("dpo", "dpo", path=str(run))
     for bad, message in [("bon:x", "integers"), ("bon:4:2", "POOL >= N"), ("ppo", "needs a directory"),
-                         ("ppo:/no/such/dir", "no such directory"), ("dpo:x", "Unknown system"),
+                         ("ppo:/no/such/dir", "no such directory"), ("sft:x", "Unknown system"),
                          ("reference:x", "takes no argument")]:
         with pytest.raises(ValueError, match=message):
             parse_system(bad)

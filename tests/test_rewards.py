@@ -90,9 +90,10 @@ def test_unknown_spec_lists_valid_forms():
         assert form in REWARD_SPECS
 
 
-def test_rm_spec_is_reserved():
-    with pytest.raises(RewardError, match="not available yet"):
-        make_reward("rm:runs/rm")
+def test_rm_spec_without_a_reward_model_is_a_clear_error(tmp_path):
+    # Loading real reward models through rm:DIR is tested in test_reward_model.py.
+    with pytest.raises(RewardError, match="No such reward model directory"):
+        make_reward(f"rm:{tmp_path / 'missing'}")
 
 
 # --------------------------------------------------------------------------- score_texts
