@@ -216,33 +216,42 @@ def _read_csv(f, path: Path, column: str) -> list[str]:
     return [row[column] or "" for row in reader]
 
 
-def _load_hub_dataset(name: str, column: str, split: str, limit: int | None) -> list[str]:
-    export_hint = (
-        "Export the texts to a local .txt/.jsonl/.csv file on a machine with network "
-        f"(e.g. `datasets.load_dataset({name!r}, split={split!r}).to_json('texts.jsonl')`) "
-        "and pass its path."
-    )
+def open_hub_dataset(name: str, split: str, export_hint: str, error: type[ValueError] = DataError):
+    """The ``split`` of the Hugging Face dataset ``name`` (needs the hub or a warm local cache).
+
+    Fails fast offline: raises ``error`` with the reason followed by ``export_hint`` (how to
+    export the data to a local file on a machine with network).
+    """
     offline = hub_offline_var()
     # Without the offline flag, an unreachable hub makes `datasets` retry for ~25 s: probe first.
     if offline is None and not hub_is_reachable():
-        raise DataError(
+        raise error(
             f"{name!r} is not a local file, so it was taken as a Hugging Face dataset name, "
             f"but the dataset hub is unreachable. {export_hint}"
         )
     import datasets  # slow to import; only this source needs it
 
     try:
-        dataset = datasets.load_dataset(name, split=split)
-    except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError, bad split
+        return datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as cause:  # ConnectionError, DatasetNotFoundError, bad split
         reason = (
             f"{offline} is set and it is not in the local datasets cache"
             if offline
-            else f"{type(error).__name__}: {str(error)[:300]}"
+            else f"{type(cause).__name__}: {str(cause)[:300]}"
         )
-        raise DataError(
+        raise error(
             f"Could not load the Hugging Face dataset {name!r} (split {split!r}): {reason}. "
             f"If you meant a local file, no file {Path(name).resolve()} exists. {export_hint}"
-        ) from error
+        ) from cause
+
+
+def _load_hub_dataset(name: str, column: str, split: str, limit: int | None) -> list[str]:
+    export_hint = (
+        "Export the texts to a local .txt/.jsonl/.csv file on a machine with network "
+        f"(e.g. `datasets.load_dataset({name!r}, split={split!r}).to_json('texts.jsonl')`) "
+        "and pass its path."
+    )
+    dataset = open_hub_dataset(name, split, export_hint)
     if column not in dataset.column_names:
         raise DataError(
             f"Dataset {name!r} has no column {column!r}; available columns: "

@@ -190,34 +190,14 @@ def _read_file(path: Path, limit: int | None) -> list[tuple[int, dict | str]]:
 
 def _read_hub(name: str, split: str, limit: int | None) -> list[tuple[int, dict]]:
     """``(row index, row dict)`` of a Hugging Face dataset; fails fast when the hub cannot be reached."""
-    from rlhf_scratch.data import hub_is_reachable, hub_offline_var
+    from rlhf_scratch.data import open_hub_dataset
 
     export_hint = (
         "On a machine with network, export it to a local file: `datasets.load_dataset("
         f"{name!r}, split={split!r}).to_json('pairs.jsonl')` (fields prompt, chosen, rejected, and "
         "chosen_score/rejected_score if present), copy pairs.jsonl here and pass its path."
     )
-    offline = hub_offline_var()
-    # Without the offline flag, an unreachable hub makes `datasets` retry for ~25 s: probe first.
-    if offline is None and not hub_is_reachable():
-        raise PairDataError(
-            f"{name!r} is not a local file, so it was taken as a Hugging Face dataset name, but the "
-            f"dataset hub is unreachable. {export_hint}"
-        )
-    import datasets  # slow to import; only this source needs it
-
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError, bad split
-        reason = (
-            f"{offline} is set and it is not in the local datasets cache"
-            if offline
-            else f"{type(error).__name__}: {str(error)[:300]}"
-        )
-        raise PairDataError(
-            f"Could not load the Hugging Face dataset {name!r} (split {split!r}): {reason}. If you meant a "
-            f"local file, no file {Path(name).resolve()} exists. {export_hint}"
-        ) from error
+    dataset = open_hub_dataset(name, split, export_hint, error=PairDataError)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return list(enumerate(dataset))
