@@ -426,15 +426,16 @@ class DPOTrainer:
         self.config = config
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
+        # Pairs first: a bad pair file fails before the slower model load.
+        self.pairs = list(pairs) if pairs is not None else load_preference_pairs(config)
+        if len(self.pairs) < 2:
+            raise ValueError(f"DPO needs at least 2 preference pairs, got {len(self.pairs)} from {config.pairs}.")
         self.bridge = bridge if bridge is not None else load_bridge(config.model, device=config.device)
         self.bridge.eval()  # dropout off: the same tokens must get the same log-probs in every pass
         self.reference = make_reference(self.bridge)
         tokenizer = self.bridge.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-        self.pairs = list(pairs) if pairs is not None else load_preference_pairs(config)
-        if len(self.pairs) < 2:
-            raise ValueError(f"DPO needs at least 2 preference pairs, got {len(self.pairs)} from {config.pairs}.")
         self.tokens = tokenize_pairs(tokenizer, self.pairs, config.prepend_bos, self.bridge.cfg.n_ctx)
         self.train_indices, self.heldout_indices = split_indices(len(self.pairs), config.heldout_fraction, config.seed)
 
