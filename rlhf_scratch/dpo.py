@@ -29,7 +29,6 @@ logging and outputs. ``rlhf-scratch dpo --pairs FILE --out DIR`` runs it.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from torch import Tensor
 
 from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.objectives import taken_logprobs
-from rlhf_scratch.preferences import PreferencePair
+from rlhf_scratch.preferences import PreferencePair, split_heldout
 
 # is_pep484_tower: accept an int where a float is annotated (``beta=1``), as PEP 484 does.
 typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
@@ -349,7 +348,8 @@ class DPOConfig(TaskConfig):
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value."""
     heldout_fraction: float = 0.1
-    """Share of pairs held out (not trained on) to measure pair accuracy after each epoch; 0: none."""
+    """Share of pairs held out (not trained on; split by prompt, so no held-out prompt is trained on) to measure pair
+    accuracy after each epoch; 0: none."""
 
     # --- evaluation and run ---
     n_eval_prompts: int = 128
@@ -437,7 +437,7 @@ class DPOTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
         self.tokens = tokenize_pairs(tokenizer, self.pairs, config.prepend_bos, self.bridge.cfg.n_ctx)
-        self.train_indices, self.heldout_indices = split_indices(len(self.pairs), config.heldout_fraction, config.seed)
+        self.train_indices, self.heldout_indices = split_heldout(self.pairs, config.heldout_fraction, config.seed)
 
         self.ref_chosen_logps, self.ref_rejected_logps = self.reference_logprobs()
 
@@ -667,15 +667,6 @@ def step_metrics(terms: dict[str, Tensor]) -> dict[str, float]:
         "grad_norm": terms["grad_norm"].item(),
         "lr": terms["lr"].item(),
     }
-
-
-def split_indices(n: int, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """``(train, heldout)`` pair indices: a seeded shuffle, the last round(n·fraction) held out (at least one pair
-    stays for training; at least one is held out when the fraction is > 0)."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_heldout = 0 if heldout_fraction == 0 else min(n - 1, max(1, round(n * heldout_fraction)))
-    return sorted(order[: n - n_heldout]), sorted(order[n - n_heldout:])
 
 
 def plot_dpo_curves(history: list[dict], epoch_rows: list[dict], path: Path) -> Path:

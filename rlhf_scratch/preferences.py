@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -258,6 +259,40 @@ def write_pairs(path: str | os.PathLike, pairs: list[PreferencePair]) -> Path:
 
 
 # --------------------------------------------------------------------------- building pairs from scored samples
+
+
+def split_heldout(pairs: list[PreferencePair], heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, heldout)`` pair indices (sorted), about ``heldout_fraction`` of the pairs held out, split by prompt.
+
+    Every pair of a held-out prompt is held out, so held-out accuracy is measured on prompts the
+    model never trained on (pairs built from samples share their prompt: 4 samples per prompt give up
+    to 2 pairs). Prompts are visited in a seeded shuffle and held out until round(fraction·N) pairs
+    (at least 1) are; at least one prompt stays for training. With a single prompt (fixed-prefix
+    data) there is nothing to group by, and single pairs are held out instead.
+    """
+    if not 0 <= heldout_fraction < 1:
+        raise PairDataError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}.")
+    n = len(pairs)
+    if heldout_fraction == 0:
+        return list(range(n)), []
+    if n < 2:
+        raise PairDataError(f"{n} pair(s) cannot be split into training and held-out pairs "
+                            f"(heldout_fraction {heldout_fraction}); add pairs or pass --heldout-fraction 0.")
+    target = max(1, round(heldout_fraction * n))
+    groups: dict[str, list[int]] = {}
+    for index, pair in enumerate(pairs):
+        groups.setdefault(pair.prompt, []).append(index)
+    if len(groups) == 1:  # one prompt: hold out single pairs
+        groups = {str(index): [index] for index in range(n)}
+    prompts = list(groups)
+    random.Random(seed).shuffle(prompts)
+    heldout: list[int] = []
+    for prompt in prompts[:-1]:  # the last prompt always stays for training
+        if len(heldout) >= target:
+            break
+        heldout += groups[prompt]
+    held = set(heldout)
+    return [i for i in range(n) if i not in held], sorted(heldout)
 
 
 def build_pairs(

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhf_scratch.models import CHECKPOINT_META_FILE, FINAL_RESIDUAL_HOOK
-from rlhf_scratch.preferences import PairDataError, PreferencePair, load_pairs, write_pairs
+from rlhf_scratch.preferences import PairDataError, PreferencePair, load_pairs, split_heldout, write_pairs
 from rlhf_scratch.rewards import RewardError
 
 # is_pep484_tower: accept an int where a float is annotated (alpha=1), as PEP 484 does.
@@ -335,7 +335,7 @@ class RewardModelConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     heldout_fraction: float = 0.1
-    """Share of pairs held out (seeded random split) to measure pairwise accuracy; 0: none."""
+    """Share of pairs held out to measure pairwise accuracy, split by prompt (no held-out prompt is trained on); 0: none."""
     limit: int | None = None
     """Use only the first LIMIT pairs of the file."""
     prepend_bos: bool = True
@@ -362,17 +362,10 @@ class RewardModelConfig:
                 raise ValueError(message)
 
 
-def split_pairs(pairs: list, heldout_fraction: float, seed: int) -> tuple[list, list]:
-    """``(train, heldout)``: a seeded shuffle, then round(fraction·N) pairs (at least 1 if fraction > 0) held out."""
-    if heldout_fraction == 0:
-        return list(pairs), []
-    n_heldout = max(1, round(heldout_fraction * len(pairs)))
-    if n_heldout >= len(pairs):
-        raise PairDataError(f"{len(pairs)} pair(s) cannot be split into training and held-out pairs "
-                            f"(heldout_fraction {heldout_fraction}); add pairs or pass --heldout-fraction 0.")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    return [pairs[i] for i in order[n_heldout:]], [pairs[i] for i in order[:n_heldout]]
+def split_pairs(pairs: list[PreferencePair], heldout_fraction: float, seed: int) -> tuple[list, list]:
+    """``(train, heldout)`` pairs, split by prompt (``preferences.split_heldout``)."""
+    train, heldout = split_heldout(pairs, heldout_fraction, seed)
+    return [pairs[i] for i in train], [pairs[i] for i in heldout]
 
 
 def pair_loss(model: RewardModel, pairs: list[PreferencePair], loss: str, alpha: float) -> tuple[Tensor, Tensor, Tensor]:

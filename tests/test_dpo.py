@@ -15,10 +15,9 @@ from rlhf_scratch.dpo import (
     dpo_loss,
     f_prime,
     sequence_logprobs,
-    split_indices,
     tokenize_pairs,
 )
-from rlhf_scratch.preferences import PreferencePair
+from rlhf_scratch.preferences import PreferencePair, split_heldout
 from rlhf_scratch.sampling import SamplingConfig
 
 DIVERGENCES = ("rkl", "fkl", "js", "alpha")
@@ -239,10 +238,12 @@ def test_one_step_raises_chosen_over_rejected(tiny_model_dir, divergence):
 
 
 def test_split_and_warmup_checks(tiny_model_dir):
-    train, heldout = split_indices(10, 0.2, seed=0)
+    pairs = [PreferencePair(f"p{i % 5}", " yes", " no") for i in range(10)]  # 5 prompts, 2 pairs each
+    train, heldout = split_heldout(pairs, 0.2, seed=0)
     assert len(heldout) == 2 and sorted(train + heldout) == list(range(10))
-    assert split_indices(10, 0.2, seed=0) == (train, heldout)
-    assert split_indices(3, 0.0, seed=0) == ([0, 1, 2], [])
+    assert {pairs[i].prompt for i in heldout}.isdisjoint({pairs[i].prompt for i in train})
+    assert split_heldout(pairs, 0.2, seed=0) == (train, heldout)
+    assert split_heldout(pairs[:3], 0.0, seed=0) == ([0, 1, 2], [])
     with pytest.raises(ValueError, match="warmup_steps \\(3\\) must be less than the number of optimiser steps \\(3"):
         DPOTrainer(small_config(tiny_model_dir, warmup_steps=3), pairs=PAIRS)  # 6 pairs / 2 = 3 steps
 

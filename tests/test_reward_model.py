@@ -100,14 +100,20 @@ def test_pairwise_accuracy_counts_ties_as_wrong():
         pairwise_accuracy(torch.zeros(0), torch.zeros(0))
 
 
-def test_split_pairs_is_seeded_and_disjoint():
-    pairs = list(range(20))
+def test_split_pairs_holds_out_whole_prompts():
+    # 10 prompts with 2 pairs each: 10% of 20 pairs = 2 pairs = one whole prompt.
+    pairs = [PreferencePair(f"prompt {i // 2}", f" good {i}", f" bad {i}") for i in range(20)]
     train, heldout = split_pairs(pairs, 0.1, seed=3)
-    assert len(heldout) == 2 and sorted(train + heldout) == pairs
-    assert split_pairs(pairs, 0.1, seed=3) == (train, heldout)
+    assert len(heldout) == 2 and len(train) == 18
+    assert {p.prompt for p in heldout}.isdisjoint({p.prompt for p in train})
+    assert split_pairs(pairs, 0.1, seed=3) == (train, heldout)  # seeded
     assert split_pairs(pairs, 0.0, seed=3) == (pairs, [])
+    # One prompt for every pair (fixed-prefix data): single pairs are held out instead.
+    same = [PreferencePair("The movie", f" good {i}", f" bad {i}") for i in range(10)]
+    train, heldout = split_pairs(same, 0.2, seed=0)
+    assert len(heldout) == 2 and sorted(p.chosen for p in train + heldout) == sorted(p.chosen for p in same)
     with pytest.raises(PairDataError, match="cannot be split"):
-        split_pairs([1], 0.5, seed=0)
+        split_pairs(pairs[:1], 0.5, seed=0)
 
 
 # --------------------------------------------------------------------------- the model on a tiny trunk
