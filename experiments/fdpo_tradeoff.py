@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhf_scratch.dpo import DPOConfig, DPOTrainer
-from rlhf_scratch.evaluation import EvalConfig, ModelSampler, evaluate, evaluation_prompts
+from rlhf_scratch.evaluation import EvalConfig, ModelSampler, evaluate, evaluation_prompts, markdown_table, pyplot
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.sampling import SamplingConfig
 
@@ -90,20 +90,13 @@ def cell(row: dict, key: str) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(header for _, header in COLUMNS) + " |",
-             "|" + "|".join("---" if key == "system" else "---:" for key, _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cell(row, key) for key, _ in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
+def results_table(rows: list[dict]) -> str:
+    return markdown_table([header for _, header in COLUMNS], [[cell(row, key) for key, _ in COLUMNS] for row in rows])
 
 
 def plot_tradeoff(rows: list[dict], path: Path) -> Path:
     """Reward mean against token entropy, distinct-2 and KL: one labelled point per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     panels = (("token_entropy", "token entropy (nats)"), ("distinct_2", "distinct-2"),
               ("kl", "KL(π ‖ π_ref), nats per response"))
@@ -178,7 +171,7 @@ def main(argv=None) -> dict:
         "n-grams / all n-grams; EOS rate = share of responses that end with EOS before the token limit; held-out pair "
         "acc. = share of held-out pairs (10%, not trained on) with u_w > u_l.",
         "",
-        markdown_table(rows),
+        results_table(rows),
         "",
         f"{seconds:.0f} s in all.",
         "",
@@ -189,7 +182,7 @@ def main(argv=None) -> dict:
     result = {"rows": rows, "runs": runs, "pairs_file": str(pairs_file), "pairs": pairs_summary, "n_pairs": len(pairs),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "seconds": seconds}
     write_json(args.out / "summary.json", result)
-    print(markdown_table(rows))
+    print(results_table(rows))
     print(f"\n{seconds:.0f} s in all; report in {args.out / 'report.md'}")
     return result
 

@@ -27,7 +27,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_scratch.evaluation import METRIC_KEYS, EvalConfig, EvalResult
+from rlhf_scratch.evaluation import METRIC_KEYS, EvalConfig, EvalResult, pyplot
 
 SYSTEM_SYNTAX = (
     "Name systems as [LABEL=]KIND[:ARG]: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | dpo:DIR | model:DIR, "
@@ -219,18 +219,9 @@ def write_report(out: Path, config: EvalConfig, results: list[EvalResult], title
                                       "reward": config.reward, "model": config.model})
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_reward_vs_kl(rows: list[dict], path: Path) -> Path:
     """Mean reward against KL to the reference (± s.e.); best-of-n's analytic bound as a hollow marker."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         points = ax.errorbar(row["kl"], row["reward_mean"], xerr=row["kl_se"], fmt="o", capsize=3, label=row["system"])
@@ -250,7 +241,7 @@ def plot_reward_vs_kl(rows: list[dict], path: Path) -> Path:
 
 def plot_reward_vs_diversity(rows: list[dict], path: Path) -> Path:
     """Mean reward against token entropy and against distinct-2 (the reward–diversity trade-off)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for ax, key, label in ((axes[0], "token_entropy", "token entropy (nats)"), (axes[1], "distinct_2", "distinct-2")):
         for row in rows:

@@ -671,10 +671,9 @@ def step_metrics(terms: dict[str, Tensor]) -> dict[str, float]:
 
 def plot_dpo_curves(history: list[dict], epoch_rows: list[dict], path: Path) -> Path:
     """``curves.png``: loss, pair accuracy (train per step, held-out per epoch) and implicit rewards per step."""
-    import matplotlib
+    from rlhf_scratch.evaluation import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [row["step"] for row in history]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))

@@ -411,11 +411,14 @@ def print_metrics_table(console, rows: list[dict], title: str = "Evaluation") ->
     console.print(table)
 
 
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the first column left-aligned (names), the others right-aligned (numbers)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def markdown_metrics_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(header for _, header in TABLE_COLUMNS) + " |",
-             "|" + "|".join("---" if key == "system" else "---:" for key, _ in TABLE_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table([header for _, header in TABLE_COLUMNS], [table_cells(row) for row in rows])
 
 
 def print_sample_table(console, results: list[EvalResult], rows: int) -> None:
@@ -465,12 +468,19 @@ def print_before_after(console, before, before_rewards: list[float], after, afte
     console.print(table)
 
 
-def plot_curves(history: list[dict], out: Path) -> list[Path]:
-    """``reward.png`` (mean ± std per phase) and ``kl.png`` (sequence KL to the reference)."""
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed; imported only when plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict], out: Path) -> list[Path]:
+    """``reward.png`` (mean ± std per phase) and ``kl.png`` (sequence KL to the reference)."""
+    plt = pyplot()
 
     phases = [row["phase"] for row in history]
     paths = []

@@ -562,11 +562,6 @@ def interpretation(summary: dict) -> str:
 # --------------------------------------------------------------------------- tables and plots
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def _token_cell(token: str) -> str:
     return "`" + repr(token)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
 
@@ -582,6 +577,8 @@ def _token_rows(rows: list[dict]) -> list[list[str]]:
 
 def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[str]) -> Path:
     """report.md: the four tables, the plots, and the one-line interpretation."""
+    from rlhf_scratch.evaluation import markdown_table
+
     source = "the policy's own samples on held-out prompts" if config.from_samples else f"texts from {config.prompts}"
     token_headers = ["token", "Δ mean log-prob", "Δ mean p", "mean p (reference)", "mean p (policy)"]
     text = [
@@ -593,7 +590,7 @@ def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[
         "## Residual stream per layer", "",
         "Mean over positions of cos(h_pol, h_ref) and of ‖h_pol − h_ref‖ / ‖h_ref‖, at the embeddings "
         "(`blocks.0.hook_resid_pre`) and after each block (`blocks.L.hook_resid_post`).", "",
-        _md_table(["layer", "cosine", "relative norm"],
+        markdown_table(["layer", "cosine", "relative norm"],
                   [[r["layer"], f"{r['cosine']:.4f}", f"{r['rel_norm']:.4f}"] for r in summary["residual"]]), "",
         "![residual stream change](residual.png)", "",
         "## Largest weight changes", "",
@@ -601,22 +598,22 @@ def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[
         "embeddings, unembedding and LayerNorm scales γ (10 largest; all rows in summary.json). With Adam every "
         "weight moves by a similar amount per step whatever its gradient's size, so a matrix with small weights "
         "shows a large relative change: read the RMS change per entry (‖ΔW‖_F / sqrt(#entries)) beside it.", "",
-        _md_table(["component", "relative change", "‖ΔW‖_F", "RMS change per entry"],
+        markdown_table(["component", "relative change", "‖ΔW‖_F", "RMS change per entry"],
                   [[r["component"], f"{r['rel_change']:.4%}", f"{r['abs_change']:.4f}", f"{r['rms_change']:.2e}"]
                    for r in summary["weights_top"][:10]]), "",
         "![weight change per head](weight_change.png)", "",
         "## Tokens whose log-probability rose most", "",
         "Δ = mean over positions of log π_pol(v) − log π_ref(v) over the full next-token distribution.", "",
-        _md_table(token_headers, _token_rows(summary["logprob_rose"])), "",
+        markdown_table(token_headers, _token_rows(summary["logprob_rose"])), "",
         "## Tokens whose log-probability fell most", "",
-        _md_table(token_headers, _token_rows(summary["logprob_fell"])), "",
+        markdown_table(token_headers, _token_rows(summary["logprob_fell"])), "",
         "## Where the probability mass moved", "",
         "Ranked by Δ mean p = mean over positions of π_pol(v) − π_ref(v): the tokens the policy now samples more "
         "(or less) often. A log-prob change of a rare token can be large while its probability barely moves.", "",
         "Gained most:", "",
-        _md_table(token_headers, _token_rows(summary["prob_rose"])), "",
+        markdown_table(token_headers, _token_rows(summary["prob_rose"])), "",
         "Lost most:", "",
-        _md_table(token_headers, _token_rows(summary["prob_fell"])), "",
+        markdown_table(token_headers, _token_rows(summary["prob_fell"])), "",
         "## Direct logit attribution", "",
         f"Token set T = {', '.join(_token_cell(t) for t in summary['dla_tokens'])}"
         f"{' (from --tokens)' if config.tokens else ' (the tokens that rose most)'}. Direction d = mean_T W_U[:, t] − "
@@ -625,7 +622,7 @@ def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[
         "model's mean logit difference mean_T logit_t − mean_v logit_v "
         f"(reference {summary['dla_logit_difference']['reference']:+.3f}, policy "
         f"{summary['dla_logit_difference']['policy']:+.3f}; largest check error {summary['dla_check_max_error']:.1e}).", "",
-        _md_table(["component", "reference", "policy", "change"],
+        markdown_table(["component", "reference", "policy", "change"],
                   [[r["component"], f"{r['reference']:+.3f}", f"{r['policy']:+.3f}", f"{r['change']:+.3f}"] for r in summary["dla"]]), "",
         "![direct logit attribution](dla.png)", "",
     ]
@@ -669,9 +666,9 @@ def print_diff_tables(console, summary: dict) -> None:
 
 def plot_residual(rows: list[dict], path: Path) -> Path:
     """Two panels over layers: mean cosine similarity and mean relative norm of the difference."""
-    from rlhf_scratch.compare import _pyplot
+    from rlhf_scratch.evaluation import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     labels = [r["layer"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     axes[0].plot(labels, [r["cosine"] for r in rows], "o-")
@@ -691,9 +688,9 @@ def plot_residual(rows: list[dict], path: Path) -> Path:
 
 def plot_weight_change(rows: list[dict], n_layers: int, n_heads: int, path: Path) -> Path:
     """Heatmaps layer × head of the relative change of W_Q, W_K, W_V, W_O, and the MLPs' W_in/W_out per layer."""
-    from rlhf_scratch.compare import _pyplot
+    from rlhf_scratch.evaluation import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     grids = {m: head_change_grid(rows, m, n_layers, n_heads) for m in ("W_Q", "W_K", "W_V", "W_O")}
     mlp = torch.zeros(n_layers, 2)
     for row in rows:
@@ -725,9 +722,9 @@ def plot_weight_change(rows: list[dict], n_layers: int, n_heads: int, path: Path
 
 def plot_dla(rows: list[dict], tokens: list[str], path: Path) -> Path:
     """Bars per residual-stream component: contribution to the token set's logit difference, policy vs reference."""
-    from rlhf_scratch.compare import _pyplot
+    from rlhf_scratch.evaluation import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     labels = [r["component"] for r in rows]
     x = torch.arange(len(rows)).numpy()
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows) + 2), 4))

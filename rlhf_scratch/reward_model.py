@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,18 +245,15 @@ def save_reward_model(model: RewardModel, directory: str | os.PathLike, meta: di
     """Write the trunk (``save_model_dir``: save_pretrained layout, safetensors), ``reward_head.safetensors`` and
     ``rlhf_scratch.json`` (kind, head, num_ratings, prepend_bos and ``meta``, e.g. the loss and alpha), atomically."""
     from rlhf_scratch.models import drop_cached_activations, save_model_dir
-    from rlhf_scratch.outputs import replace_dir
+    from rlhf_scratch.outputs import atomic_dir
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     drop_cached_activations(model.bridge)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     info = {**(meta or {}), "kind": REWARD_MODEL_KIND, "head": model.head_kind, "num_ratings": model.num_ratings,
             "prepend_bos": model.prepend_bos}
-    save_model_dir(model.bridge, staging, meta=info)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, staging / REWARD_HEAD_FILE)
-    replace_dir(staging, directory, copy=False)
-    return directory
+    with atomic_dir(directory) as staging:
+        save_model_dir(model.bridge, staging, meta=info)
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, staging / REWARD_HEAD_FILE)
+    return Path(directory)
 
 
 def find_reward_model_dir(path: str | os.PathLike) -> Path:

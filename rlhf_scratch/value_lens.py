@@ -333,9 +333,9 @@ def write_tokens_csv(rows: list[dict], path: Path) -> Path:
 
 def plot_value_lens(summary: dict, path: Path) -> Path:
     """Top: V_t, A_t and the return per generated token; bottom: the value lens heatmap, layer × token."""
-    from rlhf_scratch.compare import _pyplot
+    from rlhf_scratch.evaluation import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = summary["tokens"]
     lens = torch.tensor(summary["lens"])
     labels = [repr(r["token"])[1:-1] for r in rows]
