@@ -41,7 +41,7 @@ from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.config import TaskConfig
-from rlhf_scratch.objectives import taken_logprobs
+from rlhf_scratch.objectives import masked_sequence_sum, taken_logprobs
 from rlhf_scratch.preferences import PreferencePair, split_heldout
 
 # is_pep484_tower: accept an int where a float is annotated (``beta=1``), as PEP 484 does.
@@ -234,9 +234,7 @@ def response_logprobs(
     if bool(response_mask[:, 0].any()):
         raise ValueError("response_mask is True at position 0: every row needs at least one prompt token (BOS) first.")
     logprobs = taken_logprobs(logits, tokens, 1)  # [B, S−1]: log π(token t | tokens < t) for t = 1..S−1
-    mask = response_mask[:, 1:]
-    # torch.where rather than a product: a −inf log-prob at a padded position would give 0·inf = nan.
-    return torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum(dim=1)
+    return masked_sequence_sum(logprobs, response_mask[:, 1:])
 
 
 def sequence_logprobs(bridge, batch: TokenizedResponses) -> Float[Tensor, "batch"]:

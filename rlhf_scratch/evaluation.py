@@ -92,10 +92,11 @@ def sequence_log_ratio(
     log_ratio[b] = Σ_{t: gen_mask[b, t]} (logprobs[b, t] − ref_logprobs[b, t])      [B, G] -> [B]
 
     Its mean over responses sampled from π is an unbiased estimate of the sequence KL(π‖π_ref).
-    Padding is excluded with ``torch.where`` (a −inf log-prob there would otherwise give nan).
+    Padding is excluded with ``masked_sequence_sum`` (a −inf log-prob there would otherwise give nan).
     """
-    difference = torch.where(gen_mask, logprobs - ref_logprobs, torch.zeros_like(logprobs))
-    return difference.sum(dim=1)
+    from rlhf_scratch.objectives import masked_sequence_sum
+
+    return masked_sequence_sum(logprobs - ref_logprobs, gen_mask)
 
 
 @jaxtyped(typechecker=typechecker)

@@ -27,6 +27,16 @@ typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 
 @jaxtyped(typechecker=typechecker)
+def masked_sequence_sum(x: Float[Tensor, "batch gen"], mask: Bool[Tensor, "batch gen"]) -> Float[Tensor, "batch"]:
+    """Σ_t x[b, t] over the positions where ``mask[b, t]`` is True, per row.      [B, G] -> [B]
+
+    E.g. the log-prob of a whole response, log π(y) = Σ_t log π(y_t) over its real tokens.
+    """
+    # torch.where, not x * mask: a −inf log-prob at a padded position would give 0·inf = nan.
+    return torch.where(mask, x, torch.zeros_like(x)).sum(dim=1)
+
+
+@jaxtyped(typechecker=typechecker)
 def masked_mean(x: Float[Tensor, "*shape"], mask: Bool[Tensor, "*shape"]) -> Float[Tensor, ""]:
     """Mean of ``x`` over the positions where ``mask`` is True.
 

@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.memory import ReplayMemory
-from rlhf_scratch.objectives import generated_logits, taken_logprobs
+from rlhf_scratch.objectives import generated_logits, masked_sequence_sum, taken_logprobs
 from rlhf_scratch.ppo import PolicyTrainer, PolicyTrainingConfig, check_finite
 
 typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
@@ -106,7 +106,7 @@ class MovingAverageBaseline:
 @jaxtyped(typechecker=typechecker)
 def sequence_logprobs(logprobs: Float[Tensor, "batch gen"], gen_mask: Bool[Tensor, "batch gen"]) -> Float[Tensor, "batch"]:
     """log π(y) of each response: Σ_t log π(y_t) over its real generated tokens.      [B, G] -> [B]"""
-    return torch.where(gen_mask, logprobs, torch.zeros_like(logprobs)).sum(dim=1)
+    return masked_sequence_sum(logprobs, gen_mask)
 
 
 @jaxtyped(typechecker=typechecker)
