@@ -419,6 +419,7 @@ class DPOTrainer:
 
     def __init__(self, config: DPOConfig, pairs: list[PreferencePair] | None = None, bridge=None):
         from rlhf_scratch.models import load_bridge, make_reference
+        from rlhf_scratch.sampling import padding_id
         from rlhf_scratch.schedule import warmup_decay_lambda
 
         self.config = config
@@ -432,7 +433,7 @@ class DPOTrainer:
         self.bridge.eval()  # dropout off: the same tokens must get the same log-probs in every pass
         self.reference = make_reference(self.bridge)
         tokenizer = self.bridge.tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = padding_id(tokenizer)
 
         self.tokens = tokenize_pairs(tokenizer, self.pairs, config.prepend_bos, self.bridge.cfg.n_ctx)
         self.train_indices, self.heldout_indices = split_heldout(self.pairs, config.heldout_fraction, config.seed)

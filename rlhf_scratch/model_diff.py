@@ -382,7 +382,7 @@ def diff_sequences(config: DiffConfig, policy_bridge) -> tuple[Tensor, Tensor, i
     """The token sequences both models read: (tokens [N, S], attention_mask [N, S], prompt_len P or 0)."""
     from rlhf_scratch.data import load_texts, prompts_from_texts
     from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET
-    from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad
+    from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
 
     tokenizer = policy_bridge.tokenizer
     texts = load_texts(config.prompts, column=config.column, seed=config.seed + HELDOUT_SEED_OFFSET)
@@ -398,13 +398,11 @@ def diff_sequences(config: DiffConfig, policy_bridge) -> tuple[Tensor, Tensor, i
                  for i in range(0, len(prompts), config.batch_size)]
         # One common width so that activations of all batches stack: re-pad every row to the longest.
         rows = [g.sequences[r][g.attention_mask[r].bool()].tolist() for g in parts for r in range(len(g.prompts))]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        tokens, mask = left_pad(rows, pad_id)
+        tokens, mask = left_pad(rows, padding_id(tokenizer))
         return tokens, mask, max(g.prompt_len for g in parts)
     width = min(config.max_tokens, policy_bridge.cfg.n_ctx)
     encoded = [encode_text(text)[:width] for text in texts[: config.n_texts]]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokens, mask = left_pad(encoded, pad_id)
+    tokens, mask = left_pad(encoded, padding_id(tokenizer))
     return tokens, mask, 0
 
 

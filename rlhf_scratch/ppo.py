@@ -64,7 +64,7 @@ from rlhf_scratch.objectives import (
     taken_logprobs,
 )
 from rlhf_scratch.rewards import make_reward, score_texts
-from rlhf_scratch.sampling import Generation, SamplingConfig, encode, generate
+from rlhf_scratch.sampling import Generation, SamplingConfig, encode, generate, padding_id
 from rlhf_scratch.schedule import warmup_decay_lambda
 
 
@@ -628,8 +628,7 @@ class PolicyTrainer:
         if self.config.debug:
             tokenizer = self.policy.tokenizer
             eos = tokenizer.eos_token_id if self.config.sampling.stop_at_eos else None
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            invariants.check_memory(memory, eos_id=eos, pad_id=pad, where=f"phase {self.phase + 1}")
+            invariants.check_memory(memory, eos_id=eos, pad_id=padding_id(tokenizer), where=f"phase {self.phase + 1}")
         breakdown = []
         clock = time.perf_counter()
         for index, minibatch in enumerate(minibatches if minibatches is not None else self.minibatches(memory)):

@@ -173,7 +173,7 @@ class RewardModel(nn.Module):
 
     def tokenize(self, texts: list[str]) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
         """Left-padded ``(tokens [B, S], attention_mask [B, S])``: column −1 is every row's last real token."""
-        from rlhf_scratch.sampling import left_pad
+        from rlhf_scratch.sampling import left_pad, padding_id
 
         if not texts:
             raise ValueError("No texts to score: pass at least one.")
@@ -187,8 +187,7 @@ class RewardModel(nn.Module):
             rows.append(ids)
         if any(not ids for ids in rows):
             raise ValueError("A text encodes to no tokens (empty text without BOS); score non-empty texts.")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return left_pad(rows, pad_id)
+        return left_pad(rows, padding_id(tokenizer))
 
     @jaxtyped(typechecker=typechecker)
     def forward(self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch out"]:

@@ -91,6 +91,12 @@ def encode(tokenizer, text: str, prepend_bos: bool = True) -> list[int]:
     return ids
 
 
+def padding_id(tokenizer) -> int:
+    """The id that fills padded positions: the tokenizer's pad token, else its EOS (GPT-2 has no pad token).
+    Padded positions are masked everywhere, so the choice only has to be a valid token id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "batch prompt"], Int[Tensor, "batch prompt"]]:
     """Left-pad token lists to a common length: ``(tokens [B, P], attention_mask [B, P])``."""
     if not prompts:
@@ -162,7 +168,7 @@ def generate(
     """
     tokenizer = bridge.tokenizer
     eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    pad_id = padding_id(tokenizer)
     tokens, attention_mask = left_pad(prompts, pad_id)
     n_ctx = bridge.cfg.n_ctx
     if tokens.shape[1] + config.max_new_tokens > n_ctx:
