@@ -154,13 +154,14 @@ def run_settings(checkpoint: str | Path) -> dict:
     resume_state.json, the run's config.json next to the checkpoint, PPOConfig's defaults."""
     from dataclasses import fields
 
+    from rlhf_scratch.checkpoint import RESUME_STATE_JSON
     from rlhf_scratch.ppo import PPOConfig
 
     settings = {f.name: f.default for f in fields(PPOConfig) if f.name in ("reward", "gamma", "lam", "kl_coef", "kl_mode", "kl_estimator")}
     settings["temperature"] = 1.0
     settings["source"] = "PPOConfig defaults"
     checkpoint = Path(checkpoint)
-    for source, pick in ((checkpoint / "resume_state.json", lambda saved: saved.get("config")),
+    for source, pick in ((checkpoint / RESUME_STATE_JSON, lambda saved: saved.get("config")),
                          (checkpoint.parent / "config.json", lambda saved: saved)):
         try:
             saved = pick(json.loads(source.read_text())) if source.is_file() else None
