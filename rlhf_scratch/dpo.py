@@ -418,7 +418,7 @@ class DPOTrainer:
     """
 
     def __init__(self, config: DPOConfig, pairs: list[PreferencePair] | None = None, bridge=None):
-        from rlhf_scratch.models import load_bridge, make_reference
+        from rlhf_scratch.models import bridge_parameters, load_bridge, make_reference
         from rlhf_scratch.sampling import padding_id
         from rlhf_scratch.schedule import warmup_decay_lambda
 
@@ -448,9 +448,7 @@ class DPOTrainer:
                 f"({self.total_steps} = {config.epochs} epochs × {self.steps_per_epoch} batches of {config.batch_size} "
                 f"pairs); lower --warmup-steps or train longer."
             )
-        # The GPT-2 bridge also exposes the fused c_attn weight as ``attn.qkv``; only the split q/k/v views are
-        # used in the forward pass, so the alias is left out (as ``PolicyWithValueHead.trunk_parameters``).
-        self.parameters = [p for name, p in self.bridge.named_parameters() if ".qkv." not in name]
+        self.parameters = bridge_parameters(self.bridge)  # each storage once: no fused qkv alias
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_decay_lambda(self.total_steps, config.warmup_steps, config.final_lr_scale))

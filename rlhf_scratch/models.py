@@ -189,17 +189,22 @@ class PolicyWithValueHead(nn.Module):
         return PolicyOutput(logits=logits, values=values)
 
     def trunk_parameters(self) -> list[nn.Parameter]:
-        """The bridge's trainable parameters, each storage once.
-
-        The GPT-2 bridge exposes the fused ``c_attn`` weight (as ``attn.qkv``) *and* the
-        split q/k/v views of it; only the split views are used in the forward pass, so
-        the fused alias is dropped here to keep weight decay and the optimizer's state
-        from touching the same memory twice.
-        """
-        return [p for name, p in self.bridge.named_parameters() if ".qkv." not in name]
+        """The bridge's trainable parameters, each storage once (``bridge_parameters``)."""
+        return bridge_parameters(self.bridge)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.value_head.parameters())
+
+
+def bridge_parameters(bridge) -> list[nn.Parameter]:
+    """The parameters of a bridge to optimise, each storage once.
+
+    The GPT-2 bridge exposes the fused ``c_attn`` weight (as ``attn.qkv``) *and* the
+    split q/k/v views of it; only the split views are used in the forward pass, so
+    the fused alias is dropped here to keep weight decay and the optimizer's state
+    from touching the same memory twice.
+    """
+    return [p for name, p in bridge.named_parameters() if ".qkv." not in name]
 
 
 def drop_cached_activations(module: nn.Module) -> None:

@@ -232,9 +232,10 @@ class RewardModel(nn.Module):
         return torch.cat(parts)
 
     def trunk_parameters(self) -> list[nn.Parameter]:
-        """The trunk's parameters, each storage once (the GPT-2 bridge's fused ``qkv`` alias is left out,
-        as in ``PolicyWithValueHead.trunk_parameters``)."""
-        return [p for name, p in self.bridge.named_parameters() if ".qkv." not in name]
+        """The trunk's parameters, each storage once (``models.bridge_parameters``)."""
+        from rlhf_scratch.models import bridge_parameters
+
+        return bridge_parameters(self.bridge)
 
 
 # --------------------------------------------------------------------------- saving and loading
