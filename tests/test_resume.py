@@ -256,6 +256,14 @@ def test_sigkill_while_saving_checkpoints_leaves_a_loadable_one(tiny_model_dir, 
         if pid == 0:  # the child: save forever, one byte down the pipe after each complete save
             try:
                 os.close(read_end)
+                # tqdm's write lock is a multiprocessing lock, shared with the parent across fork: a child killed
+                # inside a progress bar (transformers' "Writing model shards") would leave it held forever and
+                # the parent's next progress bar would deadlock. The child gets a lock of its own.
+                import threading
+
+                from tqdm import tqdm
+
+                tqdm.set_lock(threading.RLock())
                 for i in range(10**6):
                     trainer.phase = 1000 * attempt + i
                     trainer.save_checkpoint(target)
