@@ -448,8 +448,8 @@ class DPOTrainer:
                 f"({self.total_steps} = {config.epochs} epochs × {self.steps_per_epoch} batches of {config.batch_size} "
                 f"pairs); lower --warmup-steps or train longer."
             )
-        self.parameters = bridge_parameters(self.bridge)  # each storage once: no fused qkv alias
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        # bridge_parameters: each storage once (no fused qkv alias).
+        self.optimizer = torch.optim.AdamW(bridge_parameters(self.bridge), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_decay_lambda(self.total_steps, config.warmup_steps, config.final_lr_scale))
         self.step = 0
@@ -493,16 +493,12 @@ class DPOTrainer:
         loss, losses, chosen_rewards, rejected_rewards, margin, f_margin, accuracy (see ``DPOLossOutput``),
         policy_chosen_logps, policy_rejected_logps [b], grad_norm (before clipping), lr (of this step).
         """
-        from rlhf_scratch.ppo import check_finite
+        from rlhf_scratch.optimization import check_finite, clipped_step
 
         lr = self.optimizer.param_groups[0]["lr"]
         out, chosen, rejected = self.compute_loss([int(i) for i in indices])
         check_finite("DPO loss", out.loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
-        check_finite("gradient norm", grad_norm)
-        self.optimizer.step()
+        grad_norm = clipped_step(self.optimizer, out.loss, self.config.max_grad_norm)
         self.scheduler.step()
         self.step += 1
         return {

@@ -50,6 +50,7 @@ from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.models import PolicyWithValueHead, load_bridge, load_policy, make_reference, save_model_dir
 from rlhf_scratch.outputs import atomic_dir, to_jsonable
+from rlhf_scratch.optimization import NonFiniteLossError, check_finite, clipped_step  # noqa: F401 (re-exported)
 from rlhf_scratch.objectives import (
     calc_clipped_surrogate,
     calc_entropy_bonus,
@@ -66,10 +67,6 @@ from rlhf_scratch.objectives import (
 from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.sampling import Generation, SamplingConfig, encode, generate, padding_id
 from rlhf_scratch.schedule import warmup_decay_lambda
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; the message names the term."""
 
 
 @dataclass
@@ -235,16 +232,6 @@ def preset_configs() -> dict:
             sampling=SamplingConfig(max_new_tokens=30),
         ),
     }
-
-
-def check_finite(name: str, value: Tensor) -> Tensor:
-    """Raise ``NonFiniteLossError`` naming ``name`` if ``value`` has a NaN or inf."""
-    if not torch.isfinite(value).all():
-        raise NonFiniteLossError(
-            f"The {name} is {value.detach().flatten()[:4].tolist()} (not finite). Lower the learning rate, "
-            "check the reward for extreme values, or clip the value loss (--clip-range-value)."
-        )
-    return value
 
 
 def check_fwd_hooks(bridge, fwd_hooks) -> list:
@@ -592,13 +579,7 @@ class PolicyTrainer:
     # ------------------------------------------------------------------ learning
     def optimizer_step(self, loss: Tensor) -> float:
         """Backward, clip the global gradient norm of every optimised parameter, step; returns the norm."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        check_finite("gradient norm", grad_norm)
-        self.optimizer.step()
-        return grad_norm.item()
+        return clipped_step(self.optimizer, loss, self.config.max_grad_norm).item()
 
     def end_phase(self) -> None:
         """One scheduler step and one KL-controller update per phase."""

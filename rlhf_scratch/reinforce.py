@@ -32,7 +32,8 @@ from torch import Tensor
 
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import generated_logits, masked_sequence_sum, taken_logprobs
-from rlhf_scratch.ppo import PolicyTrainer, PolicyTrainingConfig, check_finite
+from rlhf_scratch.optimization import check_finite
+from rlhf_scratch.ppo import PolicyTrainer, PolicyTrainingConfig
 
 typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 

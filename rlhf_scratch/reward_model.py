@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhf_scratch.models import CHECKPOINT_META_FILE, FINAL_RESIDUAL_HOOK
+from rlhf_scratch.optimization import clipped_step
 from rlhf_scratch.preferences import PairDataError, PreferencePair, load_pairs, split_heldout, write_pairs
 from rlhf_scratch.rewards import RewardError
 
@@ -458,10 +459,7 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
                 loss, r_w, r_l = pair_loss(model, batch, config.loss, config.alpha)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"The reward-model loss is {loss.item()} at epoch {epoch}; lower --lr.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
-                optimizer.step()
+                clipped_step(optimizer, loss, config.max_grad_norm)
                 scheduler.step()
                 losses.append(loss.item())
                 initial_loss = losses[0] if initial_loss is None else initial_loss

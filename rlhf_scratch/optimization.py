@@ -1,0 +1,39 @@
+"""One optimiser step as every trainer here takes it (PPO, REINFORCE, DPO, reward models).
+
+    zero grads ─► loss.backward() ─► clip the global gradient norm to max_grad_norm ─► check it is finite ─► step
+
+A NaN or inf stops training with ``NonFiniteLossError`` naming the term, before it reaches the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the term."""
+
+
+def check_finite(name: str, value: Tensor) -> Tensor:
+    """Raise ``NonFiniteLossError`` naming ``name`` if ``value`` has a NaN or inf."""
+    if not torch.isfinite(value).all():
+        raise NonFiniteLossError(
+            f"The {name} is {value.detach().flatten()[:4].tolist()} (not finite). Lower the learning rate, "
+            "check the reward for extreme values, or clip the value loss (--clip-range-value)."
+        )
+    return value
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float) -> Tensor:
+    """Backward, clip the global gradient norm of every parameter ``optimizer`` holds, step.
+
+    Returns the gradient norm before clipping (a 0-d tensor). A non-finite norm raises before the step.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    check_finite("gradient norm", grad_norm)
+    optimizer.step()
+    return grad_norm
