@@ -16,6 +16,9 @@ Each check is a small pure function: it returns None when its invariant holds an
     ratio_is_one                 first minibatch of a phase, before any step:       dropout on, a hook in one
                                  max |exp(logp_new − logp_old) − 1| <= tol          pass only, a temperature
                                                                                     mismatch, misaligned logprobs
+    sampling_matches_rollout     each rollout: |log π recorded while sampling −     a broken KV cache, a hook
+                                 log π from the rollout's full forward| <= tol      or temperature in one pass
+                                 at every real generated position                   only
     approx_kl_bound              every minibatch: mean((r − 1) − log r) <= bound,   too large a step
                                  r = exp(logp_new − logp_old) (k3 of KL(π_old‖π))   (lr, epochs)
 
@@ -40,6 +43,12 @@ forward pass and learning reads a minibatch of them; on CPU the two agree exactl
 the built-in task), but GPU kernels picked by batch size may round differently, hence a margin.
 A real bug (dropout on, a hook in one pass only, a temperature applied twice) moves the ratio
 by far more."""
+
+
+SAMPLING_TOLERANCE = 1e-3
+"""Largest |log π_sampling − log π_rollout| (nats) accepted at a real generated position. The cached
+decoding step and the full forward pass agree to about 1e-6 on CPU in float32; a decoder that lost
+its context (transformers 5.24 with TransformerLens 4.3, unpatched) differs by 0.4 to 12."""
 
 
 class InvariantError(AssertionError):
@@ -191,6 +200,31 @@ def check_memory(memory: ReplayMemory, eos_id: int | None = None, pad_id: int | 
     if eos_id is not None and pad_id is not None:
         check_padding_after_first_eos(memory.sequences, memory.gen_mask, P, eos_id, pad_id, where)
     check_memory_is_finite(memory, where)
+
+
+@jaxtyped(typechecker=typechecker)
+def check_sampling_matches_rollout(
+    sampled_logprobs: Float[Tensor, "batch gen"], rollout_logprobs: Float[Tensor, "batch gen"],
+    gen_mask: Bool[Tensor, "batch gen"], tol: float = SAMPLING_TOLERANCE, where: str = "",
+) -> None:
+    """The tokens were sampled from the distribution the rollout forward pass reads back:
+    max over real positions of |log π_sampling(y_t) − log π_rollout(y_t)| <= tol, both at the
+    sampling temperature (``Generation.sampled_logprobs`` and the rollout's ``logprobs``)."""
+    gap = torch.where(gen_mask, (sampled_logprobs - rollout_logprobs.detach().to(sampled_logprobs.device)).abs(),
+                      torch.zeros_like(sampled_logprobs))
+    gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
+    worst = float(gap.max()) if gap.numel() else 0.0
+    if not worst <= tol:
+        row, column = _first(gap == gap.max())
+        raise InvariantError(
+            "sampling_matches_rollout",
+            f"the log-prob recorded while sampling differs from the rollout forward pass's by {worst:.3g} nats > "
+            f"tol {tol:g}, at row {row}, generated column {column} (sampling {float(sampled_logprobs[row, column]):.5f}, "
+            f"rollout {float(rollout_logprobs[row, column]):.5f}). The samples did not come from the policy that "
+            "training reads: a KV cache that loses its context (check the library versions against "
+            "constraints.txt), a hook or a temperature applied in one pass only.",
+            where,
+        )
 
 
 @jaxtyped(typechecker=typechecker)

@@ -542,6 +542,9 @@ class PolicyTrainer:
         logits_gen = generated_logits(scaled_logits, P)
         logprobs = taken_logprobs(scaled_logits, sequences, P)
         values = output.values[:, P - 1 : -1]
+        if config.debug:
+            invariants.check_sampling_matches_rollout(generation.sampled_logprobs, logprobs, generation.gen_mask,
+                                                      where=f"phase {self.phase + 1}, rollout")
         timings["time/policy_forward"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Reference: the same tokens under the frozen starting model.

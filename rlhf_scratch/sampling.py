@@ -23,6 +23,13 @@ import torch
 from beartype import beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
+from transformers import DynamicCache
+
+from rlhf_scratch import compat
+from rlhf_scratch.compat import cache_kwarg_name
+
+# Before any cached decoding: TransformerLens 4.3 misses the KV cache under transformers 5.24's name.
+compat.install()
 
 
 @dataclass
@@ -64,6 +71,10 @@ class Generation:
     prompt_len: int
     ended_with_eos: Bool[Tensor, "batch"]
     """Rows whose response ended with EOS rather than at max_new_tokens."""
+    sampled_logprobs: Float[Tensor, "batch gen"]
+    """log π(token) of each generated token as the cached decoding step computed it, at the sampling
+    temperature and before top-k/top-p (the distribution training uses); 0 at padding. ``--debug``
+    compares it with the rollout's full forward pass."""
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
 
@@ -151,6 +162,97 @@ def sample_tokens(probs: Float[Tensor, "batch vocab"], generator: torch.Generato
     return index.clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
+class GenerationStackError(RuntimeError):
+    """KV-cached decoding disagrees with a full forward pass: the installed library versions
+    generate wrong samples. The message names the versions and what to do."""
+
+
+def installed_versions() -> dict[str, str]:
+    """Versions of the libraries that generation depends on, for error messages and reports."""
+    import importlib.metadata as metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "transformer-lens"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def new_kv_cache():
+    """An empty Hugging Face KV cache; ``decode_step`` fills it in place, layer by layer."""
+    return DynamicCache()
+
+
+def decode_step(bridge, step_input: Int[Tensor, "batch new"], attention_mask: Int[Tensor, "batch seen"], kv_cache):
+    """Logits ``[B, new, V]`` for ``step_input`` given the keys and values of every earlier position in
+    ``kv_cache``, which is extended in place by ``new`` positions.
+
+    ``attention_mask`` covers every position seen so far, cached and new; the bridge derives
+    position ids from it, so left padding is skipped. The cache goes to the Hugging Face model under
+    the name its ``forward`` takes (``compat.cache_kwarg_name``).
+    """
+    name = cache_kwarg_name(bridge.original_model)
+    return bridge(step_input, attention_mask=attention_mask, use_cache=True, **{name: kv_cache})
+
+
+_SELF_CHECKED = "_rlhf_scratch_generation_checked"
+
+
+@torch.no_grad()
+def check_cached_generation(bridge, n_steps: int = 4, tolerance: float | None = None) -> float:
+    """Prove that KV-cached decoding computes what one full forward pass computes; raise if not.
+
+    Two left-padded prompts of different lengths (fixed token ids, no randomness) are decoded
+    greedily for ``n_steps`` steps through ``decode_step``; then the whole sequence runs once,
+    without a cache. The step log-probs must equal the full pass's log-probs at the same
+    positions (column P − 1 + i for generated token i) to within ``tolerance`` (default 1e-3
+    nats in float32, 0.1 in lower precision). Runs without hooks and draws no random numbers,
+    so it changes nothing a caller sees. Returns the largest difference found.
+
+    A broken stack (transformers 5.24 with TransformerLens 4.3 before ``compat.install``)
+    differs by 0.4 to 12 nats; a correct one by about 1e-6.
+    """
+    dtype = next(bridge.parameters()).dtype
+    if tolerance is None:
+        tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 0.1
+    device = next(bridge.parameters()).device
+    vocab = bridge.cfg.d_vocab
+    # Token ids spread over the vocabulary; any ids work, the check compares two paths on the same ones.
+    prompts = [[(7 * i + 3) % vocab for i in range(5)], [(11 * i + 5) % vocab for i in range(3)]]
+    n_steps = min(n_steps, bridge.cfg.n_ctx - 5)
+    tokens, attention_mask = (t.to(device) for t in left_pad(prompts, padding_id(bridge.tokenizer)))
+    prompt_len = tokens.shape[1]
+    kv_cache, step_input, step_logprobs = new_kv_cache(), tokens, []
+    for _ in range(n_steps):
+        logits = decode_step(bridge, step_input, attention_mask, kv_cache)[:, -1].float()
+        step_logprobs.append(torch.log_softmax(logits, dim=-1))
+        step_input = logits.argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, step_input], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(step_input)], dim=1)
+    full_logits = bridge(tokens[:, :-1], attention_mask=attention_mask[:, :-1])[:, prompt_len - 1 :].float()
+    difference = float((torch.stack(step_logprobs, dim=1) - torch.log_softmax(full_logits, dim=-1)).abs().max())
+    if not difference <= tolerance:
+        versions = ", ".join(f"{name} {version}" for name, version in installed_versions().items())
+        raise GenerationStackError(
+            f"KV-cached generation disagrees with a full forward pass by {difference:.3g} nats (tolerance "
+            f"{tolerance:g}) with {versions}: samples from this stack would be wrong. Install the versions "
+            "the project was tested with: `pip install torch==2.13.0 -e . -c constraints.txt` (see the "
+            "README, 'Dependency versions'), and report the versions above if they are within the "
+            "bounds in pyproject.toml."
+        )
+    return difference
+
+
+def ensure_generation_checked(bridge) -> None:
+    """Run ``check_cached_generation`` once per bridge object (about one forward pass; see the
+    README for its cost), so a broken library stack stops the first command that samples."""
+    if not getattr(bridge, _SELF_CHECKED, False):
+        check_cached_generation(bridge)
+        setattr(bridge, _SELF_CHECKED, True)
+
+
 @torch.no_grad()
 def generate(
     bridge,
@@ -163,8 +265,9 @@ def generate(
 
     The first step runs the whole left-padded prompt; each later step feeds only the
     newest token and the grown attention mask, reusing the keys and values of all
-    earlier positions (``return_type="logits_and_cache"``). ``fwd_hooks`` are
-    TransformerLens hooks applied to every forward pass of this generation.
+    earlier positions (``decode_step``). ``fwd_hooks`` are TransformerLens hooks applied
+    to every forward pass of this generation. The first call on a bridge checks that
+    cached decoding equals a full forward pass (``ensure_generation_checked``).
     """
     tokenizer = bridge.tokenizer
     eos_id = tokenizer.eos_token_id
@@ -177,23 +280,25 @@ def generate(
             f"exceeds the model's context of {n_ctx} tokens. Use shorter prompts "
             "(e.g. --max-prompt-tokens) or fewer new tokens."
         )
+    ensure_generation_checked(bridge)
     device = next(bridge.parameters()).device
     tokens, attention_mask = tokens.to(device), attention_mask.to(device)
     batch, prompt_len = tokens.shape
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     ended_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
-    new_tokens, new_real = [], []
-    step_input, cache = tokens, None
+    new_tokens, new_real, new_logprobs = [], [], []
+    step_input, kv_cache = tokens, new_kv_cache()
     with bridge.hooks(fwd_hooks=list(fwd_hooks)):
         for _ in range(config.max_new_tokens):
-            logits, cache = bridge(
-                step_input, return_type="logits_and_cache", attention_mask=attention_mask, past_key_values=cache
-            )
-            next_logits = filter_logits(logits[:, -1, :].float(), config.temperature, config.top_k, config.top_p)
+            logits = decode_step(bridge, step_input, attention_mask, kv_cache)[:, -1, :].float()
+            next_logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
             next_token = sample_tokens(torch.softmax(next_logits, dim=-1), generator)
             # Rows that already ended keep emitting padding; it carries no loss.
             next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+            # log π(token) at the sampling temperature, before top-k/top-p: what training reads back.
+            step_logprobs = torch.log_softmax(logits / config.temperature, dim=-1).gather(-1, next_token[:, None])[:, 0]
+            new_logprobs.append(torch.where(finished, torch.zeros_like(step_logprobs), step_logprobs))
             new_tokens.append(next_token)
             new_real.append(~finished)
             if config.stop_at_eos and eos_id is not None:
@@ -216,6 +321,7 @@ def generate(
         gen_mask=gen_mask.cpu(),
         prompt_len=prompt_len,
         ended_with_eos=ended_with_eos.cpu(),
+        sampled_logprobs=torch.stack(new_logprobs, dim=1).cpu(),
         prompts=decode_prompts(tokenizer, tokens.cpu(), full_mask[:, :prompt_len].cpu()),
         responses=decode_responses(tokenizer, gen_tokens.cpu(), gen_mask.cpu()),
     )
