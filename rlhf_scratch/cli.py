@@ -6,16 +6,21 @@ flag; ``--help`` lists them with their docstrings), then a plain function call.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 import tyro
 
+from rlhf_scratch.models import ModelLoadError
+from rlhf_scratch.outputs import check_run_dir
 from rlhf_scratch.sampling import SamplingConfig
 
-TYRO_CONFIG = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagConversionOff)
+TYRO_CONFIG = (tyro.conf.OmitArgPrefixes,)
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
 @dataclass
@@ -138,6 +143,11 @@ def _usage(commands: dict) -> str:
     return "\n".join(lines)
 
 
+def _take_flag(args: list[str], flag: str) -> tuple[bool, list[str]]:
+    """Take a bare ``flag`` (e.g. ``--overwrite``) out of the argument list: ``(present, rest)``."""
+    return flag in args, [arg for arg in args if arg != flag]
+
+
 def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
     """Take ``--preset NAME`` (or ``--preset=NAME``) out of the argument list."""
     rest, preset = [], None
@@ -154,6 +164,38 @@ def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
     return preset, rest
 
 
+def _boolean_flags(config_class) -> set[str]:
+    """Flag names (``--debug``, ``--stop-at-eos``) of every bool field of ``config_class`` and its nested configs."""
+    flags = set()
+    for name, hint in typing.get_type_hints(config_class).items():
+        if hint is bool:
+            flags.add("--" + name.replace("_", "-"))
+        elif dataclasses.is_dataclass(hint):
+            flags |= _boolean_flags(hint)
+    return flags
+
+
+def explicit_booleans(args: list[str], config_class) -> list[str]:
+    """Accept ``--debug True`` / ``--debug=false`` as well as the bare ``--debug`` / ``--no-debug``.
+
+    tyro takes booleans as flag pairs; earlier releases of this CLI took a value, and READMEs and
+    scripts still pass one, so a value after a boolean flag is turned into the matching bare flag.
+    """
+    flags, rest, index = _boolean_flags(config_class), [], 0
+    while index < len(args):
+        arg = args[index]
+        name, _, value = arg.partition("=")
+        if name in flags and not value and index + 1 < len(args) and args[index + 1].lower() in TRUE_WORDS + FALSE_WORDS:
+            value, index = args[index + 1], index + 1
+        if name in flags and value:
+            if value.lower() not in TRUE_WORDS + FALSE_WORDS:
+                raise SystemExit(f"{name} takes no value (or True/False), got {value!r}.")
+            arg = name if value.lower() in TRUE_WORDS else "--no-" + name[2:]
+        rest.append(arg)
+        index += 1
+    return rest
+
+
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = _commands()
@@ -165,6 +207,9 @@ def main(argv: list[str] | None = None):
         print(f"rlhf-scratch: unknown command {name!r}.\n\n{_usage(commands)}", file=sys.stderr)
         return 2
     config_class, presets, runner, description = commands[name]
+    overwrite, args = _take_flag(args, "--overwrite")
+    args = explicit_booleans(args, config_class)
+    description += " --overwrite: replace an earlier run in --out (otherwise refused)."
     default = None
     if presets:
         preset, args = _split_preset(args)
@@ -179,15 +224,24 @@ def main(argv: list[str] | None = None):
     except ValueError as error:  # config validation in __post_init__
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
         return 2
-    from rlhf_scratch.models import ModelLoadError
-
     try:
+        if getattr(config, "out", None) is not None:
+            check_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config))
         runner(config)
     except (ValueError, FileNotFoundError, ModelLoadError) as error:
         # Bad input (paths, model names, rewards, prompts): a message, not a traceback.
         print(f"rlhf-scratch {name}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _resumes_into_out(config) -> bool:
+    """A resumed trainer appends to its own run directory: ``--resume DIR`` with ``--out`` DIR (or unset)."""
+    resume = getattr(config, "resume", None)
+    if resume is None:
+        return False
+    run_dirs = {Path(resume).resolve(), Path(resume).resolve().parent}
+    return Path(config.out).resolve() in run_dirs
 
 
 if __name__ == "__main__":

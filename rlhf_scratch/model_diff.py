@@ -337,9 +337,9 @@ class DiffConfig:
     """True: each sequence is a held-out prompt (first 2–8 tokens of a text) plus the policy's own sampled response,
     so the diff is measured where the policy's behaviour is; False: the texts themselves (teacher-forced)."""
     max_new_tokens: int = 24
-    """Response length with --from-samples True."""
+    """Response length with --from-samples."""
     max_tokens: int = 64
-    """Texts are cut to this many tokens with --from-samples False."""
+    """Texts are cut to this many tokens with --no-from-samples."""
     tokens: str | None = None
     """DLA token set, comma-separated words (e.g. "great,loved,wonderful"); default: the top-k tokens whose log-prob rose most."""
     top_k: int = 15

@@ -149,3 +149,52 @@ def filter_jsonl(path: str | os.PathLike, keep) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(row + "\n" for row in rows))
     os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------- the run directory a command writes
+
+
+class RunDirectoryError(ValueError):
+    """``--out`` cannot be used as asked; the message says what to do instead."""
+
+
+RUN_MARKER = "config.json"
+"""Every command writes its config here first thing; a directory holding it is an earlier run's."""
+
+
+def check_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False, resuming: bool = False) -> None:
+    """Refuse an ``--out`` that would lose or cannot hold results, before anything is loaded or written.
+
+    * ``out`` (or a parent of it) is a file, or the nearest existing parent is not writable: an error.
+    * ``out`` is a non-empty directory: an error offering ``--resume`` (trainers) or ``--overwrite``,
+      unless ``resuming`` into it. With ``overwrite`` an earlier run directory (one holding
+      ``config.json``) is deleted; any other non-empty directory is still refused, so a mistyped
+      ``--out .`` cannot delete unrelated files.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"--out {out} is a file, not a directory: choose a directory path for the outputs.")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirectoryError(f"--out {out} lies under {parent}, which is a file: choose a directory path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirectoryError(f"--out {out}: cannot write in {parent} (permission denied); choose a writable path.")
+    if not out.is_dir() or not any(out.iterdir()) or resuming:
+        return
+    is_run = (out / RUN_MARKER).is_file()
+    if overwrite and is_run:
+        shutil.rmtree(out)
+        return
+    if not is_run:
+        raise RunDirectoryError(
+            f"--out {out} is a non-empty directory that is not an rlhf-scratch run (no {RUN_MARKER}); "
+            "nothing was written. Choose a new or empty directory."
+        )
+    resume_hint = f"`rlhf-scratch {command} --resume {out}` to continue it, " if command in ("ppo", "reinforce") else ""
+    raise RunDirectoryError(
+        f"--out {out} already holds an earlier run ({', '.join(sorted(p.name for p in out.iterdir())[:6])}); "
+        f"nothing was written. Use {resume_hint}a new --out directory, or add --overwrite to delete that run "
+        "and start again."
+    )

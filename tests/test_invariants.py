@@ -196,3 +196,31 @@ def test_ratio_and_approx_kl_by_hand():
     invariants.check_approx_kl(new, old, mask, bound=expected + 1e-6)
     with pytest.raises(InvariantError, match=r"approx-KL\(π_old ‖ π\) of this minibatch is 0.1534 > bound 0.15"):
         invariants.check_approx_kl(new, old, mask, bound=0.15)
+
+
+def test_sampling_check_by_hand():
+    mask = torch.tensor([[True, True, False]])
+    rollout = torch.tensor([[-1.0, -2.0, -3.0]])
+    invariants.check_sampling_matches_rollout(rollout + torch.tensor([[0.0, 9e-4, 7.0]]), rollout, mask)  # padding ignored
+    with pytest.raises(InvariantError, match=r"'sampling_matches_rollout' failed.*by 0.5 nats > tol 0.001, at row 0, "
+                                             r"generated column 1"):
+        invariants.check_sampling_matches_rollout(rollout + torch.tensor([[0.0, 0.5, 0.0]]), rollout, mask)
+
+
+@pytest.mark.parametrize("trainer_class", [PPOTrainer, REINFORCETrainer])
+def test_debug_rollout_catches_samples_from_another_distribution(tiny_bridge, trainer_class, monkeypatch):
+    """A generator whose recorded log-probs are not the policy's (as a context-blind KV cache gives)
+    stops the rollout under --debug, and only under --debug."""
+    from rlhf_scratch import ppo, sampling
+
+    honest = sampling.generate
+
+    def drifting_generate(*args, **kwargs):
+        generation = honest(*args, **kwargs)
+        generation.sampled_logprobs = generation.sampled_logprobs - 0.3 * generation.gen_mask
+        return generation
+
+    monkeypatch.setattr(ppo, "generate", drifting_generate)
+    make_trainer(tiny_bridge, trainer_class, debug=False).rollout_phase()
+    with pytest.raises(InvariantError, match=r"'sampling_matches_rollout' failed \(phase 1, rollout\).*0.3 nats"):
+        make_trainer(tiny_bridge, trainer_class).rollout_phase()

@@ -62,3 +62,18 @@ def test_length_bucketed_batches_cover_every_example_once():
     # spans about 55 / 5 (one window holds 5 batches).
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 15
+
+
+def test_a_low_english_word_share_is_a_warning_with_causes():
+    from rlhf_scratch.pretrain import word_share_warnings
+
+    assert word_share_warnings(0.995, 1.0) == []
+    # The figure measured on the broken transformers 5.24 stack: 0.713 against the corpus's 1.0.
+    (warning,) = word_share_warnings(0.713, 1.0)
+    assert "0.713" in warning and "1.000" in warning and "transformers" in warning and "--steps" in warning
+
+
+def test_pretrain_summary_compares_samples_with_the_corpus(small_pretrained):
+    _, summary = small_pretrained
+    assert summary["corpus_english_word_share"] > 0.95
+    assert (summary["warnings"] == []) == (summary["english_word_share"] >= summary["corpus_english_word_share"] - 0.1)

@@ -258,12 +258,17 @@ def test_sigkill_while_saving_checkpoints_leaves_a_loadable_one(tiny_model_dir, 
                 os.close(read_end)
                 # tqdm's write lock is a multiprocessing lock, shared with the parent across fork: a child killed
                 # inside a progress bar (transformers' "Writing model shards") would leave it held forever and
-                # the parent's next progress bar would deadlock. The child gets a lock of its own.
+                # the parent's next progress bar would deadlock. The child draws no progress bars, and any tqdm
+                # class it might still use (tqdm.auto's subclass keeps a lock of its own) gets a fresh lock.
                 import threading
 
-                from tqdm import tqdm
+                import tqdm
+                import tqdm.auto
+                from transformers.utils import logging as hf_logging
 
-                tqdm.set_lock(threading.RLock())
+                hf_logging.disable_progress_bar()
+                for bar_class in {tqdm.tqdm, tqdm.auto.tqdm, *tqdm.tqdm.__subclasses__()}:
+                    bar_class.set_lock(threading.RLock())
                 for i in range(10**6):
                     trainer.phase = 1000 * attempt + i
                     trainer.save_checkpoint(target)

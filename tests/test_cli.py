@@ -1,0 +1,82 @@
+"""The command line as a new user meets it: earlier runs are never overwritten silently, booleans
+take a bare flag or a value, and a bad --out fails before anything is loaded."""
+
+import json
+
+import pytest
+
+from rlhf_scratch.cli import explicit_booleans, main
+from rlhf_scratch.outputs import RunDirectoryError, check_run_dir
+from rlhf_scratch.ppo import PPOConfig
+
+
+def sample_args(model_dir, out):
+    return ["sample", "--model", str(model_dir), "-n", "2", "--max-new-tokens", "3", "--out", str(out)]
+
+
+def test_a_second_run_into_the_same_out_is_refused_and_loses_nothing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(sample_args(tiny_model_dir, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(sample_args(tiny_model_dir, out)) == 1
+    error = capsys.readouterr().err
+    assert "already holds an earlier run" in error and "--overwrite" in error
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite replaces the run: one run's rows, not two runs' appended.
+    assert main(sample_args(tiny_model_dir, out) + ["--overwrite"]) == 0
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_trainers_offer_resume_in_the_refusal(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(RunDirectoryError, match=rf"rlhf-scratch ppo --resume {out}"):
+        check_run_dir(out, "ppo")
+    check_run_dir(out, "ppo", resuming=True)  # continuing the run into its own directory is fine
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(RunDirectoryError, match="not an rlhf-scratch run"):
+        check_run_dir(tmp_path, "sample", overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_out_that_is_a_file_or_under_a_file_fails_before_loading(tmp_path, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        # The model does not exist: the --out check must come first, so the error is about --out.
+        assert main(["sample", "--model", str(tmp_path / "no_model"), "--out", str(out)]) == 1
+        assert "--out" in capsys.readouterr().err
+    check_run_dir(tmp_path / "new" / "deeper", "sample")  # a path still to be created is fine
+    assert not (tmp_path / "new").exists()  # and checking it creates nothing
+
+
+def test_booleans_take_a_bare_flag_or_a_value():
+    flags = ["--debug", "--no-stop-at-eos", "--adaptive-kl", "True", "--normalize-rewards=false", "--wandb", "no"]
+    assert explicit_booleans(flags, PPOConfig) == [
+        "--debug", "--no-stop-at-eos", "--adaptive-kl", "--no-normalize-rewards", "--no-wandb"]
+    with pytest.raises(SystemExit, match="takes no value"):
+        explicit_booleans(["--debug=maybe"], PPOConfig)
+    # Numbers after a non-boolean flag are values, untouched.
+    assert explicit_booleans(["--phases", "1"], PPOConfig) == ["--phases", "1"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--debug"], True), (["--debug", "True"], True), (["--debug=False"], False), (["--no-debug"], False), ([], False)])
+def test_every_boolean_form_parses_to_the_same_config(args, expected):
+    import tyro
+
+    from rlhf_scratch.cli import TYRO_CONFIG
+
+    config = tyro.cli(PPOConfig, args=explicit_booleans(args, PPOConfig), config=TYRO_CONFIG)
+    assert config.debug is expected
+
+
+def test_sample_writes_what_it_printed(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(sample_args(tiny_model_dir, out)) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and json.loads((out / "summary.json").read_text())["n"] == 2
