@@ -14,12 +14,12 @@ reward arrives once, after the last real token. Call these under ``torch.no_grad
 import math
 
 import torch
-from beartype import BeartypeConf, beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
+from rlhf_scratch.typecheck import typechecker
+
 # is_pep484_tower: accept an int where a float is annotated (``gamma=1``), as PEP 484 does.
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 
 def _check_gen_mask(gen_mask: Tensor) -> Tensor:

@@ -35,14 +35,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from beartype import BeartypeConf, beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.evaluation import EvalConfig, EvalSamples
 from rlhf_scratch.sampling import SamplingConfig
-
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
+from rlhf_scratch.typecheck import typechecker
 
 
 def best_of_n_kl_bound(n: int) -> float:

@@ -36,16 +36,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from beartype import BeartypeConf, beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.objectives import masked_sequence_sum, taken_logprobs
 from rlhf_scratch.preferences import PreferencePair, split_heldout
+from rlhf_scratch.typecheck import typechecker
 
 # is_pep484_tower: accept an int where a float is annotated (``beta=1``), as PEP 484 does.
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 Divergence = Literal["rkl", "fkl", "js", "alpha"]
 LossType = Literal["sigmoid", "hinge"]

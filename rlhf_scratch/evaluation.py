@@ -35,15 +35,14 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from beartype import BeartypeConf, beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.sampling import Generation, SamplingConfig, filter_logits
 from rlhf_scratch.config import TaskConfig
+from rlhf_scratch.typecheck import typechecker
 
 # is_pep484_tower: accept an int where a float is annotated, as PEP 484 does.
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 # Evaluation prompts are cut from texts drawn with this offset added to the seed, so that
 # with the built-in corpus they are reviews that neither pretraining (seed 0) nor a

@@ -29,13 +29,12 @@ with ``torch.where`` before use.
 from __future__ import annotations
 
 import torch
-from beartype import BeartypeConf, beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.memory import ReplayMemory
+from rlhf_scratch.typecheck import typechecker
 
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 RATIO_TOLERANCE = 1e-3
 """Largest |ratio − 1| accepted on a phase's first minibatch. The rollout reads all B rows in one

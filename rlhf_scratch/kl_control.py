@@ -7,10 +7,10 @@ Human Preferences", section 2.2, as in TRL's ``AdaptiveKLController``.
 
 import math
 
-from beartype import BeartypeConf, beartype
+from rlhf_scratch.typecheck import typechecker
+
 
 # is_pep484_tower: accept an int where a float is annotated (``target=6``), as PEP 484 does.
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 
 @typechecker

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
 import torch
-from beartype import BeartypeConf, beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
+from rlhf_scratch.typecheck import typechecker
+
 
 # Each tensor field's dtype family and dims, checked in __post_init__ (see there for why
 # not by @jaxtyped on the class). Order matters only for the order of the checks.

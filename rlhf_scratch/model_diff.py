@@ -54,12 +54,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from beartype import BeartypeConf, beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
+from rlhf_scratch.typecheck import typechecker
+
 # is_pep484_tower: accept an int where a float is annotated, as PEP 484 does.
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 EMBED_HOOK = "blocks.0.hook_resid_pre"
 FINAL_SCALE_HOOK = "ln_final.hook_scale"

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from rlhf_scratch.typecheck import typechecker
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CHECKPOINT_META_FILE = "rlhf_scratch.json"
@@ -123,7 +124,7 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    @jaxtyped(typechecker=beartype)
+    @jaxtyped(typechecker=typechecker)
     def forward(self, resid: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq"]:
         return self.out(torch.relu(self.hidden(resid))).squeeze(-1)
 
@@ -159,7 +160,7 @@ class PolicyWithValueHead(nn.Module):
     def cfg(self):
         return self.bridge.cfg
 
-    @jaxtyped(typechecker=beartype)
+    @jaxtyped(typechecker=typechecker)
     def forward(
         self,
         tokens: Int[Tensor, "batch seq"],

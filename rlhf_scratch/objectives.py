@@ -18,12 +18,12 @@ turns every sum it enters into inf or nan.
 
 import torch
 import torch.nn.functional as F
-from beartype import BeartypeConf, beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
+from rlhf_scratch.typecheck import typechecker
+
 # is_pep484_tower: accept an int where a float is annotated (``vf_coef=1``), as PEP 484 does.
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 
 @jaxtyped(typechecker=typechecker)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from beartype import BeartypeConf, beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
@@ -34,8 +33,7 @@ from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import generated_logits, masked_sequence_sum, taken_logprobs
 from rlhf_scratch.optimization import check_finite
 from rlhf_scratch.ppo import PolicyTrainer, PolicyTrainingConfig
-
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
+from rlhf_scratch.typecheck import typechecker
 
 
 @dataclass

@@ -37,7 +37,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from beartype import BeartypeConf, beartype
 from jaxtyping import Float, Int, jaxtyped
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -46,9 +45,9 @@ from rlhf_scratch.models import CHECKPOINT_META_FILE, FINAL_RESIDUAL_HOOK
 from rlhf_scratch.optimization import clipped_step
 from rlhf_scratch.preferences import PairDataError, PreferencePair, load_pairs, split_heldout, write_pairs
 from rlhf_scratch.rewards import RewardError
+from rlhf_scratch.typecheck import typechecker
 
 # is_pep484_tower: accept an int where a float is annotated (alpha=1), as PEP 484 does.
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 REWARD_MODEL_KIND = "reward_model"

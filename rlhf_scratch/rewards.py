@@ -18,11 +18,11 @@ import os
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.data import HUB_ID_PATTERN, hub_is_reachable, hub_offline_var
+from rlhf_scratch.typecheck import typechecker
 
 REWARD_SPECS = """\
 Reward specs (--reward):
@@ -65,7 +65,7 @@ class VaderReward:
 
         self._analyzer = SentimentIntensityAnalyzer()  # loads the lexicon once
 
-    @jaxtyped(typechecker=beartype)
+    @jaxtyped(typechecker=typechecker)
     def __call__(self, texts: list[str]) -> Float[Tensor, "batch"]:
         scores = [self._analyzer.polarity_scores(t)["compound"] for t in texts]
         return torch.tensor(scores, dtype=torch.float32)
@@ -85,7 +85,7 @@ class CharCountReward:
         self.char = char
         self.name = f"chars:{char}"
 
-    @jaxtyped(typechecker=beartype)
+    @jaxtyped(typechecker=typechecker)
     def __call__(self, texts: list[str]) -> Float[Tensor, "batch"]:
         return torch.tensor([t.count(self.char) for t in texts], dtype=torch.float32)
 
@@ -138,7 +138,7 @@ class HFClassifierReward:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.eos_token_id
 
-    @jaxtyped(typechecker=beartype)
+    @jaxtyped(typechecker=typechecker)
     def __call__(self, texts: list[str]) -> Float[Tensor, "batch"]:
         scores = [torch.zeros(0)]
         with torch.no_grad():
@@ -270,7 +270,7 @@ def _reward_name(reward: Any) -> str:
     return str(getattr(reward, "name", None) or getattr(reward, "__name__", None) or repr(reward))
 
 
-@jaxtyped(typechecker=beartype)
+@jaxtyped(typechecker=typechecker)
 def score_texts(reward: Any, texts: list[str]) -> Float[Tensor, "batch"]:
     """``reward(texts)`` checked: a float tensor of shape [len(texts)] with no NaN or inf.
 

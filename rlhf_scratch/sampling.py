@@ -20,13 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from beartype import beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 from transformers import DynamicCache
 
 from rlhf_scratch import compat
 from rlhf_scratch.compat import cache_kwarg_name
+from rlhf_scratch.typecheck import typechecker
 
 # Before any cached decoding: TransformerLens 4.3 misses the KV cache under transformers 5.24's name.
 compat.install()
@@ -123,7 +123,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "batch 
     return tokens, mask
 
 
-@jaxtyped(typechecker=beartype)
+@jaxtyped(typechecker=typechecker)
 def filter_logits(
     logits: Float[Tensor, "batch vocab"], temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0
 ) -> Float[Tensor, "batch vocab"]:
@@ -147,7 +147,7 @@ def filter_logits(
     return logits
 
 
-@jaxtyped(typechecker=beartype)
+@jaxtyped(typechecker=typechecker)
 def sample_tokens(probs: Float[Tensor, "batch vocab"], generator: torch.Generator | None = None) -> Int[Tensor, "batch"]:
     """One token per row by inverse-CDF sampling: the first v with cdf(v) > u·cdf(V), u ~ U[0, 1).
 

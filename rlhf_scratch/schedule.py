@@ -2,10 +2,10 @@
 
 from collections.abc import Callable
 
-from beartype import BeartypeConf, beartype
+from rlhf_scratch.typecheck import typechecker
+
 
 # is_pep484_tower: accept an int where a float is annotated (``final_scale=1``), as PEP 484 does.
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 
 @typechecker

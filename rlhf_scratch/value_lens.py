@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from beartype import BeartypeConf, beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
+from rlhf_scratch.typecheck import typechecker
+
 # is_pep484_tower: accept an int where a float is annotated, as PEP 484 does.
-typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 EMBED_HOOK = "blocks.0.hook_resid_pre"
 
