@@ -232,7 +232,8 @@ def bench_engine(spec: ModelSpec, model_dir: Path, args) -> tuple[dict, dict]:
         sync(args.device)
         t0 = time.perf_counter()
         try:
-            memory = trainer.rollout_phase()
+            rollout = trainer.sample_and_score()
+            memory, _ = trainer.build_memory(rollout)
         except RuntimeError as error:
             if "generator" in str(error) and args.device != "cpu":
                 raise RuntimeError(
@@ -245,22 +246,20 @@ def bench_engine(spec: ModelSpec, model_dir: Path, args) -> tuple[dict, dict]:
         trainer.learning_phase(memory)
         sync(args.device)
         t2 = time.perf_counter()
-        stats = trainer.last_rollout_stats
+        stats = rollout.stats
         row = {
             "generate": stats["time/generate"],
             "policy_forward": stats["time/policy_forward"],
             "reference_forward": stats["time/reference_forward"],
             "reward": stats["time/reward"],
-            "learning": trainer.last_learning_seconds,
+            "learning": t2 - t1,
             "rollout": t1 - t0,
             "phase": t2 - t0,
         }
         row["other_rollout"] = row["rollout"] - sum(row[k] for k in ("generate", "policy_forward", "reference_forward", "reward"))
-        # Outside the engine's clock: the learning phase's scheduler/KL-controller step.
-        row["other_learning"] = (t2 - t1) - row["learning"]
         if vader is not None:
             tv = time.perf_counter()
-            score_texts(vader, trainer.last_generation.texts)
+            score_texts(vader, rollout.generation.texts)
             row["vader"] = time.perf_counter() - tv
         if stats["response/length"] != spec.new_tokens:
             raise RuntimeError(f"expected {spec.new_tokens} tokens per response, got {stats['response/length']}")

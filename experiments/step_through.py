@@ -64,11 +64,13 @@ def main(model: str = "builtin") -> dict:
     trainer.learning_phase(trainer.rollout_phase())
 
     # 2. The rollout of phase 2, in a replay memory.
-    memory = trainer.rollout_phase()
+    phase_start = time.perf_counter()
+    rollout = trainer.sample_and_score()          # ScoredRollout: samples, log-probs, values, KL, rewards, stats
+    memory, memory_stats = trainer.build_memory(rollout)
     console.rule("[bold]2. The replay memory of phase 2")
     console.print(memory, highlight=False)
-    console.print(f"rollout: {trainer.last_rollout_stats['reward/mean']:+.3f} mean reward, "
-                  f"{trainer.last_rollout_stats['objective/kl']:.4f} nats KL to the reference")
+    console.print(f"rollout: {rollout.stats['reward/mean']:+.3f} mean reward, "
+                  f"{rollout.stats['objective/kl']:.4f} nats KL to the reference")
 
     # 3. Advantages by hand: the reward on each response's last real token, then GAE.
     advantages, returns = gae_advantages(terminal_rewards(memory.rewards, memory.gen_mask), memory.values,
@@ -124,7 +126,9 @@ def main(model: str = "builtin") -> dict:
     console.print(f"ratio mean per minibatch: {ratios} (1 before the first step, then the policy moves)")
 
     # 7. The phase's metrics: means over the minibatches.
-    metrics = trainer.phase_metrics(breakdown, time.perf_counter() - start, lr)
+    # (PolicyTrainer.run_phase assembles this row the same way.)
+    metrics = {"phase": trainer.phase, **rollout.stats, **memory_stats, **trainer.learning_metrics(breakdown), "lr": lr,
+               "seconds": time.perf_counter() - phase_start}
     assert metrics["losses/total"] == sum(row["loss"] for row in breakdown) / len(breakdown)
     assert metrics["losses/policy"] == -sum(row["surrogate"] for row in breakdown) / len(breakdown)
     console.rule(f"[bold]7. Phase {metrics['phase']} metrics (one metrics.jsonl row)")

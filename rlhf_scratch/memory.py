@@ -26,7 +26,11 @@ _FIELD_SPECS: dict[str, tuple[type, tuple[str, ...]]] = {
     "returns": (Float, ("batch", "gen")),
     "rewards": (Float, ("batch",)),
     "ref_logits_gen": (Float, ("batch", "gen", "vocab")),
+    "sequence_kl": (Float, ("batch",)),
 }
+
+
+_OPTIONAL_FIELDS = ("ref_logits_gen", "sequence_kl")
 
 
 @dataclass(eq=False, repr=False)
@@ -48,6 +52,8 @@ class ReplayMemory:
         Keep these only when the exact KL (full vocabulary) is a loss term. They cost
         B·G·V·4 bytes in float32: at GPT-2 size, 64·20·50257·4 ≈ 257 MB. Only the G
         generated positions are kept, not all S (B·S·V), since only they carry loss.
+    sequence_kl     Float [B]        Σ_t KL_t(π_old ‖ π_ref) of each response, exact over the vocabulary, or None;
+                                     its mean is logged as objective/kl and feeds the adaptive KL controller
 
     Shapes are checked on construction, with messages that name the wrong field.
     ``memory[idx]`` (idx an int tensor of rows) is a smaller ReplayMemory;
@@ -66,6 +72,7 @@ class ReplayMemory:
     rewards: Float[Tensor, "batch"]
     prompt_len: int
     ref_logits_gen: Float[Tensor, "batch gen vocab"] | None = None
+    sequence_kl: Float[Tensor, "batch"] | None = None
 
     def __post_init__(self) -> None:
         # Checked here rather than by @jaxtyped on the class: jaxtyping would run before
@@ -88,7 +95,7 @@ class ReplayMemory:
         origin = f"batch={batch}, seq={seq} from sequences; gen = seq - prompt_len = {seq} - {self.prompt_len} = {gen}"
         for name, (dtype_family, dims) in _FIELD_SPECS.items():
             value = getattr(self, name)
-            if value is None and name == "ref_logits_gen":
+            if value is None and name in _OPTIONAL_FIELDS:
                 continue
             expected = tuple(sizes[d] for d in dims)
             if not isinstance(value, dtype_family[Tensor, " ".join(map(str, expected))]):
@@ -149,7 +156,7 @@ class ReplayMemory:
         """One line per field: name, dtype, shape and a few statistics, never the values themselves.
 
         Float fields: mean, min, max and std over real generated positions (every row for
-        ``rewards``). ``sequences``: the range and number of distinct token ids among real
+        ``rewards`` and ``sequence_kl``). ``sequences``: the range and number of distinct token ids among real
         tokens; ``attention_mask``: real prompt tokens per row; ``gen_mask``: response lengths.
         """
         real_tokens = self.attention_mask.bool()
@@ -185,7 +192,7 @@ class ReplayMemory:
 
     def _real_values(self, name: str, value: Tensor) -> Tensor:
         """The entries of a float field at real generated positions (all of them for ``rewards``)."""
-        if name == "rewards":
+        if name in ("rewards", "sequence_kl"):
             return value
         return value[self.gen_mask]  # [n_real] or, for ref_logits_gen, [n_real, V]
 

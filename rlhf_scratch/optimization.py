@@ -15,25 +15,27 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the message names the term."""
 
 
-def check_finite(name: str, value: Tensor) -> Tensor:
-    """Raise ``NonFiniteLossError`` naming ``name`` if ``value`` has a NaN or inf."""
+DEFAULT_HINT = "Lower the learning rate or check the inputs for extreme values."
+
+
+def check_finite(name: str, value: Tensor, hint: str = DEFAULT_HINT) -> Tensor:
+    """Raise ``NonFiniteLossError`` naming ``name`` if ``value`` has a NaN or inf; ``hint`` says what to try
+    (each trainer passes one that names its own flags)."""
     if not torch.isfinite(value).all():
-        raise NonFiniteLossError(
-            f"The {name} is {value.detach().flatten()[:4].tolist()} (not finite). Lower the learning rate, "
-            "check the reward for extreme values, or clip the value loss (--clip-range-value)."
-        )
+        raise NonFiniteLossError(f"The {name} is {value.detach().flatten()[:4].tolist()} (not finite). {hint}")
     return value
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float) -> Tensor:
+def clipped_step(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float, hint: str = DEFAULT_HINT) -> Tensor:
     """Backward, clip the global gradient norm of every parameter ``optimizer`` holds, step.
 
-    Returns the gradient norm before clipping (a 0-d tensor). A non-finite norm raises before the step.
+    Returns the gradient norm before clipping (a 0-d tensor). A non-finite norm raises before the step,
+    with ``hint`` in the message.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    check_finite("gradient norm", grad_norm)
+    check_finite("gradient norm", grad_norm, hint)
     optimizer.step()
     return grad_norm

@@ -2,7 +2,7 @@
 
 One phase::
 
-    prompts ─► generate ─► sequences [B, S], gen_mask [B, G]          (PolicyTrainer.sample_and_score:
+    prompts ─► generate ─► sequences [B, S], gen_mask [B, G]          (policy_trainer.sample_and_score:
       ├─► policy and reference forward (no grad) ─► log-probs, KL_t    the same sampler, reward and
       └─► reward on decoded text ─► r [B]                              statistics as PPO)
     r' = r − kl_coef · Σ_t KL_t          (kl_mode="reward"; "loss" adds kl_coef·mean KL_t to the loss instead)
@@ -17,7 +17,7 @@ clipping and no reuse of samples: each phase's batch gives ``batch_size / miniba
 steps (one by default).
 
 Logging, samples, resumable checkpoints (``checkpoint/``, no value head; the baseline is kept),
-``--debug`` invariants, forward hooks and ``summary.json`` keys are those of PPO (``PolicyTrainer``).
+``--debug`` invariants, forward hooks and ``summary.json`` keys are those of PPO (``policy_trainer.PolicyTrainer``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from jaxtyping import Bool, Float, jaxtyped
+from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import generated_logits, masked_sequence_sum, taken_logprobs
 from rlhf_scratch.optimization import check_finite
-from rlhf_scratch.ppo import PolicyTrainer, PolicyTrainingConfig
+from rlhf_scratch.policy_trainer import PolicyTrainer, PolicyTrainingConfig, ScoredRollout, run_trainer
 from rlhf_scratch.typecheck import typechecker
 
 
@@ -103,12 +103,6 @@ class MovingAverageBaseline:
 
 
 @jaxtyped(typechecker=typechecker)
-def sequence_logprobs(logprobs: Float[Tensor, "batch gen"], gen_mask: Bool[Tensor, "batch gen"]) -> Float[Tensor, "batch"]:
-    """log π(y) of each response: Σ_t log π(y_t) over its real generated tokens.      [B, G] -> [B]"""
-    return masked_sequence_sum(logprobs, gen_mask)
-
-
-@jaxtyped(typechecker=typechecker)
 def reinforce_loss(seq_logprobs: Float[Tensor, "batch"], advantages: Float[Tensor, "batch"]) -> Float[Tensor, ""]:
     """REINFORCE loss, to be *minimised*.
 
@@ -145,14 +139,13 @@ class REINFORCETrainer(PolicyTrainer):
         self.baseline.load_state_dict(state["baseline"])
 
     @torch.no_grad()
-    def rollout_phase(self, prompts: list[list[int]] | None = None) -> ReplayMemory:
-        """Sample and score a batch; advantages A = r' − b (the baseline before this batch), then update b.
+    def build_memory(self, rollout: ScoredRollout) -> tuple[ReplayMemory, dict[str, float]]:
+        """Advantages A = r' − b (the baseline before this batch) on every real token, then update b.
 
         r' = r − kl_coef·Σ_t KL_t with kl_mode="reward", else r. The first batch, with no
         earlier rewards, uses its own mean as b. ``values`` and ``returns`` are zeros (no critic).
         """
         config = self.config
-        rollout = self.sample_and_score(prompts)
         gen_mask = rollout.gen_mask
         shaped = rollout.rewards
         if config.kl_mode == "reward":
@@ -160,53 +153,48 @@ class REINFORCETrainer(PolicyTrainer):
         baseline = self.baseline.value if self.baseline.value is not None else shaped.mean().item()
         advantage = shaped - baseline
         self.baseline.update(shaped)
-        self.last_rollout_stats.update({
+        stats = {
             "reinforce/baseline": baseline,
             "reinforce/shaped_reward": shaped.mean().item(),
             "reinforce/advantage_std": advantage.std().item() if len(advantage) > 1 else 0.0,
-        })
+        }
         zeros = torch.zeros_like(rollout.logprobs)
         advantages = torch.where(gen_mask, advantage[:, None].expand_as(zeros), zeros)
-        return rollout.to_memory(zeros, advantages, zeros, keep_ref_logits=self.keeps_ref_logits)
+        return rollout.to_memory(zeros, advantages, zeros, keep_ref_logits=self.keeps_ref_logits), stats
 
-    def compute_losses(self, minibatch: ReplayMemory) -> dict[str, Tensor]:
-        """The REINFORCE loss (and the KL term with kl_mode="loss") on one minibatch, with grad."""
+    def compute_losses(self, minibatch: ReplayMemory) -> tuple[dict[str, Tensor], Tensor]:
+        """The REINFORCE loss (and the KL term with kl_mode="loss") on one minibatch, with grad; and the
+        new log-probs (detached)."""
         config = self.config
         P, mask = minibatch.prompt_len, minibatch.gen_mask
         logits = self.policy(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks).logits
         scaled_logits = logits / config.sampling.temperature
         logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
-        self.last_logprobs = logprobs.detach()
         # Every real token of a row carries the row's advantage; read it back as one number per row.
         advantages = minibatch.advantages.sum(1) / mask.sum(1).clamp(min=1)
-        terms = {"policy_loss": reinforce_loss(sequence_logprobs(logprobs, mask), advantages)}
+        terms = {"policy_loss": reinforce_loss(masked_sequence_sum(logprobs, mask), advantages)}
         terms["kl_penalty"] = self.kl_loss_term(logprobs, generated_logits(scaled_logits, P), minibatch)
         for name, value in terms.items():
-            check_finite(name, value)
+            check_finite(name, value, self.nonfinite_hint)
         terms["loss"] = terms["policy_loss"] + terms["kl_penalty"]
-        return terms
+        return terms, logprobs.detach()
 
     def minibatches(self, memory: ReplayMemory):
         """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size)."""
         return memory.minibatches(self.config.minibatch_size or len(memory), 1, generator=self.generator)
 
-    def phase_metrics(self, breakdown: list[dict[str, float]], seconds: float, lr: float) -> dict:
-        """PPO's metric names where they apply (losses/policy, losses/kl_penalty, ...) plus reinforce/*."""
+    def learning_metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
+        """PPO's metric names where they apply (losses/policy, losses/kl_penalty, ...)."""
         def mean(key: str) -> float:
             return sum(row[key] for row in breakdown) / len(breakdown)
 
         return {
-            "phase": self.phase,
-            **self.last_rollout_stats,
             "losses/policy": mean("policy_loss"),
             "losses/kl_penalty": mean("kl_penalty"),
             "losses/total": mean("loss"),
             "losses/grad_norm": mean("grad_norm"),
-            "lr": lr,
-            "time/learning": self.last_learning_seconds,
-            "seconds": seconds,
         }
 
 
 def run_reinforce(config: REINFORCEConfig) -> dict:
-    return REINFORCETrainer(config).train()
+    return run_trainer(REINFORCETrainer, config)

@@ -139,7 +139,7 @@ def test_repr_shows_names_shapes_and_stats_not_numbers():
     text = repr(memory)
     assert text == memory.summary()
     lines = text.splitlines()
-    assert len(lines) == 11 and len(text) < 1500  # a header and one line per field
+    assert len(lines) == 12 and len(text) < 1500  # a header and one line per field
     assert lines[0].startswith("ReplayMemory(batch=64, prompt_len=3, gen=20, seq=23")
     for name, shape in [
         ("sequences", "[64, 23]"),

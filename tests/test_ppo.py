@@ -41,8 +41,9 @@ def test_rollout_logprobs_align_with_each_row_alone(tiny_bridge):
 
 def test_first_phase_kl_is_zero_and_first_minibatch_ratio_is_one(tiny_bridge):
     trainer = make_trainer(tiny_bridge)
-    memory = trainer.rollout_phase()
-    assert trainer.last_rollout_stats["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    rollout = trainer.sample_and_score()
+    assert rollout.stats["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    memory, _ = trainer.build_memory(rollout)
     breakdown = trainer.learning_phase(memory)
     assert breakdown[0]["diag/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert breakdown[0]["diag/clipfrac"] == 0.0

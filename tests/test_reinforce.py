@@ -12,8 +12,8 @@ from rlhf_scratch.reinforce import (
     REINFORCEConfig,
     REINFORCETrainer,
     reinforce_loss,
-    sequence_logprobs,
 )
+from rlhf_scratch.objectives import masked_sequence_sum
 from rlhf_scratch.sampling import SamplingConfig
 
 
@@ -61,7 +61,7 @@ def test_loss_and_its_gradient_by_hand():
     # ∂loss/∂log π(y_b) = −A_b / B: descent raises the above-baseline sample, lowers the other.
     torch.testing.assert_close(seq_logprobs.grad, torch.tensor([-1.0, 0.5]))
     logprobs = torch.tensor([[-1.0, -2.0, -9.0]])
-    assert sequence_logprobs(logprobs, torch.tensor([[True, True, False]])).item() == pytest.approx(-3.0)
+    assert masked_sequence_sum(logprobs, torch.tensor([[True, True, False]])).item() == pytest.approx(-3.0)
 
 
 def test_advantages_are_reward_minus_the_earlier_baseline(tiny_bridge):

@@ -72,7 +72,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_model_dir, prompt
         handle.write(json.dumps({"phase": STOP + 1, "reward/mean": 123.0}) + "\n")
 
     # A new trainer, built from nothing but the checkpoint (its config is the run's).
-    resumed = trainer_class(type(make_config(tiny_model_dir, prompts_file))(resume=split_dir / "checkpoint"))
+    resumed = trainer_class.resume(type(make_config(tiny_model_dir, prompts_file))(resume=split_dir / "checkpoint"))
     assert resumed.phase == STOP and resumed.config.out == split_dir and resumed.config.batch_size == 8
     summary = resumed.train()
     got = read_metrics(split_dir)
@@ -85,7 +85,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_model_dir, prompt
 
 def test_resumed_reference_is_the_starting_model_not_the_checkpoint(tiny_model_dir, prompts_file, tmp_path):
     PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=tmp_path / "run", phases=2)).train(stop_after=1)
-    resumed = PPOTrainer(PPOConfig(resume=tmp_path / "run"))  # the run directory works as well as checkpoint/
+    resumed = PPOTrainer.resume(PPOConfig(resume=tmp_path / "run"))  # the run directory works as well as checkpoint/
     tokens = torch.tensor([[0, 5, 9, 17, 30]])
     start = load_bridge(tiny_model_dir)
     torch.testing.assert_close(resumed.reference(tokens), start(tokens), rtol=0, atol=0)
@@ -95,30 +95,32 @@ def test_resumed_reference_is_the_starting_model_not_the_checkpoint(tiny_model_d
 def test_in_memory_reference_must_be_passed_back_and_must_match(tiny_bridge, tiny_model_dir, prompts_file, tmp_path):
     config = ppo_config(tiny_model_dir, prompts_file, out=tmp_path / "run", phases=2)
     PPOTrainer(config, policy=PolicyWithValueHead(tiny_bridge)).train(stop_after=1)
-    with pytest.raises(ValueError, match="in-memory model.*pass reference="):
-        PPOTrainer(PPOConfig(resume=tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"in-memory model.*pass reference=.* to resume\(\)"):
+        PPOTrainer.resume(PPOConfig(resume=tmp_path / "run"))
     start = load_bridge(tiny_model_dir)
-    assert PPOTrainer(PPOConfig(resume=tmp_path / "run"), reference=start).phase == 1
+    assert PPOTrainer.resume(PPOConfig(resume=tmp_path / "run"), reference=start).phase == 1
     with torch.no_grad():
         start.blocks[0].mlp.out.weight.add_(0.01)  # some other model
     with pytest.raises(ValueError, match="not the one this run started with"):
-        PPOTrainer(PPOConfig(resume=tmp_path / "run"), reference=start)
+        PPOTrainer.resume(PPOConfig(resume=tmp_path / "run"), reference=start)
 
 
 def test_incompatible_config_says_what_differs(tiny_model_dir, prompts_file, tmp_path):
     PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=tmp_path / "run", phases=2)).train(stop_after=1)
     checkpoint = tmp_path / "run" / "checkpoint"
     with pytest.raises(ValueError, match=r"phases: the run used 2, this call gives 10.*batch_size: the run used 8, this call gives 16"):
-        PPOTrainer(PPOConfig(resume=checkpoint, phases=10, batch_size=16))
+        PPOTrainer.resume(PPOConfig(resume=checkpoint, phases=10, batch_size=16))
     with pytest.raises(ValueError, match=r"sampling.max_new_tokens: the run used 6"):
-        PPOTrainer(PPOConfig(resume=checkpoint, sampling=SamplingConfig(max_new_tokens=9)))
+        PPOTrainer.resume(PPOConfig(resume=checkpoint, sampling=SamplingConfig(max_new_tokens=9)))
     # Run fields may change; flags equal to the run's are accepted.
-    trainer = PPOTrainer(PPOConfig(resume=checkpoint, out=tmp_path / "elsewhere", debug=True, lr=1e-3))
+    trainer = PPOTrainer.resume(PPOConfig(resume=checkpoint, out=tmp_path / "elsewhere", debug=True, lr=1e-3))
     assert trainer.config.out == tmp_path / "elsewhere" and trainer.config.debug and trainer.config.phases == 2
     with pytest.raises(ValueError, match="is a ppo checkpoint; resume it with `rlhf-scratch ppo"):
-        REINFORCETrainer(REINFORCEConfig(resume=checkpoint))
+        REINFORCETrainer.resume(REINFORCEConfig(resume=checkpoint))
     with pytest.raises(FileNotFoundError, match="No checkpoint at"):
-        PPOTrainer(PPOConfig(resume=tmp_path / "nothing"))
+        PPOTrainer.resume(PPOConfig(resume=tmp_path / "nothing"))
+    with pytest.raises(ValueError, match=r"continue a run with PPOTrainer.resume\(config\)"):
+        PPOTrainer(PPOConfig(resume=checkpoint))  # the constructor starts runs; it never resumes one silently
     (checkpoint / RESUME_STATE_JSON).unlink()
     with pytest.raises(ValueError, match="no resume_state.json.*can start a new run"):
         find_checkpoint(checkpoint)
@@ -173,7 +175,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tiny_model_dir, promp
     assert sorted(p.name for p in target.parent.iterdir() if "checkpoint" in p.name) == ["checkpoint"]  # no .partial, no .old
     assert read_resume_state(target)["phase"] == 1
     torch.testing.assert_close(load_policy(target)(tokens).logits, phase_1_logits, rtol=0, atol=0)
-    assert PPOTrainer(PPOConfig(resume=target)).phase == 1
+    assert PPOTrainer.resume(PPOConfig(resume=target)).phase == 1
 
 
 def _write_version(directory, version: int):

@@ -8,6 +8,7 @@ import torch
 
 from rlhf_scratch.models import PolicyWithValueHead
 from rlhf_scratch.objectives import (
+    masked_sequence_sum,
     calc_clipped_surrogate,
     calc_entropy_bonus,
     calc_kl_penalty,
@@ -17,7 +18,7 @@ from rlhf_scratch.objectives import (
     taken_logprobs,
 )
 from rlhf_scratch.ppo import PPOConfig, PPOTrainer
-from rlhf_scratch.reinforce import REINFORCEConfig, REINFORCETrainer, reinforce_loss, sequence_logprobs
+from rlhf_scratch.reinforce import REINFORCEConfig, REINFORCETrainer, reinforce_loss
 from rlhf_scratch.sampling import SamplingConfig
 
 
@@ -91,7 +92,7 @@ def test_reinforce_loss_by_hand_equals_the_logged_one(tiny_bridge):
         logits = trainer.policy(mb.sequences, mb.attention_mask).logits
     logprobs = taken_logprobs(logits, mb.sequences, mb.prompt_len)
     advantage = mb.advantages[:, 0]  # every real token of a row carries the row's r' − b
-    expected = reinforce_loss(sequence_logprobs(logprobs, mb.gen_mask), advantage)
+    expected = reinforce_loss(masked_sequence_sum(logprobs, mb.gen_mask), advantage)
     breakdown = trainer.learning_phase(memory, minibatches=minibatches)
     assert breakdown[0]["policy_loss"] == pytest.approx(expected.item(), rel=1e-6)
 
