@@ -37,7 +37,7 @@ from rlhf_scratch.outputs import write_json
 from rlhf_scratch.ppo import PPOConfig, PPOTrainer
 from rlhf_scratch.preferences import PairsConfig, run_pairs
 from rlhf_scratch.reinforce import REINFORCEConfig, REINFORCETrainer
-from rlhf_scratch.reward_model import RewardModelConfig, ScoreConfig, run_score, train_reward_model
+from rlhf_scratch.reward_model_training import RewardModelConfig, ScoreConfig, run_score, train_reward_model
 from rlhf_scratch.rewards import make_reward, score_texts
 
 LOSSES = ("bt", "margin", "dist")

@@ -32,14 +32,14 @@ e.g. 0.633 instead of 0.636 at n = 4, M = 16 and 1.833 instead of 1.835 at n = 1
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from rlhf_scratch.evaluation import EvalConfig, EvalSamples
-from rlhf_scratch.sampling import SamplingConfig
+from rlhf_scratch.evaluation import EvalSamples
+from rlhf_scratch.rewards import score_texts
+from rlhf_scratch.sampling import SamplingConfig, generate
 from rlhf_scratch.typecheck import typechecker
 
 
@@ -142,8 +142,6 @@ class BestOfNSampler:
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], reward, generator: torch.Generator) -> EvalSamples:
-        from rlhf_scratch.rewards import score_texts
-        from rlhf_scratch.sampling import generate
 
         m = self.pool_size
         expanded = [prompt for prompt in prompts for _ in range(m)]
@@ -156,44 +154,3 @@ class BestOfNSampler:
 
 
 # --------------------------------------------------------------------------- command
-
-
-@dataclass
-class BonConfig(EvalConfig):
-    """Best-of-n from the reference model vs the reference itself, on held-out prompts."""
-
-    n: int = 4
-    """Candidates per prompt; the highest-reward one is kept."""
-    pool_size: int | None = None
-    """Reference samples per prompt used to estimate the KL of best-of-n (>= n; default 4n)."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        return [
-            *super()._checks(),
-            (self.n >= 1, f"n must be >= 1, got {self.n}."),
-            (self.pool_size is None or self.pool_size >= self.n,
-             f"pool_size ({self.pool_size}) must be >= n ({self.n}), or omitted for 4n."),
-        ]
-
-
-def run_bon(config: BonConfig) -> dict:
-    """Evaluate the reference and best-of-n on the same prompts; write config.json, summary.json, report.md."""
-    from rlhf_scratch.compare import SystemSpec, run_systems
-
-    systems = [SystemSpec("reference", "reference"), SystemSpec(f"best-of-{config.n}", "bon", n=config.n, pool_size=config.pool_size)]
-    rows = run_systems(config, systems, title=f"Best-of-{config.n} vs the reference")
-    bon = rows[-1]
-    summary = {
-        "rows": rows,
-        "n": config.n,
-        "reward_mean": bon["reward_mean"],
-        "reward_gain": bon["reward_mean"] - rows[0]["reward_mean"],
-        "kl": bon["kl"],
-        "kl_se": bon["kl_se"],
-        "kl_bound": bon["kl_bound"],
-    }
-    if config.out is not None:
-        from rlhf_scratch.outputs import write_json
-
-        write_json(config.out / "summary.json", summary)
-    return summary

@@ -13,11 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import tyro
+from rich.console import Console
+from rich.table import Table
 
-from rlhf_scratch.models import ModelLoadError
-from rlhf_scratch.outputs import check_run_dir
-from rlhf_scratch.sampling import SamplingConfig
+from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
+from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
+from rlhf_scratch.dpo import DPOConfig, run_dpo
+from rlhf_scratch.model_diff import DiffConfig, run_diff
+from rlhf_scratch.models import ModelLoadError, load_bridge
+from rlhf_scratch.outputs import append_jsonl, check_run_dir, write_json
+from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
+from rlhf_scratch.preferences import PairsConfig, run_pairs
+from rlhf_scratch.pretrain import PretrainConfig, pretrain
+from rlhf_scratch.reinforce import REINFORCEConfig, run_reinforce
+from rlhf_scratch.reward_model_training import RewardModelConfig, ScoreConfig, run_score, train_reward_model
+from rlhf_scratch.rewards import make_reward, score_texts
+from rlhf_scratch.sampling import SamplingConfig, encode, generate
+from rlhf_scratch.value_lens import InspectConfig, run_inspect
 
 TYRO_CONFIG = (tyro.conf.OmitArgPrefixes,)
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
@@ -52,15 +66,7 @@ class SampleConfig:
 
 
 def run_sample(config: SampleConfig) -> list[dict]:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
 
-    from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
-    from rlhf_scratch.models import load_bridge
-    from rlhf_scratch.outputs import append_jsonl, write_json
-    from rlhf_scratch.rewards import make_reward, score_texts
-    from rlhf_scratch.sampling import encode, generate
 
     console = Console()
     torch.manual_seed(config.seed)
@@ -103,16 +109,6 @@ def run_sample(config: SampleConfig) -> list[dict]:
 
 def _commands() -> dict:
     """name → (config class, presets {name: config}, runner, one-line description)."""
-    from rlhf_scratch.bon import BonConfig, run_bon
-    from rlhf_scratch.compare import CompareConfig, run_compare
-    from rlhf_scratch.dpo import DPOConfig, run_dpo
-    from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
-    from rlhf_scratch.pretrain import PretrainConfig, pretrain
-    from rlhf_scratch.reinforce import REINFORCEConfig, run_reinforce
-    from rlhf_scratch.preferences import PairsConfig, run_pairs
-    from rlhf_scratch.reward_model import RewardModelConfig, ScoreConfig, run_score, train_reward_model
-    from rlhf_scratch.model_diff import DiffConfig, run_diff
-    from rlhf_scratch.value_lens import InspectConfig, run_inspect
 
     return {
         "ppo": (PPOConfig, preset_configs(), run_ppo, "Train a policy with PPO (default: the built-in offline sentiment task)."),

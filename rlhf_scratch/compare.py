@@ -1,4 +1,6 @@
-"""``rlhf-scratch compare``: several systems on the same held-out prompts, one table, one report.
+"""``rlhf-scratch compare`` and ``rlhf-scratch bon``: systems on the same held-out prompts, one table, one report.
+
+``bon`` is ``compare`` with two fixed systems, the reference and best-of-n from it (``run_bon``).
 
 Systems are named on the command line, one word each, ``[LABEL=]KIND[:ARG]``:
 
@@ -27,7 +29,26 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_scratch.evaluation import METRIC_KEYS, EvalConfig, EvalResult, pyplot
+import torch
+from rich.console import Console
+
+from rlhf_scratch.bon import BestOfNSampler
+from rlhf_scratch.evaluation import (
+    METRIC_KEYS,
+    EvalConfig,
+    EvalResult,
+    ModelSampler,
+    evaluate,
+    evaluation_prompts,
+    markdown_metrics_table,
+    markdown_sample_table,
+    print_metrics_table,
+    print_sample_table,
+    pyplot,
+)
+from rlhf_scratch.models import load_bridge
+from rlhf_scratch.outputs import append_jsonl, write_json
+from rlhf_scratch.rewards import make_reward
 
 SYSTEM_SYNTAX = (
     "Name systems as [LABEL=]KIND[:ARG]: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | dpo:DIR | model:DIR, "
@@ -98,9 +119,6 @@ class CompareConfig(EvalConfig):
 
 def build_sampler(spec: SystemSpec, reference, config: EvalConfig):
     """The sampler of one system; checkpoints must share the reference's tokenizer (the prompts are token ids)."""
-    from rlhf_scratch.bon import BestOfNSampler
-    from rlhf_scratch.evaluation import ModelSampler
-    from rlhf_scratch.models import load_bridge
 
     if spec.kind == "reference":
         return ModelSampler(spec.label, reference, reference, config.sampling)
@@ -117,12 +135,7 @@ def build_sampler(spec: SystemSpec, reference, config: EvalConfig):
 
 def run_systems(config: EvalConfig, systems: list[SystemSpec], title: str, console=None) -> list[dict]:
     """Evaluate ``systems`` on the same prompts, print the tables, write the report if ``config.out``; the rows."""
-    import torch
-    from rich.console import Console
 
-    from rlhf_scratch.evaluation import evaluate, evaluation_prompts, print_metrics_table, print_sample_table
-    from rlhf_scratch.models import load_bridge
-    from rlhf_scratch.rewards import make_reward
 
     console = console or Console()
     torch.manual_seed(config.seed)
@@ -155,10 +168,45 @@ def run_compare(config: CompareConfig) -> dict:
 # --------------------------------------------------------------------------- report
 
 
+@dataclass
+class BonConfig(EvalConfig):
+    """Best-of-n from the reference model vs the reference itself, on held-out prompts."""
+
+    n: int = 4
+    """Candidates per prompt; the highest-reward one is kept."""
+    pool_size: int | None = None
+    """Reference samples per prompt used to estimate the KL of best-of-n (>= n; default 4n)."""
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
+            *super()._checks(),
+            (self.n >= 1, f"n must be >= 1, got {self.n}."),
+            (self.pool_size is None or self.pool_size >= self.n,
+             f"pool_size ({self.pool_size}) must be >= n ({self.n}), or omitted for 4n."),
+        ]
+
+
+def run_bon(config: BonConfig) -> dict:
+    """Evaluate the reference and best-of-n on the same prompts; write config.json, summary.json, report.md."""
+    systems = [SystemSpec("reference", "reference"), SystemSpec(f"best-of-{config.n}", "bon", n=config.n, pool_size=config.pool_size)]
+    rows = run_systems(config, systems, title=f"Best-of-{config.n} vs the reference")
+    bon = rows[-1]
+    summary = {
+        "rows": rows,
+        "n": config.n,
+        "reward_mean": bon["reward_mean"],
+        "reward_gain": bon["reward_mean"] - rows[0]["reward_mean"],
+        "kl": bon["kl"],
+        "kl_se": bon["kl_se"],
+        "kl_bound": bon["kl_bound"],
+    }
+    if config.out is not None:
+        write_json(config.out / "summary.json", summary)
+    return summary
+
+
 def write_report(out: Path, config: EvalConfig, results: list[EvalResult], title: str) -> None:
     """config.json, report.md, report.csv, reward_vs_kl.png, reward_vs_diversity.png, samples.jsonl, summary.json."""
-    from rlhf_scratch.evaluation import markdown_metrics_table, markdown_sample_table
-    from rlhf_scratch.outputs import append_jsonl, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.metrics for r in results]

@@ -1280,7 +1280,7 @@ def words(text: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _dictionary() -> frozenset[str]:
-    from english_words import get_english_words_set
+    from english_words import get_english_words_set  # loads a large word list: only the word-share check needs it
 
     return frozenset(get_english_words_set(["web2", "gcide"], lower=True))
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
+from rlhf_scratch.corpus import generate_reviews
+
 FILE_EXTENSIONS = (".txt", ".jsonl", ".csv")
 BUILTIN_DEFAULT_N = 2_000
 # Pretraining draws the built-in corpus with seed 0; prompts use seed 1 + seed so
@@ -143,7 +145,6 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_builtin(n: int, seed: int) -> list[str]:
     # Imported here: the corpus module is only needed for the built-in source.
-    from rlhf_scratch.corpus import generate_reviews
 
     return list(generate_reviews(n, seed=BUILTIN_PROMPT_SEED_OFFSET + seed))
 

@@ -37,11 +37,28 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int, jaxtyped
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
 from rlhf_scratch.config import TaskConfig
+from rlhf_scratch.evaluation import (
+    EvalConfig,
+    ModelSampler,
+    evaluate,
+    evaluation_prompts,
+    print_metrics_table,
+    print_sample_table,
+    pyplot,
+)
+from rlhf_scratch.models import bridge_parameters, load_bridge, make_reference, save_model_dir
 from rlhf_scratch.objectives import masked_sequence_sum, taken_logprobs
-from rlhf_scratch.preferences import PreferencePair, split_heldout
+from rlhf_scratch.optimization import check_finite, clipped_step
+from rlhf_scratch.outputs import append_jsonl, atomic_dir, write_json
+from rlhf_scratch.preferences import PreferencePair, load_pairs, split_heldout
+from rlhf_scratch.rewards import make_reward
+from rlhf_scratch.sampling import encode, padding_id
+from rlhf_scratch.schedule import warmup_decay_lambda
 from rlhf_scratch.typecheck import typechecker
 
 # is_pep484_tower: accept an int where a float is annotated (``beta=1``), as PEP 484 does.
@@ -276,7 +293,6 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], prepend_bos: bool, n_
     end (a sample stops at its first EOS). A response cut at max_new_tokens also gets EOS here.
     Raises ``ValueError`` naming the first pair whose prompt + response (+ EOS) exceeds ``n_ctx`` tokens.
     """
-    from rlhf_scratch.sampling import encode
 
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -385,7 +401,6 @@ class DPOConfig(TaskConfig):
 
     def eval_config(self):
         """The ``EvalConfig`` of the final evaluation (same model, prompts source, sampler and seed)."""
-        from rlhf_scratch.evaluation import EvalConfig
 
         return EvalConfig(model=self.model, reward=self.reward or "vader", data=self.data, column=self.column,
                           prompt=self.prompt, min_prompt_tokens=self.min_prompt_tokens,
@@ -396,7 +411,6 @@ class DPOConfig(TaskConfig):
 
 def load_preference_pairs(config: DPOConfig) -> list[PreferencePair]:
     """The pairs of ``config.pairs`` (``preferences.load_pairs``), at most ``config.max_pairs``."""
-    from rlhf_scratch.preferences import load_pairs
 
     return load_pairs(str(config.pairs), limit=config.max_pairs)
 
@@ -417,9 +431,6 @@ class DPOTrainer:
     """
 
     def __init__(self, config: DPOConfig, pairs: list[PreferencePair] | None = None, bridge=None):
-        from rlhf_scratch.models import bridge_parameters, load_bridge, make_reference
-        from rlhf_scratch.sampling import padding_id
-        from rlhf_scratch.schedule import warmup_decay_lambda
 
         self.config = config
         torch.manual_seed(config.seed)
@@ -492,7 +503,6 @@ class DPOTrainer:
         loss, losses, chosen_rewards, rejected_rewards, margin, f_margin, accuracy (see ``DPOLossOutput``),
         policy_chosen_logps, policy_rejected_logps [b], grad_norm (before clipping), lr (of this step).
         """
-        from rlhf_scratch.optimization import check_finite, clipped_step
 
         lr = self.optimizer.param_groups[0]["lr"]
         out, chosen, rejected = self.compute_loss([int(i) for i in indices])
@@ -529,8 +539,6 @@ class DPOTrainer:
 
     def save_checkpoint(self, directory: Path) -> Path:
         """The policy in save_pretrained layout (safetensors), written atomically (``outputs.atomic_dir``)."""
-        from rlhf_scratch.models import save_model_dir
-        from rlhf_scratch.outputs import atomic_dir
 
         config = self.config
         meta = {"kind": "dpo", "step": self.step, "epochs": self.epoch, "base_model": config.model, "loss": config.loss,
@@ -541,8 +549,6 @@ class DPOTrainer:
 
     def evaluate_policy(self) -> list:
         """The reference and the trained policy on the same held-out prompts with the true reward: two ``EvalResult``s."""
-        from rlhf_scratch.evaluation import ModelSampler, evaluate, evaluation_prompts
-        from rlhf_scratch.rewards import make_reward
 
         config = self.config
         eval_config = config.eval_config()
@@ -556,10 +562,7 @@ class DPOTrainer:
 
     def train(self, console=None) -> dict:
         """All epochs with a progress bar, metrics.jsonl, held-out accuracy per epoch, checkpoint, evaluation, summary."""
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from rlhf_scratch.outputs import append_jsonl, write_json
 
         config = self.config
         console = console or Console()
@@ -611,8 +614,6 @@ class DPOTrainer:
             self.save_checkpoint(out / "checkpoint")
             plot_dpo_curves(self.history, epoch_rows, out / "curves.png")
         if config.reward is not None:
-            from rlhf_scratch.evaluation import print_metrics_table, print_sample_table
-
             with console.status(f"evaluating the reference and the DPO policy on {config.n_eval_prompts} held-out prompts"):
                 results = self.evaluate_policy()
             if config.table_rows:
@@ -663,7 +664,6 @@ def step_metrics(terms: dict[str, Tensor]) -> dict[str, float]:
 
 def plot_dpo_curves(history: list[dict], epoch_rows: list[dict], path: Path) -> Path:
     """``curves.png``: loss, pair accuracy (train per step, held-out per epoch) and implicit rewards per step."""
-    from rlhf_scratch.evaluation import pyplot
 
     plt = pyplot()
 

@@ -29,17 +29,21 @@ import math
 import time
 from collections import Counter
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int, jaxtyped
+from rich.table import Table
 from torch import Tensor
 
-from rlhf_scratch.sampling import Generation, SamplingConfig, filter_logits
 from rlhf_scratch.config import TaskConfig
+from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
+from rlhf_scratch.objectives import generated_logits, masked_sequence_sum
+from rlhf_scratch.rewards import score_texts
+from rlhf_scratch.sampling import Generation, SamplingConfig, encode, filter_logits, generate
 from rlhf_scratch.typecheck import typechecker
 
 # is_pep484_tower: accept an int where a float is annotated, as PEP 484 does.
@@ -93,7 +97,6 @@ def sequence_log_ratio(
     Its mean over responses sampled from π is an unbiased estimate of the sequence KL(π‖π_ref).
     Padding is excluded with ``masked_sequence_sum`` (a −inf log-prob there would otherwise give nan).
     """
-    from rlhf_scratch.objectives import masked_sequence_sum
 
     return masked_sequence_sum(logprobs - ref_logprobs, gen_mask)
 
@@ -241,9 +244,6 @@ class ModelSampler:
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], reward, generator: torch.Generator) -> EvalSamples:
-        from rlhf_scratch.objectives import generated_logits
-        from rlhf_scratch.rewards import score_texts
-        from rlhf_scratch.sampling import generate
 
         generation = generate(self.bridge, prompts, self.sampling, generator=generator, fwd_hooks=self.fwd_hooks)
         rewards = score_texts(reward, generation.texts)
@@ -357,8 +357,6 @@ def evaluation_prompts(config: EvalConfig, tokenizer) -> list[list[int]]:
     HELDOUT_SEED_OFFSET)`` (for the built-in corpus, reviews that neither pretraining nor a
     trainer's prompt pool drew). Fixed-prefix mode: ``n_prompts`` copies of ``--prompt``.
     """
-    from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
-    from rlhf_scratch.sampling import encode
 
     def encode_text(text: str) -> list[int]:
         return encode(tokenizer, text, prepend_bos=config.prepend_bos)
@@ -401,7 +399,6 @@ def table_cells(row: dict) -> list[str]:
 
 def print_metrics_table(console, rows: list[dict], title: str = "Evaluation") -> None:
     """The comparison table (system, reward mean/median, KL, token entropy, distinct-2, length)."""
-    from rich.table import Table
 
     table = Table(title=title)
     for _, header in TABLE_COLUMNS:
@@ -423,7 +420,6 @@ def markdown_metrics_table(rows: list[dict]) -> str:
 
 def print_sample_table(console, results: list[EvalResult], rows: int) -> None:
     """The first ``rows`` prompts and each system's response to them, with its reward."""
-    from rich.table import Table
 
     table = Table(title="Samples (same prompts, same seed)", show_lines=True)
     table.add_column("prompt", style="cyan", max_width=20)
@@ -451,7 +447,6 @@ def markdown_sample_table(results: list[EvalResult], rows: int) -> str:
 
 def print_before_after(console, before, before_rewards: list[float], after, after_rewards: list[float], reward) -> None:
     """A table of the same prompts answered by the reference (before) and the trained policy (after)."""
-    from rich.table import Table
 
     name = getattr(reward, "name", "reward")
     table = Table(title=f"Samples before and after training (reward: {name})", show_lines=True)

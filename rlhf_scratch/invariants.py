@@ -35,7 +35,6 @@ from torch import Tensor
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.typecheck import typechecker
 
-
 RATIO_TOLERANCE = 1e-3
 """Largest |ratio − 1| accepted on a phase's first minibatch. The rollout reads all B rows in one
 forward pass and learning reads a minibatch of them; on CPU the two agree exactly (measured 0 on

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from rlhf_scratch.typecheck import typechecker
 
-
 # Each tensor field's dtype family and dims, checked in __post_init__ (see there for why
 # not by @jaxtyped on the class). Order matters only for the order of the checks.
 _FIELD_SPECS: dict[str, tuple[type, tuple[str, ...]]] = {

@@ -55,8 +55,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, jaxtyped
+from rich.console import Console
+from rich.table import Table
 from torch import Tensor
 
+from rlhf_scratch.data import load_texts, prompts_from_texts
+from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
+from rlhf_scratch.models import CHECKPOINT_META_FILE, load_bridge
+from rlhf_scratch.outputs import write_json
+from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
 from rlhf_scratch.typecheck import typechecker
 
 # is_pep484_tower: accept an int where a float is annotated, as PEP 484 does.
@@ -380,9 +387,6 @@ def _check_policy_source(policy: str) -> None:
 
 def diff_sequences(config: DiffConfig, policy_bridge) -> tuple[Tensor, Tensor, int]:
     """The token sequences both models read: (tokens [N, S], attention_mask [N, S], prompt_len P or 0)."""
-    from rlhf_scratch.data import load_texts, prompts_from_texts
-    from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET
-    from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
 
     tokenizer = policy_bridge.tokenizer
     texts = load_texts(config.prompts, column=config.column, seed=config.seed + HELDOUT_SEED_OFFSET)
@@ -427,10 +431,7 @@ def collect(bridge, tokens: Tensor, mask: Tensor, names: list[str], batch_size: 
 
 def run_diff(config: DiffConfig) -> dict:
     """Run reference and policy on the same sequences; write report.md, plots, summary.json; return the summary."""
-    from rich.console import Console
 
-    from rlhf_scratch.models import CHECKPOINT_META_FILE, load_bridge
-    from rlhf_scratch.outputs import write_json
 
     console = Console()
     _check_policy_source(config.policy)
@@ -575,7 +576,6 @@ def _token_rows(rows: list[dict]) -> list[list[str]]:
 
 def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[str]) -> Path:
     """report.md: the four tables, the plots, and the one-line interpretation."""
-    from rlhf_scratch.evaluation import markdown_table
 
     source = "the policy's own samples on held-out prompts" if config.from_samples else f"texts from {config.prompts}"
     token_headers = ["token", "Δ mean log-prob", "Δ mean p", "mean p (reference)", "mean p (policy)"]
@@ -630,7 +630,6 @@ def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[
 
 
 def print_diff_tables(console, summary: dict) -> None:
-    from rich.table import Table
 
     table = Table(title="Residual stream: policy vs reference")
     for header in ("layer", "cosine", "relative norm"):
@@ -664,7 +663,6 @@ def print_diff_tables(console, summary: dict) -> None:
 
 def plot_residual(rows: list[dict], path: Path) -> Path:
     """Two panels over layers: mean cosine similarity and mean relative norm of the difference."""
-    from rlhf_scratch.evaluation import pyplot
 
     plt = pyplot()
     labels = [r["layer"] for r in rows]
@@ -686,7 +684,6 @@ def plot_residual(rows: list[dict], path: Path) -> Path:
 
 def plot_weight_change(rows: list[dict], n_layers: int, n_heads: int, path: Path) -> Path:
     """Heatmaps layer × head of the relative change of W_Q, W_K, W_V, W_O, and the MLPs' W_in/W_out per layer."""
-    from rlhf_scratch.evaluation import pyplot
 
     plt = pyplot()
     grids = {m: head_change_grid(rows, m, n_layers, n_heads) for m in ("W_Q", "W_K", "W_V", "W_O")}
@@ -720,7 +717,6 @@ def plot_weight_change(rows: list[dict], n_layers: int, n_heads: int, path: Path
 
 def plot_dla(rows: list[dict], tokens: list[str], path: Path) -> Path:
     """Bars per residual-stream component: contribution to the token set's logit difference, policy vs reference."""
-    from rlhf_scratch.evaluation import pyplot
 
     plt = pyplot()
     labels = [r["component"] for r in rows]

@@ -26,7 +26,11 @@ import torch
 from jaxtyping import Float, Int, jaxtyped
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoModelForCausalLM
 
+from rlhf_scratch import data
+from rlhf_scratch.outputs import backup_dir
 from rlhf_scratch.typecheck import typechecker
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -42,7 +46,6 @@ FINAL_RESIDUAL_HOOK = "ln_final.hook_out"
 def complete_checkpoint_dir(source: str | os.PathLike) -> Path:
     """``source`` as a path, or its ``.old`` sibling when a run was killed between the two renames
     that swap a new checkpoint in (``outputs.swap_in_dir``) and only the previous one is complete."""
-    from rlhf_scratch.outputs import backup_dir
 
     path = Path(str(source)).expanduser()
     if not path.exists() and backup_dir(path).is_dir():
@@ -61,10 +64,11 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
     same tokens across forward passes, and dropout noise would make the PPO ratio
     differ from 1 even before any update.
     """
-    from transformer_lens.model_bridge import TransformerBridge
 
     source = str(source)
     if source in BUILTIN_NAMES:
+        # The one deliberate import cycle: pretrain builds the built-in model with this module's
+        # loaders, and "builtin" builds it on first use. Importing here keeps either importable first.
         from rlhf_scratch.pretrain import ensure_builtin_model
 
         source = str(ensure_builtin_model())
@@ -81,11 +85,9 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
         looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
         if looks_like_path:
             raise ModelLoadError(f"No such model directory: {source}. Check the path.")
-        from rlhf_scratch.data import hub_is_reachable, hub_offline_var
-
         # Without this check an unreachable hub costs ~25 s of retries before failing.
-        offline_var = hub_offline_var()
-        if offline_var or not hub_is_reachable():
+        offline_var = data.hub_offline_var()
+        if offline_var or not data.hub_is_reachable():
             reason = f"{offline_var} is set" if offline_var else "the hub is unreachable from this machine"
             raise ModelLoadError(
                 f"Cannot load {source!r} from the Hugging Face hub: {reason}. "
@@ -240,7 +242,6 @@ def hf_module_from_bridge(bridge):
     stripped keys match the fresh module's, and the bridge's extra alias entries
     (split q/k/v, ``ln1``/``mlp.in`` views) are ignored. No key may be missing.
     """
-    from transformers import AutoModelForCausalLM
 
     original = bridge.original_model
     fresh = AutoModelForCausalLM.from_config(original.config)

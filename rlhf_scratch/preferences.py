@@ -31,7 +31,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from rlhf_scratch.config import TaskConfig
+from rlhf_scratch.data import HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, open_hub_dataset, prompts_from_texts
+from rlhf_scratch.models import load_bridge
+from rlhf_scratch.outputs import write_json
+from rlhf_scratch.rewards import make_reward, score_texts
+from rlhf_scratch.sampling import encode, generate
 
 PAIR_FILE_EXTENSIONS = (".jsonl", ".csv")
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
@@ -96,7 +105,6 @@ def load_pairs(source: str | os.PathLike, limit: int | None = None, split: str =
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise PairDataError(f"limit must be a positive integer or None, got {limit!r}.")
-    from rlhf_scratch.data import HUB_ID_PATTERN
 
     name = str(source)
     path = Path(name).expanduser()
@@ -191,7 +199,6 @@ def _read_file(path: Path, limit: int | None) -> list[tuple[int, dict | str]]:
 
 def _read_hub(name: str, split: str, limit: int | None) -> list[tuple[int, dict]]:
     """``(row index, row dict)`` of a Hugging Face dataset; fails fast when the hub cannot be reached."""
-    from rlhf_scratch.data import open_hub_dataset
 
     export_hint = (
         "On a machine with network, export it to a local file: `datasets.load_dataset("
@@ -372,15 +379,7 @@ def run_pairs(config: PairsConfig) -> dict:
     sample_score_mean, frac_above_threshold, chosen_score_mean, rejected_score_mean, threshold,
     pairs_file, seconds.
     """
-    import torch
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
-    from rlhf_scratch.models import load_bridge
-    from rlhf_scratch.outputs import write_json
-    from rlhf_scratch.rewards import make_reward, score_texts
-    from rlhf_scratch.sampling import encode, generate
 
     console = Console()
     start = time.time()

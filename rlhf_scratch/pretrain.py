@@ -29,6 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from platformdirs import user_cache_dir
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from rlhf_scratch.corpus import english_word_share, generate_reviews
+from rlhf_scratch.data import load_texts
+from rlhf_scratch.models import load_bridge
+from rlhf_scratch.outputs import replace_dir, write_json
+from rlhf_scratch.sampling import SamplingConfig, encode, generate, installed_versions
 
 BUILTIN_MODEL_NAME = "tiny-reviews-v1"
 SPECIAL_TOKEN = "<|endoftext|>"
@@ -36,7 +47,6 @@ SPECIAL_TOKEN = "<|endoftext|>"
 
 def default_cache_dir() -> Path:
     """``$RLHF_SCRATCH_CACHE`` if set, else the user's cache directory for rlhf_scratch."""
-    from platformdirs import user_cache_dir
 
     return Path(os.environ.get("RLHF_SCRATCH_CACHE") or user_cache_dir("rlhf_scratch"))
 
@@ -97,12 +107,8 @@ class PretrainConfig:
 def load_training_texts(config: PretrainConfig) -> tuple[list[str], list[str]]:
     """``(train_texts, heldout_texts)``; held-out texts never appear in training."""
     if config.data is None:
-        from rlhf_scratch.corpus import generate_reviews
-
         texts = generate_reviews(config.n_texts + config.n_heldout, seed=config.seed)
     else:
-        from rlhf_scratch.data import load_texts
-
         texts = load_texts(str(config.data), column=config.column)
         random.Random(config.seed).shuffle(texts)
     if len(texts) < 2:
@@ -113,8 +119,6 @@ def load_training_texts(config: PretrainConfig) -> tuple[list[str], list[str]]:
 
 def train_tokenizer(texts: list[str], vocab_size: int, directory: Path):
     """Byte-level BPE (as GPT-2) trained on ``texts``; saved to ``directory`` and returned."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -194,14 +198,7 @@ def heldout_perplexity(model, examples: list[list[int]], pad_id: int, batch_size
 
 def pretrain(config: PretrainConfig, console=None) -> dict:
     """Run the whole pipeline; returns the summary (also written to ``out/summary.json``)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlhf_scratch.corpus import english_word_share
-    from rlhf_scratch.models import load_bridge
-    from rlhf_scratch.outputs import replace_dir, write_json
-    from rlhf_scratch.sampling import SamplingConfig, encode, generate
 
     console = console or Console()
     start_time = time.time()
@@ -325,7 +322,6 @@ def word_share_warnings(sample_share: float, corpus_share: float) -> list[str]:
     """A warning (with the likely causes) when the samples hold far fewer English words than the texts trained on."""
     if sample_share >= corpus_share - WORD_SHARE_DROP:
         return []
-    from rlhf_scratch.sampling import installed_versions
 
     versions = ", ".join(f"{name} {version}" for name, version in installed_versions().items())
     return [
@@ -341,7 +337,6 @@ def ensure_builtin_model(cache_dir: str | os.PathLike | None = None, console=Non
     target = builtin_model_dir(cache_dir)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from rich.console import Console
 
     console = console or Console(stderr=True)
     console.print(

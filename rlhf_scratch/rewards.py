@@ -20,8 +20,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_scratch.data import HUB_ID_PATTERN, hub_is_reachable, hub_offline_var
+from rlhf_scratch.models import ModelLoadError
+from rlhf_scratch.reward_model import load_reward_model
 from rlhf_scratch.typecheck import typechecker
 
 REWARD_SPECS = """\
@@ -61,6 +64,7 @@ class VaderReward:
     name = "vader"
 
     def __init__(self):
+        # Optional at import time: only the vader reward needs the lexicon package.
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self._analyzer = SentimentIntensityAnalyzer()  # loads the lexicon once
@@ -160,7 +164,6 @@ class HFClassifierReward:
 
 def _load_classifier(name_or_path: str, device):
     """(tokenizer, model in eval mode) from a local directory or a hub name; fails fast offline."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     def load(**kwargs):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
@@ -257,10 +260,24 @@ def make_reward(spec: str) -> Reward:
         directory = spec[len("rm:") :]
         if not directory:
             raise RewardError(f"Bad reward spec {spec!r}: expected rm:DIR, the --out folder of `rlhf-scratch rm`.")
-        from rlhf_scratch.reward_model import RewardModelReward  # imports the model code only when needed
-
         return RewardModelReward(directory)
     raise RewardError(f"Unknown reward spec {spec!r}.\n{REWARD_SPECS}")
+
+
+class RewardModelReward:
+    """A trained reward model as a reward (``--reward rm:DIR``): texts → rewards [B], CPU float32."""
+
+    def __init__(self, directory: str | os.PathLike, device: str = "cpu", batch_size: int = 64):
+        try:
+            self.model = load_reward_model(directory, device=device)
+        except ModelLoadError as error:
+            raise RewardError(str(error)) from error
+        self.batch_size = batch_size
+        self.name = f"rm:{directory}"
+
+    @jaxtyped(typechecker=typechecker)
+    def __call__(self, texts: list[str]) -> Float[Tensor, "batch"]:
+        return self.model.score(texts, batch_size=self.batch_size)
 
 
 # --------------------------------------------------------------------------- checking

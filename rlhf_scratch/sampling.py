@@ -17,6 +17,7 @@ padding: ``gen_mask`` False, ``attention_mask`` 0.
 
 from __future__ import annotations
 
+import importlib.metadata as metadata
 from dataclasses import dataclass, field
 
 import torch
@@ -169,7 +170,6 @@ class GenerationStackError(RuntimeError):
 
 def installed_versions() -> dict[str, str]:
     """Versions of the libraries that generation depends on, for error messages and reports."""
-    import importlib.metadata as metadata
 
     versions = {}
     for name in ("torch", "transformers", "transformer-lens"):

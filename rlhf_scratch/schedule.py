@@ -4,7 +4,6 @@ from collections.abc import Callable
 
 from rlhf_scratch.typecheck import typechecker
 
-
 # is_pep484_tower: accept an int where a float is annotated (``final_scale=1``), as PEP 484 does.
 
 

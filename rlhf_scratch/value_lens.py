@@ -33,13 +33,24 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from jaxtyping import Float, jaxtyped
+from rich.console import Console
+from rich.table import Table
 from torch import Tensor
 
+from rlhf_scratch.advantages import gae_advantages, terminal_rewards
+from rlhf_scratch.checkpoint import RESUME_STATE_JSON
+from rlhf_scratch.evaluation import pyplot
+from rlhf_scratch.models import BUILTIN_NAMES, CHECKPOINT_META_FILE, VALUE_HEAD_FILE, load_bridge, load_policy
+from rlhf_scratch.objectives import generated_logits, kl_exact, kl_k1, kl_k3, taken_logprobs
+from rlhf_scratch.outputs import write_json
+from rlhf_scratch.ppo import PPOConfig
+from rlhf_scratch.rewards import make_reward, score_texts
+from rlhf_scratch.sampling import SamplingConfig, encode, generate
 from rlhf_scratch.typecheck import typechecker
 
 # is_pep484_tower: accept an int where a float is annotated, as PEP 484 does.
@@ -152,10 +163,7 @@ class InspectConfig:
 def run_settings(checkpoint: str | Path) -> dict:
     """The PPO settings inspect needs, from the first of: the training config saved in the checkpoint's
     resume_state.json, the run's config.json next to the checkpoint, PPOConfig's defaults."""
-    from dataclasses import fields
 
-    from rlhf_scratch.checkpoint import RESUME_STATE_JSON
-    from rlhf_scratch.ppo import PPOConfig
 
     settings = {f.name: f.default for f in fields(PPOConfig) if f.name in ("reward", "gamma", "lam", "kl_coef", "kl_mode", "kl_estimator")}
     settings["temperature"] = 1.0
@@ -177,7 +185,6 @@ def run_settings(checkpoint: str | Path) -> dict:
 
 def check_ppo_checkpoint(checkpoint: str) -> Path:
     """The checkpoint directory, after checking that it holds a value head (only PPO checkpoints do)."""
-    from rlhf_scratch.models import BUILTIN_NAMES, CHECKPOINT_META_FILE, VALUE_HEAD_FILE
 
     if checkpoint in BUILTIN_NAMES:
         raise ValueError(f"--checkpoint {checkpoint} is the built-in base model, which has no value head: inspect needs "
@@ -202,13 +209,7 @@ def check_ppo_checkpoint(checkpoint: str) -> Path:
 
 def run_inspect(config: InspectConfig) -> dict:
     """Sample (or take) a response, print the per-token table and the value lens; write files if --out."""
-    from rich.console import Console
 
-    from rlhf_scratch.advantages import gae_advantages, terminal_rewards
-    from rlhf_scratch.models import load_bridge, load_policy
-    from rlhf_scratch.objectives import generated_logits, kl_exact, kl_k1, kl_k3, taken_logprobs
-    from rlhf_scratch.rewards import make_reward, score_texts
-    from rlhf_scratch.sampling import SamplingConfig, encode, generate
 
     console = Console()
     path = check_ppo_checkpoint(config.checkpoint)
@@ -284,8 +285,6 @@ def run_inspect(config: InspectConfig) -> dict:
     }
     print_inspect_tables(console, summary)
     if config.out is not None:
-        from rlhf_scratch.outputs import write_json
-
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config)
@@ -298,7 +297,6 @@ def run_inspect(config: InspectConfig) -> dict:
 
 def print_inspect_tables(console, summary: dict) -> None:
     """The per-token table (value, reward, advantage, return) and the value lens (token × layer)."""
-    from rich.table import Table
 
     rows = summary["tokens"]
     has_kl = bool(rows) and "kl" in rows[0]
@@ -334,7 +332,6 @@ def write_tokens_csv(rows: list[dict], path: Path) -> Path:
 
 def plot_value_lens(summary: dict, path: Path) -> Path:
     """Top: V_t, A_t and the return per generated token; bottom: the value lens heatmap, layer × token."""
-    from rlhf_scratch.evaluation import pyplot
 
     plt = pyplot()
     rows = summary["tokens"]

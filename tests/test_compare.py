@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from rlhf_scratch.bon import BonConfig, best_of_n_kl_bound, run_bon
+from rlhf_scratch.bon import best_of_n_kl_bound
+from rlhf_scratch.compare import BonConfig, run_bon
 from rlhf_scratch.cli import main
 from rlhf_scratch.compare import CompareConfig, SystemSpec, parse_system, run_compare
 from rlhf_scratch.models import make_reference, save_model_dir

@@ -10,20 +10,17 @@ from rlhf_scratch.cli import main
 from rlhf_scratch.preferences import PairDataError, PreferencePair, write_pairs
 from rlhf_scratch.reward_model import (
     RewardModel,
-    RewardModelConfig,
-    RewardModelReward,
     bradley_terry_loss,
     distributional_preference_loss,
     expected_rating,
-    fit_reward_model,
     load_reward_model,
-    pair_loss,
     pairwise_accuracy,
     preference_probability,
     rating_entropy,
     save_reward_model,
-    split_pairs,
 )
+from rlhf_scratch.reward_model_training import RewardModelConfig, fit_reward_model, pair_loss, split_pairs
+from rlhf_scratch.rewards import RewardModelReward
 from rlhf_scratch.rewards import RewardError, make_reward, score_texts
 
 
