@@ -27,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from rlhf_scratch.dpo import DPOConfig, DPOTrainer
+from rlhf_scratch.dpo_trainer import DPOConfig, DPOTrainer
 from rlhf_scratch.evaluation import EvalConfig, ModelSampler, evaluate, evaluation_prompts, markdown_table, pyplot
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.sampling import SamplingConfig

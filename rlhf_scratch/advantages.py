@@ -19,8 +19,6 @@ from torch import Tensor
 
 from rlhf_scratch.typecheck import typechecker
 
-# is_pep484_tower: accept an int where a float is annotated (``gamma=1``), as PEP 484 does.
-
 
 def _check_gen_mask(gen_mask: Tensor) -> Tensor:
     """Return each row's real length T_b + 1, after checking the mask is a non-empty prefix."""

@@ -20,8 +20,8 @@ from rich.table import Table
 
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
-from rlhf_scratch.dpo import DPOConfig, run_dpo
-from rlhf_scratch.model_diff import DiffConfig, run_diff
+from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
+from rlhf_scratch.model_diff_report import DiffConfig, run_diff
 from rlhf_scratch.models import ModelLoadError, load_bridge
 from rlhf_scratch.outputs import append_jsonl, check_run_dir, write_json
 from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo

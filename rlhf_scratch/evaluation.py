@@ -46,8 +46,6 @@ from rlhf_scratch.rewards import score_texts
 from rlhf_scratch.sampling import Generation, SamplingConfig, encode, filter_logits, generate
 from rlhf_scratch.typecheck import typechecker
 
-# is_pep484_tower: accept an int where a float is annotated, as PEP 484 does.
-
 # Evaluation prompts are cut from texts drawn with this offset added to the seed, so that
 # with the built-in corpus they are reviews that neither pretraining (seed 0) nor a
 # trainer's prompt pool (seed 1 + seed) has seen.

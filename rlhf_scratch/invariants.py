@@ -33,6 +33,7 @@ from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.memory import ReplayMemory
+from rlhf_scratch.objectives import approx_kl
 from rlhf_scratch.typecheck import typechecker
 
 RATIO_TOLERANCE = 1e-3
@@ -166,12 +167,12 @@ def check_padding_after_first_eos(
 
 
 def check_memory_is_finite(memory: ReplayMemory, where: str = "") -> None:
-    """No NaN or inf at the real positions of any float tensor of the memory (rewards: every row)."""
-    for name in ("rewards", "logprobs", "ref_logprobs", "values", "advantages", "returns", "ref_logits_gen"):
+    """No NaN or inf at the real positions of any float tensor of the memory (rewards, sequence_kl: every row)."""
+    for name in ("rewards", "sequence_kl", "logprobs", "ref_logprobs", "values", "advantages", "returns", "ref_logits_gen"):
         value = getattr(memory, name)
         if value is None:
             continue
-        real = torch.ones_like(value, dtype=torch.bool) if name == "rewards" else memory.gen_mask
+        real = torch.ones_like(value, dtype=torch.bool) if name in ("rewards", "sequence_kl") else memory.gen_mask
         if name == "ref_logits_gen":
             real = real[..., None].expand_as(value)
         bad = real & ~torch.isfinite(value)
@@ -254,14 +255,13 @@ def check_approx_kl(
     logprobs: Float[Tensor, "batch gen"], old_logprobs: Float[Tensor, "batch gen"], gen_mask: Bool[Tensor, "batch gen"],
     bound: float, where: str = "",
 ) -> None:
-    """approx-KL = masked_mean((r − 1) − log r), r = exp(logp_new − logp_old) (as ``ppo_diagnostics``), must be <= bound."""
+    """``objectives.approx_kl`` (masked_mean((r − 1) − log r), r = exp(logp_new − logp_old)) must be <= bound."""
+    kl = float(approx_kl(logprobs.detach(), old_logprobs, gen_mask))
     log_ratio = torch.where(gen_mask, logprobs.detach() - old_logprobs, torch.zeros_like(logprobs))
-    approx_kl = torch.where(gen_mask, torch.expm1(log_ratio) - log_ratio, torch.zeros_like(log_ratio)).sum()
-    approx_kl = float(approx_kl / gen_mask.sum().clamp(min=1))
-    if not approx_kl <= bound:
+    if not kl <= bound:
         raise InvariantError(
             "approx_kl_bound",
-            f"approx-KL(π_old ‖ π) of this minibatch is {approx_kl:.4g} > bound {bound:g} (max ratio "
+            f"approx-KL(π_old ‖ π) of this minibatch is {kl:.4g} > bound {bound:g} (max ratio "
             f"{float(torch.exp(log_ratio).max()):.3g}). The policy moved too far within one phase: lower lr, "
             "ppo_epochs or max_grad_norm, or raise --debug-max-approx-kl if this is expected.",
             where,

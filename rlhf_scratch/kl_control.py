@@ -9,8 +9,6 @@ import math
 
 from rlhf_scratch.typecheck import typechecker
 
-# is_pep484_tower: accept an int where a float is annotated (``target=6``), as PEP 484 does.
-
 
 @typechecker
 class FixedKLController:

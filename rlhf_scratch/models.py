@@ -17,6 +17,7 @@ Where a model can come from (``load_bridge(source)``):
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -41,6 +42,14 @@ BUILTIN_NAMES = ("builtin", "tiny", "tiny-reviews")
 # the final residual stream *after* the final LayerNorm, weight and bias included.
 # (``ln_final.hook_normalized`` is taken before the LayerNorm's affine part.)
 FINAL_RESIDUAL_HOOK = "ln_final.hook_out"
+EMBED_HOOK = "blocks.0.hook_resid_pre"
+"""The residual stream before block 0: token plus position embeddings."""
+
+
+def residual_hooks(n_layers: int) -> list[tuple[str, str]]:
+    """``(label, hook name)`` of the residual stream at the embeddings and after each block:
+    ``("embed", "blocks.0.hook_resid_pre"), ("L0", "blocks.0.hook_resid_post"), ...``."""
+    return [("embed", EMBED_HOOK)] + [(f"L{layer}", f"blocks.{layer}.hook_resid_post") for layer in range(n_layers)]
 
 
 def complete_checkpoint_dir(source: str | os.PathLike) -> Path:
@@ -289,3 +298,29 @@ def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithVal
     if head_file.is_file():
         value_head.load_state_dict(load_file(head_file))
     return PolicyWithValueHead(bridge, value_head.to(device))
+
+
+def check_fwd_hooks(bridge, fwd_hooks) -> list:
+    """``fwd_hooks`` as a list, after checking each is a ``(name, fn)`` pair whose name exists on ``bridge``.
+
+    TransformerLens would raise a bare KeyError for a misspelt name, and only at the first forward
+    pass; this says so at once and lists the closest names. A name may also be a filter function
+    ``name -> bool`` (TransformerLens convention).
+    """
+    hooks = list(fwd_hooks)
+    known = bridge.hook_dict
+    for item in hooks:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and callable(item[1])):
+            raise ValueError(f"Each forward hook must be a (name, function) pair, got {item!r}.")
+        name = item[0]
+        if isinstance(name, str) and name not in known:
+            close = difflib.get_close_matches(name, list(known), n=6, cutoff=0.6)
+            suggestion = f" Closest names: {', '.join(close)}." if close else ""
+            raise ValueError(
+                f"No hook named {name!r} on this model.{suggestion} "
+                "See every name with sorted(bridge.hook_dict), e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] "
+                "or blocks.0.hook_mlp_out [batch, pos, d_model]."
+            )
+        if not isinstance(name, str) and not callable(name):
+            raise ValueError(f"A hook's name must be a string or a filter function name -> bool, got {name!r}.")
+    return hooks

@@ -23,8 +23,6 @@ from torch import Tensor
 
 from rlhf_scratch.typecheck import typechecker
 
-# is_pep484_tower: accept an int where a float is annotated (``vf_coef=1``), as PEP 484 does.
-
 
 @jaxtyped(typechecker=typechecker)
 def masked_sequence_sum(x: Float[Tensor, "batch gen"], mask: Bool[Tensor, "batch gen"]) -> Float[Tensor, "batch"]:
@@ -269,6 +267,19 @@ def calc_clipped_surrogate(
 
 
 @jaxtyped(typechecker=typechecker)
+def approx_kl(
+    logprobs: Float[Tensor, "batch gen"], old_logprobs: Float[Tensor, "batch gen"], gen_mask: Bool[Tensor, "batch gen"]
+) -> Float[Tensor, ""]:
+    """k3 estimate of KL(π_old ‖ π) over real positions (no grad), as CleanRL logs it:
+
+    approx_kl = masked_mean((r − 1) − log r),  r = exp(log π − log π_old)     [B, G] -> []
+    """
+    with torch.no_grad():
+        log_ratio = torch.where(gen_mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
+        return masked_mean(torch.expm1(log_ratio) - log_ratio, gen_mask)
+
+
+@jaxtyped(typechecker=typechecker)
 def ppo_diagnostics(
     logprobs: Float[Tensor, "batch gen"],
     old_logprobs: Float[Tensor, "batch gen"],
@@ -278,7 +289,7 @@ def ppo_diagnostics(
     """How far the policy has moved from the rollout policy, over real positions (no grad).
 
     ratio = exp(log π − log π_old)                                          [B, G]
-    "approx_kl":  masked_mean((ratio − 1) − log ratio)   k3 estimate of KL(π_old ‖ π), as CleanRL
+    "approx_kl":  ``approx_kl``: masked_mean((ratio − 1) − log ratio), k3 estimate of KL(π_old ‖ π)
     "clipfrac":   masked_mean(|ratio − 1| > ε)           fraction of tokens outside the clip range
     "ratio_mean": masked_mean(ratio)
     "ratio_max":  max of ratio over real positions (0 if there are none)
@@ -288,7 +299,7 @@ def ppo_diagnostics(
         log_ratio = torch.where(gen_mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
         ratio = torch.exp(log_ratio)
         return {
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, gen_mask),
+            "approx_kl": approx_kl(logprobs, old_logprobs, gen_mask),
             "clipfrac": masked_mean(((ratio - 1).abs() > clip_coef).to(ratio.dtype), gen_mask),
             "ratio_mean": masked_mean(ratio, gen_mask),
             # ratio > 0, so filling the padding with 0 leaves the max over real positions.

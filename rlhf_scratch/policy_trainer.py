@@ -1,4 +1,6 @@
-"""What every trainer of a policy by sampling shares (PPO, REINFORCE): config, rollout record, loop.
+"""What every trainer of a policy by sampling shares (PPO, REINFORCE): the rollout record and the loop.
+
+Their shared config is ``config.PolicyTrainingConfig``; the forward-hook check is ``models.check_fwd_hooks``.
 
 One phase, as ``PolicyTrainer.run_phase`` calls it (each a plain call returning what the next needs)::
 
@@ -20,14 +22,12 @@ A subclass supplies ``build_memory``, ``minibatches``, ``compute_losses`` and ``
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import random
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from rich.console import Console
@@ -44,12 +44,19 @@ from rlhf_scratch.checkpoint import (
     weights_fingerprint,
     write_resume_state,
 )
-from rlhf_scratch.config import TaskConfig
+from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
 from rlhf_scratch.evaluation import plot_curves, print_before_after
 from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
-from rlhf_scratch.models import PolicyWithValueHead, load_bridge, load_policy, make_reference, save_model_dir
+from rlhf_scratch.models import (
+    PolicyWithValueHead,
+    check_fwd_hooks,
+    load_bridge,
+    load_policy,
+    make_reference,
+    save_model_dir,
+)
 from rlhf_scratch.objectives import (
     calc_kl_penalty,
     entropy_per_token,
@@ -65,114 +72,6 @@ from rlhf_scratch.outputs import append_jsonl, atomic_dir, filter_jsonl, to_json
 from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.sampling import Generation, encode, generate, padding_id
 from rlhf_scratch.schedule import warmup_decay_lambda
-
-
-@dataclass
-class PolicyTrainingConfig(TaskConfig):
-    """Fields shared by every trainer of a policy by sampling (PPO, REINFORCE): the task, the amount of
-    training, the optimiser, the KL to the reference, and the run. Defaults: the built-in offline sentiment task."""
-
-    reference: str | None = None
-    """Reference model for the KL penalty (default: a frozen copy of the starting policy)."""
-
-    # --- how much ---
-    phases: int = 40
-    """Number of rollout + learning phases."""
-    batch_size: int = 64
-    """Episodes (prompt + response) sampled per phase."""
-
-    # --- optimisation ---
-    lr: float = 3e-5
-    """Peak learning rate of the trunk (the language model)."""
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm of every optimised parameter (trunk, and value head for PPO) to this value."""
-    warmup_phases: int = 2
-    """Linear warmup length in phases (the schedule steps once per phase)."""
-    final_lr_scale: float = 0.1
-    """Learning-rate multiplier reached at the last phase (linear decay after warmup)."""
-
-    # --- KL to the reference ---
-    kl_coef: float = 0.05
-    """Weight of the KL penalty (initial value when adaptive)."""
-    kl_mode: Literal["reward", "loss"] = "reward"
-    """"reward": −kl_coef·KL_t is added to each token's reward (Ziegler et al., TRL); "loss": kl_coef·KL is a loss term (ARENA)."""
-    kl_estimator: Literal["exact", "k1", "k3"] = "k1"
-    """Per-token KL: "exact" full-distribution Σ_v π(v) log(π(v)/π_ref(v)); "k1" log π − log π_ref; "k3" (r−1) − log r."""
-    adaptive_kl: bool = False
-    """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
-    target_kl: float = 6.0
-    """Target sequence KL (nats) of the adaptive controller."""
-    kl_horizon: int = 10000
-    """Horizon (episodes) of the adaptive controller."""
-
-    # --- run ---
-    seed: int = 0
-    device: str = "cpu"
-    out: Path | None = None
-    """Output directory (config.json, metrics.jsonl, samples.jsonl, plots, checkpoint/, summary.json)."""
-    samples_per_phase: int = 4
-    """Rows written to samples.jsonl per phase."""
-    table_rows: int = 6
-    """Rows of the before/after sample table printed at the end."""
-    wandb: bool = False
-    """Log to Weights & Biases (offline mode when there is no network)."""
-    wandb_project: str = "rlhf_scratch"
-    checkpoint_every: int = 0
-    """Write OUT/checkpoint every this many phases as well as at the end (0: only at the end)."""
-    resume: Path | None = None
-    """Continue a run from its checkpoint: the run's --out directory or its checkpoint/ folder. The run's saved config
-    is used; flags you pass must agree with it, except out, device, wandb, checkpoint_every, debug and the sample
-    rows written. Metrics for the remaining phases equal an uninterrupted run's."""
-
-    # --- debugging ---
-    debug: bool = False
-    """Check invariants every phase (masks, no NaN, sampling = rollout, ratio = 1 on the first minibatch, approx-KL
-    bound) and stop with an InvariantError naming the first that fails (see rlhf_scratch/invariants.py)."""
-    debug_max_approx_kl: float = 1.0
-    """With --debug: the largest approx-KL(π_old ‖ π) a minibatch may reach (default-task runs peak near 0.01)."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        return [
-            *super()._checks(),
-            (self.phases >= 1, f"phases must be >= 1, got {self.phases}."),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}."),
-            (0 <= self.warmup_phases < self.phases,
-             f"warmup_phases must be in [0, phases={self.phases}), got {self.warmup_phases}."),
-            (0 <= self.final_lr_scale <= 1, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}."),
-            (self.kl_coef >= 0, f"kl_coef must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}."),
-            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
-            (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
-            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}."),
-            (self.debug_max_approx_kl > 0, f"debug_max_approx_kl must be > 0, got {self.debug_max_approx_kl}."),
-        ]
-
-
-def check_fwd_hooks(bridge, fwd_hooks) -> list:
-    """``fwd_hooks`` as a list, after checking each is a ``(name, fn)`` pair whose name exists on ``bridge``.
-
-    TransformerLens would raise a bare KeyError for a misspelt name, and only at the first forward
-    pass; this says so at once and lists the closest names. A name may also be a filter function
-    ``name -> bool`` (TransformerLens convention).
-    """
-    hooks = list(fwd_hooks)
-    known = bridge.hook_dict
-    for item in hooks:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and callable(item[1])):
-            raise ValueError(f"Each forward hook must be a (name, function) pair, got {item!r}.")
-        name = item[0]
-        if isinstance(name, str) and name not in known:
-            close = difflib.get_close_matches(name, list(known), n=6, cutoff=0.6)
-            suggestion = f" Closest names: {', '.join(close)}." if close else ""
-            raise ValueError(
-                f"No hook named {name!r} on this model.{suggestion} "
-                "See every name with sorted(bridge.hook_dict), e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] "
-                "or blocks.0.hook_mlp_out [batch, pos, d_model]."
-            )
-        if not isinstance(name, str) and not callable(name):
-            raise ValueError(f"A hook's name must be a string or a filter function name -> bool, got {name!r}.")
-    return hooks
 
 
 @dataclass(eq=False, repr=False)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from rlhf_scratch.advantages import RunningMoments, gae_advantages, terminal_rewards
+from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import (
     calc_clipped_surrogate,
@@ -39,7 +40,7 @@ from rlhf_scratch.objectives import (
     taken_logprobs,
 )
 from rlhf_scratch.optimization import NonFiniteLossError, check_finite  # noqa: F401 (NonFiniteLossError re-exported)
-from rlhf_scratch.policy_trainer import PolicyTrainer, PolicyTrainingConfig, ScoredRollout, run_trainer
+from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, run_trainer
 from rlhf_scratch.sampling import SamplingConfig
 
 

@@ -29,10 +29,11 @@ import torch
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
+from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import generated_logits, masked_sequence_sum, taken_logprobs
 from rlhf_scratch.optimization import check_finite
-from rlhf_scratch.policy_trainer import PolicyTrainer, PolicyTrainingConfig, ScoredRollout, run_trainer
+from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, run_trainer
 from rlhf_scratch.typecheck import typechecker
 
 

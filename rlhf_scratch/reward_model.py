@@ -48,8 +48,6 @@ from rlhf_scratch.outputs import atomic_dir
 from rlhf_scratch.sampling import left_pad, padding_id
 from rlhf_scratch.typecheck import typechecker
 
-# is_pep484_tower: accept an int where a float is annotated (alpha=1), as PEP 484 does.
-
 REWARD_HEAD_FILE = "reward_head.safetensors"
 REWARD_MODEL_KIND = "reward_model"
 """``kind`` in the saved model's ``rlhf_scratch.json``."""

@@ -185,7 +185,7 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
                 loss, r_w, r_l = pair_loss(model, batch, config.loss, config.alpha)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"The reward-model loss is {loss.item()} at epoch {epoch}; lower --lr.")
-                clipped_step(optimizer, loss, config.max_grad_norm)
+                clipped_step(optimizer, loss, config.max_grad_norm, "Lower --lr, or check the pair file for extreme texts or margins.")
                 scheduler.step()
                 losses.append(loss.item())
                 initial_loss = losses[0] if initial_loss is None else initial_loss

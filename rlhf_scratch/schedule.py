@@ -4,8 +4,6 @@ from collections.abc import Callable
 
 from rlhf_scratch.typecheck import typechecker
 
-# is_pep484_tower: accept an int where a float is annotated (``final_scale=1``), as PEP 484 does.
-
 
 @typechecker
 def warmup_decay_lambda(total_steps: int, warmup_steps: int, final_scale: float) -> Callable[[int], float]:

@@ -45,22 +45,20 @@ from torch import Tensor
 from rlhf_scratch.advantages import gae_advantages, terminal_rewards
 from rlhf_scratch.checkpoint import RESUME_STATE_JSON
 from rlhf_scratch.evaluation import pyplot
-from rlhf_scratch.models import BUILTIN_NAMES, CHECKPOINT_META_FILE, VALUE_HEAD_FILE, load_bridge, load_policy
+from rlhf_scratch.models import (
+    BUILTIN_NAMES,
+    CHECKPOINT_META_FILE,
+    VALUE_HEAD_FILE,
+    load_bridge,
+    load_policy,
+    residual_hooks,
+)
 from rlhf_scratch.objectives import generated_logits, kl_exact, kl_k1, kl_k3, taken_logprobs
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.ppo import PPOConfig
 from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.sampling import SamplingConfig, encode, generate
 from rlhf_scratch.typecheck import typechecker
-
-# is_pep484_tower: accept an int where a float is annotated, as PEP 484 does.
-
-EMBED_HOOK = "blocks.0.hook_resid_pre"
-
-
-def lens_hooks(n_layers: int) -> list[tuple[str, str]]:
-    """(label, hook) of the residual streams the lens reads: embeddings, then after each block."""
-    return [("embed", EMBED_HOOK)] + [(f"L{layer}", f"blocks.{layer}.hook_resid_post") for layer in range(n_layers)]
 
 
 @jaxtyped(typechecker=typechecker)
@@ -116,7 +114,7 @@ def lens_values(policy, tokens: Tensor, attention_mask: Tensor) -> tuple[Tensor,
     """
     bridge = policy.bridge
     output = policy(tokens, attention_mask)
-    names = [hook for _, hook in lens_hooks(bridge.cfg.n_layers)]
+    names = [hook for _, hook in residual_hooks(bridge.cfg.n_layers)]
     _, cache = bridge.run_with_cache(tokens, attention_mask=attention_mask, names_filter=names)
     resids = torch.stack([cache[name].float() for name in names])
     weight, bias, eps, rms = norm_parameters(bridge)
@@ -267,7 +265,7 @@ def run_inspect(config: InspectConfig) -> dict:
             token_rewards = token_rewards - settings["kl_coef"] * kl
     advantages, returns = gae_advantages(token_rewards, values, gen_mask, float(settings["gamma"]), float(settings["lam"]))
 
-    layer_labels = [label for label, _ in lens_hooks(bridge.cfg.n_layers)]
+    layer_labels = [label for label, _ in residual_hooks(bridge.cfg.n_layers)]
     response_tokens = sequences[0, P:].tolist()
     rows = []
     for t, token_id in enumerate(response_tokens):

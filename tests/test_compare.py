@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from rlhf_scratch.bon import best_of_n_kl_bound
-from rlhf_scratch.compare import BonConfig, run_bon
 from rlhf_scratch.cli import main
-from rlhf_scratch.compare import CompareConfig, SystemSpec, parse_system, run_compare
+from rlhf_scratch.compare import BonConfig, CompareConfig, SystemSpec, parse_system, run_bon, run_compare
 from rlhf_scratch.models import make_reference, save_model_dir
 from rlhf_scratch.sampling import SamplingConfig
 

@@ -9,14 +9,13 @@ import torch
 
 from rlhf_scratch.cli import main
 from rlhf_scratch.dpo import (
-    DPOConfig,
-    DPOTrainer,
     collate_responses,
     dpo_loss,
     f_prime,
     sequence_logprobs,
     tokenize_pairs,
 )
+from rlhf_scratch.dpo_trainer import DPOConfig, DPOTrainer
 from rlhf_scratch.preferences import PreferencePair, split_heldout
 from rlhf_scratch.sampling import SamplingConfig
 

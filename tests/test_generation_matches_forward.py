@@ -15,7 +15,12 @@ import torch
 from rlhf_scratch import sampling
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.sampling import (
-    GenerationStackError, SamplingConfig, check_cached_generation, encode, generate, new_kv_cache,
+    GenerationStackError,
+    SamplingConfig,
+    check_cached_generation,
+    encode,
+    generate,
+    new_kv_cache,
 )
 
 PROMPTS = ["The movie was", "I", "What a waste of two hours! The plot"]

@@ -7,7 +7,7 @@ import torch
 
 from rlhf_scratch.models import PolicyWithValueHead, load_policy
 from rlhf_scratch.ppo import NonFiniteLossError, PPOConfig, PPOTrainer, preset_configs
-from rlhf_scratch.rewards import CharCountReward, RewardError
+from rlhf_scratch.rewards import RewardError
 from rlhf_scratch.sampling import SamplingConfig
 
 

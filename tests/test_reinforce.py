@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from rlhf_scratch.models import PolicyWithValueHead, VALUE_HEAD_FILE, load_policy
+from rlhf_scratch.models import VALUE_HEAD_FILE, PolicyWithValueHead, load_policy
+from rlhf_scratch.objectives import masked_sequence_sum
 from rlhf_scratch.reinforce import (
     MovingAverageBaseline,
     REINFORCEConfig,
     REINFORCETrainer,
     reinforce_loss,
 )
-from rlhf_scratch.objectives import masked_sequence_sum
 from rlhf_scratch.sampling import SamplingConfig
 
 

@@ -6,14 +6,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_TEXTS
 
 from rlhf_scratch.checkpoint import RESUME_STATE_JSON, find_checkpoint, join_tensors, split_tensors
 from rlhf_scratch.models import PolicyWithValueHead, load_bridge
 from rlhf_scratch.ppo import PPOConfig, PPOTrainer
 from rlhf_scratch.reinforce import REINFORCEConfig, REINFORCETrainer
 from rlhf_scratch.sampling import SamplingConfig
-
-from conftest import TINY_TEXTS
 
 PHASES, STOP = 4, 2
 

@@ -20,8 +20,7 @@ from rlhf_scratch.reward_model import (
     save_reward_model,
 )
 from rlhf_scratch.reward_model_training import RewardModelConfig, fit_reward_model, pair_loss, split_pairs
-from rlhf_scratch.rewards import RewardModelReward
-from rlhf_scratch.rewards import RewardError, make_reward, score_texts
+from rlhf_scratch.rewards import RewardError, RewardModelReward, make_reward, score_texts
 
 
 def sigmoid(x: float) -> float:

@@ -8,13 +8,13 @@ import torch
 
 from rlhf_scratch.models import PolicyWithValueHead
 from rlhf_scratch.objectives import (
-    masked_sequence_sum,
     calc_clipped_surrogate,
     calc_entropy_bonus,
     calc_kl_penalty,
     calc_value_loss,
     generated_logits,
     kl_exact,
+    masked_sequence_sum,
     taken_logprobs,
 )
 from rlhf_scratch.ppo import PPOConfig, PPOTrainer

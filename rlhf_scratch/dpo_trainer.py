@@ -1,0 +1,423 @@
+"""The DPO trainer and ``rlhf-scratch dpo``: f-DPO on preference pairs, evaluated with the shared metrics.
+
+``DPOTrainer(config)`` holds the policy, the frozen reference, the tokenized pairs and the stored
+reference log-probs; ``train_step(indices)`` is one step, ``train()`` all epochs with logging,
+checkpoint and evaluation. The losses are in ``dpo.py``::
+
+    pairs ─► tokenize_pairs ─► reference log π_ref(y|x) [N], once (no grad)
+    for each epoch, shuffled batches of B pairs: train_step ─► dpo_loss ─► backward, clip, AdamW, LR step
+    held-out pairs: loss, accuracy, implicit-reward margin; held-out prompts: reward, KL, diversity
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor
+
+from rlhf_scratch.config import TaskConfig
+from rlhf_scratch.dpo import (
+    Divergence,
+    DPOLossOutput,
+    LossType,
+    dpo_loss,
+    sequence_logprobs,
+    tokenize_pairs,
+)
+from rlhf_scratch.evaluation import (
+    EvalConfig,
+    ModelSampler,
+    evaluate,
+    evaluation_prompts,
+    print_metrics_table,
+    print_sample_table,
+    pyplot,
+)
+from rlhf_scratch.models import bridge_parameters, load_bridge, make_reference, save_model_dir
+from rlhf_scratch.optimization import check_finite, clipped_step
+from rlhf_scratch.outputs import append_jsonl, atomic_dir, write_json
+from rlhf_scratch.preferences import PreferencePair, load_pairs, split_heldout
+from rlhf_scratch.rewards import make_reward
+from rlhf_scratch.sampling import padding_id
+from rlhf_scratch.schedule import warmup_decay_lambda
+
+NONFINITE_HINT = "Lower --lr or --beta, or check the pair file for extreme texts."
+
+
+@dataclass
+class DPOConfig(TaskConfig):
+    """DPO / f-DPO from preference pairs. Defaults: the built-in model; evaluation on the built-in task with VADER."""
+
+    pairs: Path | None = None
+    """Preference pairs (required): a .jsonl/.csv with prompt, chosen, rejected (e.g. DIR/pairs.jsonl written by
+    `rlhf-scratch pairs --out DIR`), or a datasets name in the HelpSteer2 binarized layout."""
+    max_pairs: int | None = None
+    """Use at most this many pairs (None: all)."""
+    reward: str | None = "vader"
+    """True reward for evaluating the trained policy and the reference on held-out prompts (not used in training):
+    vader | chars:. | hf:PATH:LABEL; None skips that evaluation."""
+
+    # --- the loss ---
+    loss: LossType = "sigmoid"
+    """"sigmoid": −log σ(β(f′_w − f′_l)) (DPO); "hinge": max(0, 1 − β(f′_w − f′_l)) (SLiC)."""
+    divergence: Divergence = "rkl"
+    """f-divergence to the reference: rkl (reverse KL, plain DPO) | fkl (forward KL) | js (Jensen–Shannon) | alpha."""
+    alpha: float = 0.5
+    """α of --divergence alpha, f′(x) = (1 − x^−α)/α (the f-DPO paper's α: → 0 reverse KL, 1 forward KL); must be > 0.
+    TRL 1.x's f_alpha_divergence_coef is 1 − α."""
+    beta: float = 0.1
+    """β: scale of the implicit reward; larger β keeps the policy closer to the reference."""
+
+    # --- optimisation ---
+    epochs: int = 3
+    """Passes over the training pairs."""
+    batch_size: int = 32
+    """Pairs per optimiser step (2·batch_size sequences per forward pass)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    """Linear warmup length in optimiser steps, then linear decay to final_lr_scale·lr."""
+    final_lr_scale: float = 0.1
+    """Learning-rate multiplier at the last step."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value."""
+    heldout_fraction: float = 0.1
+    """Share of pairs held out (not trained on; split by prompt, so no held-out prompt is trained on) to measure pair
+    accuracy after each epoch; 0: none."""
+
+    # --- evaluation and run ---
+    n_eval_prompts: int = 128
+    """Held-out prompts on which the trained policy and the reference are evaluated with --reward."""
+    eval_batch_size: int = 64
+    """Sequences per forward pass when computing reference log-probs and when evaluating."""
+    table_rows: int = 6
+    """Rows of the reference-vs-DPO sample table printed at the end."""
+    seed: int = 0
+    device: str = "cpu"
+    out: Path | None = None
+    """Output directory (config.json, metrics.jsonl, curves.png, checkpoint/, summary.json)."""
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        alpha_ok = self.divergence != "alpha" or (math.isfinite(self.alpha) and self.alpha > 0)
+        return [
+            *super()._checks(),
+            (self.pairs is not None,
+             "--pairs FILE is required: a .jsonl/.csv of (prompt, chosen, rejected) rows, e.g. "
+             "`rlhf-scratch pairs --out runs/pairs` then `rlhf-scratch dpo --pairs runs/pairs/pairs.jsonl`."),
+            (self.max_pairs is None or self.max_pairs >= 2, f"max_pairs must be >= 2 or None (all), got {self.max_pairs}."),
+            (self.beta > 0, f"beta must be > 0 (typical: 0.05–0.5), got {self.beta}."),
+            (alpha_ok, f"alpha must be > 0 for --divergence alpha, got {self.alpha}. α → 0 is reverse KL "
+                       "(use --divergence rkl); α = 1 is forward KL (--divergence fkl); e.g. --alpha 0.5."),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}."),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}."),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0 (0: no warmup), got {self.warmup_steps}."),
+            (0 <= self.final_lr_scale <= 1, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}."),
+            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
+            (0 <= self.heldout_fraction < 1,
+             f"heldout_fraction must be in [0, 1) (0: no held-out pairs), got {self.heldout_fraction}."),
+            (self.n_eval_prompts >= 1, f"n_eval_prompts must be >= 1, got {self.n_eval_prompts}."),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}."),
+        ]
+
+    def eval_config(self):
+        """The ``EvalConfig`` of the final evaluation (same model, prompts source, sampler and seed)."""
+
+        return EvalConfig(model=self.model, reward=self.reward or "vader", data=self.data, column=self.column,
+                          prompt=self.prompt, min_prompt_tokens=self.min_prompt_tokens,
+                          max_prompt_tokens=self.max_prompt_tokens, prepend_bos=self.prepend_bos,
+                          sampling=self.sampling, n_prompts=self.n_eval_prompts, batch_size=self.eval_batch_size,
+                          table_rows=self.table_rows, seed=self.seed, device=self.device)
+
+
+def load_preference_pairs(config: DPOConfig) -> list[PreferencePair]:
+    """The pairs of ``config.pairs`` (``preferences.load_pairs``), at most ``config.max_pairs``."""
+
+    return load_pairs(str(config.pairs), limit=config.max_pairs)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class DPOTrainer:
+    """Holds the policy, the frozen reference, the tokenized pairs, the stored reference log-probs and the optimiser.
+
+    Step through it::
+
+        trainer = DPOTrainer(DPOConfig(pairs="runs/pairs/pairs.jsonl"))
+        trainer.ref_chosen_logps[:4]               # log π_ref(y_w|x) of every pair, computed once in __init__
+        out = trainer.train_step([0, 1, 2, 3])     # named tensors: loss, chosen_rewards, accuracy, ...
+        trainer.heldout_metrics()                  # pair accuracy on the held-out pairs
+        trainer.train()                            # all epochs with logging, checkpoint and evaluation
+    """
+
+    def __init__(self, config: DPOConfig, pairs: list[PreferencePair] | None = None, bridge=None):
+
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        # Pairs first: a bad pair file fails before the slower model load.
+        self.pairs = list(pairs) if pairs is not None else load_preference_pairs(config)
+        if len(self.pairs) < 2:
+            raise ValueError(f"DPO needs at least 2 preference pairs, got {len(self.pairs)} from {config.pairs}.")
+        self.bridge = bridge if bridge is not None else load_bridge(config.model, device=config.device)
+        self.bridge.eval()  # dropout off: the same tokens must get the same log-probs in every pass
+        self.reference = make_reference(self.bridge)
+        tokenizer = self.bridge.tokenizer
+        self.pad_id = padding_id(tokenizer)
+
+        self.tokens = tokenize_pairs(tokenizer, self.pairs, config.prepend_bos, self.bridge.cfg.n_ctx)
+        self.train_indices, self.heldout_indices = split_heldout(self.pairs, config.heldout_fraction, config.seed)
+
+        self.ref_chosen_logps, self.ref_rejected_logps = self.reference_logprobs()
+
+        self.steps_per_epoch = math.ceil(len(self.train_indices) / config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.warmup_steps >= self.total_steps:
+            raise ValueError(
+                f"warmup_steps ({config.warmup_steps}) must be less than the number of optimiser steps "
+                f"({self.total_steps} = {config.epochs} epochs × {self.steps_per_epoch} batches of {config.batch_size} "
+                f"pairs); lower --warmup-steps or train longer."
+            )
+        # bridge_parameters: each storage once (no fused qkv alias).
+        self.optimizer = torch.optim.AdamW(bridge_parameters(self.bridge), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_decay_lambda(self.total_steps, config.warmup_steps, config.final_lr_scale))
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    @torch.no_grad()
+    def reference_logprobs(self) -> tuple[Float[Tensor, "pairs"], Float[Tensor, "pairs"]]:
+        """log π_ref(y_w|x) and log π_ref(y_l|x) of every pair [N] each: computed once, before training.
+
+        The reference never changes, so DPO needs its log-probs only once; training then runs the policy alone.
+        """
+        chunk = max(1, self.config.eval_batch_size // 2)  # a batch of b pairs is 2b sequences
+        chosen, rejected = [], []
+        for start in range(0, len(self.tokens), chunk):
+            indices = list(range(start, min(start + chunk, len(self.tokens))))
+            logps = sequence_logprobs(self.reference, self.tokens.batch(indices, self.pad_id)).cpu()
+            chosen.append(logps[: len(indices)])
+            rejected.append(logps[len(indices):])
+        return torch.cat(chosen), torch.cat(rejected)
+
+    def policy_logprobs(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """log π_θ(y_w|x), log π_θ(y_l|x) [b] each for pairs ``indices``: one forward pass of 2b rows (grad if enabled)."""
+        logps = sequence_logprobs(self.bridge, self.tokens.batch(indices, self.pad_id))
+        return logps[: len(indices)], logps[len(indices):]
+
+    def compute_loss(self, indices: list[int]) -> tuple[DPOLossOutput, Tensor, Tensor]:
+        """``dpo_loss`` of pairs ``indices`` (the policy's log-probs now against the stored reference ones), and the
+        policy's log π_θ(y_w|x), log π_θ(y_l|x) [b]."""
+        config = self.config
+        chosen, rejected = self.policy_logprobs(indices)
+        index = torch.tensor(indices, dtype=torch.long)
+        device = chosen.device
+        out = dpo_loss(chosen, rejected, self.ref_chosen_logps[index].to(device), self.ref_rejected_logps[index].to(device),
+                       beta=config.beta, loss=config.loss, divergence=config.divergence, alpha=config.alpha)
+        return out, chosen, rejected
+
+    def train_step(self, indices: list[int] | Tensor) -> dict[str, Tensor]:
+        """One AdamW step on pairs ``indices``; returns named tensors (per-pair ones [b], the rest 0-d).
+
+        loss, losses, chosen_rewards, rejected_rewards, margin, f_margin, accuracy (see ``DPOLossOutput``),
+        policy_chosen_logps, policy_rejected_logps [b], grad_norm (before clipping), lr (of this step).
+        """
+
+        lr = self.optimizer.param_groups[0]["lr"]
+        out, chosen, rejected = self.compute_loss([int(i) for i in indices])
+        check_finite("DPO loss", out.loss, NONFINITE_HINT)
+        grad_norm = clipped_step(self.optimizer, out.loss, self.config.max_grad_norm, NONFINITE_HINT)
+        self.scheduler.step()
+        self.step += 1
+        return {
+            "loss": out.loss.detach(), "losses": out.losses.detach(),
+            "chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
+            "margin": out.margin, "f_margin": out.f_margin, "accuracy": out.accuracy,
+            "policy_chosen_logps": chosen.detach(), "policy_rejected_logps": rejected.detach(),
+            "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr),
+        }
+
+    def epoch_batches(self) -> list[list[int]]:
+        """The training pairs in a fresh seeded shuffle, cut into batches of ``batch_size`` (the last may be smaller)."""
+        order = torch.randperm(len(self.train_indices), generator=self.generator).tolist()
+        shuffled = [self.train_indices[i] for i in order]
+        size = self.config.batch_size
+        return [shuffled[i: i + size] for i in range(0, len(shuffled), size)]
+
+    @torch.no_grad()
+    def heldout_metrics(self) -> dict[str, float] | None:
+        """Loss, pair accuracy (u_w > u_l) and reward margin of the current policy on the held-out pairs; None if none."""
+        if not self.heldout_indices:
+            return None
+        chunk = max(1, self.config.eval_batch_size // 2)
+        outs = [self.compute_loss(self.heldout_indices[i: i + chunk])[0] for i in range(0, len(self.heldout_indices), chunk)]
+        losses = torch.cat([o.losses for o in outs])
+        accuracy = sum(o.accuracy.item() * len(o.losses) for o in outs) / len(losses)
+        margin = torch.cat([o.margin for o in outs])
+        return {"heldout/loss": losses.mean().item(), "heldout/accuracy": accuracy, "heldout/margin": margin.mean().item()}
+
+    def save_checkpoint(self, directory: Path) -> Path:
+        """The policy in save_pretrained layout (safetensors), written atomically (``outputs.atomic_dir``)."""
+
+        config = self.config
+        meta = {"kind": "dpo", "step": self.step, "epochs": self.epoch, "base_model": config.model, "loss": config.loss,
+                "divergence": config.divergence, "alpha": config.alpha, "beta": config.beta}
+        with atomic_dir(directory) as staging:
+            save_model_dir(self.bridge, staging, meta=meta)
+        return Path(directory)
+
+    def evaluate_policy(self) -> list:
+        """The reference and the trained policy on the same held-out prompts with the true reward: two ``EvalResult``s."""
+
+        config = self.config
+        eval_config = config.eval_config()
+        reward = make_reward(config.reward)
+        prompts = evaluation_prompts(eval_config, self.bridge.tokenizer)
+        results = []
+        for name, bridge in (("reference", self.reference), ("dpo", self.bridge)):
+            sampler = ModelSampler(name, bridge, self.reference, config.sampling)
+            results.append(evaluate(sampler, prompts, reward, seed=config.seed, batch_size=config.eval_batch_size))
+        return results
+
+    def train(self, console=None) -> dict:
+        """All epochs with a progress bar, metrics.jsonl, held-out accuracy per epoch, checkpoint, evaluation, summary."""
+
+
+        config = self.config
+        console = console or Console()
+        out = Path(config.out) if config.out is not None else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            write_json(out / "config.json", config)
+        start = time.time()
+        epoch_rows: list[dict] = []
+        console.print(f"DPO ({config.loss}, {config.divergence}{f', α={config.alpha}' if config.divergence == 'alpha' else ''}, "
+                      f"β={config.beta}): {len(self.train_indices)} training pairs, {len(self.heldout_indices)} held out, "
+                      f"{self.total_steps} steps")
+        columns = [TextColumn("[bold]DPO[/] step {task.completed}/{task.total}"), BarColumn(),
+                   TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.2f}"), TimeElapsedColumn()]
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("dpo", total=self.total_steps, loss=float("nan"), acc=float("nan"))
+            for _ in range(config.epochs):
+                for indices in self.epoch_batches():
+                    terms = self.train_step(indices)
+                    row = {"type": "step", "step": self.step, "epoch": self.epoch, **step_metrics(terms)}
+                    self.history.append(row)
+                    progress.update(task, advance=1, loss=row["loss"], acc=row["rewards/accuracy"])
+                    if out is not None:
+                        append_jsonl(out / "metrics.jsonl", row)
+                self.epoch += 1
+                steps = [r for r in self.history if r["epoch"] == self.epoch - 1]
+                epoch_row = {"type": "epoch", "step": self.step, "epoch": self.epoch,
+                             "train/loss": sum(r["loss"] for r in steps) / len(steps),
+                             "train/accuracy": sum(r["rewards/accuracy"] for r in steps) / len(steps),
+                             **(self.heldout_metrics() or {})}
+                epoch_rows.append(epoch_row)
+                if out is not None:
+                    append_jsonl(out / "metrics.jsonl", epoch_row)
+
+        last = self.history[-min(5, len(self.history)):]
+        summary = {
+            "loss": config.loss, "divergence": config.divergence, "alpha": config.alpha, "beta": config.beta,
+            "n_pairs": len(self.pairs), "n_train_pairs": len(self.train_indices), "n_heldout_pairs": len(self.heldout_indices),
+            "steps": self.step, "epochs": self.epoch,
+            "loss_final": sum(r["loss"] for r in last) / len(last),
+            "accuracy_final": sum(r["rewards/accuracy"] for r in last) / len(last),
+            "margin_final": sum(r["rewards/margin"] for r in last) / len(last),
+            "heldout_accuracy": epoch_rows[-1].get("heldout/accuracy"),
+            "heldout_margin": epoch_rows[-1].get("heldout/margin"),
+            "seconds_training": time.time() - start,
+        }
+        if out is not None:
+            self.save_checkpoint(out / "checkpoint")
+            plot_dpo_curves(self.history, epoch_rows, out / "curves.png")
+        if config.reward is not None:
+            with console.status(f"evaluating the reference and the DPO policy on {config.n_eval_prompts} held-out prompts"):
+                results = self.evaluate_policy()
+            if config.table_rows:
+                print_sample_table(console, results, config.table_rows)
+            print_metrics_table(console, [r.metrics for r in results], title=f"DPO ({config.divergence}) vs reference, "
+                                                                              f"reward {config.reward}")
+            reference_row, dpo_row = (r.metrics for r in results)
+            summary["evaluation"] = {"reward": config.reward, "n_prompts": config.n_eval_prompts,
+                                     "reference": reference_row, "dpo": dpo_row}
+            for key in EVAL_KEYS:
+                summary[key] = dpo_row[key]
+                summary[f"reference_{key}"] = reference_row[key]
+        summary["seconds"] = time.time() - start
+        if out is not None:
+            write_json(out / "summary.json", summary)
+            console.print(f"outputs in {out} (checkpoint: {out / 'checkpoint'})")
+        heldout = summary["heldout_accuracy"]
+        console.print(
+            f"DPO: loss {summary['loss_final']:.3f}, train accuracy {summary['accuracy_final']:.2f}"
+            + (f", held-out accuracy {heldout:.2f}" if heldout is not None else "")
+            + (f", reward {summary['reference_reward_mean']:+.3f} → {summary['reward_mean']:+.3f}, KL {summary['kl']:.2f}"
+               if "reward_mean" in summary else "")
+            + f" ({summary['seconds']:.0f} s)"
+        )
+        self.summary = summary
+        return summary
+
+
+EVAL_KEYS = ("reward_mean", "kl", "token_entropy", "distinct_1", "distinct_2", "length", "eos_rate")
+"""Evaluation metrics copied to the top of summary.json (the trained policy's; ``reference_*`` the reference's)."""
+
+
+def step_metrics(terms: dict[str, Tensor]) -> dict[str, float]:
+    """The fixed metric names of one step (TRL's names, singular): means over the step's pairs."""
+    return {
+        "loss": terms["loss"].item(),
+        "rewards/chosen": terms["chosen_rewards"].mean().item(),
+        "rewards/rejected": terms["rejected_rewards"].mean().item(),
+        "rewards/accuracy": terms["accuracy"].item(),
+        "rewards/margin": terms["margin"].mean().item(),
+        "rewards/f_margin": terms["f_margin"].mean().item(),
+        "logps/chosen": terms["policy_chosen_logps"].mean().item(),
+        "logps/rejected": terms["policy_rejected_logps"].mean().item(),
+        "grad_norm": terms["grad_norm"].item(),
+        "lr": terms["lr"].item(),
+    }
+
+
+def plot_dpo_curves(history: list[dict], epoch_rows: list[dict], path: Path) -> Path:
+    """``curves.png``: loss, pair accuracy (train per step, held-out per epoch) and implicit rewards per step."""
+
+    plt = pyplot()
+
+    steps = [row["step"] for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    axes[0].plot(steps, [row["loss"] for row in history])
+    axes[0].set_title("loss")
+    axes[1].plot(steps, [row["rewards/accuracy"] for row in history], label="train batch")
+    heldout = [row for row in epoch_rows if "heldout/accuracy" in row]
+    if heldout:
+        axes[1].plot([r["step"] for r in heldout], [r["heldout/accuracy"] for r in heldout], "o-", label="held-out pairs")
+    axes[1].set_title("pair accuracy (u_w > u_l)")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(steps, [row["rewards/chosen"] for row in history], label="chosen β·u_w")
+    axes[2].plot(steps, [row["rewards/rejected"] for row in history], label="rejected β·u_l")
+    axes[2].plot(steps, [row["rewards/margin"] for row in history], label="margin")
+    axes[2].set_title("implicit rewards")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_dpo(config: DPOConfig) -> dict:
+    return DPOTrainer(config).train()
