@@ -6,6 +6,10 @@ Each check is a small pure function: it returns None when its invariant holds an
 *first* invariant that fails; the trainer then checks each minibatch before its optimiser step.
 
     check                        what must hold                                     what breaks it
+    sampling_matches_rollout     each rollout (checked first, right after the       a broken KV cache, a hook
+                                 rollout's policy forward): |log π recorded while   or temperature in one pass
+                                 sampling − log π of that full forward| <= tol      only
+                                 at every real generated position
     gen_mask_is_prefix           each row of gen_mask is True..True False..False    a real token after padding
     gen_mask_matches_attention   gen_mask == (attention_mask[:, P:] != 0)           masks built separately
     prompt_is_left_padded        attention_mask[:, :P] is 0..0 1..1 (some 1)        right-padded prompts
@@ -16,9 +20,6 @@ Each check is a small pure function: it returns None when its invariant holds an
     ratio_is_one                 first minibatch of a phase, before any step:       dropout on, a hook in one
                                  max |exp(logp_new − logp_old) − 1| <= tol          pass only, a temperature
                                                                                     mismatch, misaligned logprobs
-    sampling_matches_rollout     each rollout: |log π recorded while sampling −     a broken KV cache, a hook
-                                 log π from the rollout's full forward| <= tol      or temperature in one pass
-                                 at every real generated position                   only
     approx_kl_bound              every minibatch: mean((r − 1) − log r) <= bound,   too large a step
                                  r = exp(logp_new − logp_old) (k3 of KL(π_old‖π))   (lr, epochs)
 
