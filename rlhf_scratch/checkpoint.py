@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -94,8 +95,16 @@ def write_resume_state(directory: Path, state: dict) -> None:
 def read_resume_state(directory: Path) -> dict:
     """Read what ``write_resume_state`` wrote (safetensors and JSON: no code is run while loading)."""
     directory = Path(directory)
-    skeleton = json.loads((directory / RESUME_STATE_JSON).read_text())
-    state = join_tensors(skeleton, load_file(directory / RESUME_STATE_TENSORS))
+    try:
+        skeleton = json.loads((directory / RESUME_STATE_JSON).read_text())
+        state = join_tensors(skeleton, load_file(directory / RESUME_STATE_TENSORS))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise ValueError(
+            f"Cannot read the resume state in {directory} ({type(error).__name__}: {str(error)[:200]}): "
+            f"{RESUME_STATE_JSON} or {RESUME_STATE_TENSORS} is missing, truncated or garbled. Resume from an intact "
+            "copy of the run (checkpoint.old, if a save was interrupted), or start a new run from its weights "
+            "with --model DIR."
+        ) from error
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(f"{directory} has resume-state format {state.get('format')!r}; this version reads {FORMAT_VERSION}.")
     return state

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int, jaxtyped
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
@@ -66,6 +67,20 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to do instead."""
 
 
+def check_device(device: str | torch.device) -> None:
+    """Raise ValueError unless ``device`` names a device this machine has (before any model loads)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"Unknown --device {device!r}: use cpu, cuda, cuda:N or mps.") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu.")
+
+
 def load_bridge(source: str | os.PathLike, device: str = "cpu"):
     """Load a ``TransformerBridge`` from ``"builtin"``, a local directory, or a hub name.
 
@@ -74,6 +89,7 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
     differ from 1 even before any update.
     """
 
+    check_device(device)
     source = str(source)
     if source in BUILTIN_NAMES:
         # The one deliberate import cycle: pretrain builds the built-in model with this module's
@@ -89,7 +105,10 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
                 "Pass a directory written by `save_pretrained` (config.json, weights, "
                 "tokenizer files) or by `rlhf-scratch` (a run's checkpoint/ folder)."
             )
-        bridge = TransformerBridge.boot_transformers(str(path), device=device)
+        try:
+            bridge = TransformerBridge.boot_transformers(str(path), device=device)
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            raise ModelLoadError(corrupted_model_message(path, error)) from error
     else:
         looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
         if looks_like_path:
@@ -296,8 +315,20 @@ def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithVal
     value_head = ValueHead(bridge.cfg.d_model)
     head_file = complete_checkpoint_dir(source) / VALUE_HEAD_FILE
     if head_file.is_file():
-        value_head.load_state_dict(load_file(head_file))
+        try:
+            value_head.load_state_dict(load_file(head_file))
+        except (OSError, RuntimeError, SafetensorError) as error:
+            raise ModelLoadError(corrupted_model_message(head_file.parent, error)) from error
     return PolicyWithValueHead(bridge, value_head.to(device))
+
+
+def corrupted_model_message(path: Path, error: Exception) -> str:
+    """What to say when a model directory exists but cannot be read (a truncated or garbled file)."""
+    return (
+        f"Could not load the model in {path} ({type(error).__name__}: {str(error)[:200]}). A file in it is missing, "
+        "truncated or not what its name says (an interrupted copy or download?). Copy or save the model again; for "
+        "a run's checkpoint, the previous complete one may be at checkpoint.old."
+    )
 
 
 def check_fwd_hooks(bridge, fwd_hooks) -> list:

@@ -179,8 +179,11 @@ def check_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
         parent = parent.parent
     if not parent.is_dir():
         raise RunDirectoryError(f"--out {out} lies under {parent}, which is a file: choose a directory path.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RunDirectoryError(f"--out {out}: cannot write in {parent} (permission denied); choose a writable path.")
+    try:  # a real write, not os.access: root passes access checks on read-only places such as /sys
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise RunDirectoryError(f"--out {out}: cannot write in {parent} ({error.strerror}); choose a writable path.") from error
     if not out.is_dir() or not any(out.iterdir()) or resuming:
         return
     is_run = (out / RUN_MARKER).is_file()

@@ -23,6 +23,7 @@ This module supplies the PPO parts: ``build_memory`` (reward shaping, GAE) and `
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,10 @@ class PPOConfig(PolicyTrainingConfig):
             (0 < self.clip_coef < 1, f"clip_coef must be in (0, 1), got {self.clip_coef}."),
             (self.vf_coef >= 0 and self.ent_coef >= 0, "vf_coef and ent_coef must be >= 0."),
             (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}."),
+            (self.clip_range_value is None or self.clip_range_value > 0,
+             f"clip_range_value must be > 0, or omitted for no value clipping; got {self.clip_range_value}."),
+            (self.no_eos_penalty is None or math.isfinite(self.no_eos_penalty),
+             f"no_eos_penalty must be a finite reward (e.g. -1.0), or omitted; got {self.no_eos_penalty}."),
         ]
 
     @property

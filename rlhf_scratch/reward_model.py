@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int, jaxtyped
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -278,6 +279,9 @@ def load_reward_model(directory: str | os.PathLike, device: str = "cpu") -> Rewa
         raise ModelLoadError(f"{directory} is not a reward model (its {CHECKPOINT_META_FILE} says kind={meta.get('kind')!r}).")
     model = RewardModel(load_bridge(directory, device=device), head=meta["head"], num_ratings=int(meta["num_ratings"]),
                         prepend_bos=bool(meta.get("prepend_bos", True)))
-    model.head.load_state_dict(load_file(directory / REWARD_HEAD_FILE))
+    try:
+        model.head.load_state_dict(load_file(directory / REWARD_HEAD_FILE))
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise ModelLoadError(corrupted_model_message(directory, error)) from error
     model.meta = meta
     return model.to(device).eval()

@@ -218,10 +218,14 @@ def check_cached_generation(bridge, n_steps: int = 4, tolerance: float | None = 
     if tolerance is None:
         tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 0.1
     device = next(bridge.parameters()).device
-    vocab = bridge.cfg.d_vocab
-    # Token ids spread over the vocabulary; any ids work, the check compares two paths on the same ones.
-    prompts = [[(7 * i + 3) % vocab for i in range(5)], [(11 * i + 5) % vocab for i in range(3)]]
-    n_steps = min(n_steps, bridge.cfg.n_ctx - 5)
+    vocab, n_ctx = bridge.cfg.d_vocab, bridge.cfg.n_ctx
+    # Two prompts of different lengths (5 and 3 tokens, fewer in a tiny context), ids spread over the
+    # vocabulary: any ids work, the check compares two paths on the same ones.
+    longest = max(1, min(5, n_ctx - 1))
+    prompts = [[(7 * i + 3) % vocab for i in range(longest)], [(11 * i + 5) % vocab for i in range(max(1, longest - 2))]]
+    n_steps = min(n_steps, n_ctx - longest)
+    if n_steps < 1:
+        return 0.0  # a context of one token: nothing can be generated, so nothing to check
     tokens, attention_mask = (t.to(device) for t in left_pad(prompts, padding_id(bridge.tokenizer)))
     prompt_len = tokens.shape[1]
     kv_cache, step_input, step_logprobs = new_kv_cache(), tokens, []

@@ -50,6 +50,8 @@ def test_out_that_is_a_file_or_under_a_file_fails_before_loading(tmp_path, capsy
         # The model does not exist: the --out check must come first, so the error is about --out.
         assert main(["sample", "--model", str(tmp_path / "no_model"), "--out", str(out)]) == 1
         assert "--out" in capsys.readouterr().err
+    with pytest.raises(RunDirectoryError, match="cannot write in /proc"):
+        check_run_dir("/proc/rlhf_scratch_out", "sample")  # root passes os.access there, but a write fails
     check_run_dir(tmp_path / "new" / "deeper", "sample")  # a path still to be created is fine
     assert not (tmp_path / "new").exists()  # and checking it creates nothing
 

@@ -154,3 +154,15 @@ def test_attention_reads_the_cache_under_its_new_name(tiny_bridge):
         assert kv_cache.get_seq_length() == 3, name
         extended_k, _ = attention._update_kv_cache(k, k, **{name: kv_cache})
         assert extended_k.shape[2] == 6 and kv_cache.get_seq_length() == 6, name
+
+
+def test_self_check_fits_a_tiny_context(tmp_path, tiny_model_dir):
+    """A model whose context holds only a few tokens is still checked (shorter prompts, fewer steps)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=4, n_embd=16, n_layer=1, n_head=2)).eval() \
+        .save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert check_cached_generation(load_bridge(tmp_path)) < 1e-4

@@ -168,3 +168,29 @@ def test_a_checkpoint_left_only_at_its_old_name_still_loads(tiny_bridge, tmp_pat
     loaded = load_policy(tmp_path / "checkpoint")
     tokens = torch.tensor([[0, 5, 9, 17, 3]])
     torch.testing.assert_close(loaded(tokens).values, policy(tokens).values)
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "garbage_config", "truncated_value_head"])
+def test_a_damaged_model_directory_is_a_clear_error(tiny_bridge, tmp_path, damage):
+    from rlhf_scratch.models import ModelLoadError, PolicyWithValueHead, load_policy, save_model_dir
+
+    directory = tmp_path / "checkpoint"
+    save_model_dir(tiny_bridge, directory, value_head=PolicyWithValueHead(tiny_bridge).value_head)
+    if damage == "truncated_weights":
+        (directory / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes()[:100])
+    elif damage == "garbage_config":
+        (directory / "config.json").write_text("{not json")
+    else:
+        (directory / "value_head.safetensors").write_bytes(b"\x00\x01")
+    with pytest.raises(ModelLoadError, match=r"Could not load the model in .*checkpoint.*truncated or not what its name says"):
+        load_policy(directory)
+
+
+@pytest.mark.parametrize("device, message", [("foo", "Unknown --device 'foo'"), ("cuda:7", "cuda:7")])
+def test_a_device_this_machine_lacks_fails_before_loading(tiny_model_dir, device, message):
+    from rlhf_scratch.models import load_bridge
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that many GPUs")
+    with pytest.raises(ValueError, match=message):
+        load_bridge(tiny_model_dir, device=device)

@@ -313,3 +313,13 @@ def test_cli_resume(tiny_model_dir, prompts_file, tmp_path, capsys):
     assert "phases: the run used 2, this call gives 3" in capsys.readouterr().err
     assert main(["ppo", "--resume", str(tmp_path / "run")]) == 0
     assert [row["phase"] for row in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_a_garbled_resume_state_is_a_clear_error(tiny_model_dir, prompts_file, tmp_path):
+    from rlhf_scratch.checkpoint import RESUME_STATE_TENSORS
+
+    PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=tmp_path / "run", phases=2)).train(stop_after=1)
+    state = tmp_path / "run" / "checkpoint" / RESUME_STATE_TENSORS
+    state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(ValueError, match="Cannot read the resume state .* truncated or garbled.*checkpoint.old"):
+        PPOTrainer.resume(PPOConfig(resume=tmp_path / "run"))
