@@ -23,6 +23,7 @@ from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_tex
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
 from rlhf_scratch.model_diff_report import DiffConfig, run_diff
 from rlhf_scratch.models import ModelLoadError, load_bridge
+from rlhf_scratch.optimization import NonFiniteLossError
 from rlhf_scratch.outputs import append_jsonl, check_run_dir, write_json
 from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
 from rlhf_scratch.preferences import PairsConfig, run_pairs
@@ -30,7 +31,7 @@ from rlhf_scratch.pretrain import PretrainConfig, pretrain
 from rlhf_scratch.reinforce import REINFORCEConfig, run_reinforce
 from rlhf_scratch.reward_model_training import RewardModelConfig, ScoreConfig, run_score, train_reward_model
 from rlhf_scratch.rewards import make_reward, score_texts
-from rlhf_scratch.sampling import SamplingConfig, encode, generate
+from rlhf_scratch.sampling import GenerationStackError, SamplingConfig, encode, generate
 from rlhf_scratch.value_lens import InspectConfig, run_inspect
 
 TYRO_CONFIG = (tyro.conf.OmitArgPrefixes,)
@@ -224,8 +225,9 @@ def main(argv: list[str] | None = None):
         if getattr(config, "out", None) is not None:
             check_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config))
         runner(config)
-    except (ValueError, FileNotFoundError, ModelLoadError) as error:
-        # Bad input (paths, model names, rewards, prompts): a message, not a traceback.
+    except (ValueError, FileNotFoundError, ModelLoadError, GenerationStackError, NonFiniteLossError) as error:
+        # Bad input (paths, model names, rewards, prompts, damaged files), a library stack that samples wrongly,
+        # or a run that diverged: each message says what to do, so a traceback would only hide it.
         print(f"rlhf-scratch {name}: error: {error}", file=sys.stderr)
         return 1
     return 0

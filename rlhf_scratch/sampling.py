@@ -163,6 +163,10 @@ def sample_tokens(probs: Float[Tensor, "batch vocab"], generator: torch.Generato
     return index.clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
+class NonFiniteModelError(ValueError):
+    """The model's own logits are NaN or inf, so nothing sampled from it means anything."""
+
+
 class GenerationStackError(RuntimeError):
     """KV-cached decoding disagrees with a full forward pass: the installed library versions
     generate wrong samples. The message names the versions and what to do."""
@@ -236,6 +240,12 @@ def check_cached_generation(bridge, n_steps: int = 4, tolerance: float | None = 
         tokens = torch.cat([tokens, step_input], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(step_input)], dim=1)
     full_logits = bridge(tokens[:, :-1], attention_mask=attention_mask[:, :-1])[:, prompt_len - 1 :].float()
+    if not torch.isfinite(full_logits).all():
+        raise NonFiniteModelError(
+            "The model gives NaN or inf logits on a plain forward pass: its weights are damaged (a corrupted or "
+            "partly written file?) or a training run diverged. This is not a library problem; load an intact copy "
+            "of the model (a run's checkpoint.old, or the model it started from)."
+        )
     difference = float((torch.stack(step_logprobs, dim=1) - torch.log_softmax(full_logits, dim=-1)).abs().max())
     if not difference <= tolerance:
         versions = ", ".join(f"{name} {version}" for name, version in installed_versions().items())

@@ -166,3 +166,13 @@ def test_self_check_fits_a_tiny_context(tmp_path, tiny_model_dir):
         .save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     assert check_cached_generation(load_bridge(tmp_path)) < 1e-4
+
+
+def test_self_check_blames_the_weights_not_the_stack_when_logits_are_nan(tiny_model_dir):
+    from rlhf_scratch.sampling import NonFiniteModelError
+
+    bridge = load_bridge(tiny_model_dir)
+    with torch.no_grad():
+        bridge.blocks[0].mlp.out.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteModelError, match="weights are damaged"):
+        check_cached_generation(bridge)
