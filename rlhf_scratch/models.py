@@ -134,6 +134,13 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
                 "or use --model builtin for the offline model."
             ) from error
     bridge.eval()
+    damaged = [name for name, value in bridge.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if damaged:
+        raise ModelLoadError(
+            f"The model from {source} has NaN or inf weights ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}): "
+            "a damaged file, or a checkpoint of a run that diverged. Load an intact copy (a run's checkpoint.old, or "
+            "the model it started from)."
+        )
     return bridge
 
 

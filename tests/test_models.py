@@ -170,6 +170,16 @@ def test_a_checkpoint_left_only_at_its_old_name_still_loads(tiny_bridge, tmp_pat
     torch.testing.assert_close(loaded(tokens).values, policy(tokens).values)
 
 
+def test_nan_weights_are_refused_at_load(tiny_bridge, tmp_path):
+    from rlhf_scratch.models import ModelLoadError, load_bridge, save_model_dir
+
+    with torch.no_grad():
+        tiny_bridge.blocks[1].mlp.out.weight[0, 0] = float("nan")
+    save_model_dir(tiny_bridge, tmp_path / "model")
+    with pytest.raises(ModelLoadError, match="NaN or inf weights .*blocks.1"):
+        load_bridge(tmp_path / "model")
+
+
 @pytest.mark.parametrize("damage", ["truncated_weights", "garbage_config", "truncated_value_head"])
 def test_a_damaged_model_directory_is_a_clear_error(tiny_bridge, tmp_path, damage):
     from rlhf_scratch.models import ModelLoadError, PolicyWithValueHead, load_policy, save_model_dir
