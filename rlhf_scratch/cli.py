@@ -24,7 +24,7 @@ from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
 from rlhf_scratch.model_diff_report import DiffConfig, run_diff
 from rlhf_scratch.models import ModelLoadError, load_bridge
 from rlhf_scratch.optimization import NonFiniteLossError
-from rlhf_scratch.outputs import append_jsonl, check_run_dir, write_json
+from rlhf_scratch.outputs import append_jsonl, claim_run_dir, write_json
 from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
 from rlhf_scratch.preferences import PairsConfig, run_pairs
 from rlhf_scratch.pretrain import PretrainConfig, pretrain
@@ -35,6 +35,9 @@ from rlhf_scratch.sampling import GenerationStackError, SamplingConfig, encode, 
 from rlhf_scratch.value_lens import InspectConfig, run_inspect
 
 TYRO_CONFIG = (tyro.conf.OmitArgPrefixes,)
+USER_ERRORS = (ValueError, FileNotFoundError, ModelLoadError, GenerationStackError, NonFiniteLossError)
+"""Bad input (paths, model names, rewards, prompts, damaged files), a library stack that samples wrongly, or a
+run that diverged: each message says what to do, so the CLI prints it instead of a traceback."""
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
@@ -141,8 +144,18 @@ def _usage(commands: dict) -> str:
 
 
 def _take_flag(args: list[str], flag: str) -> tuple[bool, list[str]]:
-    """Take a bare ``flag`` (e.g. ``--overwrite``) out of the argument list: ``(present, rest)``."""
-    return flag in args, [arg for arg in args if arg != flag]
+    """Take a boolean ``flag`` (``--overwrite``, ``--overwrite True``, ``--overwrite=false``) out of the arguments."""
+    present, rest, index = False, [], 0
+    while index < len(args):
+        name, _, value = args[index].partition("=")
+        if name == flag:
+            if not value and index + 1 < len(args) and args[index + 1].lower() in TRUE_WORDS + FALSE_WORDS:
+                value, index = args[index + 1], index + 1
+            present = not value or value.lower() in TRUE_WORDS
+        else:
+            rest.append(args[index])
+        index += 1
+    return present, rest
 
 
 def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
@@ -182,7 +195,7 @@ def explicit_booleans(args: list[str], config_class) -> list[str]:
     while index < len(args):
         arg = args[index]
         name, _, value = arg.partition("=")
-        if name in flags and not value and index + 1 < len(args) and args[index + 1].lower() in TRUE_WORDS + FALSE_WORDS:
+        if name in flags and not value and index + 1 < len(args) and not args[index + 1].startswith("-"):
             value, index = args[index + 1], index + 1
         if name in flags and value:
             if value.lower() not in TRUE_WORDS + FALSE_WORDS:
@@ -222,15 +235,23 @@ def main(argv: list[str] | None = None):
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
         return 2
     try:
-        if getattr(config, "out", None) is not None:
-            check_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config))
-        runner(config)
-    except (ValueError, FileNotFoundError, ModelLoadError, GenerationStackError, NonFiniteLossError) as error:
-        # Bad input (paths, model names, rewards, prompts, damaged files), a library stack that samples wrongly,
-        # or a run that diverged: each message says what to do, so a traceback would only hide it.
+        if getattr(config, "out", None) is None:
+            runner(config)
+        else:
+            with claim_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config),
+                               inputs=_input_paths(config), clean_on=USER_ERRORS):
+                runner(config)
+    except USER_ERRORS as error:
         print(f"rlhf-scratch {name}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _input_paths(config) -> list[str]:
+    """Every string or path field of ``config`` (models, pair and data files, rm:DIR rewards, ...)."""
+    values = [getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "out"]
+    return [str(v) for v in values if isinstance(v, (str, Path))] + [
+        str(item) for v in values if isinstance(v, (list, tuple)) for item in v if isinstance(item, (str, Path))]
 
 
 def _resumes_into_out(config) -> bool:

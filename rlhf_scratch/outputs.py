@@ -162,14 +162,15 @@ RUN_MARKER = "config.json"
 """Every command writes its config here first thing; a directory holding it is an earlier run's."""
 
 
-def check_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False, resuming: bool = False) -> None:
+def check_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False, resuming: bool = False) -> bool:
     """Refuse an ``--out`` that would lose or cannot hold results, before anything is loaded or written.
 
-    * ``out`` (or a parent of it) is a file, or the nearest existing parent is not writable: an error.
+    * ``out`` (or a parent of it) is a file, or its nearest existing parent cannot be written: an error.
     * ``out`` is a non-empty directory: an error offering ``--resume`` (trainers) or ``--overwrite``,
-      unless ``resuming`` into it. With ``overwrite`` an earlier run directory (one holding
-      ``config.json``) is deleted; any other non-empty directory is still refused, so a mistyped
-      ``--out .`` cannot delete unrelated files.
+      unless ``resuming`` into it. ``--overwrite`` is accepted only for an earlier run directory (one
+      holding ``config.json``), so a mistyped ``--out .`` can never replace unrelated files.
+
+    Returns whether ``out`` holds an earlier run that ``overwrite`` will replace (see ``claim_run_dir``).
     """
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -185,11 +186,10 @@ def check_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     except OSError as error:
         raise RunDirectoryError(f"--out {out}: cannot write in {parent} ({error.strerror}); choose a writable path.") from error
     if not out.is_dir() or not any(out.iterdir()) or resuming:
-        return
+        return False
     is_run = (out / RUN_MARKER).is_file()
     if overwrite and is_run:
-        shutil.rmtree(out)
-        return
+        return True
     if not is_run:
         raise RunDirectoryError(
             f"--out {out} is a non-empty directory that is not an rlhf-scratch run (no {RUN_MARKER}); "
@@ -198,6 +198,55 @@ def check_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     resume_hint = f"`rlhf-scratch {command} --resume {out}` to continue it, " if command in ("ppo", "reinforce") else ""
     raise RunDirectoryError(
         f"--out {out} already holds an earlier run ({', '.join(sorted(p.name for p in out.iterdir())[:6])}); "
-        f"nothing was written. Use {resume_hint}a new --out directory, or add --overwrite to delete that run "
-        "and start again."
+        f"nothing was written. Use {resume_hint}a new --out directory, or add --overwrite to replace that run."
     )
+
+
+def paths_inside(directory: Path, candidates: list[str]) -> list[str]:
+    """The existing paths among ``candidates`` (``rm:DIR`` / ``hf:DIR:LABEL`` specs included) that lie in ``directory``."""
+    inside, root = [], Path(directory).expanduser().resolve()
+    for text in candidates:
+        path_text = text.split(":")[1] if text.startswith(("rm:", "hf:")) and text.count(":") >= 1 else text
+        path = Path(path_text).expanduser()
+        if path_text and path.exists() and (path.resolve() == root or root in path.resolve().parents):
+            inside.append(text)
+    return inside
+
+
+@contextmanager
+def claim_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False, resuming: bool = False,
+                  inputs: list[str] = (), clean_on: tuple[type[BaseException], ...] = (Exception,)) -> Iterator[None]:
+    """Hold ``--out`` for one command (``check_run_dir`` first), so that a failing command loses nothing.
+
+    * A new run that fails with one of ``clean_on`` leaves no half-written directory behind (a directory
+      that was absent or empty before is removed or emptied again). An interrupted run (Ctrl-C) keeps
+      what it wrote, e.g. a checkpoint to resume from.
+    * ``overwrite``: the earlier run is moved aside (``.NAME.replaced``), deleted only once the new run has
+      finished, and moved back if the new run fails in any way. An input (``--model``, ``--pairs``,
+      ``rm:DIR``, ...) inside the earlier run is refused: replacing the run would delete it.
+    """
+    out = Path(out).expanduser()
+    replaces = check_run_dir(out, command, overwrite=overwrite, resuming=resuming)
+    if replaces and paths_inside(out, list(inputs)):
+        raise RunDirectoryError(
+            f"--overwrite would delete {', '.join(paths_inside(out, list(inputs)))}, which this command reads and which "
+            f"lies inside --out {out}. Copy it elsewhere first, or choose another --out."
+        )
+    existed_empty = out.is_dir() and not any(out.iterdir())
+    fresh = not out.exists() or existed_empty
+    aside = out.with_name(f".{out.name}.replaced")
+    if replaces:
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out, aside)
+    try:
+        yield
+    except BaseException as error:
+        if replaces or (fresh and not resuming and isinstance(error, clean_on)):
+            shutil.rmtree(out, ignore_errors=True)
+            if existed_empty:
+                out.mkdir()
+        if replaces:
+            os.replace(aside, out)
+        raise
+    if replaces:
+        shutil.rmtree(aside, ignore_errors=True)

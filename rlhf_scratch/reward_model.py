@@ -41,6 +41,7 @@ from rlhf_scratch.models import (
     FINAL_RESIDUAL_HOOK,
     ModelLoadError,
     bridge_parameters,
+    corrupted_model_message,
     drop_cached_activations,
     load_bridge,
     save_model_dir,

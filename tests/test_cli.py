@@ -82,3 +82,52 @@ def test_sample_writes_what_it_printed(tiny_model_dir, tmp_path):
     assert main(sample_args(tiny_model_dir, out)) == 0
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and json.loads((out / "summary.json").read_text())["n"] == 2
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_new_one_fails(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(sample_args(tiny_model_dir, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # The new run fails (no such model) after --overwrite moved the old one aside: it comes back intact.
+    assert main(["sample", "--model", str(tmp_path / "missing"), "--out", str(out), "--overwrite"]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not any(p.name.endswith(".replaced") for p in tmp_path.iterdir())
+    capsys.readouterr()
+
+
+def test_overwrite_refuses_to_delete_an_input_that_lives_in_the_run(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(sample_args(tiny_model_dir, out)) == 0
+    shutil.copytree(tiny_model_dir, out / "model")
+    assert main(["sample", "--model", str(out / "model"), "--out", str(out), "--overwrite"]) == 1
+    assert "would delete" in capsys.readouterr().err and (out / "model" / "config.json").is_file()
+
+
+def test_a_new_run_that_fails_leaves_no_half_written_directory(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    long_prompt = "word " * 300  # longer than the tiny model's 64-token context
+    assert main(["sample", "--model", str(tiny_model_dir), "--prompt", long_prompt, "--out", str(out)]) == 1
+    assert "exceeds the model's context" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(sample_args(tiny_model_dir, out)) == 0  # so the same --out works at once
+
+
+def test_overwrite_and_booleans_accept_a_value_and_reject_nonsense(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(sample_args(tiny_model_dir, out)) == 0
+    assert main(sample_args(tiny_model_dir, out) + ["--overwrite", "True"]) == 0
+    with pytest.raises(SystemExit, match="takes no value"):
+        explicit_booleans(["--prepend-bos", "maybe"], PPOConfig)
+
+
+def test_a_trainer_that_fails_before_its_first_phase_leaves_no_config_behind(tiny_model_dir, tmp_path, capsys):
+    """ppo writes config.json first; a prompt too long for the context then fails: the directory goes too,
+    so the corrected command can use the same --out (instead of being told to resume a run that never ran)."""
+    out = tmp_path / "run"
+    args = ["ppo", "--model", str(tiny_model_dir), "--reward", "chars:e", "--phases", "1", "--warmup-phases", "0",
+            "--batch-size", "2", "--minibatch-size", "2", "--out", str(out)]
+    assert main(args + ["--prompt", "word " * 300]) == 1
+    assert "exceeds the model's context" in capsys.readouterr().err
+    assert not out.exists()
