@@ -128,6 +128,8 @@ class PolicyTrainingConfig(TaskConfig):
             (self.kl_coef >= 0, f"kl_coef must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}."),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
             (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
+            (self.samples_per_phase >= 0, f"samples_per_phase must be >= 0, got {self.samples_per_phase}."),
+            (self.table_rows >= 1, f"table_rows must be >= 1 (rows of the before/after table), got {self.table_rows}."),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}."),
             (self.debug_max_approx_kl > 0, f"debug_max_approx_kl must be > 0, got {self.debug_max_approx_kl}."),
         ]

@@ -288,7 +288,7 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], prepend_bos: bool, n_
             raise ValueError(
                 f"Pair {index} is {longest} tokens long (prompt {len(prompt)} + response with EOS "
                 f"{max(len(chosen), len(rejected))}), more than the model's context of {n_ctx} tokens. "
-                "Remove or shorten that pair (e.g. build pairs with a smaller --sampling.max-new-tokens), "
+                "Remove or shorten that pair (e.g. build pairs with a smaller --max-new-tokens), "
                 "or use a model with a longer context."
             )
         tokenized.prompts.append(prompt)

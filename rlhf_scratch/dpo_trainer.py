@@ -174,6 +174,15 @@ class DPOTrainer:
         tokenizer = self.bridge.tokenizer
         self.pad_id = padding_id(tokenizer)
 
+        # The evaluation's reward and prompts are checked now, so that a bad --reward or a prompt too long for
+        # the context fails before training rather than after it.
+        self.eval_reward = make_reward(config.reward) if config.reward is not None else None
+        self.eval_prompts = evaluation_prompts(config.eval_config(), tokenizer) if config.reward is not None else []
+        longest = max((len(p) for p in self.eval_prompts), default=0)
+        if longest + config.sampling.max_new_tokens > self.bridge.cfg.n_ctx:
+            raise ValueError(f"Evaluation prompts of up to {longest} tokens + max_new_tokens ({config.sampling.max_new_tokens}) "
+                             f"exceed the model's context of {self.bridge.cfg.n_ctx}: use a shorter --prompt or fewer "
+                             "--max-new-tokens.")
         self.tokens = tokenize_pairs(tokenizer, self.pairs, config.prepend_bos, self.bridge.cfg.n_ctx)
         self.train_indices, self.heldout_indices = split_heldout(self.pairs, config.heldout_fraction, config.seed)
 
@@ -280,13 +289,11 @@ class DPOTrainer:
         """The reference and the trained policy on the same held-out prompts with the true reward: two ``EvalResult``s."""
 
         config = self.config
-        eval_config = config.eval_config()
-        reward = make_reward(config.reward)
-        prompts = evaluation_prompts(eval_config, self.bridge.tokenizer)
         results = []
         for name, bridge in (("reference", self.reference), ("dpo", self.bridge)):
             sampler = ModelSampler(name, bridge, self.reference, config.sampling)
-            results.append(evaluate(sampler, prompts, reward, seed=config.seed, batch_size=config.eval_batch_size))
+            results.append(evaluate(sampler, self.eval_prompts, self.eval_reward, seed=config.seed,
+                                    batch_size=config.eval_batch_size))
         return results
 
     def train(self, console=None) -> dict:

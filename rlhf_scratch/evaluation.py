@@ -345,6 +345,7 @@ class EvalConfig(TaskConfig):
             (self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}."),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
             (self.table_rows >= 0, f"table_rows must be >= 0, got {self.table_rows}."),
+            (math.isfinite(self.threshold), f"threshold must be a finite reward, got {self.threshold}."),
         ]
 
 

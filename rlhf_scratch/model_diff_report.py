@@ -9,7 +9,6 @@ there), and writes ``report.md``, ``residual.png``, ``weight_change.png``, ``dla
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from rlhf_scratch.model_diff import (
     rose_and_fell,
     weight_change,
 )
-from rlhf_scratch.models import CHECKPOINT_META_FILE, load_bridge
+from rlhf_scratch.models import CHECKPOINT_META_FILE, load_bridge, read_checkpoint_meta
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
 
@@ -139,7 +138,7 @@ def run_diff(config: DiffConfig) -> dict:
     notes = []
     meta_file = Path(config.policy) / CHECKPOINT_META_FILE
     if meta_file.is_file():
-        base = json.loads(meta_file.read_text()).get("base_model")
+        base = read_checkpoint_meta(meta_file).get("base_model")
         if base is not None and str(base) != config.reference:
             notes.append(f"Note: the checkpoint says it was trained from {base!r}, but the reference here is {config.reference!r}.")
 

@@ -329,6 +329,15 @@ def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithVal
     return PolicyWithValueHead(bridge, value_head.to(device))
 
 
+def read_checkpoint_meta(meta_file: Path) -> dict:
+    """The JSON of a checkpoint's ``rlhf_scratch.json``, or a ModelLoadError that names the damaged file."""
+    try:
+        return dict(json.loads(Path(meta_file).read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelLoadError(f"{meta_file} is not readable JSON ({type(error).__name__}: {error}); the checkpoint is "
+                             "damaged. Use an intact copy (checkpoint.old, or write it again).") from error
+
+
 def corrupted_model_message(path: Path, error: Exception) -> str:
     """What to say when a model directory exists but cannot be read (a truncated or garbled file)."""
     return (

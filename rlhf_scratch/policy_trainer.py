@@ -50,6 +50,7 @@ from rlhf_scratch.evaluation import plot_curves, print_before_after
 from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.models import (
+    VALUE_HEAD_FILE,
     PolicyWithValueHead,
     check_fwd_hooks,
     load_bridge,
@@ -210,6 +211,12 @@ class PolicyTrainer(ABC):
             raise ValueError(f"{checkpoint} is a {state['kind']} checkpoint; resume it with "
                              f"`rlhf-scratch {state['kind']} --resume {config.resume}`.")
         config = resumed_config(config, state["config"], checkpoint)
+        if not isinstance(state.get("phase"), int) or not 0 <= state["phase"] <= config.phases:
+            raise ValueError(f"{checkpoint}: its resume state says phase {state.get('phase')!r} of {config.phases}; the "
+                             "file is damaged. Resume from an intact copy of the run (checkpoint.old).")
+        if cls.saves_value_head and not (checkpoint / VALUE_HEAD_FILE).is_file():
+            raise ValueError(f"{checkpoint} has no {VALUE_HEAD_FILE}: a {cls.kind} checkpoint needs its value head to "
+                             "continue exactly. Resume from an intact copy of the run (checkpoint.old).")
         source = state["reference"]["source"]
         if reference is None:
             if source is None:

@@ -91,9 +91,12 @@ class PretrainConfig:
     """Where the built-in model is cached (default: $RLHF_SCRATCH_CACHE or the user cache dir)."""
 
     def __post_init__(self):
+        if self.data is not None and Path(self.data).is_dir():
+            raise ValueError(f"--data {self.data} is a directory; give a .txt, .jsonl or .csv file of texts.")
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"--data {self.data}: no such file. Give a .txt, .jsonl or .csv file of texts.")
-        for name in ("n_texts", "n_heldout", "vocab_size", "n_layer", "n_head", "d_model", "n_ctx", "steps", "batch_size"):
+        for name in ("n_texts", "n_heldout", "vocab_size", "n_layer", "n_head", "d_model", "n_ctx", "steps", "batch_size",
+                     "n_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.d_model % self.n_head:

@@ -14,7 +14,9 @@ Build one from a command-line spec with ``make_reward`` (forms in ``REWARD_SPECS
 from __future__ import annotations
 
 import inspect
+import json
 import os
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -162,6 +164,14 @@ class HFClassifierReward:
         return torch.cat(scores)
 
 
+def _saved_architectures(directory: str) -> list[str] | None:
+    """The ``architectures`` its config.json names, or None when that cannot be read (loading reports it)."""
+    try:
+        return list(json.loads(Path(directory, "config.json").read_text()).get("architectures") or [])
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _load_classifier(name_or_path: str, device):
     """(tokenizer, model in eval mode) from a local directory or a hub name; fails fast offline."""
 
@@ -172,6 +182,13 @@ def _load_classifier(name_or_path: str, device):
 
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
+        architectures = _saved_architectures(path)
+        if architectures is not None and not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise RewardError(
+                f"{path} holds a {', '.join(architectures) or 'model'}, not a sequence classifier: loading it as one "
+                "would score texts with a randomly initialised head. For a reward model trained here use "
+                f"--reward rm:{name_or_path}; for hf: pass a *ForSequenceClassification model directory."
+            )
         try:
             return load()
         except (OSError, ValueError) as error:

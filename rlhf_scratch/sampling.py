@@ -291,8 +291,8 @@ def generate(
     if tokens.shape[1] + config.max_new_tokens > n_ctx:
         raise ValueError(
             f"Longest prompt ({tokens.shape[1]} tokens) + max_new_tokens ({config.max_new_tokens}) "
-            f"exceeds the model's context of {n_ctx} tokens. Use shorter prompts "
-            "(e.g. --max-prompt-tokens) or fewer new tokens."
+            f"exceeds the model's context of {n_ctx} tokens. Use a shorter prompt (--prompt, or --max-prompt-tokens "
+            "for prompts cut from --data) or fewer new tokens (--max-new-tokens)."
         )
     ensure_generation_checked(bridge)
     device = next(bridge.parameters()).device

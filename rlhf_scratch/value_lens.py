@@ -45,12 +45,14 @@ from torch import Tensor
 from rlhf_scratch.advantages import gae_advantages, terminal_rewards
 from rlhf_scratch.checkpoint import RESUME_STATE_JSON
 from rlhf_scratch.evaluation import pyplot
+from rlhf_scratch.model_diff import check_same_architecture
 from rlhf_scratch.models import (
     BUILTIN_NAMES,
     CHECKPOINT_META_FILE,
     VALUE_HEAD_FILE,
     load_bridge,
     load_policy,
+    read_checkpoint_meta,
     residual_hooks,
 )
 from rlhf_scratch.objectives import generated_logits, kl_exact, kl_k1, kl_k3, taken_logprobs
@@ -195,7 +197,7 @@ def check_ppo_checkpoint(checkpoint: str) -> Path:
         )
     if not (path / VALUE_HEAD_FILE).is_file():
         meta = path / CHECKPOINT_META_FILE
-        kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
+        kind = read_checkpoint_meta(meta).get("kind") if meta.is_file() else None
         what = f"a {kind} checkpoint" if kind else "a model without a value head"
         raise ValueError(
             f"{checkpoint} is {what} (no {VALUE_HEAD_FILE}): inspect needs a PPO checkpoint, whose value head it reads. "
@@ -255,6 +257,7 @@ def run_inspect(config: InspectConfig) -> dict:
     kl = None
     if config.reference is not None:
         reference = load_bridge(config.reference, device=config.device)
+        check_same_architecture(reference, bridge, "--reference", "the checkpoint")
         with torch.no_grad():
             ref_scaled = reference(sequences, attention_mask=attention_mask).float() / settings["temperature"]
         ref_logprobs = taken_logprobs(ref_scaled, sequences, P)

@@ -323,3 +323,22 @@ def test_a_garbled_resume_state_is_a_clear_error(tiny_model_dir, prompts_file, t
     state.write_bytes(state.read_bytes()[:50])
     with pytest.raises(ValueError, match="Cannot read the resume state .* truncated or garbled.*checkpoint.old"):
         PPOTrainer.resume(PPOConfig(resume=tmp_path / "run"))
+
+
+@pytest.mark.parametrize("damage", ["no_value_head", "bad_phase"])
+def test_a_checkpoint_missing_its_value_head_or_with_a_bad_phase_is_refused(tiny_model_dir, prompts_file, tmp_path, damage):
+    from rlhf_scratch.checkpoint import RESUME_STATE_JSON
+    from rlhf_scratch.models import VALUE_HEAD_FILE
+
+    PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=tmp_path / "run", phases=2)).train(stop_after=1)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    if damage == "no_value_head":  # would silently start a fresh value head
+        (checkpoint / VALUE_HEAD_FILE).unlink()
+        message = "no value_head.safetensors"
+    else:  # would run phases -2..2
+        state = json.loads((checkpoint / RESUME_STATE_JSON).read_text())
+        state["phase"] = -3
+        (checkpoint / RESUME_STATE_JSON).write_text(json.dumps(state))
+        message = "phase -3 of 2; the file is damaged"
+    with pytest.raises(ValueError, match=message):
+        PPOTrainer.resume(PPOConfig(resume=tmp_path / "run"))
