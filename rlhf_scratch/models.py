@@ -118,7 +118,8 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
         if offline_var or not data.hub_is_reachable():
             reason = f"{offline_var} is set" if offline_var else "the hub is unreachable from this machine"
             raise ModelLoadError(
-                f"Cannot load {source!r} from the Hugging Face hub: {reason}. "
+                f"No local directory {source!r} exists, and it cannot be loaded from the Hugging Face hub by that name: "
+                f"{reason}. "
                 "On a machine with network, download it once "
                 f"(`huggingface-cli download {source} --local-dir DIR`, or "
                 "`AutoModelForCausalLM.from_pretrained(name).save_pretrained(DIR)` plus the "
