@@ -46,7 +46,7 @@ from rlhf_scratch.evaluation import (
     print_sample_table,
     pyplot,
 )
-from rlhf_scratch.models import load_bridge
+from rlhf_scratch.models import CHECKPOINT_META_FILE, complete_checkpoint_dir, load_bridge, read_checkpoint_meta
 from rlhf_scratch.outputs import append_jsonl, write_json
 from rlhf_scratch.rewards import make_reward
 
@@ -55,6 +55,8 @@ SYSTEM_SYNTAX = (
     "e.g. --systems reference ppo:runs/ppo/checkpoint bon:4 bon:16."
 )
 MODEL_KINDS = ("ppo", "reinforce", "dpo", "model")
+TRAINED_KINDS = ("ppo", "reinforce", "dpo")
+"""Kinds a checkpoint records in its rlhf_scratch.json; ``model:DIR`` accepts any directory."""
 
 
 @dataclass
@@ -124,6 +126,11 @@ def build_sampler(spec: SystemSpec, reference, config: EvalConfig):
         return ModelSampler(spec.label, reference, reference, config.sampling)
     if spec.kind == "bon":
         return BestOfNSampler(reference, spec.n, config.sampling, pool_size=spec.pool_size, name=spec.label)
+    meta_file = complete_checkpoint_dir(spec.path) / CHECKPOINT_META_FILE
+    saved_kind = read_checkpoint_meta(meta_file).get("kind") if meta_file.is_file() else None
+    if spec.kind in TRAINED_KINDS and saved_kind in TRAINED_KINDS and saved_kind != spec.kind:
+        raise ValueError(f"{spec.path} is a {saved_kind} checkpoint (its {CHECKPOINT_META_FILE} says so): name it "
+                         f"{saved_kind}:{spec.path}, so that the report labels it correctly.")
     bridge = load_bridge(spec.path, device=config.device)
     if bridge.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
         raise ValueError(

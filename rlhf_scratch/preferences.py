@@ -416,6 +416,13 @@ def run_pairs(config: PairsConfig) -> dict:
     groups = range(0, len(rows), spp)
     pairs = build_pairs([prompt_texts[g] for g in groups], [responses[g : g + spp] for g in groups],
                         [scores[g : g + spp] for g in groups], config.threshold)
+    if not pairs:
+        above = sum(score > config.threshold for score in scores)
+        raise ValueError(
+            f"No pairs: no prompt had responses on both sides of --threshold {config.threshold} ({above} of {len(scores)} "
+            f"samples scored above it, mean score {sum(scores) / len(scores):+.3f}). Move --threshold towards the "
+            "median score or raise --samples-per-prompt; nothing was written."
+        )
     out = Path(config.out)
     write_json(out / "config.json", config)
     write_pairs(out / "pairs.jsonl", pairs)
@@ -438,13 +445,9 @@ def run_pairs(config: PairsConfig) -> dict:
         "seconds": time.time() - start,
     }
     write_json(out / "summary.json", summary)
-    if not pairs:
-        console.print(f"[yellow]No pairs: no prompt had responses on both sides of threshold {config.threshold}. "
-                      "Move --threshold towards the median score or raise --samples-per-prompt.[/]")
-    else:
-        console.print(
-            f"pairs: {len(pairs)} pairs from {len(rows)} samples ({n_prompts} prompts × {spp}); {reward.name} "
-            f"chosen {summary['chosen_score_mean']:+.3f} vs rejected {summary['rejected_score_mean']:+.3f} "
-            f"(threshold {config.threshold:g}); {summary['seconds']:.0f} s → {out / 'pairs.jsonl'}"
-        )
+    console.print(
+        f"pairs: {len(pairs)} pairs from {len(rows)} samples ({n_prompts} prompts × {spp}); {reward.name} "
+        f"chosen {summary['chosen_score_mean']:+.3f} vs rejected {summary['rejected_score_mean']:+.3f} "
+        f"(threshold {config.threshold:g}); {summary['seconds']:.0f} s → {out / 'pairs.jsonl'}"
+    )
     return summary

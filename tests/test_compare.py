@@ -100,3 +100,11 @@ def test_cli_commands(tiny_model_dir, tmp_path, capsys):
             main(argv)
         assert stop.value.code == 2
         assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_checkpoint_named_with_the_wrong_kind_is_refused(tiny_bridge, tiny_model_dir, tmp_path):
+    """A REINFORCE checkpoint passed as ppo:DIR would be reported as PPO."""
+    checkpoint = save_model_dir(make_reference(tiny_bridge), tmp_path / "rf" / "checkpoint", meta={"kind": "reinforce"})
+    config = small(CompareConfig, tiny_model_dir, tmp_path / "cmp", systems=["reference", f"ppo:{checkpoint}"])
+    with pytest.raises(ValueError, match=r"is a reinforce checkpoint .* name it reinforce:"):
+        run_compare(config)

@@ -193,3 +193,15 @@ def test_run_pairs_on_tiny_model(tiny_model_dir, tmp_path):
         assert pair.rejected_score == (pair.prompt + pair.rejected).count("e")
     assert json.loads((tmp_path / "summary.json").read_text())["n_pairs"] == len(pairs)
     assert json.loads((tmp_path / "config.json").read_text())["threshold"] == 2.0
+
+
+def test_run_pairs_with_no_pair_is_an_error_that_writes_nothing(tiny_model_dir, tmp_path):
+    """A threshold above every score leaves no prompt with both a winner and a loser: an empty pairs.jsonl
+    would only fail later in rm or dpo, so the command fails now and says how to move the threshold."""
+    from rlhf_scratch.sampling import SamplingConfig
+
+    config = PairsConfig(model=str(tiny_model_dir), reward="chars:e", n=8, samples_per_prompt=4, threshold=1000.0,
+                         batch_size=8, out=tmp_path / "pairs", sampling=SamplingConfig(max_new_tokens=6))
+    with pytest.raises(ValueError, match=r"No pairs: .*0 of 8 samples scored above it.*nothing was written"):
+        run_pairs(config)
+    assert not (tmp_path / "pairs").exists()
