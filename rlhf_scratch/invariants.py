@@ -71,6 +71,14 @@ def _first(mask: Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.nonzero(mask)[0])
 
 
+def _worst(deviation: Tensor) -> tuple[float, tuple[int, ...]]:
+    """The largest entry of ``deviation`` (already 0 at padding; NaN counts as inf) and where it first occurs."""
+    deviation = torch.where(torch.isnan(deviation), torch.full_like(deviation, float("inf")), deviation)
+    if deviation.numel() == 0:
+        return 0.0, ()
+    return float(deviation.max()), _first(deviation == deviation.max())
+
+
 @jaxtyped(typechecker=typechecker)
 def check_gen_mask_is_prefix(gen_mask: Bool[Tensor, "batch gen"], where: str = "") -> None:
     """gen_mask[b] = [t < L_b for t in range(G)] with L_b = gen_mask[b].sum(): real tokens come first."""
@@ -212,10 +220,9 @@ def check_sampling_matches_rollout(
     sampling temperature (``Generation.sampled_logprobs`` and the rollout's ``logprobs``)."""
     gap = torch.where(gen_mask, (sampled_logprobs - rollout_logprobs.detach().to(sampled_logprobs.device)).abs(),
                       torch.zeros_like(sampled_logprobs))
-    gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
-    worst = float(gap.max()) if gap.numel() else 0.0
+    worst, where_worst = _worst(gap)
     if not worst <= tol:
-        row, column = _first(gap == gap.max())
+        row, column = where_worst
         raise InvariantError(
             "sampling_matches_rollout",
             f"the log-prob recorded while sampling differs from the rollout forward pass's by {worst:.3g} nats > "
@@ -235,11 +242,9 @@ def check_ratio_is_one(
     """Before any step of a phase the policy is the rollout policy: max over real positions of
     |exp(logp_new − logp_old) − 1| <= tol."""
     log_ratio = torch.where(gen_mask, logprobs.detach() - old_logprobs, torch.zeros_like(logprobs))
-    deviation = (torch.exp(log_ratio) - 1).abs()
-    deviation = torch.where(torch.isnan(deviation), torch.full_like(deviation, float("inf")), deviation)
-    worst = float(deviation.max()) if deviation.numel() else 0.0
+    worst, where_worst = _worst((torch.exp(log_ratio) - 1).abs())
     if not worst <= tol:
-        row, column = _first(deviation == deviation.max())
+        row, column = where_worst
         raise InvariantError(
             "ratio_is_one",
             f"on the first minibatch, before any optimiser step, max |exp(logp_new − logp_old) − 1| = {worst:.3g} > "
@@ -258,8 +263,8 @@ def check_approx_kl(
 ) -> None:
     """``objectives.approx_kl`` (masked_mean((r − 1) − log r), r = exp(logp_new − logp_old)) must be <= bound."""
     kl = float(approx_kl(logprobs.detach(), old_logprobs, gen_mask))
-    log_ratio = torch.where(gen_mask, logprobs.detach() - old_logprobs, torch.zeros_like(logprobs))
     if not kl <= bound:
+        log_ratio = torch.where(gen_mask, logprobs.detach() - old_logprobs, torch.zeros_like(logprobs))  # for the message
         raise InvariantError(
             "approx_kl_bound",
             f"approx-KL(π_old ‖ π) of this minibatch is {kl:.4g} > bound {bound:g} (max ratio "
