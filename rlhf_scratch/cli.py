@@ -144,17 +144,14 @@ def _usage(commands: dict) -> str:
 
 
 def _take_flag(args: list[str], flag: str) -> tuple[bool, list[str]]:
-    """Take a boolean ``flag`` (``--overwrite``, ``--overwrite True``, ``--overwrite=false``) out of the arguments."""
-    present, rest, index = False, [], 0
-    while index < len(args):
-        name, _, value = args[index].partition("=")
-        if name == flag:
-            if not value and index + 1 < len(args) and args[index + 1].lower() in TRUE_WORDS + FALSE_WORDS:
-                value, index = args[index + 1], index + 1
-            present = not value or value.lower() in TRUE_WORDS
+    """Take a boolean ``flag`` (``--overwrite``, ``--overwrite True``, ``--overwrite=false``) out of the arguments,
+    read the way ``explicit_booleans`` reads every boolean: ``(set, the other arguments)``."""
+    negative, present, rest = "--no-" + flag[2:], False, []
+    for arg in normalize_booleans(args, {flag}):
+        if arg in (flag, negative):
+            present = arg == flag  # the last one given wins
         else:
-            rest.append(args[index])
-        index += 1
+            rest.append(arg)
     return present, rest
 
 
@@ -191,7 +188,12 @@ def explicit_booleans(args: list[str], config_class) -> list[str]:
     tyro takes booleans as flag pairs; earlier releases of this CLI took a value, and READMEs and
     scripts still pass one, so a value after a boolean flag is turned into the matching bare flag.
     """
-    flags, rest, index = _boolean_flags(config_class), [], 0
+    return normalize_booleans(args, _boolean_flags(config_class))
+
+
+def normalize_booleans(args: list[str], flags: set[str]) -> list[str]:
+    """``--flag True|False`` and ``--flag=true|false`` (for each flag in ``flags``) as ``--flag`` / ``--no-flag``."""
+    rest, index = [], 0
     while index < len(args):
         arg = args[index]
         name, _, value = arg.partition("=")
