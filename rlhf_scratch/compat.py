@@ -52,5 +52,11 @@ def cache_kwarg_name(hf_model) -> str:
     """The name under which ``hf_model.forward`` takes its KV cache: ``"cache"`` from
     transformers 5.24 on, ``"past_key_values"`` before. Passing the current name avoids a
     deprecation warning on every decoding step."""
-    parameters = inspect.signature(hf_model.forward).parameters
+    return _cache_kwarg_name(type(hf_model))
+
+
+@functools.cache
+def _cache_kwarg_name(model_class: type) -> str:
+    # Read once per model class: decode_step asks on every generated token.
+    parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"

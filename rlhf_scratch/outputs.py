@@ -206,7 +206,7 @@ def paths_inside(directory: Path, candidates: list[str]) -> list[str]:
     """The existing paths among ``candidates`` (``rm:DIR`` / ``hf:DIR:LABEL`` specs included) that lie in ``directory``."""
     inside, root = [], Path(directory).expanduser().resolve()
     for text in candidates:
-        path_text = text.split(":")[1] if text.startswith(("rm:", "hf:")) and text.count(":") >= 1 else text
+        path_text = text.split(":")[1] if text.startswith(("rm:", "hf:")) else text
         path = Path(path_text).expanduser()
         if path_text and path.exists() and (path.resolve() == root or root in path.resolve().parents):
             inside.append(text)
@@ -227,9 +227,10 @@ def claim_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     """
     out = Path(out).expanduser()
     replaces = check_run_dir(out, command, overwrite=overwrite, resuming=resuming)
-    if replaces and paths_inside(out, list(inputs)):
+    endangered = paths_inside(out, list(inputs)) if replaces else []
+    if endangered:
         raise RunDirectoryError(
-            f"--overwrite would delete {', '.join(paths_inside(out, list(inputs)))}, which this command reads and which "
+            f"--overwrite would delete {', '.join(endangered)}, which this command reads and which "
             f"lies inside --out {out}. Copy it elsewhere first, or choose another --out."
         )
     existed_empty = out.is_dir() and not any(out.iterdir())
