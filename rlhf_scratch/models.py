@@ -335,8 +335,9 @@ def read_checkpoint_meta(meta_file: Path) -> dict:
     try:
         return dict(json.loads(Path(meta_file).read_text()))
     except (OSError, ValueError, TypeError) as error:
-        raise ModelLoadError(f"{meta_file} is not readable JSON ({type(error).__name__}: {error}); the checkpoint is "
-                             "damaged. Use an intact copy (checkpoint.old, or write it again).") from error
+        raise ModelLoadError(f"{meta_file} is missing or not readable JSON ({type(error).__name__}: {error}): the model "
+                             "was not saved completely or is damaged. Save or train it again, or use an intact copy "
+                             "(a run's checkpoint.old).") from error
 
 
 def corrupted_model_message(path: Path, error: Exception) -> str:

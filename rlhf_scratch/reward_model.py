@@ -25,7 +25,6 @@ Training (``rlhf-scratch rm``) and ``rlhf-scratch score`` live in ``reward_model
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from rlhf_scratch.models import (
     corrupted_model_message,
     drop_cached_activations,
     load_bridge,
+    read_checkpoint_meta,
     save_model_dir,
 )
 from rlhf_scratch.outputs import atomic_dir
@@ -270,12 +270,7 @@ def load_reward_model(directory: str | os.PathLike, device: str = "cpu") -> Rewa
     """A reward model saved by ``save_reward_model`` (``directory`` may also be the ``rm --out`` folder)."""
 
     directory = find_reward_model_dir(directory)
-    meta_file = directory / CHECKPOINT_META_FILE
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{meta_file} is missing or not JSON ({error}); the reward model was not saved completely. "
-                          "Train it again.") from error
+    meta = read_checkpoint_meta(directory / CHECKPOINT_META_FILE)
     if meta.get("kind") != REWARD_MODEL_KIND or meta.get("head") not in HEADS:
         raise ModelLoadError(f"{directory} is not a reward model (its {CHECKPOINT_META_FILE} says kind={meta.get('kind')!r}).")
     model = RewardModel(load_bridge(directory, device=device), head=meta["head"], num_ratings=int(meta["num_ratings"]),
