@@ -311,7 +311,9 @@ def generate(
             # Rows that already ended keep emitting padding; it carries no loss.
             next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
             # log π(token) at the sampling temperature, before top-k/top-p: what training reads back.
-            step_logprobs = torch.log_softmax(logits / config.temperature, dim=-1).gather(-1, next_token[:, None])[:, 0]
+            # scaled[token] − logsumexp(scaled) is log_softmax at one entry, without a [B, V] result per step.
+            scaled = logits / config.temperature
+            step_logprobs = scaled.gather(-1, next_token[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
             new_logprobs.append(torch.where(finished, torch.zeros_like(step_logprobs), step_logprobs))
             new_tokens.append(next_token)
             new_real.append(~finished)
