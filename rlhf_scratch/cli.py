@@ -61,6 +61,7 @@ class SampleConfig:
     """Put the BOS token in front of every prompt (as the built-in model was trained)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     out: Path | None = None
     """If given, write config.json, samples.jsonl and summary.json here."""
 

@@ -69,6 +69,7 @@ class PolicyTrainingConfig(TaskConfig):
     lr: float = 3e-5
     """Peak learning rate of the trunk (the language model)."""
     weight_decay: float = 0.0
+    """AdamW weight decay (decoupled, on every optimised parameter)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm of every optimised parameter (trunk, and value head for PPO) to this value."""
     warmup_phases: int = 2
@@ -92,7 +93,9 @@ class PolicyTrainingConfig(TaskConfig):
 
     # --- run ---
     seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path | None = None
     """Output directory (config.json, metrics.jsonl, samples.jsonl, plots, checkpoint/, summary.json)."""
     samples_per_phase: int = 4
@@ -102,6 +105,7 @@ class PolicyTrainingConfig(TaskConfig):
     wandb: bool = False
     """Log to Weights & Biases (offline mode when there is no network)."""
     wandb_project: str = "rlhf_scratch"
+    """W&B project name (with --wandb)."""
     checkpoint_every: int = 0
     """Write OUT/checkpoint every this many phases as well as at the end (0: only at the end)."""
     resume: Path | None = None

@@ -83,6 +83,7 @@ class DPOConfig(TaskConfig):
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay (decoupled, on every optimised parameter)."""
     warmup_steps: int = 5
     """Linear warmup length in optimiser steps, then linear decay to final_lr_scale·lr."""
     final_lr_scale: float = 0.1
@@ -101,7 +102,9 @@ class DPOConfig(TaskConfig):
     table_rows: int = 6
     """Rows of the reference-vs-DPO sample table printed at the end."""
     seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path | None = None
     """Output directory (config.json, metrics.jsonl, curves.png, checkpoint/, summary.json)."""
 

@@ -335,7 +335,9 @@ class EvalConfig(TaskConfig):
     table_rows: int = 6
     """Prompts shown in the sample table."""
     seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path | None = None
     """Output directory (config.json, summary.json, report files)."""
 

@@ -67,7 +67,9 @@ class DiffConfig:
     batch_size: int = 32
     """Sequences per forward pass."""
     seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path = Path("runs/diff")
     """Output directory: report.md, residual.png, weight_change.png, dla.png, summary.json, config.json."""
 

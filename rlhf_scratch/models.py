@@ -53,14 +53,42 @@ def residual_hooks(n_layers: int) -> list[tuple[str, str]]:
     return [("embed", EMBED_HOOK)] + [(f"L{layer}", f"blocks.{layer}.hook_resid_post") for layer in range(n_layers)]
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def complete_checkpoint_dir(source: str | os.PathLike) -> Path:
-    """``source`` as a path, or its ``.old`` sibling when a run was killed between the two renames
-    that swap a new checkpoint in (``outputs.swap_in_dir``) and only the previous one is complete."""
+    """The model directory ``source`` names: ``source`` itself; a run directory (a trainer's ``--out``, which holds
+    no weights of its own) as its ``checkpoint/``; or the ``.old`` sibling when a run was killed between the two
+    renames that swap a new checkpoint in (``outputs.swap_in_dir``) and only the previous one is complete."""
 
     path = Path(str(source)).expanduser()
     if not path.exists() and backup_dir(path).is_dir():
         return backup_dir(path)
+    if path.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
+        run_checkpoint = complete_checkpoint_dir(path / "checkpoint")
+        if run_checkpoint.is_dir():
+            return run_checkpoint
     return path
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a model name that is not an existing directory was meant as a path rather than a hub name:
+    it starts with ``.``, ``/`` or ``~``, has more than one ``/``, or its first part is a local directory
+    (``runs/ppo`` when ``runs/`` exists; a hub name is ``owner/name``)."""
+    first = source.split("/", 1)[0]
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or ("/" in source and Path(first).is_dir())
+
+
+def check_model_source(source: str | os.PathLike, flag: str = "--model") -> None:
+    """Fail before anything loads when ``source`` names a local directory that does not exist (ModelLoadError).
+    ``"builtin"``, existing directories and hub names pass (a hub name is checked when it loads)."""
+    source = str(source)
+    if source in BUILTIN_NAMES or complete_checkpoint_dir(source).exists():
+        return
+    if looks_like_path(source):
+        raise ModelLoadError(f"No such model directory: {source} (given as {flag}; resolved to "
+                             f"{Path(source).expanduser().resolve()}). Check the path: pass a run's --out folder, its "
+                             "checkpoint/ folder or a saved model directory.")
 
 
 class ModelLoadError(RuntimeError):
@@ -110,9 +138,7 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
         except (OSError, ValueError, KeyError, SafetensorError) as error:
             raise ModelLoadError(corrupted_model_message(path, error)) from error
     else:
-        looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
-        if looks_like_path:
-            raise ModelLoadError(f"No such model directory: {source}. Check the path.")
+        check_model_source(source)
         # Without this check an unreachable hub costs ~25 s of retries before failing.
         offline_var = data.hub_offline_var()
         if offline_var or not data.hub_is_reachable():
@@ -326,7 +352,7 @@ def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithVal
         try:
             value_head.load_state_dict(load_file(head_file))
         except (OSError, RuntimeError, SafetensorError) as error:
-            raise ModelLoadError(corrupted_model_message(head_file.parent, error)) from error
+            raise ModelLoadError(corrupted_model_message(head_file.parent, error, VALUE_HEAD_FILE)) from error
     return PolicyWithValueHead(bridge, value_head.to(device))
 
 
@@ -340,10 +366,11 @@ def read_checkpoint_meta(meta_file: Path) -> dict:
                              "(a run's checkpoint.old).") from error
 
 
-def corrupted_model_message(path: Path, error: Exception) -> str:
-    """What to say when a model directory exists but cannot be read (a truncated or garbled file)."""
+def corrupted_model_message(path: Path, error: Exception, file: str | None = None) -> str:
+    """What to say when a model directory exists but cannot be read (a truncated or garbled file, named if known)."""
+    which = f"{file} in it is" if file else "A file in it is"
     return (
-        f"Could not load the model in {path} ({type(error).__name__}: {str(error)[:200]}). A file in it is missing, "
+        f"Could not load the model in {path} ({type(error).__name__}: {str(error)[:200]}). {which} missing, "
         "truncated or not what its name says (an interrupted copy or download?). Copy or save the model again; for "
         "a run's checkpoint, the previous complete one may be at checkpoint.old."
     )

@@ -355,7 +355,9 @@ class PairsConfig(TaskConfig):
     batch_size: int = 256
     """Sequences generated per forward batch."""
     seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path = Path("runs/pairs")
     """Output directory: pairs.jsonl, config.json, summary.json."""
 

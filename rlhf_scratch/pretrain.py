@@ -82,7 +82,9 @@ class PretrainConfig:
     lr: float = 3e-3
     """Peak learning rate (AdamW), with linear warmup over 5% of the steps and cosine decay."""
     weight_decay: float = 0.01
+    """AdamW weight decay (decoupled, on every optimised parameter)."""
     seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     n_samples: int = 200
     """Samples drawn after training to measure the English-word share."""
     install_builtin: bool = True

@@ -60,6 +60,7 @@ class RewardModelConfig:
     head_lr: float = 1e-3
     """Learning rate of the head (new, zero-initialised: it needs to move faster)."""
     weight_decay: float = 0.0
+    """AdamW weight decay (decoupled, on every optimised parameter)."""
     max_grad_norm: float = 1.0
     heldout_fraction: float = 0.1
     """Share of pairs held out to measure pairwise accuracy, split by prompt (no held-out prompt is trained on); 0: none."""
@@ -68,7 +69,9 @@ class RewardModelConfig:
     prepend_bos: bool = True
     """Put BOS in front of every text (as the built-in model was trained)."""
     seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path | None = Path("runs/rm")
     """Output directory: reward_model/, metrics.jsonl, heldout_pairs.jsonl, config.json, summary.json (None: write nothing)."""
 

@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_scratch.data import HUB_ID_PATTERN, hub_is_reachable, hub_offline_var
 from rlhf_scratch.models import ModelLoadError
-from rlhf_scratch.reward_model import load_reward_model
+from rlhf_scratch.reward_model import find_reward_model_dir, load_reward_model
 from rlhf_scratch.typecheck import typechecker
 
 REWARD_SPECS = """\
@@ -172,6 +172,16 @@ def _saved_architectures(directory: str) -> list[str] | None:
         return None
 
 
+def check_classifier_source(name_or_path: str) -> None:
+    """RewardError unless ``name_or_path`` is an existing directory or could be a hub name (``owner/name``)."""
+    path = os.path.expanduser(name_or_path)
+    if not os.path.isdir(path) and (os.path.exists(path) or not HUB_ID_PATTERN.match(name_or_path)):
+        raise RewardError(
+            f"No such directory: {name_or_path}. Pass a directory holding a Hugging Face "
+            "sequence classifier (config.json, weights, tokenizer files)."
+        )
+
+
 def _load_classifier(name_or_path: str, device):
     """(tokenizer, model in eval mode) from a local directory or a hub name; fails fast offline."""
 
@@ -197,11 +207,7 @@ def _load_classifier(name_or_path: str, device):
                 f"({type(error).__name__}: {str(error)[:300]}). It needs config.json, the "
                 "weights and the tokenizer files, as written by save_pretrained."
             ) from error
-    if os.path.exists(path) or not HUB_ID_PATTERN.match(name_or_path):
-        raise RewardError(
-            f"No such directory: {name_or_path}. Pass a directory holding a Hugging Face "
-            "sequence classifier (config.json, weights, tokenizer files)."
-        )
+    check_classifier_source(name_or_path)
     how_to_fix = (
         f"Download the model on a machine with network (`huggingface-cli download "
         f"{name_or_path} --local-dir DIR`, or from_pretrained(...).save_pretrained(DIR) for "
@@ -246,8 +252,9 @@ def _resolve_label(id2label: dict, label: str | int, where: str) -> int:
 # --------------------------------------------------------------------------- specs
 
 
-def make_reward(spec: str) -> Reward:
-    """Build a reward from a command-line spec (see ``REWARD_SPECS``).
+def parse_reward_spec(spec: str) -> tuple[str, tuple]:
+    """``(kind, arguments)`` of a command-line reward spec (see ``REWARD_SPECS``), without loading anything:
+    ``("vader", ())``, ``("chars", (char,))``, ``("hf", (path_or_name, label, output))`` or ``("rm", (directory,))``.
 
     ``hf:`` specs are split from the right, so a path may contain colons (a Windows
     drive, say) while the label and the output may not: an optional trailing
@@ -256,11 +263,11 @@ def make_reward(spec: str) -> Reward:
     """
     spec = spec.strip()
     if spec == "vader":
-        return VaderReward()
+        return "vader", ()
     if spec == "chars":
-        return CharCountReward(".")
+        return "chars", (".",)
     if spec.startswith("chars:"):
-        return CharCountReward(spec[len("chars:") :])  # everything after it: "chars::" counts ":"
+        return "chars", (spec[len("chars:") :],)  # everything after it: "chars::" counts ":"
     if spec.startswith("hf:"):
         rest, output = spec[len("hf:") :], "logit"
         head, _, last = rest.rpartition(":")
@@ -272,13 +279,41 @@ def make_reward(spec: str) -> Reward:
                 f"Bad reward spec {spec!r}: expected hf:PATH_OR_NAME:LABEL[:prob], "
                 "e.g. hf:models/distilbert-imdb:POSITIVE."
             )
-        return HFClassifierReward(path, label, output=output)
+        return "hf", (path, label, output)
     if spec.startswith("rm:"):
         directory = spec[len("rm:") :]
         if not directory:
             raise RewardError(f"Bad reward spec {spec!r}: expected rm:DIR, the --out folder of `rlhf-scratch rm`.")
-        return RewardModelReward(directory)
+        return "rm", (directory,)
     raise RewardError(f"Unknown reward spec {spec!r}.\n{REWARD_SPECS}")
+
+
+def make_reward(spec: str) -> Reward:
+    """Build a reward from a command-line spec (``parse_reward_spec``; the kinds are in ``REWARD_SPECS``)."""
+    kind, arguments = parse_reward_spec(spec)
+    if kind == "vader":
+        return VaderReward()
+    if kind == "chars":
+        return CharCountReward(*arguments)
+    if kind == "hf":
+        path, label, output = arguments
+        return HFClassifierReward(path, label, output=output)
+    return RewardModelReward(*arguments)
+
+
+def check_reward_spec(spec: str) -> None:
+    """Raise RewardError now, before any model loads, if ``spec`` is malformed or names a local directory that is
+    missing (or holds no reward model): the checks of ``make_reward`` that read no weights."""
+    kind, arguments = parse_reward_spec(spec)
+    if kind == "chars":
+        CharCountReward(*arguments)
+    elif kind == "rm":
+        try:
+            find_reward_model_dir(arguments[0])
+        except ModelLoadError as error:
+            raise RewardError(str(error)) from error
+    elif kind == "hf":
+        check_classifier_source(arguments[0])
 
 
 class RewardModelReward:

@@ -147,7 +147,9 @@ class InspectConfig:
     prepend_bos: bool = True
     """Put BOS in front of the prompt (as the built-in model was trained)."""
     seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path | None = None
     """If given: value_lens.png, tokens.csv, summary.json, config.json."""
 

@@ -1,14 +1,19 @@
 """Models: value-head placement, gradients, padding, loading and saving."""
 
+import shutil
 import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from rlhf_scratch.models import (
     FINAL_RESIDUAL_HOOK,
+    VALUE_HEAD_FILE,
     ModelLoadError,
     PolicyWithValueHead,
+    check_model_source,
+    complete_checkpoint_dir,
     load_bridge,
     load_policy,
     make_reference,
@@ -204,3 +209,30 @@ def test_a_device_this_machine_lacks_fails_before_loading(tiny_model_dir, device
         pytest.skip("this machine has that many GPUs")
     with pytest.raises(ValueError, match=message):
         load_bridge(tiny_model_dir, device=device)
+
+
+def test_a_relative_path_under_an_existing_directory_is_a_missing_directory_not_a_hub_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelLoadError, match=r"No such model directory: runs/nonexist .*resolved to") as caught:
+        load_bridge("runs/nonexist")
+    assert "huggingface-cli" not in str(caught.value)
+    check_model_source("owner/name")  # a hub name (no local "owner/" directory) passes until it loads
+
+
+def test_a_run_directory_loads_as_its_checkpoint(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "checkpoint")
+    (run / "config.json").write_text('{"phases": 2}')  # a run's config.json is not a model config
+    assert complete_checkpoint_dir(run) == run / "checkpoint"
+    assert load_bridge(run).cfg.d_model == load_bridge(tiny_model_dir).cfg.d_model
+
+
+def test_a_truncated_value_head_is_named_in_the_message(tiny_model_dir, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    save_file({"w": torch.zeros(3)}, directory / VALUE_HEAD_FILE)
+    data = (directory / VALUE_HEAD_FILE).read_bytes()
+    (directory / VALUE_HEAD_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match=f"{VALUE_HEAD_FILE} in it is missing, truncated"):
+        load_policy(directory)
