@@ -17,6 +17,7 @@ a second when the hub cannot be reached, instead of retrying for ~25 s.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -159,16 +161,36 @@ def _load_file(path: Path, column: str) -> list[str]:
             f"{', '.join(FILE_EXTENSIONS)} (one text per line / one JSON object per line "
             "/ CSV with a header row). Convert the file or rename it."
         )
+    f = read_text_file(path, csv_file=suffix == ".csv")
+    if suffix == ".txt":
+        return [line.rstrip("\r\n") for line in f]
+    if suffix == ".jsonl":
+        return _read_jsonl(f, path, column)
+    return _read_csv(f, path, column)
+
+
+def read_text_file(path: Path, csv_file: bool = False, error: type[ValueError] = DataError) -> io.StringIO:
+    """The UTF-8 text of ``path`` as a line-iterable buffer; raises ``error`` for a file that is not text.
+
+    Read once and checked before any parsing: a byte-order mark is dropped (spreadsheet exports
+    often start with one), bytes that are not UTF-8 are an error, and so is a NUL byte. A NUL
+    decodes as valid UTF-8, but text never holds one: a file with NULs is binary or UTF-16/32
+    encoded, and read as lines it gives prompts such as "\\u0000". ``csv_file`` keeps line ends
+    untranslated, as the csv module needs (a quoted cell may hold a newline).
+    """
     try:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as f:
-            if suffix == ".txt":
-                return [line.rstrip("\r\n") for line in f]
-            if suffix == ".jsonl":
-                return _read_jsonl(f, path, column)
-            return _read_csv(f, path, column)
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path} is not UTF-8 text ({error}). Re-save it as UTF-8.") from error
+        with open(path, encoding="utf-8-sig", newline="" if csv_file else None) as handle:
+            content = handle.read()
+    except UnicodeDecodeError as cause:
+        raise error(f"{path} is not UTF-8 text ({cause}). Re-save it as UTF-8.") from cause
+    nul = content.find("\x00")
+    if nul >= 0:
+        line = content.count("\n", 0, nul) + 1
+        raise error(
+            f"{path}, line {line}: a NUL byte (\\x00), the first of {content.count(chr(0))} in the file. A text file "
+            "holds none: this one is binary, or saved as UTF-16/UTF-32. Re-save it as UTF-8 text."
+        )
+    return io.StringIO(content, newline="" if csv_file else "\n")
 
 
 def _read_jsonl(lines, path: Path, column: str) -> list[str]:
@@ -205,16 +227,52 @@ def _read_jsonl(lines, path: Path, column: str) -> list[str]:
 
 
 def _read_csv(f, path: Path, column: str) -> list[str]:
-    reader = csv.DictReader(f)
-    if reader.fieldnames is None:
+    reader = csv.DictReader(f, strict=True)
+    with csv_errors(reader, path, start=[1]):  # the header row
+        fieldnames = reader.fieldnames
+    if fieldnames is None:
         return []  # empty file; load_texts reports "no texts"
-    if column not in reader.fieldnames:
+    if column not in fieldnames:
         raise DataError(
-            f"{path}: no column {column!r}; available columns: {list(reader.fieldnames)}. "
+            f"{path}: no column {column!r}; available columns: {list(fieldnames)}. "
             "Pass column=... (--column) to choose one."
         )
     # A short row gives None for the missing field: treat it as empty.
-    return [row[column] or "" for row in reader]
+    return [row[column] or "" for _, row in csv_rows(reader, path)]
+
+
+@contextmanager
+def csv_errors(reader: csv.DictReader, path: Path, error: type[ValueError] = DataError, start: list[int] | None = None):
+    """Turn a ``csv.Error`` of a strict reader into ``error``, naming the line where the broken row starts."""
+    try:
+        yield
+    except csv.Error as cause:
+        line = start[0] if start else max(1, reader.line_num)
+        if "unexpected end of data" in str(cause):
+            what = ("a quoted cell that starts on this line is never closed, so the rest of the file would be read "
+                    'as one cell. Close the quote (a quote inside a quoted cell is written "")')
+        else:
+            what = (f"malformed CSV ({cause}). Put quotes around a cell that holds a comma, a quote or a line "
+                    'break, and write a quote inside it as ""')
+        raise error(f"{path}, line {line}: {what}.") from cause
+
+
+def csv_rows(reader: csv.DictReader, path: Path, error: type[ValueError] = DataError):
+    """``(line where the row starts, row)`` of a strict ``csv.DictReader``; a malformed row raises ``error``.
+
+    A strict reader refuses what the lenient default silently misreads: an unterminated
+    quote (the default reads the rest of the file into one cell) and a quote followed by
+    text inside a quoted cell.
+    """
+    start = [reader.line_num + 1]
+    rows = iter(reader)
+    while True:
+        with csv_errors(reader, path, error, start):
+            row = next(rows, None)
+        if row is None:
+            return
+        yield start[0], row
+        start[0] = reader.line_num + 1
 
 
 def open_hub_dataset(name: str, split: str, export_hint: str, error: type[ValueError] = DataError):

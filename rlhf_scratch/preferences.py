@@ -36,7 +36,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rlhf_scratch.config import TaskConfig
-from rlhf_scratch.data import HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, open_hub_dataset, prompts_from_texts
+from rlhf_scratch.data import (
+    HUB_ID_PATTERN,
+    csv_errors,
+    csv_rows,
+    fixed_prefix_prompts,
+    load_texts,
+    open_hub_dataset,
+    prompts_from_texts,
+    read_text_file,
+)
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.rewards import make_reward, score_texts
@@ -158,42 +167,40 @@ def _read_file(path: Path, limit: int | None) -> list[tuple[int, dict | str]]:
             "per line) or .csv (header row prompt,chosen,rejected[,margin,chosen_score,rejected_score])."
         )
     rows: list[tuple[int, dict | str]] = []
-    try:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as handle:
-            if suffix == ".jsonl":
-                for lineno, line in enumerate(handle, start=1):
-                    if limit is not None and len(rows) >= limit:
-                        break
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        rows.append((lineno, f"invalid JSON ({error.msg})"))
-                        continue
-                    rows.append((lineno, row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"))
+    # Not UTF-8, or NUL bytes (a binary or UTF-16 file): one error before any row is read.
+    handle = read_text_file(path, csv_file=suffix == ".csv", error=PairDataError)
+    if suffix == ".jsonl":
+        for lineno, line in enumerate(handle, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                rows.append((lineno, f"invalid JSON ({error.msg})"))
+                continue
+            rows.append((lineno, row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"))
+    else:
+        # Strict: an unterminated quote is an error naming its line, not the rest of the file read as one cell.
+        reader = csv.DictReader(handle, strict=True)
+        with csv_errors(reader, path, PairDataError, start=[1]):
+            fieldnames = reader.fieldnames
+        if fieldnames is not None:
+            missing = [f for f in TEXT_FIELDS if f not in fieldnames]
+            if missing:
+                raise PairDataError(
+                    f"{path}: the header has no column{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(repr(m) for m in missing)}; it has {list(fieldnames)}. The header "
+                    "must name prompt, chosen, rejected (and optionally margin, chosen_score, rejected_score)."
+                )
+        for start, row in csv_rows(reader, path, PairDataError):  # a row's line is where it starts
+            if None in row:
+                rows.append((start, f"{len(row[None])} more cell(s) than the header has columns"))
             else:
-                reader = csv.DictReader(handle)
-                if reader.fieldnames is not None:
-                    missing = [f for f in TEXT_FIELDS if f not in reader.fieldnames]
-                    if missing:
-                        raise PairDataError(
-                            f"{path}: the header has no column{'s' if len(missing) > 1 else ''} "
-                            f"{', '.join(repr(m) for m in missing)}; it has {list(reader.fieldnames)}. The header "
-                            "must name prompt, chosen, rejected (and optionally margin, chosen_score, rejected_score)."
-                        )
-                start = reader.line_num + 1
-                for row in reader:  # a row's line is where it starts (quoted cells may span lines)
-                    if limit is not None and len(rows) >= limit:
-                        break
-                    if None in row:
-                        rows.append((start, f"{len(row[None])} more cell(s) than the header has columns"))
-                    else:
-                        rows.append((start, row))
-                    start = reader.line_num + 1
-    except UnicodeDecodeError as error:
-        raise PairDataError(f"{path} is not UTF-8 text ({error}). Re-save it as UTF-8.") from error
+                rows.append((start, row))
+            if limit is not None and len(rows) >= limit:
+                break  # before reading the next row: rows past the limit are not looked at
     return rows
 
 

@@ -73,6 +73,34 @@ def test_missing_column_lists_available(tmp_path):
         load_texts(source)
 
 
+@pytest.mark.parametrize("name", ["n.txt", "n.jsonl", "n.csv"])
+def test_nul_bytes_are_refused_with_the_line(tmp_path, name):
+    # A file of NUL bytes used to train on "\u0000" prompts; UTF-16 text decodes as UTF-8 with a NUL per character.
+    path = tmp_path / name
+    path.write_bytes(b"text\n" + b"\x00" * 8 + b"\n")
+    with pytest.raises(DataError, match=r"n\.\w+, line 2: a NUL byte \(\\x00\), the first of 8 .*Re-save it as UTF-8"):
+        load_texts(str(path))
+    path.write_bytes("text\nhello\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match="line 1: a NUL byte .* saved as UTF-16"):
+        load_texts(str(path))
+
+
+def test_csv_unterminated_quote_names_its_line_instead_of_swallowing_the_file(tmp_path):
+    # The lenient reader read everything after the stray quote as one cell: 1 text instead of 4.
+    source = write(tmp_path / "q.csv", 'text,label\nfine,1\n"a good film,1\nbad one,0\nlast,1\n')
+    with pytest.raises(DataError, match=r"q\.csv, line 3: a quoted cell that starts on this line is never closed"):
+        load_texts(source)
+    source = write(tmp_path / "h.csv", '"text\nx\n')
+    with pytest.raises(DataError, match="h.csv, line 1: a quoted cell"):
+        load_texts(source)
+    source = write(tmp_path / "m.csv", 'text\nok\n"a"b\n')
+    with pytest.raises(DataError, match=r"m\.csv, line 3: malformed CSV .* write a quote inside it as \"\""):
+        load_texts(source)
+    # Quotes inside an unquoted cell and quoted cells with commas and line breaks stay fine.
+    source = write(tmp_path / "ok.csv", 'text\nhe said "hi" there\n"a, b"\n"two\nlines"\n')
+    assert load_texts(source) == ['he said "hi" there', "a, b", "two\nlines"]
+
+
 @pytest.mark.parametrize("name, content", [("e.txt", ""), ("b.txt", "\n  \n"), ("e.jsonl", ""), ("e.csv", ""), ("h.csv", "text\n")])
 def test_empty_file(tmp_path, name, content):
     with pytest.raises(DataError, match="holds no texts"):

@@ -205,3 +205,16 @@ def test_run_pairs_with_no_pair_is_an_error_that_writes_nothing(tiny_model_dir, 
     with pytest.raises(ValueError, match=r"No pairs: .*0 of 8 samples scored above it.*nothing was written"):
         run_pairs(config)
     assert not (tmp_path / "pairs").exists()
+
+
+def test_pair_files_with_nul_bytes_or_an_unterminated_quote_are_refused(tmp_path):
+    path = tmp_path / "nul.csv"
+    path.write_bytes(b"prompt,chosen,rejected\nThe film, good, bad\x00\n")
+    with pytest.raises(PairDataError, match="nul.csv, line 2: a NUL byte"):
+        load_pairs(path)
+    path = write_lines(tmp_path / "quote.csv", ["prompt,chosen,rejected", 'The film," was great., was dull.',
+                                               "The plot, was fun., was slow."])
+    with pytest.raises(PairDataError, match="quote.csv, line 2: a quoted cell that starts on this line is never closed"):
+        load_pairs(path)
+    # limit stops before a malformed row further down
+    assert len(load_pairs(write_lines(tmp_path / "l.csv", ["prompt,chosen,rejected", "a,b,c", '"x,y,z']), limit=1)) == 1
