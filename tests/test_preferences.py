@@ -218,3 +218,29 @@ def test_pair_files_with_nul_bytes_or_an_unterminated_quote_are_refused(tmp_path
         load_pairs(path)
     # limit stops before a malformed row further down
     assert len(load_pairs(write_lines(tmp_path / "l.csv", ["prompt,chosen,rejected", "a,b,c", '"x,y,z']), limit=1)) == 1
+
+
+# --------------------------------------------------------------------------- duplicates and the held-out split
+
+
+def test_duplicate_pairs_are_dropped_and_counted():
+    from rlhf_scratch.preferences import drop_duplicate_pairs, duplicates_note
+
+    a, b = PreferencePair("The film", " was great.", " was dull."), PreferencePair("The film", " was fun.", " was slow.")
+    scored_copy = PreferencePair("The film", " was great.", " was dull.", chosen_score=0.9, rejected_score=-0.2)
+    swapped = PreferencePair("The film", " was dull.", " was great.")  # not a copy: the other preference
+    assert drop_duplicate_pairs([a, b, a, scored_copy, swapped, b]) == ([a, b, swapped], 3)
+    assert drop_duplicate_pairs([a, b]) == ([a, b], 0)
+    assert duplicates_note(3, 6, "p.jsonl") == ("dropped 3 duplicate pairs (same prompt, chosen and rejected as an earlier "
+                                                "row) of 6 in p.jsonl: each pair is trained on or held out once; 3 remain.")
+
+
+def test_split_keeps_copies_of_a_pair_on_one_side_with_a_single_prompt():
+    from rlhf_scratch.preferences import split_heldout
+
+    # Fixed-prefix pairs share one prompt, so single pairs are held out: a copy used to land on the other side.
+    pairs = [PreferencePair("This is", f" good {i}.", f" bad {i}.") for i in range(10)] * 2
+    for seed in range(5):
+        train, heldout = split_heldout(pairs, 0.2, seed=seed)
+        assert heldout and sorted(train + heldout) == list(range(20))
+        assert {pairs[i] for i in heldout}.isdisjoint({pairs[i] for i in train})
