@@ -332,6 +332,7 @@ def prompts_from_texts(
     min_tokens: int = 2,
     max_tokens: int = 8,
     seed: int = 0,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> list[list[int]]:
     """``n`` prompts, each the first k tokens of a text, k ~ Uniform{min_tokens..max_tokens}.
 
@@ -341,6 +342,15 @@ def prompts_from_texts(
     tokens are skipped; a text with fewer than k tokens is used whole (as TRL's
     ``input_ids[:k]``), so every prompt has between ``min_tokens`` and ``max_tokens``
     tokens. ``encode`` decides about a BOS token; one counts toward the length.
+
+    ``decode`` (the tokenizer's, ids → text): cut only where the prompt decodes to whole
+    characters. A byte-level tokenizer splits a character outside ASCII (an emoji, a
+    zero-width space, most non-Latin letters) into several tokens, and a cut between them
+    gives a prompt that decodes to "\\ufffd". When the drawn k cuts a character, k moves
+    down to the nearest whole-character cut of at least ``min_tokens`` tokens, else up to
+    one of at most ``max_tokens``; a text with neither is skipped. Without ``decode``
+    the cut is at k wherever that falls. Texts of whole ASCII words give the same
+    prompts either way.
 
     Returns a list of ``n`` token-id lists (ragged). Same arguments, same prompts.
     """
@@ -358,6 +368,7 @@ def prompts_from_texts(
     rng.shuffle(order)
     cache: dict[int, list[int]] = {}  # encode each text once, even when cycling
     prompts: list[list[int]] = []
+    cut_nowhere = 0  # texts long enough, but with no whole-character cut in [min_tokens, max_tokens]
     while len(prompts) < n:
         found_one = False
         for i in order:
@@ -366,18 +377,55 @@ def prompts_from_texts(
             ids = cache[i]
             if len(ids) < min_tokens:
                 continue
-            found_one = True
             k = rng.randint(min_tokens, max_tokens)
+            if decode is not None:
+                k = _whole_character_cut(ids, k, min_tokens, max_tokens, decode)
+                if k is None:
+                    cut_nowhere += 1
+                    continue
+            found_one = True
             prompts.append(ids[:k])
             if len(prompts) == n:
                 break
         if not found_one:  # a whole pass without a usable text: cycling would never end
             longest = max(len(ids) for ids in cache.values())
+            if cut_nowhere:
+                raise DataError(
+                    f"No text can be cut to {min_tokens}-{max_tokens} tokens that decode to whole characters "
+                    f"({cut_nowhere} texts are long enough, but each cut in that range splits a character into "
+                    "its bytes). Raise max_tokens (--max-prompt-tokens)."
+                )
             raise DataError(
                 f"No text has at least min_tokens={min_tokens} tokens (the longest has "
                 f"{longest}). Lower min_tokens or use longer texts."
             )
     return prompts
+
+
+MAX_TOKENS_PER_CHARACTER = 4
+"""A byte-level tokenizer spends at most one token per byte, and UTF-8 uses at most 4 bytes per character."""
+
+
+def _whole_character_cut(ids: list[int], k: int, min_tokens: int, max_tokens: int, decode) -> int | None:
+    """The cut nearest ``k`` (down first, then up, within [min_tokens, max_tokens]) whose prefix is whole characters."""
+    k = min(k, len(ids))  # a short text is used whole, and a whole text always is whole characters
+    for cut in [*range(k, min_tokens - 1, -1), *range(k + 1, min(max_tokens, len(ids)) + 1)]:
+        if _cuts_between_characters(ids, cut, decode):
+            return cut
+    return None
+
+
+def _cuts_between_characters(ids: list[int], cut: int, decode) -> bool:
+    """Does ``ids[:cut]`` decode to whole characters of the text?
+
+    Cut inside a character, the prefix decodes to "\\ufffd" where the longer prefix that
+    completes the character decodes to the character itself, so the short one is not a
+    prefix of the long one. Cut between characters, it is (a real "\\ufffd" in the text
+    is in both).
+    """
+    if cut >= len(ids):
+        return True
+    return decode(ids[: cut + MAX_TOKENS_PER_CHARACTER]).startswith(decode(ids[:cut]))
 
 
 def fixed_prefix_prompts(prefix: str, encode: Callable[[str], list[int]], n: int) -> list[list[int]]:

@@ -429,7 +429,7 @@ def run_pairs(config: PairsConfig) -> dict:
     else:
         texts = load_texts(config.data, column=config.column, seed=config.seed)
         prompt_ids = prompts_from_texts(texts, encode_text, n_prompts, min_tokens=config.min_prompt_tokens,
-                                        max_tokens=config.max_prompt_tokens, seed=config.seed)
+                                        max_tokens=config.max_prompt_tokens, seed=config.seed, decode=bridge.tokenizer.decode)
     # Row r answers prompt r // samples_per_prompt: a prompt's responses are consecutive.
     rows = [ids for ids in prompt_ids for _ in range(config.samples_per_prompt)]
     generator = torch.Generator().manual_seed(config.seed)

@@ -270,3 +270,49 @@ def test_fixed_prefix():
         fixed_prefix_prompts("   ", make_encoder(), n=3)
     with pytest.raises(DataError, match="positive integer"):
         fixed_prefix_prompts("x", make_encoder(), n=0)
+
+
+# --------------------------------------------------------------------------- prompts cut at whole characters
+
+NON_ASCII = [
+    "\u200b😀 What a film, truly.",  # zero-width space then an emoji: 3 + 4 bytes, byte tokens in a small vocabulary
+    "Amélie était magnifique, vraiment.",
+    "映画はとても良かった。",
+    "Naïve but 🎬🎬 charming.",
+]
+
+
+@pytest.fixture()
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+
+
+def test_prompts_decode_to_whole_characters(tiny_tokenizer):
+    from rlhf_scratch.sampling import encode
+
+    def encode_text(text):
+        return encode(tiny_tokenizer, text, prepend_bos=True)
+
+    # Without decode, cuts fall inside characters (the "\u200b\ufffd" prompts of issue 15).
+    blind = prompts_from_texts(NON_ASCII, encode_text, n=200, seed=0)
+    assert any("\ufffd" in tiny_tokenizer.decode(p) for p in blind)
+    prompts = prompts_from_texts(NON_ASCII, encode_text, n=200, seed=0, decode=tiny_tokenizer.decode)
+    assert len(prompts) == 200 and all(2 <= len(p) <= 8 for p in prompts)
+    full = [encode_text(t) for t in NON_ASCII]
+    for prompt in prompts:
+        text = tiny_tokenizer.decode(prompt[1:])  # after BOS
+        assert "\ufffd" not in text and any(t.startswith(text) for t in NON_ASCII), text
+        assert any(ids[: len(prompt)] == prompt for ids in full)  # still a token prefix of a text
+    # Texts of ASCII words are cut exactly as before.
+    assert prompts_from_texts(TEXTS * 3, encode_text, n=40, seed=2, decode=tiny_tokenizer.decode) == \
+        prompts_from_texts(TEXTS * 3, encode_text, n=40, seed=2)
+
+
+def test_no_whole_character_cut_in_range_is_explained(tiny_tokenizer):
+    ids = tiny_tokenizer("😀😀", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 8  # one token per byte in this small vocabulary
+    with pytest.raises(DataError, match=r"No text can be cut to 2-3 tokens that decode to whole characters.*--max-prompt-tokens"):
+        prompts_from_texts(["😀😀"], lambda t: tiny_tokenizer(t, add_special_tokens=False)["input_ids"], n=1,
+                           min_tokens=2, max_tokens=3, decode=tiny_tokenizer.decode)
