@@ -398,9 +398,9 @@ def few_texts_warnings(config: PretrainConfig, n_train: int, n_heldout: int) -> 
         source = f"--data {config.data} ({n_train + n_heldout} non-blank texts in all)"
         fix = "Add texts to the file, or leave out --data to train on the built-in corpus of 24,000 reviews."
     return [
-        f"only {n_train} training texts ({n_heldout} more held out for perplexity) from {source}: a model pretrained "
-        f"on fewer than {FEW_TEXTS} texts learns little beyond repeating them, and its perplexity and samples say "
-        f"little. {fix}"
+        f"only {n_train} training text{'' if n_train == 1 else 's'} ({n_heldout} more held out for perplexity) from "
+        f"{source}: a model pretrained on fewer than {FEW_TEXTS} texts learns little beyond repeating them, and its "
+        f"perplexity and samples say little. {fix}"
     ]
 
 
