@@ -1,6 +1,7 @@
 """Step through one PPO phase by hand, and see that the trainer logs exactly what you compute.
 
-    OMP_NUM_THREADS=1 python experiments/step_through.py      # built-in model and task, seed 0, CPU
+    OMP_NUM_THREADS=1 python experiments/step_through.py                      # built-in model and task, seed 0, CPU
+    OMP_NUM_THREADS=1 python experiments/step_through.py --model runs/pre/model  # another model directory
 
 Every step below is what you would type in a notebook; the script asserts that the numbers agree.
 
@@ -29,6 +30,7 @@ Every step below is what you would type in a notebook; the script asserts that t
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import replace
 
@@ -50,6 +52,15 @@ from rlhf_scratch.objectives import (
 from rlhf_scratch.ppo import PPOTrainer, preset_configs
 
 TOLERANCE = 1e-6  # float32 rounding; on CPU the two columns agree to the last bit
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; ``--help`` prints them and exits before any model is loaded (or, on a fresh cache, pretrained)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="builtin",
+                        help='the model to step through: "builtin" (pretrained first if not cached), a model directory '
+                             "or a hub name (default builtin)")
+    return parser.parse_args(argv)
 
 
 def main(model: str = "builtin") -> dict:
@@ -143,4 +154,4 @@ def main(model: str = "builtin") -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(model=parse_args().model)

@@ -82,7 +82,8 @@ def run_sample(config: SampleConfig) -> list[dict]:
         return encode(bridge.tokenizer, text, prepend_bos=config.prepend_bos)
 
     if config.data is not None:
-        prompts = prompts_from_texts(load_texts(config.data, column=config.column), encode_text, config.n, seed=config.seed)
+        prompts = prompts_from_texts(load_texts(config.data, column=config.column), encode_text, config.n, seed=config.seed,
+                                     decode=bridge.tokenizer.decode)
     elif config.prompt:
         prompts = fixed_prefix_prompts(config.prompt, encode_text, config.n)
     else:

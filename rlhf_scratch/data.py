@@ -17,6 +17,7 @@ a second when the hub cannot be reached, instead of retrying for ~25 s.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -159,16 +161,36 @@ def _load_file(path: Path, column: str) -> list[str]:
             f"{', '.join(FILE_EXTENSIONS)} (one text per line / one JSON object per line "
             "/ CSV with a header row). Convert the file or rename it."
         )
+    f = read_text_file(path, csv_file=suffix == ".csv")
+    if suffix == ".txt":
+        return [line.rstrip("\r\n") for line in f]
+    if suffix == ".jsonl":
+        return _read_jsonl(f, path, column)
+    return _read_csv(f, path, column)
+
+
+def read_text_file(path: Path, csv_file: bool = False, error: type[ValueError] = DataError) -> io.StringIO:
+    """The UTF-8 text of ``path`` as a line-iterable buffer; raises ``error`` for a file that is not text.
+
+    Read once and checked before any parsing: a byte-order mark is dropped (spreadsheet exports
+    often start with one), bytes that are not UTF-8 are an error, and so is a NUL byte. A NUL
+    decodes as valid UTF-8, but text never holds one: a file with NULs is binary or UTF-16/32
+    encoded, and read as lines it gives prompts such as "\\u0000". ``csv_file`` keeps line ends
+    untranslated, as the csv module needs (a quoted cell may hold a newline).
+    """
     try:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as f:
-            if suffix == ".txt":
-                return [line.rstrip("\r\n") for line in f]
-            if suffix == ".jsonl":
-                return _read_jsonl(f, path, column)
-            return _read_csv(f, path, column)
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path} is not UTF-8 text ({error}). Re-save it as UTF-8.") from error
+        with open(path, encoding="utf-8-sig", newline="" if csv_file else None) as handle:
+            content = handle.read()
+    except UnicodeDecodeError as cause:
+        raise error(f"{path} is not UTF-8 text ({cause}). Re-save it as UTF-8.") from cause
+    nul = content.find("\x00")
+    if nul >= 0:
+        line = content.count("\n", 0, nul) + 1
+        raise error(
+            f"{path}, line {line}: a NUL byte (\\x00), the first of {content.count(chr(0))} in the file. A text file "
+            "holds none: this one is binary, or saved as UTF-16/UTF-32. Re-save it as UTF-8 text."
+        )
+    return io.StringIO(content, newline="" if csv_file else "\n")
 
 
 def _read_jsonl(lines, path: Path, column: str) -> list[str]:
@@ -205,16 +227,52 @@ def _read_jsonl(lines, path: Path, column: str) -> list[str]:
 
 
 def _read_csv(f, path: Path, column: str) -> list[str]:
-    reader = csv.DictReader(f)
-    if reader.fieldnames is None:
+    reader = csv.DictReader(f, strict=True)
+    with csv_errors(reader, path, start=[1]):  # the header row
+        fieldnames = reader.fieldnames
+    if fieldnames is None:
         return []  # empty file; load_texts reports "no texts"
-    if column not in reader.fieldnames:
+    if column not in fieldnames:
         raise DataError(
-            f"{path}: no column {column!r}; available columns: {list(reader.fieldnames)}. "
+            f"{path}: no column {column!r}; available columns: {list(fieldnames)}. "
             "Pass column=... (--column) to choose one."
         )
     # A short row gives None for the missing field: treat it as empty.
-    return [row[column] or "" for row in reader]
+    return [row[column] or "" for _, row in csv_rows(reader, path)]
+
+
+@contextmanager
+def csv_errors(reader: csv.DictReader, path: Path, error: type[ValueError] = DataError, start: list[int] | None = None):
+    """Turn a ``csv.Error`` of a strict reader into ``error``, naming the line where the broken row starts."""
+    try:
+        yield
+    except csv.Error as cause:
+        line = start[0] if start else max(1, reader.line_num)
+        if "unexpected end of data" in str(cause):
+            what = ("a quoted cell that starts on this line is never closed, so the rest of the file would be read "
+                    'as one cell. Close the quote (a quote inside a quoted cell is written "")')
+        else:
+            what = (f"malformed CSV ({cause}). Put quotes around a cell that holds a comma, a quote or a line "
+                    'break, and write a quote inside it as ""')
+        raise error(f"{path}, line {line}: {what}.") from cause
+
+
+def csv_rows(reader: csv.DictReader, path: Path, error: type[ValueError] = DataError):
+    """``(line where the row starts, row)`` of a strict ``csv.DictReader``; a malformed row raises ``error``.
+
+    A strict reader refuses what the lenient default silently misreads: an unterminated
+    quote (the default reads the rest of the file into one cell) and a quote followed by
+    text inside a quoted cell.
+    """
+    start = [reader.line_num + 1]
+    rows = iter(reader)
+    while True:
+        with csv_errors(reader, path, error, start):
+            row = next(rows, None)
+        if row is None:
+            return
+        yield start[0], row
+        start[0] = reader.line_num + 1
 
 
 def open_hub_dataset(name: str, split: str, export_hint: str, error: type[ValueError] = DataError):
@@ -274,6 +332,7 @@ def prompts_from_texts(
     min_tokens: int = 2,
     max_tokens: int = 8,
     seed: int = 0,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> list[list[int]]:
     """``n`` prompts, each the first k tokens of a text, k ~ Uniform{min_tokens..max_tokens}.
 
@@ -283,6 +342,15 @@ def prompts_from_texts(
     tokens are skipped; a text with fewer than k tokens is used whole (as TRL's
     ``input_ids[:k]``), so every prompt has between ``min_tokens`` and ``max_tokens``
     tokens. ``encode`` decides about a BOS token; one counts toward the length.
+
+    ``decode`` (the tokenizer's, ids → text): cut only where the prompt decodes to whole
+    characters. A byte-level tokenizer splits a character outside ASCII (an emoji, a
+    zero-width space, most non-Latin letters) into several tokens, and a cut between them
+    gives a prompt that decodes to "\\ufffd". When the drawn k cuts a character, k moves
+    down to the nearest whole-character cut of at least ``min_tokens`` tokens, else up to
+    one of at most ``max_tokens``; a text with neither is skipped. Without ``decode``
+    the cut is at k wherever that falls. Texts of whole ASCII words give the same
+    prompts either way.
 
     Returns a list of ``n`` token-id lists (ragged). Same arguments, same prompts.
     """
@@ -300,6 +368,7 @@ def prompts_from_texts(
     rng.shuffle(order)
     cache: dict[int, list[int]] = {}  # encode each text once, even when cycling
     prompts: list[list[int]] = []
+    cut_nowhere = 0  # texts long enough, but with no whole-character cut in [min_tokens, max_tokens]
     while len(prompts) < n:
         found_one = False
         for i in order:
@@ -308,18 +377,55 @@ def prompts_from_texts(
             ids = cache[i]
             if len(ids) < min_tokens:
                 continue
-            found_one = True
             k = rng.randint(min_tokens, max_tokens)
+            if decode is not None:
+                k = _whole_character_cut(ids, k, min_tokens, max_tokens, decode)
+                if k is None:
+                    cut_nowhere += 1
+                    continue
+            found_one = True
             prompts.append(ids[:k])
             if len(prompts) == n:
                 break
         if not found_one:  # a whole pass without a usable text: cycling would never end
             longest = max(len(ids) for ids in cache.values())
+            if cut_nowhere:
+                raise DataError(
+                    f"No text can be cut to {min_tokens}-{max_tokens} tokens that decode to whole characters "
+                    f"({cut_nowhere} texts are long enough, but each cut in that range splits a character into "
+                    "its bytes). Raise max_tokens (--max-prompt-tokens)."
+                )
             raise DataError(
                 f"No text has at least min_tokens={min_tokens} tokens (the longest has "
                 f"{longest}). Lower min_tokens or use longer texts."
             )
     return prompts
+
+
+MAX_TOKENS_PER_CHARACTER = 4
+"""A byte-level tokenizer spends at most one token per byte, and UTF-8 uses at most 4 bytes per character."""
+
+
+def _whole_character_cut(ids: list[int], k: int, min_tokens: int, max_tokens: int, decode) -> int | None:
+    """The cut nearest ``k`` (down first, then up, within [min_tokens, max_tokens]) whose prefix is whole characters."""
+    k = min(k, len(ids))  # a short text is used whole, and a whole text always is whole characters
+    for cut in [*range(k, min_tokens - 1, -1), *range(k + 1, min(max_tokens, len(ids)) + 1)]:
+        if _cuts_between_characters(ids, cut, decode):
+            return cut
+    return None
+
+
+def _cuts_between_characters(ids: list[int], cut: int, decode) -> bool:
+    """Does ``ids[:cut]`` decode to whole characters of the text?
+
+    Cut inside a character, the prefix decodes to "\\ufffd" where the longer prefix that
+    completes the character decodes to the character itself, so the short one is not a
+    prefix of the long one. Cut between characters, it is (a real "\\ufffd" in the text
+    is in both).
+    """
+    if cut >= len(ids):
+        return True
+    return decode(ids[: cut + MAX_TOKENS_PER_CHARACTER]).startswith(decode(ids[:cut]))
 
 
 def fixed_prefix_prompts(prefix: str, encode: Callable[[str], list[int]], n: int) -> list[list[int]]:

@@ -43,7 +43,7 @@ from rlhf_scratch.evaluation import (
 from rlhf_scratch.models import bridge_parameters, load_bridge, make_reference, save_model_dir
 from rlhf_scratch.optimization import check_finite, clipped_step
 from rlhf_scratch.outputs import append_jsonl, atomic_dir, write_json
-from rlhf_scratch.preferences import PreferencePair, load_pairs, split_heldout
+from rlhf_scratch.preferences import PreferencePair, drop_duplicate_pairs, duplicates_note, load_pairs, split_heldout
 from rlhf_scratch.rewards import make_reward
 from rlhf_scratch.sampling import padding_id
 from rlhf_scratch.schedule import warmup_decay_lambda
@@ -169,6 +169,11 @@ class DPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         # Pairs first: a bad pair file fails before the slower model load.
         self.pairs = list(pairs) if pairs is not None else load_preference_pairs(config)
+        # A copy of a pair on each side of the held-out split would make held-out accuracy measure memory.
+        self.pairs, self.n_duplicates = drop_duplicate_pairs(self.pairs)
+        if self.n_duplicates:
+            source = config.pairs if pairs is None else "the given pairs"
+            Console().print(f"[bold yellow]dpo:[/] {duplicates_note(self.n_duplicates, len(self.pairs) + self.n_duplicates, source)}")
         if len(self.pairs) < 2:
             raise ValueError(f"DPO needs at least 2 preference pairs, got {len(self.pairs)} from {config.pairs}.")
         self.bridge = bridge if bridge is not None else load_bridge(config.model, device=config.device)
@@ -341,6 +346,7 @@ class DPOTrainer:
         summary = {
             "loss": config.loss, "divergence": config.divergence, "alpha": config.alpha, "beta": config.beta,
             "n_pairs": len(self.pairs), "n_train_pairs": len(self.train_indices), "n_heldout_pairs": len(self.heldout_indices),
+            "n_duplicates_dropped": self.n_duplicates,
             "steps": self.step, "epochs": self.epoch,
             "loss_final": sum(r["loss"] for r in last) / len(last),
             "accuracy_final": sum(r["rewards/accuracy"] for r in last) / len(last),

@@ -366,7 +366,8 @@ def evaluation_prompts(config: EvalConfig, tokenizer) -> list[list[int]]:
         return fixed_prefix_prompts(config.prompt, encode_text, config.n_prompts)
     texts = load_texts(config.data, column=config.column, seed=config.seed + HELDOUT_SEED_OFFSET)
     return prompts_from_texts(texts, encode_text, config.n_prompts, min_tokens=config.min_prompt_tokens,
-                              max_tokens=config.max_prompt_tokens, seed=config.seed + HELDOUT_SEED_OFFSET)
+                              max_tokens=config.max_prompt_tokens, seed=config.seed + HELDOUT_SEED_OFFSET,
+                              decode=tokenizer.decode)
 
 
 # --------------------------------------------------------------------------- tables

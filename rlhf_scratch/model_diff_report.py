@@ -108,7 +108,8 @@ def diff_sequences(config: DiffConfig, policy_bridge) -> tuple[Tensor, Tensor, i
         return encode(tokenizer, text, prepend_bos=config.prepend_bos)
 
     if config.from_samples:
-        prompts = prompts_from_texts(texts, encode_text, config.n_texts, seed=config.seed + HELDOUT_SEED_OFFSET)
+        prompts = prompts_from_texts(texts, encode_text, config.n_texts, seed=config.seed + HELDOUT_SEED_OFFSET,
+                                     decode=tokenizer.decode)
         generator = torch.Generator().manual_seed(config.seed)
         sampling = SamplingConfig(max_new_tokens=config.max_new_tokens)
         parts = [generate(policy_bridge, prompts[i : i + config.batch_size], sampling, generator=generator)

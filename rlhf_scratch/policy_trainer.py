@@ -306,6 +306,7 @@ class PolicyTrainer(ABC):
         return prompts_from_texts(
             texts, self.encode_text, n=max(len(texts), self.config.batch_size),
             min_tokens=self.config.min_prompt_tokens, max_tokens=self.config.max_prompt_tokens, seed=self.config.seed,
+            decode=self.policy.tokenizer.decode,
         )
 
     def sample_prompts(self, n: int) -> list[list[int]]:

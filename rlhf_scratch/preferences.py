@@ -36,7 +36,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rlhf_scratch.config import TaskConfig
-from rlhf_scratch.data import HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, open_hub_dataset, prompts_from_texts
+from rlhf_scratch.data import (
+    HUB_ID_PATTERN,
+    csv_errors,
+    csv_rows,
+    fixed_prefix_prompts,
+    load_texts,
+    open_hub_dataset,
+    prompts_from_texts,
+    read_text_file,
+)
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.rewards import make_reward, score_texts
@@ -158,42 +167,40 @@ def _read_file(path: Path, limit: int | None) -> list[tuple[int, dict | str]]:
             "per line) or .csv (header row prompt,chosen,rejected[,margin,chosen_score,rejected_score])."
         )
     rows: list[tuple[int, dict | str]] = []
-    try:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as handle:
-            if suffix == ".jsonl":
-                for lineno, line in enumerate(handle, start=1):
-                    if limit is not None and len(rows) >= limit:
-                        break
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        rows.append((lineno, f"invalid JSON ({error.msg})"))
-                        continue
-                    rows.append((lineno, row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"))
+    # Not UTF-8, or NUL bytes (a binary or UTF-16 file): one error before any row is read.
+    handle = read_text_file(path, csv_file=suffix == ".csv", error=PairDataError)
+    if suffix == ".jsonl":
+        for lineno, line in enumerate(handle, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                rows.append((lineno, f"invalid JSON ({error.msg})"))
+                continue
+            rows.append((lineno, row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"))
+    else:
+        # Strict: an unterminated quote is an error naming its line, not the rest of the file read as one cell.
+        reader = csv.DictReader(handle, strict=True)
+        with csv_errors(reader, path, PairDataError, start=[1]):
+            fieldnames = reader.fieldnames
+        if fieldnames is not None:
+            missing = [f for f in TEXT_FIELDS if f not in fieldnames]
+            if missing:
+                raise PairDataError(
+                    f"{path}: the header has no column{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(repr(m) for m in missing)}; it has {list(fieldnames)}. The header "
+                    "must name prompt, chosen, rejected (and optionally margin, chosen_score, rejected_score)."
+                )
+        for start, row in csv_rows(reader, path, PairDataError):  # a row's line is where it starts
+            if None in row:
+                rows.append((start, f"{len(row[None])} more cell(s) than the header has columns"))
             else:
-                reader = csv.DictReader(handle)
-                if reader.fieldnames is not None:
-                    missing = [f for f in TEXT_FIELDS if f not in reader.fieldnames]
-                    if missing:
-                        raise PairDataError(
-                            f"{path}: the header has no column{'s' if len(missing) > 1 else ''} "
-                            f"{', '.join(repr(m) for m in missing)}; it has {list(reader.fieldnames)}. The header "
-                            "must name prompt, chosen, rejected (and optionally margin, chosen_score, rejected_score)."
-                        )
-                start = reader.line_num + 1
-                for row in reader:  # a row's line is where it starts (quoted cells may span lines)
-                    if limit is not None and len(rows) >= limit:
-                        break
-                    if None in row:
-                        rows.append((start, f"{len(row[None])} more cell(s) than the header has columns"))
-                    else:
-                        rows.append((start, row))
-                    start = reader.line_num + 1
-    except UnicodeDecodeError as error:
-        raise PairDataError(f"{path} is not UTF-8 text ({error}). Re-save it as UTF-8.") from error
+                rows.append((start, row))
+            if limit is not None and len(rows) >= limit:
+                break  # before reading the next row: rows past the limit are not looked at
     return rows
 
 
@@ -268,6 +275,29 @@ def write_pairs(path: str | os.PathLike, pairs: list[PreferencePair]) -> Path:
 # --------------------------------------------------------------------------- building pairs from scored samples
 
 
+def drop_duplicate_pairs(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], int]:
+    """``(pairs with each (prompt, chosen, rejected) once, number of copies dropped)``; the first copy is kept, in order.
+
+    A copy of a pair adds nothing to train on, and a copy on each side of the held-out split makes held-out
+    accuracy measure memory (a file of doubled pairs gave ``rm`` a held-out accuracy of 1.000). Pairs that
+    differ only in ``margin`` or scores are copies too: the texts are what a model reads.
+    """
+    seen: set[tuple[str, str, str]] = set()
+    unique = []
+    for pair in pairs:
+        key = (pair.prompt, pair.chosen, pair.rejected)
+        if key not in seen:
+            seen.add(key)
+            unique.append(pair)
+    return unique, len(pairs) - len(unique)
+
+
+def duplicates_note(n_dropped: int, n_pairs: int, source) -> str:
+    """The line trainers print after ``drop_duplicate_pairs``: what was dropped, from where, and what is left."""
+    return (f"dropped {n_dropped} duplicate pair{'s' if n_dropped != 1 else ''} (same prompt, chosen and rejected as an "
+            f"earlier row) of {n_pairs} in {source}: each pair is trained on or held out once; {n_pairs - n_dropped} remain.")
+
+
 def split_heldout(pairs: list[PreferencePair], heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """``(train, heldout)`` pair indices (sorted), about ``heldout_fraction`` of the pairs held out, split by prompt.
 
@@ -275,7 +305,8 @@ def split_heldout(pairs: list[PreferencePair], heldout_fraction: float, seed: in
     model never trained on (pairs built from samples share their prompt: 4 samples per prompt give up
     to 2 pairs). Prompts are visited in a seeded shuffle and held out until round(fraction·N) pairs
     (at least 1) are; at least one prompt stays for training. With a single prompt (fixed-prefix
-    data) there is nothing to group by, and single pairs are held out instead.
+    data) there is nothing to group by, and pairs are held out by their texts instead: copies of a pair (see
+    ``drop_duplicate_pairs``) still land on the same side.
     """
     if not 0 <= heldout_fraction < 1:
         raise PairDataError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}.")
@@ -289,8 +320,10 @@ def split_heldout(pairs: list[PreferencePair], heldout_fraction: float, seed: in
     groups: dict[str, list[int]] = {}
     for index, pair in enumerate(pairs):
         groups.setdefault(pair.prompt, []).append(index)
-    if len(groups) == 1:  # one prompt: hold out single pairs
-        groups = {str(index): [index] for index in range(n)}
+    if len(groups) == 1:  # one prompt: hold out single pairs, grouped by content so that copies stay together
+        groups = {}
+        for index, pair in enumerate(pairs):
+            groups.setdefault(json.dumps([pair.chosen, pair.rejected]), []).append(index)
     prompts = list(groups)
     random.Random(seed).shuffle(prompts)
     heldout: list[int] = []
@@ -398,7 +431,7 @@ def run_pairs(config: PairsConfig) -> dict:
     else:
         texts = load_texts(config.data, column=config.column, seed=config.seed)
         prompt_ids = prompts_from_texts(texts, encode_text, n_prompts, min_tokens=config.min_prompt_tokens,
-                                        max_tokens=config.max_prompt_tokens, seed=config.seed)
+                                        max_tokens=config.max_prompt_tokens, seed=config.seed, decode=bridge.tokenizer.decode)
     # Row r answers prompt r // samples_per_prompt: a prompt's responses are consecutive.
     rows = [ids for ids in prompt_ids for _ in range(config.samples_per_prompt)]
     generator = torch.Generator().manual_seed(config.seed)

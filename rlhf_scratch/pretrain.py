@@ -19,6 +19,8 @@ Hugging Face KV cache.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -87,8 +89,11 @@ class PretrainConfig:
     """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
     n_samples: int = 200
     """Samples drawn after training to measure the English-word share."""
-    install_builtin: bool = True
-    """With the built-in corpus, also install the model as the cached built-in model."""
+    install_builtin: bool | None = None
+    """Install the model as the cached built-in model, which every `--model builtin` command then uses. None
+    (default): only when every setting that shapes the model is the default (no --data, --steps, --seed, ...
+    changed); otherwise the model goes to --out/model or, without --out, a directory of its own in the cache
+    (printed). True: install it even with other settings. False: never."""
     cache_dir: Path | None = None
     """Where the built-in model is cached (default: $RLHF_SCRATCH_CACHE or the user cache dir)."""
 
@@ -107,6 +112,52 @@ class PretrainConfig:
             raise ValueError(f"vocab_size must be >= 300 (256 byte symbols + merges), got {self.vocab_size}.")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
+        if self.install_builtin and self.data is not None:
+            raise ValueError(
+                f"--install-builtin True installs a model of the built-in review corpus; a model of --data {self.data} "
+                "is used with --model OUT/model (pass --out OUT) instead of replacing the built-in model."
+            )
+
+
+MODEL_SETTINGS = ("data", "column", "n_texts", "n_heldout", "vocab_size", "n_layer", "n_head", "d_model", "n_ctx",
+                  "steps", "batch_size", "lr", "weight_decay", "seed")
+"""The PretrainConfig fields that shape the trained model (n_samples, out and cache_dir do not)."""
+
+
+def changed_settings(config: PretrainConfig) -> dict[str, tuple]:
+    """``{field: (value, default)}`` for each of ``MODEL_SETTINGS`` that differs from its default."""
+    default = PretrainConfig()
+    changed = {}
+    for name in MODEL_SETTINGS:
+        value, default_value = getattr(config, name), getattr(default, name)
+        if name == "column" and config.data is None:
+            continue  # only read with --data
+        if value != default_value:
+            changed[name] = (value, default_value)
+    return changed
+
+
+def describe_settings(changed: dict[str, tuple]) -> str:
+    """``--steps 150 (default 900), --seed 1 (default 0)``."""
+    return ", ".join(f"--{name.replace('_', '-')} {value} (default {default})" for name, (value, default) in changed.items())
+
+
+def installs_builtin(config: PretrainConfig) -> bool:
+    """Does this run replace the cached built-in model? (See ``PretrainConfig.install_builtin``.)"""
+    if config.data is not None or config.install_builtin is False:
+        return False
+    return config.install_builtin is True or not changed_settings(config)
+
+
+def custom_model_dir(config: PretrainConfig) -> Path:
+    """Where a model that is not the built-in one goes when no --out is given: a directory of its own in the cache,
+    named after a hash of its settings (and of the --data file's bytes), so that different settings never share one
+    and a rerun with the same settings replaces its own earlier copy."""
+    settings = {name: str(getattr(config, name)) for name in MODEL_SETTINGS}
+    if config.data is not None:
+        settings["data_sha256"] = hashlib.sha256(Path(config.data).read_bytes()).hexdigest()
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(config.cache_dir or default_cache_dir()) / f"{BUILTIN_MODEL_NAME}-custom-{digest}"
 
 
 def load_training_texts(config: PretrainConfig) -> tuple[list[str], list[str]]:
@@ -218,6 +269,16 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
 
     train_texts, heldout_texts = load_training_texts(config)
     console.print(f"[bold]pretrain[/]: {len(train_texts)} training texts, {len(heldout_texts)} held out")
+    install = installs_builtin(config)
+    changed = changed_settings(config)
+    if install and changed:
+        console.print(f"[bold yellow]note:[/] --install-builtin True with {describe_settings(changed)}: this model will "
+                      f"replace the built-in model at {builtin_model_dir(config.cache_dir)}, and every --model builtin "
+                      "command will use it. `rlhf-scratch pretrain` with the defaults restores the usual one.")
+    # Said now, before minutes of training, and again in the summary.
+    data_warnings = few_texts_warnings(config, len(train_texts), len(heldout_texts))
+    for warning in data_warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
     tokenizer = train_tokenizer(train_texts, config.vocab_size, model_dir)
     special = tokenizer.bos_token_id
     train_examples = encode_examples(tokenizer, train_texts, config.n_ctx)
@@ -277,7 +338,7 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
     samples = generate(bridge, prompts, SamplingConfig(max_new_tokens=min(64, config.n_ctx - 1)), generator=generator).responses
     word_share = english_word_share(samples)
     corpus_share = english_word_share(train_texts[: max(config.n_samples, 200)])
-    warnings = word_share_warnings(word_share, corpus_share)
+    warnings = data_warnings + word_share_warnings(word_share, corpus_share)
 
     summary = {
         "train_loss": sum(losses[-50:]) / len(losses[-50:]),
@@ -290,20 +351,21 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
         "train_texts": len(train_texts),
         "steps": config.steps,
     }
-    final_dirs = []
+    # The model's homes: --out/model if given, plus the built-in slot if installed; a model with neither --out nor
+    # the built-in slot gets a directory of its own, so that it is never lost.
+    home = builtin_model_dir(config.cache_dir) if install else custom_model_dir(config) if out is None else None
+    model_dirs = ([out / "model"] if out is not None else []) + ([home] if home is not None else [])
+    summary["model_dirs"] = [str(d) for d in model_dirs]
+    summary["installed_builtin"] = install
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config)
         (out / "samples.txt").write_text("\n".join(samples) + "\n")
         replace_dir(model_dir, out / "model", copy=True)
         write_json(out / "summary.json", summary)
-        final_dirs.append(out / "model")
-    if config.data is None and config.install_builtin:
-        target = builtin_model_dir(config.cache_dir)
-        replace_dir(model_dir, target, copy=True)
-        final_dirs.append(target)
+    if home is not None:
+        replace_dir(model_dir, home, copy=True)
     shutil.rmtree(work_dir, ignore_errors=True)
-    summary["model_dirs"] = [str(d) for d in final_dirs]
     console.print(
         f"train loss {summary['train_loss']:.3f} · held-out perplexity {perplexity:.2f} · "
         f"English-word share {word_share:.3f} · {summary['seconds']:.0f} s"
@@ -312,9 +374,36 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
         console.print(f"  [dim]sample:[/] {sample}")
     for warning in warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")
-    for directory in final_dirs:
+    for directory in model_dirs:
         console.print(f"model saved to {directory}")
+    if not install:
+        why = (f"it was trained on --data {config.data}" if config.data is not None
+               else "--install-builtin False" if config.install_builtin is False
+               else f"its settings differ from the defaults: {describe_settings(changed)}")
+        hint = "" if config.data is not None or config.install_builtin is False else \
+            "; pass --install-builtin True to make it the built-in model"
+        console.print(f"not installed as the built-in model ({why}); use it with --model {model_dirs[0]}{hint}.")
     return summary
+
+
+FEW_TEXTS = 1000
+"""Fewer training texts than this get a warning: a model pretrained on so few memorises them (the built-in corpus has 24,000)."""
+
+
+def few_texts_warnings(config: PretrainConfig, n_train: int, n_heldout: int) -> list[str]:
+    """A warning when pretraining has fewer than ``FEW_TEXTS`` training texts, saying where they came from and what to do."""
+    if n_train >= FEW_TEXTS:
+        return []
+    if config.data is None:
+        source, fix = "the built-in corpus (--n-texts)", "Raise --n-texts (default 24000)."
+    else:
+        source = f"--data {config.data} ({n_train + n_heldout} non-blank texts in all)"
+        fix = "Add texts to the file, or leave out --data to train on the built-in corpus of 24,000 reviews."
+    return [
+        f"only {n_train} training text{'' if n_train == 1 else 's'} ({n_heldout} more held out for perplexity) from "
+        f"{source}: a model pretrained on fewer than {FEW_TEXTS} texts learns little beyond repeating them, and its "
+        f"perplexity and samples say little. {fix}"
+    ]
 
 
 WORD_SHARE_DROP = 0.1

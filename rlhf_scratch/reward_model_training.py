@@ -1,6 +1,6 @@
 """Training a reward model on preference pairs (``rlhf-scratch rm``) and scoring any reward on them (``rlhf-scratch score``).
 
-    pairs file ─► load_pairs ─► held-out split by prompt (``preferences.split_heldout``)
+    pairs file ─► load_pairs ─► copies dropped ─► held-out split by prompt (``preferences.split_heldout``)
     for each epoch, shuffled batches of pairs:
         r_w, r_l = RewardModel(prompt + chosen), RewardModel(prompt + rejected)   (or rating logits for "dist")
         loss = bt | margin | dist (``reward_model.py``) ─► backward, clip, AdamW step
@@ -24,7 +24,15 @@ from torch import Tensor
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.optimization import clipped_step
 from rlhf_scratch.outputs import append_jsonl, write_json
-from rlhf_scratch.preferences import PairDataError, PreferencePair, load_pairs, split_heldout, write_pairs
+from rlhf_scratch.preferences import (
+    PairDataError,
+    PreferencePair,
+    drop_duplicate_pairs,
+    duplicates_note,
+    load_pairs,
+    split_heldout,
+    write_pairs,
+)
 from rlhf_scratch.reward_model import (
     LOSS_HEAD,
     RewardModel,
@@ -142,7 +150,9 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
     console = Console()
     start = time.time()
     torch.manual_seed(config.seed)
-    pairs = load_pairs(config.pairs, limit=config.limit)
+    pairs, n_duplicates = drop_duplicate_pairs(load_pairs(config.pairs, limit=config.limit))
+    if n_duplicates:
+        console.print(f"[bold yellow]rm:[/] {duplicates_note(n_duplicates, len(pairs) + n_duplicates, config.pairs)}")
     if config.loss == "margin":
         missing = sum(p.margin_value is None for p in pairs)
         if missing:
@@ -213,6 +223,7 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
         "initial_loss": initial_loss,
         "n_train": len(train),
         "n_heldout": len(heldout),
+        "n_duplicates_dropped": n_duplicates,
         "epochs": config.epochs,
         "steps": total_steps,
     }

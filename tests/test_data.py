@@ -73,6 +73,34 @@ def test_missing_column_lists_available(tmp_path):
         load_texts(source)
 
 
+@pytest.mark.parametrize("name", ["n.txt", "n.jsonl", "n.csv"])
+def test_nul_bytes_are_refused_with_the_line(tmp_path, name):
+    # A file of NUL bytes used to train on "\u0000" prompts; UTF-16 text decodes as UTF-8 with a NUL per character.
+    path = tmp_path / name
+    path.write_bytes(b"text\n" + b"\x00" * 8 + b"\n")
+    with pytest.raises(DataError, match=r"n\.\w+, line 2: a NUL byte \(\\x00\), the first of 8 .*Re-save it as UTF-8"):
+        load_texts(str(path))
+    path.write_bytes("text\nhello\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match="line 1: a NUL byte .* saved as UTF-16"):
+        load_texts(str(path))
+
+
+def test_csv_unterminated_quote_names_its_line_instead_of_swallowing_the_file(tmp_path):
+    # The lenient reader read everything after the stray quote as one cell: 1 text instead of 4.
+    source = write(tmp_path / "q.csv", 'text,label\nfine,1\n"a good film,1\nbad one,0\nlast,1\n')
+    with pytest.raises(DataError, match=r"q\.csv, line 3: a quoted cell that starts on this line is never closed"):
+        load_texts(source)
+    source = write(tmp_path / "h.csv", '"text\nx\n')
+    with pytest.raises(DataError, match="h.csv, line 1: a quoted cell"):
+        load_texts(source)
+    source = write(tmp_path / "m.csv", 'text\nok\n"a"b\n')
+    with pytest.raises(DataError, match=r"m\.csv, line 3: malformed CSV .* write a quote inside it as \"\""):
+        load_texts(source)
+    # Quotes inside an unquoted cell and quoted cells with commas and line breaks stay fine.
+    source = write(tmp_path / "ok.csv", 'text\nhe said "hi" there\n"a, b"\n"two\nlines"\n')
+    assert load_texts(source) == ['he said "hi" there', "a, b", "two\nlines"]
+
+
 @pytest.mark.parametrize("name, content", [("e.txt", ""), ("b.txt", "\n  \n"), ("e.jsonl", ""), ("e.csv", ""), ("h.csv", "text\n")])
 def test_empty_file(tmp_path, name, content):
     with pytest.raises(DataError, match="holds no texts"):
@@ -242,3 +270,49 @@ def test_fixed_prefix():
         fixed_prefix_prompts("   ", make_encoder(), n=3)
     with pytest.raises(DataError, match="positive integer"):
         fixed_prefix_prompts("x", make_encoder(), n=0)
+
+
+# --------------------------------------------------------------------------- prompts cut at whole characters
+
+NON_ASCII = [
+    "\u200b😀 What a film, truly.",  # zero-width space then an emoji: 3 + 4 bytes, byte tokens in a small vocabulary
+    "Amélie était magnifique, vraiment.",
+    "映画はとても良かった。",
+    "Naïve but 🎬🎬 charming.",
+]
+
+
+@pytest.fixture()
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+
+
+def test_prompts_decode_to_whole_characters(tiny_tokenizer):
+    from rlhf_scratch.sampling import encode
+
+    def encode_text(text):
+        return encode(tiny_tokenizer, text, prepend_bos=True)
+
+    # Without decode, cuts fall inside characters (the "\u200b\ufffd" prompts of issue 15).
+    blind = prompts_from_texts(NON_ASCII, encode_text, n=200, seed=0)
+    assert any("\ufffd" in tiny_tokenizer.decode(p) for p in blind)
+    prompts = prompts_from_texts(NON_ASCII, encode_text, n=200, seed=0, decode=tiny_tokenizer.decode)
+    assert len(prompts) == 200 and all(2 <= len(p) <= 8 for p in prompts)
+    full = [encode_text(t) for t in NON_ASCII]
+    for prompt in prompts:
+        text = tiny_tokenizer.decode(prompt[1:])  # after BOS
+        assert "\ufffd" not in text and any(t.startswith(text) for t in NON_ASCII), text
+        assert any(ids[: len(prompt)] == prompt for ids in full)  # still a token prefix of a text
+    # Texts of ASCII words are cut exactly as before.
+    assert prompts_from_texts(TEXTS * 3, encode_text, n=40, seed=2, decode=tiny_tokenizer.decode) == \
+        prompts_from_texts(TEXTS * 3, encode_text, n=40, seed=2)
+
+
+def test_no_whole_character_cut_in_range_is_explained(tiny_tokenizer):
+    ids = tiny_tokenizer("😀😀", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 8  # one token per byte in this small vocabulary
+    with pytest.raises(DataError, match=r"No text can be cut to 2-3 tokens that decode to whole characters.*--max-prompt-tokens"):
+        prompts_from_texts(["😀😀"], lambda t: tiny_tokenizer(t, add_special_tokens=False)["input_ids"], n=1,
+                           min_tokens=2, max_tokens=3, decode=tiny_tokenizer.decode)

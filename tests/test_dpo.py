@@ -247,6 +247,13 @@ def test_split_and_warmup_checks(tiny_model_dir):
         DPOTrainer(small_config(tiny_model_dir, warmup_steps=3), pairs=PAIRS)  # 6 pairs / 2 = 3 steps
 
 
+def test_duplicate_pairs_are_dropped_and_reported(tiny_model_dir, capsys):
+    trainer = DPOTrainer(small_config(tiny_model_dir, heldout_fraction=0.34), pairs=PAIRS + PAIRS[:4])
+    assert trainer.pairs == PAIRS and trainer.n_duplicates == 4
+    assert len(trainer.train_indices) + len(trainer.heldout_indices) == len(PAIRS)
+    assert "dpo: dropped 4 duplicate pairs" in " ".join(capsys.readouterr().out.split())
+
+
 def test_dpo_command_end_to_end(tiny_model_dir, tmp_path):
     from rlhf_scratch.models import CHECKPOINT_META_FILE, load_bridge
 

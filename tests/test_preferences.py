@@ -205,3 +205,42 @@ def test_run_pairs_with_no_pair_is_an_error_that_writes_nothing(tiny_model_dir, 
     with pytest.raises(ValueError, match=r"No pairs: .*0 of 8 samples scored above it.*nothing was written"):
         run_pairs(config)
     assert not (tmp_path / "pairs").exists()
+
+
+def test_pair_files_with_nul_bytes_or_an_unterminated_quote_are_refused(tmp_path):
+    path = tmp_path / "nul.csv"
+    path.write_bytes(b"prompt,chosen,rejected\nThe film, good, bad\x00\n")
+    with pytest.raises(PairDataError, match="nul.csv, line 2: a NUL byte"):
+        load_pairs(path)
+    path = write_lines(tmp_path / "quote.csv", ["prompt,chosen,rejected", 'The film," was great., was dull.',
+                                               "The plot, was fun., was slow."])
+    with pytest.raises(PairDataError, match="quote.csv, line 2: a quoted cell that starts on this line is never closed"):
+        load_pairs(path)
+    # limit stops before a malformed row further down
+    assert len(load_pairs(write_lines(tmp_path / "l.csv", ["prompt,chosen,rejected", "a,b,c", '"x,y,z']), limit=1)) == 1
+
+
+# --------------------------------------------------------------------------- duplicates and the held-out split
+
+
+def test_duplicate_pairs_are_dropped_and_counted():
+    from rlhf_scratch.preferences import drop_duplicate_pairs, duplicates_note
+
+    a, b = PreferencePair("The film", " was great.", " was dull."), PreferencePair("The film", " was fun.", " was slow.")
+    scored_copy = PreferencePair("The film", " was great.", " was dull.", chosen_score=0.9, rejected_score=-0.2)
+    swapped = PreferencePair("The film", " was dull.", " was great.")  # not a copy: the other preference
+    assert drop_duplicate_pairs([a, b, a, scored_copy, swapped, b]) == ([a, b, swapped], 3)
+    assert drop_duplicate_pairs([a, b]) == ([a, b], 0)
+    assert duplicates_note(3, 6, "p.jsonl") == ("dropped 3 duplicate pairs (same prompt, chosen and rejected as an earlier "
+                                                "row) of 6 in p.jsonl: each pair is trained on or held out once; 3 remain.")
+
+
+def test_split_keeps_copies_of_a_pair_on_one_side_with_a_single_prompt():
+    from rlhf_scratch.preferences import split_heldout
+
+    # Fixed-prefix pairs share one prompt, so single pairs are held out: a copy used to land on the other side.
+    pairs = [PreferencePair("This is", f" good {i}.", f" bad {i}.") for i in range(10)] * 2
+    for seed in range(5):
+        train, heldout = split_heldout(pairs, 0.2, seed=seed)
+        assert heldout and sorted(train + heldout) == list(range(20))
+        assert {pairs[i] for i in heldout}.isdisjoint({pairs[i] for i in train})

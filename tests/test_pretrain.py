@@ -1,6 +1,7 @@
 """Pretraining smoke test (a smaller config, a few hundred steps) and what it produces."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,85 @@ def test_pretrain_summary_compares_samples_with_the_corpus(small_pretrained):
     _, summary = small_pretrained
     assert summary["corpus_english_word_share"] > 0.95
     assert (summary["warnings"] == []) == (summary["english_word_share"] >= summary["corpus_english_word_share"] - 0.1)
+
+
+# --------------------------------------------------------------------------- which model becomes the built-in one
+
+TINY_PRETRAIN = dict(n_texts=60, n_heldout=6, vocab_size=300, n_layer=1, n_head=1, d_model=16, n_ctx=32, steps=2,
+                     batch_size=8, n_samples=2)
+"""A pretraining run of a second or two: enough to see where the model goes, not to learn anything."""
+
+
+def quiet_console():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=400)
+
+
+def fake_builtin_model(cache: Path) -> Path:
+    """A stand-in for an installed built-in model; a run that must not replace it leaves the marker."""
+    from rlhf_scratch.pretrain import builtin_model_dir
+
+    target = builtin_model_dir(cache)
+    target.mkdir(parents=True)
+    (target / "marker").write_text("the user's built-in model")
+    return target
+
+
+def test_only_default_settings_install_the_builtin_model():
+    from rlhf_scratch.pretrain import changed_settings, installs_builtin
+
+    assert installs_builtin(PretrainConfig()) and changed_settings(PretrainConfig()) == {}
+    assert installs_builtin(PretrainConfig(out=Path("runs/pre"), n_samples=10, cache_dir=Path("c")))  # not model settings
+    assert not installs_builtin(PretrainConfig(steps=150))
+    assert changed_settings(PretrainConfig(steps=150, seed=1)) == {"steps": (150, 900), "seed": (1, 0)}
+    assert installs_builtin(PretrainConfig(steps=150, install_builtin=True))
+    assert not installs_builtin(PretrainConfig(install_builtin=False))
+
+
+def test_nondefault_pretrain_keeps_the_builtin_model_and_says_where_its_model_went(tmp_path):
+    from rlhf_scratch.pretrain import custom_model_dir, pretrain
+
+    cache = tmp_path / "cache"
+    builtin = fake_builtin_model(cache)
+    console = quiet_console()
+    config = PretrainConfig(cache_dir=cache, **TINY_PRETRAIN)
+    summary = pretrain(config, console=console)
+    printed = console.file.getvalue()
+    assert (builtin / "marker").is_file() and not (builtin / "config.json").exists()  # untouched
+    home = custom_model_dir(config)
+    assert summary["model_dirs"] == [str(home)] and not summary["installed_builtin"]
+    assert (home / "model.safetensors").is_file() and home.parent == cache
+    assert f"model saved to {home}" in printed
+    assert "not installed as the built-in model" in printed and "--steps 2 (default 900)" in printed
+    assert "--install-builtin True" in printed
+    load_bridge(home)  # a usable model directory
+
+    # Asked for explicitly, it does replace the built-in model, and says so before training.
+    console = quiet_console()
+    summary = pretrain(PretrainConfig(cache_dir=cache, install_builtin=True, **TINY_PRETRAIN), console=console)
+    assert summary["installed_builtin"] and summary["model_dirs"] == [str(builtin)]
+    assert not (builtin / "marker").exists() and (builtin / "model.safetensors").is_file()
+    assert "will replace the built-in model" in console.file.getvalue()
+
+
+def test_pretrain_on_a_few_lines_warns_and_never_installs(tmp_path):
+    from rlhf_scratch.pretrain import pretrain
+
+    data = tmp_path / "three.txt"
+    data.write_text("A fine film.\nA dull film.\nA long film.\n")
+    cache = tmp_path / "cache"
+    builtin = fake_builtin_model(cache)
+    console = quiet_console()
+    out = tmp_path / "out"
+    summary = pretrain(PretrainConfig(data=data, out=out, cache_dir=cache, **TINY_PRETRAIN), console=console)
+    printed = " ".join(console.file.getvalue().split())
+    (warning,) = [w for w in summary["warnings"] if w.startswith("only")]
+    assert warning.startswith(f"only 2 training texts (1 more held out for perplexity) from --data {data} (3 non-blank")
+    assert "Add texts to the file" in warning and "warning: only 2 training texts" in printed
+    assert summary["model_dirs"] == [str(out / "model")] and (builtin / "marker").is_file()
+    assert f"trained on --data {data}" in printed
+    with pytest.raises(ValueError, match="--install-builtin True installs a model of the built-in review corpus"):
+        PretrainConfig(data=data, install_builtin=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf_scratch.cli import main
-from rlhf_scratch.preferences import PairDataError, PreferencePair, write_pairs
+from rlhf_scratch.preferences import PairDataError, PreferencePair, load_pairs, write_pairs
 from rlhf_scratch.reward_model import (
     RewardModel,
     bradley_terry_loss,
@@ -253,3 +253,19 @@ def test_commands_report_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             main(["rm", "--pairs", "p.jsonl", *args])
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_duplicate_pairs_are_dropped_before_the_split(tiny_model_dir, tmp_path, capsys):
+    # Doubled fixed-prefix pairs: a copy of each held-out pair was trained on, and rm reported held-out accuracy 1.000.
+    pairs = [PreferencePair("This is", f" good {i}.", f" bad {i}.") for i in range(10)]
+    write_pairs(tmp_path / "doubled.jsonl", pairs + pairs)
+    model, summary = fit_reward_model(RewardModelConfig(
+        pairs=tmp_path / "doubled.jsonl", model=str(tiny_model_dir), epochs=1, batch_size=8, heldout_fraction=0.2,
+        out=tmp_path / "rm"))
+    assert summary["n_duplicates_dropped"] == 10 and summary["n_train"] + summary["n_heldout"] == 10
+    heldout = load_pairs(tmp_path / "rm" / "heldout_pairs.jsonl")
+    # Each of the 10 distinct pairs once: 8 trained on, 2 held out, none of the held-out ones among the trained.
+    assert len(set(heldout)) == summary["n_heldout"] == 2 and set(heldout) <= set(pairs) and summary["n_train"] == 8
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"dropped 10 duplicate pairs (same prompt, chosen and rejected as an earlier row) of 20 in {tmp_path / 'doubled.jsonl'}" \
+        in printed and "10 remain" in printed

@@ -104,3 +104,28 @@ def test_step_through_script_runs_and_agrees(tiny_model_dir):
     spec.loader.exec_module(module)
     result = module.main(model=str(tiny_model_dir))
     assert result["worst_difference"] <= 1e-6
+
+
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", EXPERIMENTS, ids=lambda path: path.name)
+def test_every_experiment_script_answers_help_without_running(script, monkeypatch, capsys, tmp_path):
+    # `python experiments/step_through.py --help` used to ignore the flag and run, pretraining first on a fresh cache.
+    import runpy
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("RLHF_SCRATCH_CACHE", str(cache))  # a fresh cache: running would pretrain into it
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(script), run_name="__main__")
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
+    # A mistyped flag stops it too (the output folder is a positional argument of the scripts that write one).
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "out"), "--no-such-flag"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(script), run_name="__main__")
+    assert stop.value.code == 2 and "unrecognized arguments: " in capsys.readouterr().err
+    assert list(cache.iterdir()) == [] and not (tmp_path / "out").exists()  # nothing was built or written
