@@ -19,18 +19,19 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
-from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
+from rlhf_scratch.checkpoint import find_checkpoint
+from rlhf_scratch.data import FILE_EXTENSIONS, HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, prompts_from_texts
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
 from rlhf_scratch.model_diff_report import DiffConfig, run_diff
-from rlhf_scratch.models import ModelLoadError, load_bridge
+from rlhf_scratch.models import ModelLoadError, check_device, check_model_source, load_bridge
 from rlhf_scratch.optimization import NonFiniteLossError
 from rlhf_scratch.outputs import append_jsonl, claim_run_dir, write_json
 from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
-from rlhf_scratch.preferences import PairsConfig, run_pairs
+from rlhf_scratch.preferences import PAIR_FILE_EXTENSIONS, PairsConfig, load_pairs, run_pairs
 from rlhf_scratch.pretrain import PretrainConfig, pretrain
 from rlhf_scratch.reinforce import REINFORCEConfig, run_reinforce
 from rlhf_scratch.reward_model_training import RewardModelConfig, ScoreConfig, run_score, train_reward_model
-from rlhf_scratch.rewards import make_reward, score_texts
+from rlhf_scratch.rewards import check_reward_spec, make_reward, score_texts
 from rlhf_scratch.sampling import GenerationStackError, SamplingConfig, encode, generate
 from rlhf_scratch.value_lens import InspectConfig, run_inspect
 
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None):
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
         return 2
     try:
+        preflight(config)
         if getattr(config, "out", None) is None:
             runner(config)
         else:
@@ -249,6 +251,36 @@ def main(argv: list[str] | None = None):
         print(f"rlhf-scratch {name}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+MODEL_FIELDS = ("model", "reference", "policy", "checkpoint")
+"""Config fields that name a model to load (``--model``, ``--reference``, diff's ``--policy``, inspect's ``--checkpoint``)."""
+
+
+def preflight(config) -> None:
+    """Check what is cheap before any model loads (or the built-in model is first pretrained, minutes on a fresh
+    machine): the device, model directories, the reward spec and its directory, local data and pair files
+    (read in full: they are small), and the checkpoint to resume. Raises the same errors the later loads would."""
+    value = lambda name: getattr(config, name, None)  # noqa: E731
+    if value("device") is not None:
+        check_device(value("device"))
+    for name in MODEL_FIELDS:
+        if isinstance(value(name), (str, Path)) and str(value(name)):
+            check_model_source(value(name), flag="--" + name)
+    if value("reward"):
+        check_reward_spec(value("reward"))
+    if value("data") and str(value("data")) != "builtin" and _local_file(value("data"), FILE_EXTENSIONS):
+        load_texts(str(value("data")), column=value("column") or "text")
+    if value("pairs") and _local_file(value("pairs"), PAIR_FILE_EXTENSIONS):
+        load_pairs(value("pairs"))
+    if value("resume") is not None:
+        find_checkpoint(value("resume"))
+
+
+def _local_file(source: str | Path, extensions: tuple[str, ...]) -> bool:
+    """Whether ``source`` names a local file (existing, a known extension, or not shaped like a hub dataset id)."""
+    source = str(source)
+    return Path(source).expanduser().exists() or source.lower().endswith(extensions) or not HUB_ID_PATTERN.match(source)
 
 
 def _input_paths(config) -> list[str]:

@@ -32,7 +32,13 @@ from rlhf_scratch.model_diff import (
     rose_and_fell,
     weight_change,
 )
-from rlhf_scratch.models import CHECKPOINT_META_FILE, load_bridge, read_checkpoint_meta
+from rlhf_scratch.models import (
+    CHECKPOINT_META_FILE,
+    complete_checkpoint_dir,
+    load_bridge,
+    looks_like_path,
+    read_checkpoint_meta,
+)
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
 
@@ -87,11 +93,8 @@ class DiffConfig:
 
 
 def _check_policy_source(policy: str) -> None:
-    path = Path(policy).expanduser()
     # "owner/name" may be a hub id; "runs/ppo/checkpoint", "./x", or "runs/x" with runs/ on disk is a path.
-    looks_like_path = policy.startswith((".", "/", "~")) or policy.count("/") > 1 or (
-        "/" in policy and Path(policy.split("/")[0]).is_dir())
-    if looks_like_path and not path.is_dir():
+    if looks_like_path(policy) and not complete_checkpoint_dir(policy).is_dir():
         raise FileNotFoundError(
             f"--policy {policy}: no such checkpoint directory. Pass the checkpoint/ folder of a training run, "
             "e.g. `rlhf-scratch ppo --out runs/ppo` writes runs/ppo/checkpoint."

@@ -74,8 +74,11 @@ class PretrainConfig:
     vocab_size: int = 2048
     """BPE vocabulary size (including the special token)."""
     n_layer: int = 4
+    """Transformer blocks (GPT-2 architecture)."""
     n_head: int = 4
+    """Attention heads per block (must divide d_model)."""
     d_model: int = 128
+    """Width of the residual stream."""
     n_ctx: int = 128
     """Context length in tokens; longer texts are truncated."""
     steps: int = 900

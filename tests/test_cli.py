@@ -2,6 +2,7 @@
 take a bare flag or a value, and a bad --out fails before anything is loaded."""
 
 import json
+import re
 
 import pytest
 
@@ -131,3 +132,43 @@ def test_a_trainer_that_fails_before_its_first_phase_leaves_no_config_behind(tin
     assert main(args + ["--prompt", "word " * 300]) == 1
     assert "exceeds the model's context" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reward", "banana"], "Unknown reward spec 'banana'"),
+    (["--reward", "rm:missing_rm_dir"], "No such reward model directory"),
+    (["--reward", "hf:./missing_classifier:POSITIVE"], "No such directory: ./missing_classifier"),
+    (["--data", "missing_prompts.txt"], "No such file: missing_prompts.txt"),
+    (["--device", "banana"], "Unknown --device 'banana'"),
+    (["--model", "runs/nonexist"], "No such model directory: runs/nonexist"),
+    (["--reference", "./nope"], "No such model directory: ./nope"),
+    (["--resume", "no_such_run"], "No checkpoint at no_such_run"),
+])
+def test_bad_input_fails_before_any_model_loads_or_the_builtin_model_is_pretrained(args, message, tmp_path, monkeypatch,
+                                                                                     capsys):
+    import rlhf_scratch.pretrain
+    from transformer_lens.model_bridge import TransformerBridge
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(rlhf_scratch.pretrain, "ensure_builtin_model", must_not_load)
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", must_not_load)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["ppo", *args, "--out", "out"]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_flag_has_help_text_and_no_section_comment_is_taken_for_one(capsys):
+    from rlhf_scratch.cli import _commands
+
+    for name in _commands():
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert "--- run ---" not in text, name
+        bare = [line.strip() for line in text.splitlines()
+                if re.match(r"^(-\w, )?--[\w.-]+( \S+)?\s+\(default: [^)]*\)$", line.strip())]
+        assert not bare, f"{name}: flags without help text: {bare}"
