@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import huggingface_hub
 import torch
+import transformers
 import tyro
 from rich.console import Console
 from rich.table import Table
@@ -22,6 +24,7 @@ from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
 from rlhf_scratch.checkpoint import find_checkpoint
 from rlhf_scratch.data import FILE_EXTENSIONS, HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, prompts_from_texts
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
+from rlhf_scratch.interrupts import TrainingInterrupted
 from rlhf_scratch.model_diff_report import DiffConfig, run_diff
 from rlhf_scratch.models import ModelLoadError, check_device, check_model_source, load_bridge
 from rlhf_scratch.optimization import NonFiniteLossError
@@ -40,6 +43,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, ModelLoadError, GenerationStackErr
 """Bad input (paths, model names, rewards, prompts, damaged files), a library stack that samples wrongly, or a
 run that diverged: each message says what to do, so the CLI prints it instead of a traceback."""
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+INTERRUPTED_EXIT = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
 
 
 @dataclass
@@ -211,8 +216,17 @@ def normalize_booleans(args: list[str], flags: set[str]) -> list[str]:
     return rest
 
 
+def quiet_libraries() -> None:
+    """No "Loading weights" / "Writing model shards" progress bars and no transformers deprecation notices on every
+    command: the CLI checks what matters itself (weights finite, cached generation = full forward) and says so."""
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
     commands = _commands()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(commands))
@@ -245,11 +259,19 @@ def main(argv: list[str] | None = None):
             runner(config)
         else:
             with claim_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config),
-                               inputs=_input_paths(config), clean_on=USER_ERRORS):
+                               inputs=_input_paths(config), clean_on=USER_ERRORS, kept_on=(TrainingInterrupted,)):
                 runner(config)
     except USER_ERRORS as error:
         print(f"rlhf-scratch {name}: error: {error}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as stopped:
+        print(f"rlhf-scratch {name}: {stopped}", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except KeyboardInterrupt:
+        out = getattr(config, "out", None)
+        kept = f"; what it had written is in {out}" if out is not None and Path(out).exists() else ""
+        print(f"rlhf-scratch {name}: interrupted (Ctrl-C){kept}.", file=sys.stderr)
+        return INTERRUPTED_EXIT
     return 0
 
 

@@ -215,7 +215,8 @@ def paths_inside(directory: Path, candidates: list[str]) -> list[str]:
 
 @contextmanager
 def claim_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False, resuming: bool = False,
-                  inputs: list[str] = (), clean_on: tuple[type[BaseException], ...] = (Exception,)) -> Iterator[None]:
+                  inputs: list[str] = (), clean_on: tuple[type[BaseException], ...] = (Exception,),
+                  kept_on: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Hold ``--out`` for one command (``check_run_dir`` first), so that a failing command loses nothing.
 
     * A new run that fails with one of ``clean_on`` leaves no half-written directory behind (a directory
@@ -224,6 +225,8 @@ def claim_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     * ``overwrite``: the earlier run is moved aside (``.NAME.replaced``), deleted only once the new run has
       finished, and moved back if the new run fails in any way. An input (``--model``, ``--pairs``,
       ``rm:DIR``, ...) inside the earlier run is refused: replacing the run would delete it.
+    * ``kept_on``: exceptions after which the new run counts as finished (a run stopped by Ctrl-C at a phase
+      boundary holds a checkpoint to resume from: it replaces the earlier run as a finished one would).
     """
     out = Path(out).expanduser()
     replaces = check_run_dir(out, command, overwrite=overwrite, resuming=resuming)
@@ -241,6 +244,10 @@ def claim_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
         os.replace(out, aside)
     try:
         yield
+    except kept_on:
+        if replaces:
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
     except BaseException as error:
         if replaces or (fresh and not resuming and isinstance(error, clean_on)):
             shutil.rmtree(out, ignore_errors=True)

@@ -47,6 +47,7 @@ from rlhf_scratch.checkpoint import (
 from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
 from rlhf_scratch.evaluation import plot_curves, print_before_after
+from rlhf_scratch.interrupts import StopRequest, TrainingInterrupted
 from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.models import (
@@ -529,7 +530,9 @@ class PolicyTrainer(ABC):
         A trainer that has completed phases (resumed from a checkpoint, or stepped by hand)
         continues from phase ``self.phase + 1``: metrics.jsonl and samples.jsonl keep their rows
         up to that phase and grow from there. ``stop_after=k`` stops after phase k (as if the run
-        were interrupted there), with the checkpoint and outputs written.
+        were interrupted there), with the checkpoint and outputs written. Ctrl-C stops at the end of
+        the current phase: the checkpoint is written and ``TrainingInterrupted`` raised, its message
+        giving the ``--resume`` command (``rlhf_scratch.interrupts``).
         """
         config = self.config
         console = console or Console()
@@ -546,21 +549,34 @@ class PolicyTrainer(ABC):
         columns = [TextColumn(f"[bold]{self.title}[/] phase {{task.completed}}/{{task.total}}"), BarColumn(),
                    TextColumn("reward {task.fields[reward]:+.3f}  kl {task.fields[kl]:.3f}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=console) as progress:
+        with Progress(*columns, console=console) as progress, StopRequest(console, "this phase") as stop:
             task = progress.add_task(self.kind, total=config.phases, completed=self.phase, reward=float("nan"), kl=float("nan"))
-            while self.phase < last_phase:
+            while self.phase < last_phase and not stop.requested:
                 record = self.run_phase()
                 progress.update(task, advance=1, reward=record.metrics["reward/mean"], kl=record.metrics["objective/kl"])
                 self.log_phase(record, out, run)
                 self.elapsed_seconds = elapsed_before + time.time() - start
                 if self.maybe_checkpoint(out):
                     saved_phase = self.phase
-        if not self.history:
+        interrupted = self.phase < last_phase  # only Ctrl-C (stop.requested) ends the loop early
+        if not self.history and not interrupted:
             raise ValueError(f"No phase to run or summarise: the trainer has completed {self.phase} of {config.phases} phases.")
         self.elapsed_seconds = elapsed_before + time.time() - start
         if out is not None and saved_phase != self.phase and (self.phase > first_phase or not (out / "checkpoint").exists()):
             self.save_checkpoint(out / "checkpoint")  # before the sample table: the state is the phase's end
+        if interrupted:
+            if run is not None:
+                run.finish()
+            raise TrainingInterrupted(self.interrupted_message(out))
         return self.finish(console, out, run, before)
+
+    def interrupted_message(self, out: Path | None) -> str:
+        """What a run stopped by Ctrl-C at a phase boundary kept, and the command that continues it."""
+        stopped = f"Stopped by Ctrl-C after phase {self.phase} of {self.config.phases}"
+        if out is None:
+            return f"{stopped}; without --out nothing was saved."
+        return (f"{stopped}; checkpoint saved in {out / 'checkpoint'}. Continue with: "
+                f"rlhf-scratch {self.kind} --resume {out}")
 
     def finish(self, console, out: Path | None, run, before: tuple[Generation, list[float]]) -> dict:
         """The before/after sample table, the summary (written with the plots), and the closing line."""

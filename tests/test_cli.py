@@ -172,3 +172,59 @@ def test_every_flag_has_help_text_and_no_section_comment_is_taken_for_one(capsys
         bare = [line.strip() for line in text.splitlines()
                 if re.match(r"^(-\w, )?--[\w.-]+( \S+)?\s+\(default: [^)]*\)$", line.strip())]
         assert not bare, f"{name}: flags without help text: {bare}"
+
+
+def test_ctrl_c_in_a_run_that_overwrites_keeps_the_new_checkpoint_and_prints_the_resume_command(tiny_model_dir, tmp_path,
+                                                                                                monkeypatch, capsys):
+    import signal
+
+    import rlhf_scratch.policy_trainer as policy_trainer
+
+    out = tmp_path / "run"
+    args = ["ppo", "--model", str(tiny_model_dir), "--reward", "chars:e", "--prompt", "The", "--phases", "3",
+            "--warmup-phases", "0", "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "4",
+            "--table-rows", "1", "--out", str(out)]
+    assert main(args) == 0
+    first_run_metrics = (out / "metrics.jsonl").read_text()
+
+    score_texts, calls = policy_trainer.score_texts, []
+
+    def score_pressing_ctrl_c(reward, texts):
+        calls.append(1)
+        if len(calls) == 2:  # the before-table, then phase 1: Ctrl-C during phase 1
+            signal.raise_signal(signal.SIGINT)
+        return score_texts(reward, texts)
+
+    monkeypatch.setattr(policy_trainer, "score_texts", score_pressing_ctrl_c)
+    assert main([*args, "--overwrite", "--seed", "1"]) == 130
+    err = capsys.readouterr().err
+    assert f"after phase 1 of 3; checkpoint saved in {out / 'checkpoint'}" in err
+    assert f"rlhf-scratch ppo --resume {out}" in err and "Traceback" not in err
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1 != first_run_metrics.count("\n")
+    assert not list(tmp_path.glob(".*replaced"))  # the earlier run was replaced, as a finished run would replace it
+    monkeypatch.undo()
+    assert main(["ppo", "--resume", str(out)]) == 0
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def test_commands_print_no_library_progress_bars(tiny_model_dir, tmp_path, capsys):
+    assert main(sample_args(tiny_model_dir, tmp_path / "out")) == 0
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+
+
+def test_ctrl_c_in_a_command_without_resume_ends_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import rlhf_scratch.cli as cli
+
+    def interrupted(config):
+        (config.out / "metrics.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        (config.out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        raise KeyboardInterrupt
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "good", "rejected": "bad"}) + "\n")
+    monkeypatch.setattr(cli, "train_reward_model", interrupted)
+    assert main(["rm", "--pairs", str(pairs), "--out", str(tmp_path / "rm")]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted (Ctrl-C); what it had written is in {tmp_path / 'rm'}" in err and "Traceback" not in err
+    assert (tmp_path / "rm" / "metrics.jsonl").is_file()  # kept

@@ -342,3 +342,33 @@ def test_a_checkpoint_missing_its_value_head_or_with_a_bad_phase_is_refused(tiny
         message = "phase -3 of 2; the file is damaged"
     with pytest.raises(ValueError, match=message):
         PPOTrainer.resume(PPOConfig(resume=tmp_path / "run"))
+
+
+def test_ctrl_c_stops_at_the_phase_boundary_saves_and_resumes_exactly(tiny_model_dir, prompts_file, tmp_path):
+    import signal
+
+    from rlhf_scratch.interrupts import TrainingInterrupted
+    from rlhf_scratch.rewards import make_reward
+
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=full_dir)).train()
+    expected = read_metrics(full_dir)
+
+    chars = make_reward("chars:e")
+    trainer = None
+
+    def reward_pressing_ctrl_c_in_phase_2(texts):
+        if trainer.phase == 1:  # phase 2 is running: Ctrl-C in its middle, as a user would press it
+            signal.raise_signal(signal.SIGINT)
+        return chars(texts)
+
+    # checkpoint_every=0: without the interrupt handling, nothing would be saved before the end.
+    trainer = PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=split_dir), reward=reward_pressing_ctrl_c_in_phase_2)
+    with pytest.raises(TrainingInterrupted, match=f"after phase 2 of {PHASES}.*rlhf-scratch ppo --resume {split_dir}"):
+        trainer.train()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is removed again
+    assert [row["phase"] for row in read_metrics(split_dir)] == [1, 2]
+    assert json.loads((find_checkpoint(split_dir) / RESUME_STATE_JSON).read_text())["phase"] == 2
+
+    PPOTrainer.resume(PPOConfig(resume=split_dir)).train()
+    assert_same_metrics(read_metrics(split_dir), expected)
