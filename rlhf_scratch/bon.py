@@ -146,7 +146,7 @@ class BestOfNSampler:
         m = self.pool_size
         expanded = [prompt for prompt in prompts for _ in range(m)]
         generation = generate(self.reference, expanded, self.sampling, generator=generator, fwd_hooks=self.fwd_hooks)
-        pool = score_texts(reward, generation.texts).view(len(prompts), m)
+        pool = score_texts(reward, generation.texts, generation.prompts).view(len(prompts), m)
         best = select_best(pool[:, : self.n])
         rows = (torch.arange(len(prompts)) * m + best.cpu()).tolist()
         kl_terms = torch.stack([plugin_best_of_n_kl(pool[i].double(), self.n) for i in range(len(prompts))]).float()

@@ -95,7 +95,7 @@ def run_sample(config: SampleConfig) -> list[dict]:
     else:
         prompts = [encode(bridge.tokenizer, "", prepend_bos=True)] * config.n
     generation = generate(bridge, prompts, config.sampling, generator=torch.Generator().manual_seed(config.seed))
-    scores = score_texts(reward, generation.texts).tolist() if reward else [None] * config.n
+    scores = score_texts(reward, generation.texts, generation.prompts).tolist() if reward else [None] * config.n
     rows = [
         {"prompt": p, "response": r, "reward": s}
         for p, r, s in zip(generation.prompts, generation.responses, scores)
@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None):
                 runner(config)
     except USER_ERRORS as error:
         print(f"rlhf-scratch {name}: error: {error}", file=sys.stderr)
+        checkpoint = Path(config.out) / "checkpoint" if getattr(config, "out", None) is not None else None
+        if hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
+            print(f"The run's last checkpoint is kept in {checkpoint}: once the cause is fixed, continue with "
+                  f"`rlhf-scratch {name} --resume {config.out}`.", file=sys.stderr)
         return 1
     except TrainingInterrupted as stopped:
         print(f"rlhf-scratch {name}: {stopped}", file=sys.stderr)

@@ -244,7 +244,7 @@ class ModelSampler:
     def sample(self, prompts: list[list[int]], reward, generator: torch.Generator) -> EvalSamples:
 
         generation = generate(self.bridge, prompts, self.sampling, generator=generator, fwd_hooks=self.fwd_hooks)
-        rewards = score_texts(reward, generation.texts)
+        rewards = score_texts(reward, generation.texts, generation.prompts)
         if self.bridge is self.reference and not self.fwd_hooks:
             log_ratio = torch.zeros(len(prompts))
         else:

@@ -220,8 +220,9 @@ def claim_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     """Hold ``--out`` for one command (``check_run_dir`` first), so that a failing command loses nothing.
 
     * A new run that fails with one of ``clean_on`` leaves no half-written directory behind (a directory
-      that was absent or empty before is removed or emptied again). An interrupted run (Ctrl-C) keeps
-      what it wrote, e.g. a checkpoint to resume from.
+      that was absent or empty before is removed or emptied again), unless it has written ``checkpoint/``
+      (``--checkpoint-every``): that run is kept, to be resumed once the cause is fixed. An interrupted run
+      (Ctrl-C) keeps what it wrote.
     * ``overwrite``: the earlier run is moved aside (``.NAME.replaced``), deleted only once the new run has
       finished, and moved back if the new run fails in any way. An input (``--model``, ``--pairs``,
       ``rm:DIR``, ...) inside the earlier run is refused: replacing the run would delete it.
@@ -249,7 +250,8 @@ def claim_run_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
             shutil.rmtree(aside, ignore_errors=True)
         raise
     except BaseException as error:
-        if replaces or (fresh and not resuming and isinstance(error, clean_on)):
+        resumable = (out / "checkpoint").is_dir()  # a failure after a periodic checkpoint keeps it (fix, then --resume)
+        if replaces or (fresh and not resuming and isinstance(error, clean_on) and not resumable):
             shutil.rmtree(out, ignore_errors=True)
             if existed_empty:
                 out.mkdir()

@@ -373,7 +373,7 @@ class PolicyTrainer(ABC):
         timings["time/reference_forward"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Task reward on the decoded text.
-        rewards = score_texts(self.reward, generation.texts).to(config.device)
+        rewards = score_texts(self.reward, generation.texts, generation.prompts).to(config.device)
         timings["time/reward"] = time.perf_counter() - clock
 
         sequence_kl = exact_kl.sum(1)  # Σ over a response's generated tokens
@@ -478,7 +478,7 @@ class PolicyTrainer(ABC):
     def sample_table(self, model_bridge, prompts: list[list[int]], seed: int) -> tuple[Generation, list[float]]:
         """Samples from ``model_bridge`` on fixed prompts with a fixed seed, and their rewards."""
         generation = generate(model_bridge, prompts, self.config.sampling, generator=torch.Generator().manual_seed(seed))
-        return generation, score_texts(self.reward, generation.texts).tolist()
+        return generation, score_texts(self.reward, generation.texts, generation.prompts).tolist()
 
     def save_checkpoint(self, directory: Path) -> Path:
         """A resumable checkpoint, written atomically (``outputs.atomic_dir``; layout in ``rlhf_scratch.checkpoint``):

@@ -444,7 +444,7 @@ def run_pairs(config: PairsConfig) -> dict:
             prompt_texts += generation.prompts
             responses += generation.responses
             # Rounded: float32 rewards would otherwise print as 0.4767000079154968 in the jsonl.
-            scores += [round(s, 6) for s in score_texts(reward, generation.texts).tolist()]
+            scores += [round(s, 6) for s in score_texts(reward, generation.texts, generation.prompts).tolist()]
             progress.update(task, advance=len(generation.prompts))
 
     spp = config.samples_per_prompt

@@ -1,10 +1,11 @@
 """Reward functions: decoded texts → one float per text.
 
 A reward is any object with a ``name: str`` and ``__call__(texts) -> Float[Tensor, "batch"]``
-(the ``Reward`` protocol). Trainers never call a reward directly: they call
-``score_texts(reward, texts)``, which checks the result's type, shape and finiteness
-and names the reward in every error, so a broken reward stops the run at the first
-bad batch instead of turning into NaN losses later.
+(the ``Reward`` protocol); one whose ``__call__`` has a ``prompts`` parameter also gets the
+prompts. Trainers never call a reward directly: they call ``score_texts(reward, texts,
+prompts)``, which checks the result's type, shape and finiteness and names the reward in
+every error, so a broken reward stops the run at the first bad batch instead of turning
+into NaN losses later.
 
 Rewards return CPU float32 tensors; the trainer moves them to its device.
 
@@ -13,9 +14,13 @@ Build one from a command-line spec with ``make_reward`` (forms in ``REWARD_SPECS
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import json
 import os
+import re
+import traceback
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -39,7 +44,12 @@ Reward specs (--reward):
                              e.g. hf:models/distilbert-imdb:POSITIVE
   rm:DIR                     a trained reward model: the --out folder of `rlhf-scratch rm` (or its
                              reward_model/ subfolder); scalar heads give r, distributional heads
-                             the expected rating in [0, K-1]"""
+                             the expected rating in [0, K-1]
+  py:FILE.py:FUNCTION        your own function in a Python file: FUNCTION(texts) -> one float per
+  py:MODULE:FUNCTION         text (a list, array or tensor); it also gets prompts=[...] if it has a
+                             `prompts` parameter (texts are prompt + response)
+  W*SPEC + W*SPEC ...        a weighted sum of the above, e.g. "vader + 0.1*chars:." (quote it);
+                             a weight (default 1) is a number before `*`; terms are joined by `+`"""
 
 HF_OUTPUTS = ("logit", "prob")
 
@@ -249,12 +259,104 @@ def _resolve_label(id2label: dict, label: str | int, where: str) -> int:
     return label
 
 
+class PythonFunctionReward:
+    """A function from your own code as a reward (``--reward py:FILE.py:FUNCTION`` or ``py:MODULE:FUNCTION``).
+
+    ``FUNCTION(texts)`` (or ``FUNCTION(texts, prompts=prompts)`` when it has a ``prompts`` parameter)
+    returns one number per text. The file or module is loaded once, here; a missing file, a syntax
+    error, a missing or non-callable function, and any exception the function raises while scoring
+    become a RewardError naming the file (and line) and the function. ``score_texts`` checks the
+    scores (length, NaN, inf) like every reward's.
+    """
+
+    def __init__(self, source: str, function: str):
+        self.source, self.function_name = source, function
+        self.name = f"py:{source}:{function}"
+        self.function = _load_function(source, function)
+        self.takes_prompts = "prompts" in inspect.signature(self.function).parameters
+
+    def __call__(self, texts: list[str], prompts: list[str] | None = None):
+        try:
+            if self.takes_prompts:
+                return self.function(texts, prompts=prompts)
+            return self.function(texts)
+        except Exception as error:  # user code: any exception becomes one message that names it
+            raise RewardError(f"The reward function {self.function_name} in {self.source} raised "
+                              f"{type(error).__name__}: {error}{_user_frame(error, self.source)}. Fix the function "
+                              "(it gets a list of texts and returns one number per text).") from error
+
+
+def _load_function(source: str, function: str):
+    """``function`` from a ``.py`` file (executed once as its own module) or an importable module."""
+    where = f"reward {source}:{function}"
+    path = Path(source).expanduser()
+    _check_python_file(source)
+    try:
+        if source.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(f"rlhf_scratch_user_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(source)
+    except ModuleNotFoundError as error:
+        raise RewardError(f"Cannot import {source} for the {where}: {error}. Pass a module on the Python path or "
+                          "py:path/to/file.py:FUNCTION.") from error
+    except Exception as error:  # a syntax error or anything the file raises at import
+        raise RewardError(f"Loading {source} for the {where} raised {type(error).__name__}: {error}"
+                          f"{_user_frame(error, source)}.") from error
+    candidate = getattr(module, function, None)
+    if not callable(candidate):
+        defined = sorted(name for name, value in vars(module).items() if callable(value) and not name.startswith("_"))
+        raise RewardError(f"{source} has no function {function!r} (callables defined there: "
+                          f"{', '.join(defined) or 'none'}).")
+    return candidate
+
+
+def _check_python_file(source: str) -> None:
+    """RewardError when ``source`` names a ``.py`` file that does not exist (a module name passes)."""
+    path = Path(source).expanduser()
+    if source.endswith(".py") and not path.is_file():
+        raise RewardError(f"No such file: {source} (resolved to {path.resolve()}); --reward py:FILE.py:FUNCTION "
+                          "needs the path of a Python file.")
+
+
+def _user_frame(error: BaseException, source: str) -> str:
+    """`` (at FILE line N)``: the deepest traceback frame in the user's file, or ``""``."""
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f" (at {source} line {error.lineno})"
+    name = Path(source).name if source.endswith(".py") else source.replace(".", "/").rsplit("/", 1)[-1] + ".py"
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename).name == name]
+    return f" (at {source} line {frames[-1].lineno})" if frames else ""
+
+
+class WeightedSumReward:
+    """``r(x) = Σ_i w_i · r_i(x)``: several rewards in one (``--reward "vader + 0.1*chars:."``).
+
+    Each term is scored through ``score_texts``, so an error names the term that failed; the
+    prompts reach the terms that take them.
+    """
+
+    def __init__(self, terms: list[tuple[float, Any]], name: str):
+        self.terms, self.name = terms, name
+
+    def __call__(self, texts: list[str], prompts: list[str] | None = None) -> Float[Tensor, "batch"]:
+        return sum(weight * score_texts(reward, texts, prompts) for weight, reward in self.terms)
+
+
 # --------------------------------------------------------------------------- specs
+
+
+_KINDS = r"(?:vader|chars|hf:|rm:|py:)"
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_TERM_SEPARATOR = re.compile(rf"\s*\+\s*(?=(?:{_NUMBER}\s*\*\s*)?{_KINDS})")
+"""A ``+`` that starts a new term: followed by an optional ``WEIGHT*`` and a reward kind (so ``chars:+`` stays one)."""
+_WEIGHTED = re.compile(rf"^\s*({_NUMBER})\s*\*\s*(.*)$", re.DOTALL)
 
 
 def parse_reward_spec(spec: str) -> tuple[str, tuple]:
     """``(kind, arguments)`` of a command-line reward spec (see ``REWARD_SPECS``), without loading anything:
-    ``("vader", ())``, ``("chars", (char,))``, ``("hf", (path_or_name, label, output))`` or ``("rm", (directory,))``.
+    ``("vader", ())``, ``("chars", (char,))``, ``("hf", (path_or_name, label, output))``, ``("rm", (directory,))``,
+    ``("py", (file_or_module, function))``, or ``("sum", ((weight, spec), ...))`` for a weighted sum.
 
     ``hf:`` specs are split from the right, so a path may contain colons (a Windows
     drive, say) while the label and the output may not: an optional trailing
@@ -262,6 +364,17 @@ def parse_reward_spec(spec: str) -> tuple[str, tuple]:
     remaining colon.
     """
     spec = spec.strip()
+    terms = _TERM_SEPARATOR.split(spec)
+    if len(terms) > 1 or _WEIGHTED.match(spec):
+        weighted = []
+        for term in terms:
+            match = _WEIGHTED.match(term)
+            weight, term_spec = (float(match[1]), match[2]) if match else (1.0, term)
+            if not term_spec.strip() or _TERM_SEPARATOR.split(term_spec.strip())[1:] or _WEIGHTED.match(term_spec.strip()):
+                raise RewardError(f"Bad reward spec {spec!r}: the term {term!r} has no reward after its weight. Write "
+                                  'terms as WEIGHT*SPEC joined by +, e.g. "vader + 0.1*chars:.".')
+            weighted.append((weight, term_spec.strip()))
+        return "sum", tuple(weighted)
     if spec == "vader":
         return "vader", ()
     if spec == "chars":
@@ -285,6 +398,12 @@ def parse_reward_spec(spec: str) -> tuple[str, tuple]:
         if not directory:
             raise RewardError(f"Bad reward spec {spec!r}: expected rm:DIR, the --out folder of `rlhf-scratch rm`.")
         return "rm", (directory,)
+    if spec.startswith("py:"):
+        source, _, function = spec[len("py:") :].rpartition(":")
+        if not source or not function.isidentifier():
+            raise RewardError(f"Bad reward spec {spec!r}: expected py:FILE.py:FUNCTION or py:MODULE:FUNCTION, "
+                              "e.g. py:my_rewards.py:brevity.")
+        return "py", (source, function)
     raise RewardError(f"Unknown reward spec {spec!r}.\n{REWARD_SPECS}")
 
 
@@ -298,6 +417,10 @@ def make_reward(spec: str) -> Reward:
     if kind == "hf":
         path, label, output = arguments
         return HFClassifierReward(path, label, output=output)
+    if kind == "py":
+        return PythonFunctionReward(*arguments)
+    if kind == "sum":
+        return WeightedSumReward([(weight, make_reward(term)) for weight, term in arguments], name=spec.strip())
     return RewardModelReward(*arguments)
 
 
@@ -314,6 +437,11 @@ def check_reward_spec(spec: str) -> None:
             raise RewardError(str(error)) from error
     elif kind == "hf":
         check_classifier_source(arguments[0])
+    elif kind == "py":
+        _check_python_file(arguments[0])
+    elif kind == "sum":
+        for _, term in arguments:
+            check_reward_spec(term)
 
 
 class RewardModelReward:
@@ -340,8 +468,11 @@ def _reward_name(reward: Any) -> str:
 
 
 @jaxtyped(typechecker=typechecker)
-def score_texts(reward: Any, texts: list[str]) -> Float[Tensor, "batch"]:
+def score_texts(reward: Any, texts: list[str], prompts: list[str] | None = None) -> Float[Tensor, "batch"]:
     """``reward(texts)`` checked: a float tensor of shape [len(texts)] with no NaN or inf.
+
+    ``prompts`` (the prompt of each text; texts begin with them) are passed on as ``prompts=`` to a
+    reward whose ``__call__`` has a ``prompts`` parameter.
 
     The result is always float32: lists, numpy arrays and int/bool/float64 tensors are
     converted (on the reward's device). Every
@@ -349,7 +480,7 @@ def score_texts(reward: Any, texts: list[str]) -> Float[Tensor, "batch"]:
     and their (truncated) texts.
     """
     name = _reward_name(reward)
-    scores = reward(texts)
+    scores = reward(texts, prompts=prompts) if _takes_prompts(reward) else reward(texts)
     if not isinstance(scores, Tensor):
         try:
             scores = torch.as_tensor(scores, dtype=torch.float32)
@@ -376,6 +507,13 @@ def score_texts(reward: Any, texts: list[str]) -> Float[Tensor, "batch"]:
             f"Reward {name!r} returned {len(bad)} non-finite score(s) (NaN or inf), first: {rows}."
         )
     return scores
+
+
+def _takes_prompts(reward: Any) -> bool:
+    try:
+        return "prompts" in inspect.signature(reward).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
 
 
 _REAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)

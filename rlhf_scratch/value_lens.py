@@ -252,7 +252,7 @@ def run_inspect(config: InspectConfig) -> dict:
     # Column P − 1 + t holds the state in which generated token t is chosen.
     values = values_all[:, P - 1 : -1].float()
     lens = lens_all[:, 0, P - 1 : -1].float()  # [L+1, G]
-    score = score_texts(reward, [prompt_text + response_text]).to(device).float()
+    score = score_texts(reward, [prompt_text + response_text], [prompt_text]).to(device).float()
     token_rewards = terminal_rewards(score, gen_mask)
     scaled = logits.float() / settings["temperature"]
     logprobs = taken_logprobs(scaled, sequences, P)

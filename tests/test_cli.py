@@ -189,11 +189,11 @@ def test_ctrl_c_in_a_run_that_overwrites_keeps_the_new_checkpoint_and_prints_the
 
     score_texts, calls = policy_trainer.score_texts, []
 
-    def score_pressing_ctrl_c(reward, texts):
+    def score_pressing_ctrl_c(reward, texts, prompts=None):
         calls.append(1)
         if len(calls) == 2:  # the before-table, then phase 1: Ctrl-C during phase 1
             signal.raise_signal(signal.SIGINT)
-        return score_texts(reward, texts)
+        return score_texts(reward, texts, prompts)
 
     monkeypatch.setattr(policy_trainer, "score_texts", score_pressing_ctrl_c)
     assert main([*args, "--overwrite", "--seed", "1"]) == 130
@@ -228,3 +228,33 @@ def test_ctrl_c_in_a_command_without_resume_ends_with_a_message_not_a_traceback(
     err = capsys.readouterr().err
     assert f"interrupted (Ctrl-C); what it had written is in {tmp_path / 'rm'}" in err and "Traceback" not in err
     assert (tmp_path / "rm" / "metrics.jsonl").is_file()  # kept
+
+
+USER_REWARD = '''
+def exclamations(texts):
+    return [text.count("!") for text in texts]
+
+
+def fails_in_phase_2(texts, prompts=None):
+    fails_in_phase_2.calls = getattr(fails_in_phase_2, "calls", 0) + 1
+    if fails_in_phase_2.calls == 3:  # the before-table, phase 1, then phase 2
+        raise KeyError("no score for this text")
+    return [0.0 for _ in texts]
+'''
+
+
+def test_ppo_trains_on_a_reward_function_from_a_python_file(tiny_model_dir, tmp_path, capsys):
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(USER_REWARD)
+    args = ["ppo", "--model", str(tiny_model_dir), "--prompt", "The", "--phases", "2", "--warmup-phases", "0",
+            "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "4", "--table-rows", "1"]
+    assert main([*args, "--reward", f"py:{rewards}:exclamations", "--out", str(tmp_path / "ok")]) == 0
+    assert len((tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # A reward that raises in phase 2 stops the run with the file and function named; the checkpoint of phase 1 stays.
+    out = tmp_path / "failing"
+    assert main([*args, "--reward", f"py:{rewards}:fails_in_phase_2", "--checkpoint-every", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"The reward function fails_in_phase_2 in {rewards} raised KeyError: 'no score for this text'" in err
+    assert "Traceback" not in err and f"continue with `rlhf-scratch ppo --resume {out}`" in err
+    assert (out / "checkpoint").is_dir() and len((out / "metrics.jsonl").read_text().splitlines()) == 1

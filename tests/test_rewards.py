@@ -14,6 +14,7 @@ from rlhf_scratch.rewards import (
     RewardError,
     VaderReward,
     make_reward,
+    parse_reward_spec,
     score_texts,
 )
 
@@ -300,3 +301,86 @@ def test_hf_missing_local_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RewardError, match="not a loadable sequence-classification model directory"):
         make_reward(f"hf:{tmp_path / 'empty'}:POSITIVE")
+
+
+# --------------------------------------------------------------------------- rewards from your own code, sums
+
+USER_REWARDS = '''
+import math
+
+
+def brevity(texts):
+    return [-len(text) for text in texts]
+
+
+def after_prompt(texts, prompts=None):
+    return [float(len(text) - len(prompt)) for text, prompt in zip(texts, prompts)]
+
+
+def broken(texts):
+    return [1.0 / 0 for text in texts]
+
+
+def nan_for_the_second(texts):
+    return [math.nan if i == 1 else 0.0 for i, _ in enumerate(texts)]
+'''
+
+
+@pytest.fixture()
+def user_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(USER_REWARDS)
+    return path
+
+
+def test_a_function_in_a_python_file_is_a_reward(user_file):
+    reward = make_reward(f"py:{user_file}:brevity")
+    assert reward.name == f"py:{user_file}:brevity"
+    assert score_texts(reward, ["abc", "a"]).tolist() == [-3.0, -1.0]
+    # With a `prompts` parameter it gets the prompts: the response is what follows each prompt.
+    assert score_texts(make_reward(f"py:{user_file}:after_prompt"), ["The cat sat", "Hi!"], ["The", "Hi"]).tolist() == [8.0, 1.0]
+
+
+def test_a_function_in_an_importable_module_is_a_reward(user_file, monkeypatch):
+    monkeypatch.syspath_prepend(str(user_file.parent))
+    assert score_texts(make_reward("py:my_rewards:brevity"), ["ab"]).tolist() == [-2.0]
+
+
+def test_a_user_reward_that_raises_or_returns_nan_names_its_file_and_function(user_file):
+    line = USER_REWARDS.splitlines().index("    return [1.0 / 0 for text in texts]") + 1
+    with pytest.raises(RewardError, match=rf"broken in {user_file} raised ZeroDivisionError.*\(at {user_file} line {line}\)"):
+        score_texts(make_reward(f"py:{user_file}:broken"), ["a"])
+    with pytest.raises(RewardError, match=rf"py:{user_file}:nan_for_the_second.*1 non-finite score.*\[1\] nan for 'b'"):
+        score_texts(make_reward(f"py:{user_file}:nan_for_the_second"), ["a", "b"])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("py:{dir}/missing.py:f", r"No such file: .*missing.py"),
+    ("py:{file}:nope", r"has no function 'nope' \(callables defined there: after_prompt, brevity, broken"),
+    ("py:{dir}/syntax.py:f", r"Loading .*syntax.py .* raised SyntaxError.*line 1"),
+    ("py:no_such_module_xyz:f", r"Cannot import no_such_module_xyz"),
+    ("py:{file}", r"expected py:FILE.py:FUNCTION"),
+])
+def test_a_user_reward_that_cannot_load_says_why(spec, message, user_file):
+    (user_file.parent / "syntax.py").write_text("def f(texts) return 1\n")
+    with pytest.raises(RewardError, match=message):
+        make_reward(spec.format(dir=user_file.parent, file=user_file))
+
+
+def test_a_weighted_sum_of_rewards_equals_its_terms_by_hand():
+    texts = ["A great film. Loved it.", "Terrible. Awful. Bad."]
+    vader = score_texts(make_reward("vader"), texts)
+    periods = torch.tensor([2.0, 3.0])
+    total = score_texts(make_reward("vader + 0.5*chars:."), texts)
+    torch.testing.assert_close(total, vader + 0.5 * periods)
+    torch.testing.assert_close(score_texts(make_reward("-2*chars:."), texts), -2 * periods)
+    assert parse_reward_spec("chars:+ + 2*vader") == ("sum", ((1.0, "chars:+"), (2.0, "vader")))  # "chars:+" stays one
+
+
+def test_a_weighted_sum_passes_prompts_and_names_the_failing_term(user_file):
+    reward = make_reward(f"chars:a + 2*py:{user_file}:after_prompt")
+    assert score_texts(reward, ["The cat sat", "Hi!"], ["The", "Hi"]).tolist() == [2 + 2 * 8.0, 2 * 1.0]  # "cat", "sat": two a
+    with pytest.raises(RewardError, match="nan_for_the_second"):
+        score_texts(make_reward(f"vader + py:{user_file}:nan_for_the_second"), ["a", "b"])
+    with pytest.raises(RewardError, match="has no reward after its weight"):
+        make_reward("0.5*")
