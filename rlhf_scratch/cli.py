@@ -20,8 +20,8 @@ import tyro
 from rich.console import Console
 from rich.table import Table
 
-from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
 from rlhf_scratch.checkpoint import find_checkpoint
+from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
 from rlhf_scratch.data import FILE_EXTENSIONS, HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, prompts_from_texts
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
 from rlhf_scratch.interrupts import TrainingInterrupted

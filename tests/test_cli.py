@@ -146,8 +146,9 @@ def test_a_trainer_that_fails_before_its_first_phase_leaves_no_config_behind(tin
 ])
 def test_bad_input_fails_before_any_model_loads_or_the_builtin_model_is_pretrained(args, message, tmp_path, monkeypatch,
                                                                                      capsys):
-    import rlhf_scratch.pretrain
     from transformer_lens.model_bridge import TransformerBridge
+
+    import rlhf_scratch.pretrain
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
