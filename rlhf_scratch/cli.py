@@ -7,6 +7,7 @@ flag; ``--help`` lists them with their docstrings), then a plain function call.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -224,6 +225,42 @@ def quiet_libraries() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+def take_threads(args: list[str]) -> tuple[int | None, list[str]]:
+    """Take ``--threads N`` (or ``--threads=N``) out of the arguments: ``(N or None, the other arguments)``."""
+    rest, threads, index = [], None, 0
+    while index < len(args):
+        name, has_value, value = args[index].partition("=")
+        if name == "--threads":
+            if not has_value:
+                index += 1
+                value = args[index] if index < len(args) else ""
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"--threads takes a positive whole number of CPU threads, got {value!r}.")
+            threads = int(value)
+        else:
+            rest.append(args[index])
+        index += 1
+    return threads, rest
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for torch's operators; without ``--threads``, warn when the machine is already busy.
+
+    torch starts one thread per physical core. When other processes keep those cores busy, its threads wait for
+    each other at every operator: on a 2-core machine under load, built-in-model PPO phases took 50–100 s with
+    2 threads instead of seconds with 1 (benchmarks/README.md). On an idle machine 2 threads are faster (1.3 s
+    against 1.8 s a phase), so the default stays, with a note when the load is already at the core count.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if torch.get_num_threads() > 1 and load >= cores:
+        print(f"note: this machine is busy (load {load:.1f} on {cores} cores). torch's {torch.get_num_threads()} "
+              "threads will wait for the other processes at every step, which can make this command many times "
+              "slower; if it is, pass --threads 1.", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_libraries()
@@ -237,8 +274,10 @@ def main(argv: list[str] | None = None):
         return 2
     config_class, presets, runner, description = commands[name]
     overwrite, args = _take_flag(args, "--overwrite")
+    threads, args = take_threads(args)
     args = explicit_booleans(args, config_class)
-    description += " --overwrite: replace an earlier run in --out (otherwise refused)."
+    description += (" --overwrite: replace an earlier run in --out (otherwise refused). --threads N: CPU threads for "
+                    "torch (default: one per core; pass 1 on a busy machine).")
     default = None
     if presets:
         preset, args = _split_preset(args)
@@ -253,6 +292,7 @@ def main(argv: list[str] | None = None):
     except ValueError as error:  # config validation in __post_init__
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
         return 2
+    set_threads(threads)
     try:
         preflight(config)
         if getattr(config, "out", None) is None:

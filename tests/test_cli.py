@@ -259,3 +259,21 @@ def test_ppo_trains_on_a_reward_function_from_a_python_file(tiny_model_dir, tmp_
     assert f"The reward function fails_in_phase_2 in {rewards} raised KeyError: 'no score for this text'" in err
     assert "Traceback" not in err and f"continue with `rlhf-scratch ppo --resume {out}`" in err
     assert (out / "checkpoint").is_dir() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_threads_flag_sets_torch_threads_and_a_busy_machine_gets_a_note(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import os
+
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    calls = []
+    assert main([*sample_args(tiny_model_dir, tmp_path / "a"), "--threads", "1"]) == 0
+    assert calls == [1] and "busy" not in capsys.readouterr().err
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (8.0, 8.0, 8.0))
+    assert main(sample_args(tiny_model_dir, tmp_path / "b")) == 0
+    assert "this machine is busy (load 8.0" in capsys.readouterr().err and calls == [1]
+    with pytest.raises(SystemExit, match="--threads takes a positive whole number"):
+        main([*sample_args(tiny_model_dir, tmp_path / "c"), "--threads", "0"])
