@@ -171,3 +171,45 @@ class RunningMoments:
         self.count = int(state["count"])
         self.var = self._m2 / (self.count - 1) if self.count >= 2 else 1.0
         self.std = math.sqrt(self.var)
+
+
+# --------------------------------------------------------------------------- group baselines (RLOO, GRPO)
+
+
+def _groups(rewards: Tensor, group_size: int) -> Tensor:
+    """rewards [B] as [B / k, k]: row g holds the k samples of prompt g (samples of a prompt are contiguous)."""
+    if group_size < 2 or rewards.shape[0] % group_size != 0:
+        raise ValueError(f"group_size={group_size} must be >= 2 and divide the batch ({rewards.shape[0]}): each prompt "
+                         "needs at least two samples for a baseline from its group.")
+    return rewards.view(-1, group_size)
+
+
+@jaxtyped(typechecker=typechecker)
+def rloo_advantages(rewards: Float[Tensor, "batch"], group_size: int) -> Float[Tensor, "batch"]:
+    """RLOO (Ahmadian et al. 2024): each sample's baseline is the mean reward of the *other* k − 1 samples of its prompt.
+
+    A_i = r_i − (1/(k−1)) Σ_{j≠i} r_j  =  k/(k−1) · (r_i − mean_group(r))          [B] -> [B]
+
+    Leaving the sample out keeps the baseline independent of r_i, so the gradient stays unbiased.
+    """
+    groups = _groups(rewards, group_size)
+    # The right-hand form: a group of equal rewards gives exactly 0 (the sum-minus-self form leaves rounding).
+    return (group_size / (group_size - 1) * (groups - groups.mean(dim=1, keepdim=True))).reshape(-1)
+
+
+@jaxtyped(typechecker=typechecker)
+def grpo_advantages(
+    rewards: Float[Tensor, "batch"], group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> Float[Tensor, "batch"]:
+    """GRPO (Shao et al. 2024): rewards standardised within each prompt's group of k samples.
+
+    A_i = (r_i − mean_group(r)) / (std_group(r) + eps)     (std with Bessel's correction, as TRL)      [B] -> [B]
+    Dr. GRPO (Liu et al. 2025), ``scale_by_std=False``: A_i = r_i − mean_group(r); dividing by the std
+    weighs prompts whose samples barely differ (too easy or too hard) as much as informative ones.
+    A group of identical rewards gets A = 0 either way.
+    """
+    groups = _groups(rewards, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)

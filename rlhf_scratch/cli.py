@@ -25,6 +25,7 @@ from rlhf_scratch.checkpoint import find_checkpoint
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
 from rlhf_scratch.data import FILE_EXTENSIONS, HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, prompts_from_texts
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
+from rlhf_scratch.group_baselines import GRPOConfig, RLOOConfig, run_grpo, run_rloo
 from rlhf_scratch.interrupts import TrainingInterrupted
 from rlhf_scratch.model_diff_report import DiffConfig, run_diff
 from rlhf_scratch.models import ModelLoadError, check_device, check_model_source, load_bridge
@@ -127,6 +128,10 @@ def _commands() -> dict:
         "ppo": (PPOConfig, preset_configs(), run_ppo, "Train a policy with PPO (default: the built-in offline sentiment task)."),
         "reinforce": (REINFORCEConfig, {}, run_reinforce,
                       "Train a policy with REINFORCE and a moving-average baseline (same task, outputs and checkpoints as ppo)."),
+        "rloo": (RLOOConfig, {}, run_rloo,
+                 "Train a policy with RLOO: k samples per prompt, each against the mean of the other k-1 (no value head)."),
+        "grpo": (GRPOConfig, {}, run_grpo,
+                 "Train a policy with GRPO (--dr-grpo: Dr. GRPO): group-standardised advantages, clipped ratio, k3 KL loss."),
         "bon": (BonConfig, {}, run_bon, "Best-of-n from the reference model vs the reference: reward, measured KL and its bound."),
         "compare": (CompareConfig, {}, run_compare,
                     "Compare systems (reference, ppo:DIR, reinforce:DIR, bon:N) on held-out prompts; write report.md."),

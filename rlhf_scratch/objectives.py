@@ -232,6 +232,33 @@ def calc_value_loss(
 
 
 @jaxtyped(typechecker=typechecker)
+def clipped_surrogate_per_token(
+    logprobs: Float[Tensor, "batch gen"],
+    old_logprobs: Float[Tensor, "batch gen"],
+    advantages: Float[Tensor, "batch gen"],
+    gen_mask: Bool[Tensor, "batch gen"],
+    clip_coef: float,
+) -> Float[Tensor, "batch gen"]:
+    """The clipped surrogate of each token, 0 on padding (to be aggregated, then *maximised*).
+
+    ratio_t = exp(log π(y_t) − log π_old(y_t))
+    s_t = min(ratio_t·A_t, clip(ratio_t, 1 − ε, 1 + ε)·A_t)          [B, G] -> [B, G]
+
+    The min makes it a pessimistic bound: once the ratio has moved past 1 ± ε in the
+    direction the advantage favours, the clipped term wins and its gradient is 0.
+    """
+    if clip_coef <= 0:
+        raise ValueError(f"clip_coef={clip_coef} must be > 0 (typical: 0.2).")
+    # Zero the padding before exp: a junk logprob there could otherwise give ratio = inf
+    # and a nan gradient even though the aggregation hides its value.
+    zero = torch.zeros_like(logprobs)
+    ratio = torch.exp(torch.where(gen_mask, logprobs - old_logprobs, zero))
+    advantages = torch.where(gen_mask, advantages, zero)
+    clipped = torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef) * advantages
+    return torch.where(gen_mask, torch.minimum(ratio * advantages, clipped), zero)
+
+
+@jaxtyped(typechecker=typechecker)
 def calc_clipped_surrogate(
     logprobs: Float[Tensor, "batch gen"],
     old_logprobs: Float[Tensor, "batch gen"],
@@ -244,26 +271,36 @@ def calc_clipped_surrogate(
 
     ratio = exp(log π(y) − log π_old(y))
     Â = masked_whiten(A, gen_mask)  (mean 0, std 1 over this minibatch's real positions)
-    objective = masked_mean(min(ratio·Â, clip(ratio, 1 − ε, 1 + ε)·Â))
+    objective = masked_mean(min(ratio·Â, clip(ratio, 1 − ε, 1 + ε)·Â))   (``clipped_surrogate_per_token``)
     logprobs, old_logprobs, advantages, gen_mask [B, G] -> []
-
-    The min makes it a pessimistic bound: once the ratio has moved past 1 ± ε in the
-    direction the advantage favours, the clipped term wins and its gradient is 0.
     """
-    if clip_coef <= 0:
-        raise ValueError(f"clip_coef={clip_coef} must be > 0 (typical: 0.2).")
-    # Zero the padding before exp: a junk logprob there could otherwise give ratio = inf
-    # and a nan gradient even though masked_mean hides its value.
-    zero = torch.zeros_like(logprobs)
-    log_ratio = torch.where(gen_mask, logprobs - old_logprobs, zero)
-    ratio = torch.exp(log_ratio)
     if normalize_advantages:
         advantages = masked_whiten(advantages, gen_mask)
-    else:
-        advantages = torch.where(gen_mask, advantages, zero)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef) * advantages
-    return masked_mean(torch.minimum(unclipped, clipped), gen_mask)
+    return masked_mean(clipped_surrogate_per_token(logprobs, old_logprobs, advantages, gen_mask, clip_coef), gen_mask)
+
+
+@jaxtyped(typechecker=typechecker)
+def aggregate_tokens(
+    x: Float[Tensor, "batch gen"], gen_mask: Bool[Tensor, "batch gen"], mode: str, max_tokens: int | None = None
+) -> Float[Tensor, ""]:
+    """One number from per-token values, as the policy-gradient families weigh tokens.     [B, G] -> []
+
+    "token-mean"     Σ_b Σ_t x·m / Σ_b Σ_t m          every token alike (PPO here, DAPO)
+    "sequence-mean"  (1/B) Σ_b (Σ_t x·m / |y_b|)       every response alike (GRPO): a token of a short
+                                                       response weighs more than one of a long response
+    "constant"       (1/B) Σ_b Σ_t x·m / L             Dr. GRPO: L = ``max_tokens`` (the generation budget),
+                                                       so no length bias from the per-response division
+    """
+    if mode == "token-mean":
+        return masked_mean(x, gen_mask)
+    sums = masked_sequence_sum(x, gen_mask)
+    if mode == "sequence-mean":
+        return (sums / gen_mask.sum(1).clamp(min=1)).mean()
+    if mode == "constant":
+        if not max_tokens or max_tokens < 1:
+            raise ValueError(f'mode "constant" needs max_tokens >= 1 (the generation budget), got {max_tokens}.')
+        return sums.mean() / max_tokens
+    raise ValueError(f'Unknown aggregation {mode!r}: use "token-mean", "sequence-mean" or "constant".')
 
 
 @jaxtyped(typechecker=typechecker)

@@ -313,6 +313,10 @@ class PolicyTrainer(ABC):
     def sample_prompts(self, n: int) -> list[list[int]]:
         return [self.prompt_pool[self.prompt_rng.randrange(len(self.prompt_pool))] for _ in range(n)]
 
+    def rollout_prompts(self) -> list[list[int]]:
+        """The prompts of one phase's batch: ``batch_size`` draws from the pool (group trainers: k copies of each)."""
+        return self.sample_prompts(self.config.batch_size)
+
     # ------------------------------------------------------------------ rollout
     def per_token_kl(self, logprobs: Tensor, ref_logprobs: Tensor, logits_gen: Tensor | None = None,
                      ref_logits_gen: Tensor | None = None) -> Tensor:
@@ -341,7 +345,7 @@ class PolicyTrainer(ABC):
         """Sample a batch, read it with the policy and the reference, and score it; ``stats`` holds the
         rollout's metrics (reward, exact sequence KL, entropy, response length, EOS rate, timings)."""
         config = self.config
-        prompts = prompts if prompts is not None else self.sample_prompts(config.batch_size)
+        prompts = prompts if prompts is not None else self.rollout_prompts()
         clock = time.perf_counter()
         timings = {}
         generation = generate(self.policy.bridge, prompts, config.sampling, generator=self.generator, fwd_hooks=self.fwd_hooks)
@@ -393,6 +397,20 @@ class PolicyTrainer(ABC):
             logprobs=logprobs, values=values, ref_logprobs=ref_logprobs, ref_logits_gen=ref_logits_gen,
             kl_per_token=kl_per_token, sequence_kl=sequence_kl, rewards=rewards, stats=stats,
         )
+
+    def sequence_rewards(self, rollout: ScoredRollout) -> Tensor:
+        """One reward per response for the trainers without a critic:  r' = r − kl_coef · Σ_t KL_t  with
+        kl_mode="reward" (the KL to the reference as a cost), else r (the KL is then a loss term).      [B]"""
+        if self.config.kl_mode == "reward":
+            return rollout.rewards - self.kl_controller.value * rollout.kl_per_token.sum(dim=1)
+        return rollout.rewards
+
+    def memory_with_sequence_advantages(self, rollout: ScoredRollout, advantage: Tensor) -> ReplayMemory:
+        """The replay memory of a trainer without a critic: one advantage per response [B], copied onto each of its
+        real tokens ([B, G], 0 on padding); values and returns are zeros."""
+        zeros = torch.zeros_like(rollout.logprobs)
+        advantages = torch.where(rollout.gen_mask, advantage[:, None].expand_as(zeros), zeros)
+        return rollout.to_memory(zeros, advantages, zeros, keep_ref_logits=self.keeps_ref_logits)
 
     @abstractmethod
     def build_memory(self, rollout: ScoredRollout) -> tuple[ReplayMemory, dict[str, float]]:

@@ -146,11 +146,8 @@ class REINFORCETrainer(PolicyTrainer):
         r' = r − kl_coef·Σ_t KL_t with kl_mode="reward", else r. The first batch, with no
         earlier rewards, uses its own mean as b. ``values`` and ``returns`` are zeros (no critic).
         """
-        config = self.config
         gen_mask = rollout.gen_mask
-        shaped = rollout.rewards
-        if config.kl_mode == "reward":
-            shaped = shaped - self.kl_controller.value * rollout.kl_per_token.sum(dim=1)
+        shaped = self.sequence_rewards(rollout)
         baseline = self.baseline.value if self.baseline.value is not None else shaped.mean().item()
         advantage = shaped - baseline
         self.baseline.update(shaped)
@@ -159,9 +156,7 @@ class REINFORCETrainer(PolicyTrainer):
             "reinforce/shaped_reward": shaped.mean().item(),
             "reinforce/advantage_std": advantage.std().item() if len(advantage) > 1 else 0.0,
         }
-        zeros = torch.zeros_like(rollout.logprobs)
-        advantages = torch.where(gen_mask, advantage[:, None].expand_as(zeros), zeros)
-        return rollout.to_memory(zeros, advantages, zeros, keep_ref_logits=self.keeps_ref_logits), stats
+        return self.memory_with_sequence_advantages(rollout, advantage), stats
 
     def compute_losses(self, minibatch: ReplayMemory) -> tuple[dict[str, Tensor], Tensor]:
         """The REINFORCE loss (and the KL term with kl_mode="loss") on one minibatch, with grad; and the
