@@ -146,7 +146,6 @@ class REINFORCETrainer(PolicyTrainer):
         r' = r − kl_coef·Σ_t KL_t with kl_mode="reward", else r. The first batch, with no
         earlier rewards, uses its own mean as b. ``values`` and ``returns`` are zeros (no critic).
         """
-        gen_mask = rollout.gen_mask
         shaped = self.sequence_rewards(rollout)
         baseline = self.baseline.value if self.baseline.value is not None else shaped.mean().item()
         advantage = shaped - baseline
