@@ -8,6 +8,7 @@ Systems are named on the command line, one word each, ``[LABEL=]KIND[:ARG]``:
     bon:N                best-of-N from the reference (``bon:N:M`` also sets the KL pool to M samples)
     ppo:DIR              a PPO checkpoint (a run's ``checkpoint/`` folder)
     reinforce:DIR        a REINFORCE checkpoint
+    rloo:DIR, grpo:DIR   an RLOO or GRPO checkpoint
     dpo:DIR              a DPO checkpoint
     model:DIR            any other model directory
     LABEL=...            the same, shown as LABEL (needed when two systems would share a name)
@@ -51,17 +52,17 @@ from rlhf_scratch.outputs import append_jsonl, write_json
 from rlhf_scratch.rewards import make_reward
 
 SYSTEM_SYNTAX = (
-    "Name systems as [LABEL=]KIND[:ARG]: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | dpo:DIR | model:DIR, "
+    "Name systems as [LABEL=]KIND[:ARG]: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | rloo:DIR | grpo:DIR | dpo:DIR | model:DIR, "
     "e.g. --systems reference ppo:runs/ppo/checkpoint bon:4 bon:16."
 )
-MODEL_KINDS = ("ppo", "reinforce", "dpo", "model")
-TRAINED_KINDS = ("ppo", "reinforce", "dpo")
+MODEL_KINDS = ("ppo", "reinforce", "rloo", "grpo", "dpo", "model")
+TRAINED_KINDS = ("ppo", "reinforce", "rloo", "grpo", "dpo")
 """Kinds a checkpoint records in its rlhf_scratch.json; ``model:DIR`` accepts any directory."""
 
 
 @dataclass
 class SystemSpec:
-    """One system to evaluate: ``kind`` is reference | bon | ppo | reinforce | dpo | model."""
+    """One system to evaluate: ``kind`` is reference | bon | ppo | reinforce | rloo | grpo | dpo | model."""
 
     label: str
     kind: str
@@ -108,7 +109,8 @@ class CompareConfig(EvalConfig):
     """Compare systems (reference, checkpoints, best-of-n) on the same held-out prompts; write a report."""
 
     systems: list[str] = field(default_factory=lambda: ["reference", "bon:4"])
-    """Systems to compare, [LABEL=]KIND[:ARG] each: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | dpo:DIR | model:DIR."""
+    """Systems to compare, [LABEL=]KIND[:ARG] each: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | rloo:DIR | grpo:DIR |
+    dpo:DIR | model:DIR."""
 
     def _checks(self) -> list[tuple[bool, str]]:
         checks = [*super()._checks(), (len(self.systems) >= 1, f"Give at least one system. {SYSTEM_SYNTAX}")]
