@@ -476,7 +476,8 @@ def pyplot():
 
 
 def plot_curves(history: list[dict], out: Path) -> list[Path]:
-    """``reward.png`` (mean ± std per phase) and ``kl.png`` (sequence KL to the reference)."""
+    """``reward.png`` (mean ± std per phase) and ``kl.png`` (sequence KL to the reference), with the held-out
+    evaluations of ``--eval-every`` as points where the history has them."""
     plt = pyplot()
 
     phases = [row["phase"] for row in history]
@@ -486,6 +487,10 @@ def plot_curves(history: list[dict], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(phases, mean, label="mean reward")
     ax.fill_between(phases, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2, label="± std")
+    evaluated = [row for row in history if "eval/reward_mean" in row]  # --eval-every
+    if evaluated:
+        ax.plot([row["phase"] for row in evaluated], [row["eval/reward_mean"] for row in evaluated], "o-",
+                label="held-out evaluation")
     ax.set_xlabel("phase")
     ax.set_ylabel("reward")
     ax.set_title("Reward of each phase's rollout")
@@ -497,6 +502,9 @@ def plot_curves(history: list[dict], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(phases, [row["objective/kl"] for row in history], label="KL(π‖π_ref), exact, summed over tokens")
+    if evaluated:
+        ax.plot([row["phase"] for row in evaluated], [row["eval/kl"] for row in evaluated], "o-",
+                label="held-out evaluation (sampled estimate)")
     ax.set_xlabel("phase")
     ax.set_ylabel("nats")
     ax.set_title("KL to the reference model")

@@ -44,9 +44,9 @@ from rlhf_scratch.checkpoint import (
     weights_fingerprint,
     write_resume_state,
 )
-from rlhf_scratch.config import PolicyTrainingConfig
+from rlhf_scratch.config import PolicyTrainingConfig, TaskConfig
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
-from rlhf_scratch.evaluation import plot_curves, print_before_after
+from rlhf_scratch.evaluation import EvalConfig, ModelSampler, evaluate, evaluation_prompts, plot_curves, print_before_after
 from rlhf_scratch.interrupts import StopRequest, TrainingInterrupted
 from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
@@ -194,6 +194,8 @@ class PolicyTrainer(ABC):
         self.table_prompts: list[list[int]] | None = None
         """The prompts of the before/after sample table, drawn once per run."""
         self.elapsed_seconds = 0.0
+        self.eval_prompt_ids: list[list[int]] | None = None
+        """The held-out prompts of ``--eval-every``, drawn at the first evaluation."""
         self.init_algorithm_state()
 
     # ------------------------------------------------------------------ resuming a run
@@ -492,6 +494,32 @@ class PolicyTrainer(ABC):
         }
         return PhaseRecord(rollout, memory, breakdown, metrics)
 
+    # ------------------------------------------------------------------ evaluation during training
+    EVAL_METRICS = ("reward_mean", "reward_median", "reward_std", "kl", "kl_se", "token_entropy", "distinct_1",
+                    "distinct_2", "length")
+
+    def should_evaluate(self) -> bool:
+        """Whether ``--eval-every`` asks for an evaluation after the phase just completed (and always after the last)."""
+        every = self.config.eval_every
+        return bool(every) and (self.phase % every == 0 or self.phase == self.config.phases)
+
+    @torch.no_grad()
+    def evaluate_policy(self) -> dict[str, float]:
+        """The shared evaluation (``evaluation.evaluate``) of the current policy on ``eval_prompts`` held-out prompts:
+        ``eval/reward_mean``, ``eval/kl`` (Σ_t log π − log π_ref of its own samples, per response), ... and its cost
+        ``time/eval``. Sampled with its own generator (seed + 1, the same at every evaluation): the trainer's random
+        state, and so the training itself, is untouched."""
+        config = self.config
+        if self.eval_prompt_ids is None:
+            task = {f.name: getattr(config, f.name) for f in dataclasses.fields(TaskConfig)}
+            eval_config = EvalConfig(**task, n_prompts=config.eval_prompts, seed=config.seed)
+            self.eval_prompt_ids = evaluation_prompts(eval_config, self.policy.tokenizer)
+        clock = time.perf_counter()
+        sampler = ModelSampler("policy", self.policy.bridge, self.reference, config.sampling, fwd_hooks=self.fwd_hooks)
+        result = evaluate(sampler, self.eval_prompt_ids, self.reward, seed=config.seed + 1, batch_size=config.batch_size)
+        metrics = {f"eval/{key}": result.metrics[key] for key in self.EVAL_METRICS if result.metrics.get(key) is not None}
+        return {**metrics, "time/eval": time.perf_counter() - clock}
+
     # ------------------------------------------------------------------ outputs
     def sample_table(self, model_bridge, prompts: list[list[int]], seed: int) -> tuple[Generation, list[float]]:
         """Samples from ``model_bridge`` on fixed prompts with a fixed seed, and their rewards."""
@@ -571,6 +599,8 @@ class PolicyTrainer(ABC):
             task = progress.add_task(self.kind, total=config.phases, completed=self.phase, reward=float("nan"), kl=float("nan"))
             while self.phase < last_phase and not stop.requested:
                 record = self.run_phase()
+                if self.should_evaluate():
+                    record.metrics.update(self.evaluate_policy())
                 progress.update(task, advance=1, reward=record.metrics["reward/mean"], kl=record.metrics["objective/kl"])
                 self.log_phase(record, out, run)
                 self.elapsed_seconds = elapsed_before + time.time() - start

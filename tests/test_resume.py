@@ -372,3 +372,19 @@ def test_ctrl_c_stops_at_the_phase_boundary_saves_and_resumes_exactly(tiny_model
 
     PPOTrainer.resume(PPOConfig(resume=split_dir)).train()
     assert_same_metrics(read_metrics(split_dir), expected)
+
+
+def test_eval_every_logs_held_out_metrics_and_leaves_training_unchanged(tiny_model_dir, prompts_file, tmp_path):
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=plain)).train()
+    PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=evaluated, eval_every=3, eval_prompts=6)).train()
+    rows = read_metrics(evaluated)
+    # Phases 3 and the last (4) are evaluated; every training metric equals the run without evaluation.
+    assert [row["phase"] for row in rows if "eval/reward_mean" in row] == [3, 4]
+    assert_same_metrics([{k: v for k, v in row.items() if not k.startswith("eval/")} for row in rows], read_metrics(plain))
+    last = rows[-1]
+    # eval/kl is a sampled estimate (Σ_t log π − log π_ref of its own samples): unbiased, so it may dip below 0.
+    assert abs(last["eval/kl"]) < 5 and last["eval/kl_se"] >= 0 and 0 < last["eval/distinct_2"] <= 1 and last["time/eval"] > 0
+    # eval/reward_mean is a mean of the task reward (chars:e, a count) over the 6 held-out responses.
+    assert last["eval/reward_mean"] >= 0 and round(6 * last["eval/reward_mean"], 6).is_integer()
+    assert (evaluated / "reward.png").is_file()
