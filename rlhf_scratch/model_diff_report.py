@@ -127,6 +127,52 @@ def diff_sequences(config: DiffConfig, policy_bridge) -> tuple[Tensor, Tensor, i
     return tokens, mask, 0
 
 
+@dataclass
+class BothReadings:
+    """Reference and policy on the same sequences: residual-stream caches and per-token-id log-prob/probability means.
+
+    ref_cache, pol_cache    {hook name: [N, S, D]} at ``cached_hook_names``
+    delta_logprob           [V] mean over real positions of log π(v) − log π_ref(v)   (``logprob_change_by_token``)
+    ref_prob, pol_prob      [V] mean over real positions of π_ref(v), π(v)
+    n_positions             number of real positions
+    """
+
+    ref_cache: dict
+    pol_cache: dict
+    delta_logprob: Tensor
+    ref_prob: Tensor
+    pol_prob: Tensor
+    n_positions: Tensor
+
+
+def read_both(reference, policy, tokens: Tensor, mask: Tensor, batch_size: int) -> BothReadings:
+    """Run both models batch by batch on ``tokens`` [N, S] (``mask`` [N, S]); only one batch of vocabulary-sized
+    logits per model is alive at a time."""
+    bool_mask = mask.bool()
+    names = cached_hook_names(policy.cfg.n_layers)
+    sums = {key: torch.zeros(policy.cfg.d_vocab, dtype=torch.float64) for key in ("delta", "ref_prob", "pol_prob")}
+    ref_parts, pol_parts = [], []
+    for start in range(0, tokens.shape[0], batch_size):
+        rows, logits = slice(start, start + batch_size), {}
+        ref_parts.append(collect(reference, tokens[rows], mask[rows], names, batch_size,
+                                 on_logits=lambda _, value: logits.__setitem__("ref", value)))
+        pol_parts.append(collect(policy, tokens[rows], mask[rows], names, batch_size,
+                                 on_logits=lambda _, value: logits.__setitem__("pol", value)))
+        # Batch means weighted by their number of real positions give the mean over all positions.
+        batch_mask = bool_mask[rows]
+        count = batch_mask.sum().double()
+        sums["delta"] += logprob_change_by_token(logits["ref"], logits["pol"], batch_mask).double() * count
+        sums["ref_prob"] += mean_probs(logits["ref"], batch_mask).double() * count
+        sums["pol_prob"] += mean_probs(logits["pol"], batch_mask).double() * count
+    n_positions = bool_mask.sum().double()
+    return BothReadings(
+        ref_cache={name: torch.cat([part[name] for part in ref_parts]) for name in names},
+        pol_cache={name: torch.cat([part[name] for part in pol_parts]) for name in names},
+        delta_logprob=sums["delta"] / n_positions, ref_prob=sums["ref_prob"] / n_positions,
+        pol_prob=sums["pol_prob"] / n_positions, n_positions=n_positions,
+    )
+
+
 def run_diff(config: DiffConfig) -> dict:
     """Run reference and policy on the same sequences; write report.md, plots, summary.json; return the summary."""
 
@@ -142,7 +188,7 @@ def run_diff(config: DiffConfig) -> dict:
                          "pass as --reference the model the policy was trained from.")
     given_tokens = parse_token_set(config.tokens, policy.tokenizer) if config.tokens else None  # fail before the work
     notes = []
-    meta_file = Path(config.policy) / CHECKPOINT_META_FILE
+    meta_file = complete_checkpoint_dir(config.policy) / CHECKPOINT_META_FILE
     if meta_file.is_file():
         base = read_checkpoint_meta(meta_file).get("base_model")
         if base is not None and str(base) != config.reference:
@@ -151,29 +197,11 @@ def run_diff(config: DiffConfig) -> dict:
     tokens, mask, prompt_len = diff_sequences(config, policy)
     bool_mask = mask.bool()
     n_layers = policy.cfg.n_layers
-    names = cached_hook_names(n_layers)
-    vocab = policy.cfg.d_vocab
-    sums = {key: torch.zeros(vocab, dtype=torch.float64) for key in ("delta", "ref_prob", "pol_prob")}
     console.print(f"diff: {tokens.shape[0]} sequences of up to {tokens.shape[1]} tokens "
                   f"({'policy samples' if config.from_samples else 'texts'}), {int(bool_mask.sum())} positions")
-    ref_parts, pol_parts = [], []
-    for start in range(0, tokens.shape[0], config.batch_size):
-        # Both models on the same batch, so only one batch of vocabulary-sized logits per model is alive at a time.
-        rows, logits = slice(start, start + config.batch_size), {}
-        ref_parts.append(collect(reference, tokens[rows], mask[rows], names, config.batch_size,
-                                 on_logits=lambda _, value: logits.__setitem__("ref", value)))
-        pol_parts.append(collect(policy, tokens[rows], mask[rows], names, config.batch_size,
-                                 on_logits=lambda _, value: logits.__setitem__("pol", value)))
-        # Batch means weighted by their number of real positions give the mean over all positions.
-        batch_mask = bool_mask[rows]
-        count = batch_mask.sum().double()
-        sums["delta"] += logprob_change_by_token(logits["ref"], logits["pol"], batch_mask).double() * count
-        sums["ref_prob"] += mean_probs(logits["ref"], batch_mask).double() * count
-        sums["pol_prob"] += mean_probs(logits["pol"], batch_mask).double() * count
-    ref_cache = {name: torch.cat([part[name] for part in ref_parts]) for name in names}
-    pol_cache = {name: torch.cat([part[name] for part in pol_parts]) for name in names}
-    n_positions = bool_mask.sum().double()
-    delta, ref_prob, pol_prob = (sums[k] / n_positions for k in ("delta", "ref_prob", "pol_prob"))
+    both = read_both(reference, policy, tokens, mask, config.batch_size)
+    ref_cache, pol_cache, n_positions = both.ref_cache, both.pol_cache, both.n_positions
+    delta, ref_prob, pol_prob = both.delta_logprob, both.ref_prob, both.pol_prob
 
     def decode(token_id: int) -> str:
         return policy.tokenizer.decode([token_id])

@@ -193,5 +193,5 @@ def test_diff_cli_says_when_the_policy_directory_is_missing(tiny_model_dir, tmp_
     code = main(["diff", "--policy", str(tmp_path / "nope" / "checkpoint"), "--reference", str(tiny_model_dir),
                  "--out", str(tmp_path / "out")])
     assert code == 1
-    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert f"No such model directory: {tmp_path / 'nope' / 'checkpoint'} (given as --policy" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
