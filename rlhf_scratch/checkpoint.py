@@ -40,7 +40,7 @@ RESUME_STATE_TENSORS = "resume_state.safetensors"
 FORMAT_VERSION = 1
 
 RUN_FIELDS = ("out", "device", "wandb", "wandb_project", "samples_per_phase", "table_rows", "checkpoint_every",
-              "eval_every", "eval_prompts", "resume", "debug", "debug_max_approx_kl")
+              "snapshot_every", "eval_every", "eval_prompts", "resume", "debug", "debug_max_approx_kl")
 """Config fields a resumed run may change: where and how it writes and checks, not what it computes.
 (``device`` does change float rounding: resume on the device you trained on for exact equality.)"""
 

@@ -27,7 +27,8 @@ from rlhf_scratch.data import FILE_EXTENSIONS, HUB_ID_PATTERN, fixed_prefix_prom
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
 from rlhf_scratch.group_baselines import GRPOConfig, RLOOConfig, run_grpo, run_rloo
 from rlhf_scratch.interrupts import TrainingInterrupted
-from rlhf_scratch.model_diff_report import DiffConfig, run_diff
+from rlhf_scratch.model_diff_report import DiffConfig
+from rlhf_scratch.model_diff_timeline import run_diff_command
 from rlhf_scratch.models import ModelLoadError, check_device, check_model_source, load_bridge
 from rlhf_scratch.optimization import NonFiniteLossError
 from rlhf_scratch.outputs import append_jsonl, claim_run_dir, write_json
@@ -143,8 +144,9 @@ def _commands() -> dict:
         "score": (ScoreConfig, {}, run_score, "Pairwise accuracy of any reward (rm:DIR, vader, hf:...) on a pair file."),
         "dpo": (DPOConfig, {}, run_dpo,
                 "DPO / f-DPO on preference pairs (--loss sigmoid|hinge, --divergence rkl|fkl|js|alpha); evaluates with --reward."),
-        "diff": (DiffConfig, {}, run_diff,
-                 "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA."),
+        "diff": (DiffConfig, {}, run_diff_command,
+                 "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA; "
+                 "--timeline RUN: the same over the phases of a run trained with --snapshot-every."),
         "inspect": (InspectConfig, {}, run_inspect,
                     "One sample of a PPO checkpoint: value, reward, advantage per token, and the value lens per layer."),
     }

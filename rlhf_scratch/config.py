@@ -108,6 +108,9 @@ class PolicyTrainingConfig(TaskConfig):
     """W&B project name (with --wandb)."""
     checkpoint_every: int = 0
     """Write OUT/checkpoint every this many phases as well as at the end (0: only at the end)."""
+    snapshot_every: int = 0
+    """Save the policy's weights every this many phases in OUT/snapshots/phase_NNNN/ (a model directory, not a resume
+    checkpoint) for `rlhf-scratch diff --timeline OUT`; 0: off. Each costs the model's size on disk."""
     eval_every: int = 0
     """Evaluate the policy every this many phases and after the last, on eval_prompts held-out prompts with the shared
     evaluation (eval/* metrics: reward, KL to the reference, entropy, distinct-n, length); 0: off. Training is unchanged."""
@@ -115,8 +118,8 @@ class PolicyTrainingConfig(TaskConfig):
     """Held-out prompts of --eval-every (the same ones, sampled with the same seed, at every evaluation)."""
     resume: Path | None = None
     """Continue a run from its checkpoint: the run's --out directory or its checkpoint/ folder. The run's saved config
-    is used; flags you pass must agree with it, except out, device, wandb, checkpoint_every, eval_every, debug and
-    the sample rows written. Metrics for the remaining phases equal an uninterrupted run's."""
+    is used; flags you pass must agree with it, except out, device, wandb, checkpoint_every, snapshot_every,
+    eval_every, debug and the sample rows written. Metrics for the remaining phases equal an uninterrupted run's."""
 
     # --- debugging ---
     debug: bool = False
@@ -141,6 +144,7 @@ class PolicyTrainingConfig(TaskConfig):
             (self.table_rows >= 1, f"table_rows must be >= 1 (rows of the before/after table), got {self.table_rows}."),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}."),
             (self.eval_every >= 0, f"eval_every must be >= 0 (0: off), got {self.eval_every}."),
+            (self.snapshot_every >= 0, f"snapshot_every must be >= 0 (0: off), got {self.snapshot_every}."),
             (self.eval_prompts >= 1, f"eval_prompts must be >= 1, got {self.eval_prompts}."),
             (self.debug_max_approx_kl > 0, f"debug_max_approx_kl must be > 0, got {self.debug_max_approx_kl}."),
         ]

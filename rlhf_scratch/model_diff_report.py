@@ -47,8 +47,11 @@ from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, pa
 class DiffConfig:
     """Compare a trained policy with its reference on the same texts: residual stream, weights, log-probs, DLA."""
 
-    policy: str
+    policy: str = ""
     """The trained policy: a run's checkpoint directory (e.g. runs/ppo/checkpoint), or any model source."""
+    timeline: Path | None = None
+    """Instead of --policy: a run directory trained with --snapshot-every; measure every snapshot against the reference
+    and plot the change over phases (timeline.md, timeline_residual.png, timeline_heads.png, timeline.json)."""
     reference: str = "builtin"
     """The model the policy was trained from: "builtin", a model directory, or a hub name."""
     prompts: str = "builtin"
@@ -81,7 +84,8 @@ class DiffConfig:
 
     def __post_init__(self):
         checks = [
-            (bool(self.policy), "--policy is required: the trained checkpoint directory, e.g. runs/ppo/checkpoint."),
+            (bool(self.policy) or self.timeline is not None,
+             "--policy is required: the trained checkpoint directory, e.g. runs/ppo/checkpoint (or --timeline RUN_DIR)."),
             (self.n_texts >= 1, f"n_texts must be >= 1, got {self.n_texts}."),
             (self.max_new_tokens >= 1 and self.max_tokens >= 2, "max_new_tokens must be >= 1 and max_tokens >= 2."),
             (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}."),

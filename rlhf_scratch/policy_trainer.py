@@ -75,6 +75,9 @@ from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.sampling import Generation, encode, generate, padding_id
 from rlhf_scratch.schedule import warmup_decay_lambda
 
+SNAPSHOTS_DIR = "snapshots"
+"""Where ``--snapshot-every`` writes, inside ``--out``."""
+
 
 @dataclass(eq=False, repr=False)
 class ScoredRollout:
@@ -562,6 +565,19 @@ class PolicyTrainer(ABC):
         if run is not None:
             run.log(record.metrics, step=self.phase)
 
+    def maybe_snapshot(self, out: Path | None) -> Path | None:
+        """With ``snapshot_every``, the policy's weights after this phase in ``OUT/snapshots/phase_NNNN/``: a model
+        directory (config, tokenizer, safetensors weights; no optimiser or value head), for ``diff --timeline``."""
+        every = self.config.snapshot_every
+        if out is None or not every or self.phase % every != 0:
+            return None
+        meta = {"kind": "snapshot", "trainer": self.kind, "phase": self.phase, "base_model": self.config.model,
+                "reference": self.reference_source}
+        directory = out / SNAPSHOTS_DIR / f"phase_{self.phase:04d}"
+        with atomic_dir(directory) as staging:
+            save_model_dir(self.policy.bridge, staging, meta=meta)
+        return directory
+
     def maybe_checkpoint(self, out: Path | None) -> bool:
         """Write the checkpoint if ``checkpoint_every`` says this phase should have one; returns whether it did."""
         every = self.config.checkpoint_every
@@ -604,6 +620,7 @@ class PolicyTrainer(ABC):
                 progress.update(task, advance=1, reward=record.metrics["reward/mean"], kl=record.metrics["objective/kl"])
                 self.log_phase(record, out, run)
                 self.elapsed_seconds = elapsed_before + time.time() - start
+                self.maybe_snapshot(out)
                 if self.maybe_checkpoint(out):
                     saved_phase = self.phase
         interrupted = self.phase < last_phase  # only Ctrl-C (stop.requested) ends the loop early

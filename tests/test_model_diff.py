@@ -195,3 +195,37 @@ def test_diff_cli_says_when_the_policy_directory_is_missing(tiny_model_dir, tmp_
     assert code == 1
     assert f"No such model directory: {tmp_path / 'nope' / 'checkpoint'} (given as --policy" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_snapshots_and_the_timeline_of_a_run(tiny_model_dir, tmp_path):
+    """Snapshots hold the policy of their phase; each timeline row equals `diff` of that snapshot alone (same texts)."""
+    from safetensors.torch import load_file
+
+    from rlhf_scratch.model_diff_report import DiffConfig, run_diff
+    from rlhf_scratch.model_diff_timeline import run_timeline, timeline_models
+    from rlhf_scratch.reinforce import REINFORCEConfig, REINFORCETrainer
+    from rlhf_scratch.sampling import SamplingConfig
+
+    run = tmp_path / "run"
+    config = REINFORCEConfig(model=str(tiny_model_dir), reward="chars:e", prompt="The", phases=3, warmup_phases=0,
+                             batch_size=4, lr=1e-2, sampling=SamplingConfig(max_new_tokens=4), table_rows=1, out=run,
+                             snapshot_every=2)
+    REINFORCETrainer(config).train()
+    assert [phase for phase, _ in timeline_models(run)] == [2, 3]  # snapshot at 2, then the final checkpoint (3)
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["phase_0002"]
+    final_weights = load_file(run / "checkpoint" / "model.safetensors")
+    snapshot_weights = load_file(run / "snapshots" / "phase_0002" / "model.safetensors")
+    assert any(not torch.equal(snapshot_weights[k], final_weights[k]) for k in final_weights)  # phase 3 moved on
+
+    shared = dict(reference=str(tiny_model_dir), from_samples=False, n_texts=4, max_tokens=12, top_k=3)
+    summary = run_timeline(DiffConfig(timeline=run, out=tmp_path / "timeline", **shared))
+    alone = run_diff(DiffConfig(policy=str(run / "snapshots" / "phase_0002"), out=tmp_path / "alone", **shared))
+    row = summary["rows"][0]
+    assert [r["rel_norm"] for r in row["residual"]] == pytest.approx([r["rel_norm"] for r in alone["residual"]])
+    assert row["logprob_rose"][0]["token_id"] == alone["logprob_rose"][0]["token_id"]
+    head = [r["rel_change"] for r in alone["weights"] if r["layer"] == 0 and r["head"] == 0]  # W_Q, W_K, W_V, W_O
+    assert len(head) == 4 and row["heads"]["L0.H0"] == pytest.approx(sum(head) / 4) and row["heads"]["L0.H0"] > 0
+    for name in ("timeline.md", "timeline_residual.png", "timeline_heads.png", "timeline.json"):
+        assert (tmp_path / "timeline" / name).is_file()
+    with pytest.raises(FileNotFoundError, match="--snapshot-every"):
+        timeline_models(tmp_path / "alone")
