@@ -245,8 +245,10 @@ def test_pairs_rm_score_commands_end_to_end(tiny_model_dir, tmp_path):
 
 
 def test_commands_report_bad_input(tmp_path, capsys):
-    assert main(["score", "--reward", f"rm:{tmp_path}", "--pairs", str(tmp_path / "missing.jsonl")]) == 1
+    assert main(["score", "--reward", "vader", "--pairs", str(tmp_path / "missing.jsonl")]) == 1
     assert "No such file" in capsys.readouterr().err
+    assert main(["score", "--reward", f"rm:{tmp_path}", "--pairs", str(tmp_path / "missing.jsonl")]) == 1
+    assert f"{tmp_path} holds no reward model" in capsys.readouterr().err  # checked first, before anything loads
     # tyro rejects bad flags (a loss that is not bt|margin|dist, a config check) with exit code 2
     for args, message in ((["--loss", "hinge"], "invalid choice 'hinge'"),
                           (["--heldout-fraction", "1"], "heldout_fraction must be in [0, 1)")):
