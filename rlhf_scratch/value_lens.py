@@ -50,6 +50,7 @@ from rlhf_scratch.models import (
     BUILTIN_NAMES,
     CHECKPOINT_META_FILE,
     VALUE_HEAD_FILE,
+    complete_checkpoint_dir,
     load_bridge,
     load_policy,
     read_checkpoint_meta,
@@ -191,7 +192,7 @@ def check_ppo_checkpoint(checkpoint: str) -> Path:
     if checkpoint in BUILTIN_NAMES:
         raise ValueError(f"--checkpoint {checkpoint} is the built-in base model, which has no value head: inspect needs "
                          "a PPO checkpoint, e.g. runs/ppo/checkpoint after `rlhf-scratch ppo --out runs/ppo`.")
-    path = Path(checkpoint).expanduser()
+    path = complete_checkpoint_dir(checkpoint)  # a run's --out folder stands for its checkpoint/
     if not path.is_dir():
         raise FileNotFoundError(
             f"--checkpoint {checkpoint}: no such directory. Pass the checkpoint/ folder of a PPO run "

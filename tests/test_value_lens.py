@@ -113,7 +113,7 @@ def test_inspect_says_it_needs_a_ppo_checkpoint(tiny_bridge, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a reinforce checkpoint" in err and "inspect needs a PPO checkpoint" in err
     assert main(["inspect", "--checkpoint", str(tmp_path / "missing"), "--prompt", "The acting"]) == 1
-    assert "no such directory" in capsys.readouterr().err
+    assert f"No such model directory: {tmp_path / 'missing'} (given as --checkpoint" in capsys.readouterr().err
     assert main(["inspect", "--checkpoint", "builtin"]) == 1
     assert "built-in base model, which has no value head" in capsys.readouterr().err
 
