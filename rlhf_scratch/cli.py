@@ -25,6 +25,7 @@ from rlhf_scratch.checkpoint import find_checkpoint
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
 from rlhf_scratch.data import FILE_EXTENSIONS, HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, prompts_from_texts
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
+from rlhf_scratch.entry import INTERRUPTED_EXIT
 from rlhf_scratch.group_baselines import GRPOConfig, RLOOConfig, run_grpo, run_rloo
 from rlhf_scratch.interrupts import TrainingInterrupted
 from rlhf_scratch.model_diff_report import DiffConfig
@@ -46,8 +47,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, ModelLoadError, GenerationStackErr
 """Bad input (paths, model names, rewards, prompts, damaged files), a library stack that samples wrongly, or a
 run that diverged: each message says what to do, so the CLI prints it instead of a traceback."""
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
-INTERRUPTED_EXIT = 130
-"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
 
 
 @dataclass

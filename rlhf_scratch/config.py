@@ -7,11 +7,20 @@ rejects bad values with a message that says how to fix them.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from rlhf_scratch.sampling import SamplingConfig
+
+
+def finite_float_checks(config) -> list[tuple[bool, str]]:
+    """One check per float field of a config dataclass: finite. NaN passes every ``x >= 0`` check and inf most
+    (``--kl-coef inf`` used to fail only after loading the model, as a NaN loss)."""
+    return [(math.isfinite(value), f"{f.name} must be a finite number, got {value}.")
+            for f in dataclasses.fields(config) if isinstance(value := getattr(config, f.name), float)]
 
 
 @dataclass
@@ -45,6 +54,7 @@ class TaskConfig:
     def _checks(self) -> list[tuple[bool, str]]:
         """(condition, message saying how to fix it) pairs; subclasses add their own."""
         return [
+            *finite_float_checks(self),
             (1 <= self.min_prompt_tokens <= self.max_prompt_tokens,
              f"need 1 <= min_prompt_tokens <= max_prompt_tokens, got {self.min_prompt_tokens}, {self.max_prompt_tokens}."),
             (self.prompt is None or self.prompt != "", "--prompt must not be empty; omit it to use --data."),

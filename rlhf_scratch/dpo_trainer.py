@@ -43,7 +43,14 @@ from rlhf_scratch.evaluation import (
 from rlhf_scratch.models import bridge_parameters, load_bridge, make_reference, save_model_dir
 from rlhf_scratch.optimization import check_finite, clipped_step
 from rlhf_scratch.outputs import append_jsonl, atomic_dir, write_json
-from rlhf_scratch.preferences import PreferencePair, drop_duplicate_pairs, duplicates_note, load_pairs, split_heldout
+from rlhf_scratch.preferences import (
+    PreferencePair,
+    drop_duplicate_pairs,
+    drop_pairs_without_preference,
+    duplicates_note,
+    load_pairs,
+    split_heldout,
+)
 from rlhf_scratch.rewards import make_reward
 from rlhf_scratch.sampling import padding_id
 from rlhf_scratch.schedule import warmup_decay_lambda
@@ -169,6 +176,9 @@ class DPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         # Pairs first: a bad pair file fails before the slower model load.
         self.pairs = list(pairs) if pairs is not None else load_preference_pairs(config)
+        self.pairs, no_preference = drop_pairs_without_preference(self.pairs, config.pairs if pairs is None else "the given pairs")
+        if no_preference:
+            Console().print(f"[bold yellow]dpo:[/] {no_preference}")
         # A copy of a pair on each side of the held-out split would make held-out accuracy measure memory.
         self.pairs, self.n_duplicates = drop_duplicate_pairs(self.pairs)
         if self.n_duplicates:

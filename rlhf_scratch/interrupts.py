@@ -24,7 +24,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 class StopRequest:
     """``with StopRequest(console) as stop: ... if stop.requested: ...``: the first SIGINT sets ``requested``
     (and prints what will happen); a second one raises KeyboardInterrupt. Outside the main thread, where
-    Python cannot install signal handlers, it does nothing (Ctrl-C behaves as usual)."""
+    Python cannot install signal handlers, and where SIGINT is ignored, it does nothing."""
 
     def __init__(self, console=None, what: str = "the current phase"):
         self.console, self.what = console, what
@@ -40,7 +40,8 @@ class StopRequest:
                                "(press Ctrl-C again to stop at once, losing the work since the last checkpoint).[/]")
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
+        # A process started to ignore Ctrl-C (`nohup`, a background job) keeps ignoring it.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

@@ -83,6 +83,10 @@ def check_model_source(source: str | os.PathLike, flag: str = "--model") -> None
     """Fail before anything loads when ``source`` names a local directory that does not exist (ModelLoadError).
     ``"builtin"``, existing directories and hub names pass (a hub name is checked when it loads)."""
     source = str(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        raise ModelLoadError(f"{flag} {source} is a file; pass the folder that holds it ({path.parent}): a model is a "
+                             "directory with config.json, the weights and the tokenizer files.")
     if source in BUILTIN_NAMES or complete_checkpoint_dir(source).exists():
         return
     if looks_like_path(source):
@@ -125,6 +129,7 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
         from rlhf_scratch.pretrain import ensure_builtin_model
 
         source = str(ensure_builtin_model())
+    check_model_source(source)
     path = complete_checkpoint_dir(source)
     if path.exists():
         if not (path / "config.json").is_file():
@@ -138,14 +143,13 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
         except (OSError, ValueError, KeyError, SafetensorError) as error:
             raise ModelLoadError(corrupted_model_message(path, error)) from error
     else:
-        check_model_source(source)
         # Without this check an unreachable hub costs ~25 s of retries before failing.
         offline_var = data.hub_offline_var()
         if offline_var or not data.hub_is_reachable():
             reason = f"{offline_var} is set" if offline_var else "the hub is unreachable from this machine"
             raise ModelLoadError(
-                f"No local directory {source!r} exists, and it cannot be loaded from the Hugging Face hub by that name: "
-                f"{reason}. "
+                f"No such model directory: {source} (resolved to {Path(source).expanduser().resolve()}); check the path. "
+                f"If you meant the Hugging Face hub model {source!r}, it cannot be loaded here: {reason}. "
                 "On a machine with network, download it once "
                 f"(`huggingface-cli download {source} --local-dir DIR`, or "
                 "`AutoModelForCausalLM.from_pretrained(name).save_pretrained(DIR)` plus the "

@@ -601,6 +601,11 @@ class PolicyTrainer(ABC):
         last_phase = config.phases if stop_after is None else min(stop_after, config.phases)
         if last_phase < 1:
             raise ValueError(f"stop_after must be >= 1, got {stop_after}.")
+        if self.history and self.phase >= config.phases:  # e.g. --resume of a finished run: nothing to do, say so
+            console.print(f"{self.title}: this run is already complete ({self.phase} of {config.phases} phases); nothing "
+                          f"was trained. To train further, start a new run from its weights: rlhf-scratch {self.kind} "
+                          f"--model {config.out or 'RUN'}/checkpoint --out NEW_DIR.")
+            return self.summary()
         out = self.open_outputs()
         run = start_wandb(config) if config.wandb else None
         if self.table_prompts is None:
@@ -643,22 +648,26 @@ class PolicyTrainer(ABC):
         return (f"{stopped}; checkpoint saved in {out / 'checkpoint'}. Continue with: "
                 f"rlhf-scratch {self.kind} --resume {out}")
 
-    def finish(self, console, out: Path | None, run, before: tuple[Generation, list[float]]) -> dict:
-        """The before/after sample table, the summary (written with the plots), and the closing line."""
-        config, history = self.config, self.history
-        after = self.sample_table(self.policy.bridge, self.table_prompts, seed=config.seed + 1)
-        print_before_after(console, *before, *after, self.reward)
-        last = history[-5:]
-        summary = {
+    def summary(self) -> dict:
+        """summary.json: the first phase's reward, the reward and KL over the last 5 phases, phases, episodes, seconds."""
+        history, last = self.history, self.history[-5:]
+        return {
             "reward_first": history[0]["reward/mean"],
             "reward_last": sum(m["reward/mean"] for m in last) / len(last),
             "kl_last": sum(m["objective/kl"] for m in last) / len(last),
             "phases": len(history),
-            "episodes": len(history) * config.batch_size,
+            "episodes": len(history) * self.config.batch_size,
             "seconds": self.elapsed_seconds,
         }
+
+    def finish(self, console, out: Path | None, run, before: tuple[Generation, list[float]]) -> dict:
+        """The before/after sample table, the summary (written with the plots), and the closing line."""
+        config = self.config
+        after = self.sample_table(self.policy.bridge, self.table_prompts, seed=config.seed + 1)
+        print_before_after(console, *before, *after, self.reward)
+        summary = self.summary()
         if out is not None:
-            plot_curves(history, out)
+            plot_curves(self.history, out)
             write_json(out / "summary.json", summary)
             console.print(f"outputs in {out} (checkpoint: {out / 'checkpoint'})")
         if run is not None:
@@ -666,7 +675,8 @@ class PolicyTrainer(ABC):
             run.finish()
         stopped = f", stopped after phase {self.phase} of {config.phases}" if self.phase < config.phases else ""
         console.print(
-            f"{self.title}: reward {summary['reward_first']:+.3f} → {summary['reward_last']:+.3f} (mean of last {len(last)} phases), "
+            f"{self.title}: reward {summary['reward_first']:+.3f} → {summary['reward_last']:+.3f} "
+            f"(mean of last {min(len(self.history), 5)} phases), "
             f"KL {summary['kl_last']:.3f} nats, {summary['episodes']} episodes in {summary['seconds']:.0f} s{stopped}"
         )
         return summary

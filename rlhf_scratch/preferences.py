@@ -298,6 +298,23 @@ def duplicates_note(n_dropped: int, n_pairs: int, source) -> str:
             f"earlier row) of {n_pairs} in {source}: each pair is trained on or held out once; {n_pairs - n_dropped} remain.")
 
 
+def drop_pairs_without_preference(pairs: list[PreferencePair], source) -> tuple[list[PreferencePair], str | None]:
+    """``(the pairs whose chosen and rejected texts differ, a note saying how many were dropped or None)``.
+
+    A pair whose two responses are the same text (after stripping whitespace) states no preference: every
+    reward model scores both alike, so it can only be "wrong" on it, and DPO's loss on it is a constant.
+    Some public preference sets contain such rows. If no pair is left, PairDataError.
+    """
+    kept = [pair for pair in pairs if pair.chosen.strip() != pair.rejected.strip()]
+    dropped = len(pairs) - len(kept)
+    if pairs and not kept:
+        raise PairDataError(f"Every pair in {source} has the same text as chosen and as rejected, so none states a "
+                            "preference. Check how the file was built (the columns may be swapped or duplicated).")
+    note = (f"dropped {dropped} pair{'s' if dropped != 1 else ''} of {len(pairs)} in {source} whose chosen and rejected "
+            f"are the same text (no preference); {len(kept)} remain{'s' if len(kept) == 1 else ''}.") if dropped else None
+    return kept, note
+
+
 def split_heldout(pairs: list[PreferencePair], heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """``(train, heldout)`` pair indices (sorted), about ``heldout_fraction`` of the pairs held out, split by prompt.
 

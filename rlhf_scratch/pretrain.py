@@ -37,6 +37,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from rlhf_scratch.config import finite_float_checks
 from rlhf_scratch.corpus import english_word_share, generate_reviews
 from rlhf_scratch.data import load_texts
 from rlhf_scratch.models import load_bridge
@@ -101,6 +102,9 @@ class PretrainConfig:
     """Where the built-in model is cached (default: $RLHF_SCRATCH_CACHE or the user cache dir)."""
 
     def __post_init__(self):
+        for ok, message in finite_float_checks(self):
+            if not ok:
+                raise ValueError(message)
         if self.data is not None and Path(self.data).is_dir():
             raise ValueError(f"--data {self.data} is a directory; give a .txt, .jsonl or .csv file of texts.")
         if self.data is not None and not Path(self.data).is_file():

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
+from rlhf_scratch.config import finite_float_checks
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.optimization import clipped_step
 from rlhf_scratch.outputs import append_jsonl, write_json
@@ -28,6 +29,7 @@ from rlhf_scratch.preferences import (
     PairDataError,
     PreferencePair,
     drop_duplicate_pairs,
+    drop_pairs_without_preference,
     duplicates_note,
     load_pairs,
     split_heldout,
@@ -85,6 +87,7 @@ class RewardModelConfig:
 
     def __post_init__(self):
         checks = [
+            *finite_float_checks(self),
             (self.loss in LOSS_HEAD, f"loss must be one of {tuple(LOSS_HEAD)}, got {self.loss!r}."),
             (self.num_ratings >= 2, f"num_ratings must be >= 2, got {self.num_ratings}."),
             (self.alpha > 0 and math.isfinite(self.alpha), f"alpha must be a positive number, got {self.alpha}."),
@@ -150,7 +153,10 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
     console = Console()
     start = time.time()
     torch.manual_seed(config.seed)
-    pairs, n_duplicates = drop_duplicate_pairs(load_pairs(config.pairs, limit=config.limit))
+    pairs, no_preference = drop_pairs_without_preference(load_pairs(config.pairs, limit=config.limit), config.pairs)
+    if no_preference:
+        console.print(f"[bold yellow]rm:[/] {no_preference}")
+    pairs, n_duplicates = drop_duplicate_pairs(pairs)
     if n_duplicates:
         console.print(f"[bold yellow]rm:[/] {duplicates_note(n_duplicates, len(pairs) + n_duplicates, config.pairs)}")
     if config.loss == "margin":

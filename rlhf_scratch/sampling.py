@@ -51,9 +51,9 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-        if not self.temperature > 0:
+        if not 0 < self.temperature < float("inf"):
             raise ValueError(
-                f"temperature must be > 0, got {self.temperature}. For greedy decoding use a "
+                f"temperature must be a finite number > 0, got {self.temperature}. For greedy decoding use a "
                 "small temperature such as 1e-3 or top_k=1."
             )
         if self.top_k is not None and self.top_k < 1:

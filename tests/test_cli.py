@@ -277,3 +277,32 @@ def test_threads_flag_sets_torch_threads_and_a_busy_machine_gets_a_note(tiny_mod
     assert "this machine is busy (load 8.0" in capsys.readouterr().err and calls == [1]
     with pytest.raises(SystemExit, match="--threads takes a positive whole number"):
         main([*sample_args(tiny_model_dir, tmp_path / "c"), "--threads", "0"])
+
+
+def test_ctrl_c_while_the_console_script_is_still_importing_prints_one_line(monkeypatch, capsys):
+    import sys
+
+    from rlhf_scratch import entry
+
+    class InterruptedImport:  # Ctrl-C lands inside `import torch`, seconds into start-up on a busy machine
+        def find_spec(self, name, path=None, target=None):
+            if name == "rlhf_scratch.cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "rlhf_scratch.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    assert entry.main() == 130
+    assert capsys.readouterr().err == "rlhf-scratch: interrupted (Ctrl-C) while starting; nothing was written.\n"
+
+
+def test_help_into_a_closed_pipe_ends_without_a_traceback():
+    import subprocess
+    import sys
+
+    # `rlhf-scratch ppo --help | head -1`: the reader is gone before the help is written.
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from rlhf_scratch.entry import main; "
+                              "sys.argv = ['rlhf-scratch', 'ppo', '--help']; raise SystemExit(main())"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    _, err = child.communicate(timeout=300)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err

@@ -236,3 +236,11 @@ def test_a_truncated_value_head_is_named_in_the_message(tiny_model_dir, tmp_path
     (directory / VALUE_HEAD_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match=f"{VALUE_HEAD_FILE} in it is missing, truncated"):
         load_policy(directory)
+
+
+def test_a_weights_file_or_a_missing_owner_name_path_says_what_to_pass(tiny_model_dir, tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match=f"is a file; pass the folder that holds it \\({tiny_model_dir}\\)"):
+        load_bridge(tiny_model_dir / "model.safetensors")
+    monkeypatch.chdir(tmp_path)  # no runs/ here: "runs/nonexist" could be a hub name, but the local reading comes first
+    with pytest.raises(ModelLoadError, match=r"^No such model directory: runs/nonexist \(resolved to .*check the path"):
+        load_bridge("runs/nonexist")

@@ -244,3 +244,16 @@ def test_split_keeps_copies_of_a_pair_on_one_side_with_a_single_prompt():
         train, heldout = split_heldout(pairs, 0.2, seed=seed)
         assert heldout and sorted(train + heldout) == list(range(20))
         assert {pairs[i] for i in heldout}.isdisjoint({pairs[i] for i in train})
+
+
+def test_pairs_whose_chosen_and_rejected_are_the_same_text_are_dropped_with_a_note():
+    from rlhf_scratch.preferences import PairDataError, drop_pairs_without_preference
+
+    same = PreferencePair(prompt="P", chosen=" same ", rejected="same")
+    good = PreferencePair(prompt="P", chosen=" good", rejected=" bad")
+    kept, note = drop_pairs_without_preference([same, good, same], "p.jsonl")
+    assert kept == [good]
+    assert note == "dropped 2 pairs of 3 in p.jsonl whose chosen and rejected are the same text (no preference); 1 remains."
+    assert drop_pairs_without_preference([good], "p.jsonl") == ([good], None)
+    with pytest.raises(PairDataError, match="none states a preference"):
+        drop_pairs_without_preference([same, same], "p.jsonl")

@@ -388,3 +388,20 @@ def test_eval_every_logs_held_out_metrics_and_leaves_training_unchanged(tiny_mod
     # eval/reward_mean is a mean of the task reward (chars:e, a count) over the 6 held-out responses.
     assert last["eval/reward_mean"] >= 0 and round(6 * last["eval/reward_mean"], 6).is_integer()
     assert (evaluated / "reward.png").is_file()
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_model_dir, prompts_file, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    run = tmp_path / "run"
+    PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=run, phases=2)).train()
+    files = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "samples.jsonl", "summary.json")}
+    output = io.StringIO()
+    summary = PPOTrainer.resume(PPOConfig(resume=run)).train(console=Console(file=output, width=200))
+    assert "already complete (2 of 2 phases); nothing was trained" in output.getvalue()
+    saved = json.loads(files["summary.json"])
+    assert {k: summary[k] for k in ("reward_first", "reward_last", "kl_last", "phases")} == \
+        {k: saved[k] for k in ("reward_first", "reward_last", "kl_last", "phases")}
+    assert {name: (run / name).read_bytes() for name in files} == files  # no row added, nothing rewritten
