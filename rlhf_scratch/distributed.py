@@ -253,7 +253,11 @@ def wrap_ddp(module: torch.nn.Module, trained: list[torch.nn.Parameter]) -> torc
     from torch.nn.parallel import DistributedDataParallel
 
     keep = {id(p) for p in trained}
-    ignored = [name for name, p in module.named_parameters(remove_duplicate=False) if id(p) not in keep]
+    # Every name of every other parameter, by every path: the bridge reaches one module by several paths
+    # (``blocks.0`` and ``transformer.h.0``), and DDP names each module by whichever path it meets first.
+    ignored = sorted({f"{prefix}.{name}" if prefix else name
+                      for prefix, submodule in module.named_modules(remove_duplicate=False)
+                      for name, p in submodule.named_parameters(recurse=False) if id(p) not in keep})
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
     device_ids = [torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)

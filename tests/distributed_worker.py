@@ -152,7 +152,44 @@ def scenario_fail(model_dir, prompts, out: Path, rank: int) -> None:
     trainer.sample_and_score()  # rank 0 now waits for rank 1 in vain: gloo must fail, not hang
 
 
-SCENARIOS = {"learn": scenario_learn, "resume": scenario_resume, "fail": scenario_fail}
+def write_pair_file(path: Path, texts: list[str]) -> Path:
+    """16 preference pairs with distinct prompts, from the test texts."""
+    from rlhf_scratch.preferences import PreferencePair, write_pairs
+
+    texts = list(dict.fromkeys(texts))
+    pairs = [PreferencePair(f"Review {i}:", " " + texts[i % len(texts)], " " + texts[(i + 2) % len(texts)],
+                            margin=float(i % 3)) for i in range(16)]
+    return write_pairs(path, pairs)
+
+
+def dpo_config(model_dir, pairs):
+    from rlhf_scratch.dpo_trainer import DPOConfig
+
+    return DPOConfig(model=str(model_dir), pairs=pairs, reward=None, epochs=2, batch_size=4, lr=1e-3, warmup_steps=1,
+                     heldout_fraction=0.0)
+
+
+def rm_config(model_dir, pairs):
+    from rlhf_scratch.reward_model_training import RewardModelConfig
+
+    return RewardModelConfig(pairs=pairs, model=str(model_dir), loss="margin", epochs=2, batch_size=4, lr=1e-3,
+                             heldout_fraction=0.0, out=None)
+
+
+def scenario_pairs(model_dir, prompts, out: Path, rank: int) -> None:
+    """DPO and a reward model trained on 2 ranks (the test trains them in one process)."""
+    from rlhf_scratch.dpo_trainer import DPOTrainer
+    from rlhf_scratch.reward_model_training import fit_reward_model
+
+    pairs = Path(prompts).with_name("pairs.jsonl")  # the test wrote it
+    trainer = DPOTrainer(dpo_config(model_dir, pairs), bridge=load_bridge(model_dir))
+    trainer.train()
+    model, _ = fit_reward_model(rm_config(model_dir, pairs))
+    torch.save({"dpo": params(trainer.bridge), "dpo_history": trainer.history, "rm": params(model),
+                "rm_history": model.history}, out / f"rank{rank}.pt")
+
+
+SCENARIOS = {"pairs": scenario_pairs, "learn": scenario_learn, "resume": scenario_resume, "fail": scenario_fail}
 
 
 def main() -> None:

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TEXTS
-from distributed_worker import build_eos_model, ppo_config, reinforce_config
+from distributed_worker import (
+    build_eos_model,
+    dpo_config,
+    params,
+    ppo_config,
+    reinforce_config,
+    rm_config,
+    write_pair_file,
+)
 
 from rlhf_scratch.models import PolicyWithValueHead, load_bridge
 from rlhf_scratch.objectives import entropy_per_token, generated_logits, masked_mean
@@ -67,6 +75,7 @@ def eos_model(tmp_path_factory) -> tuple[Path, Path]:
     build_eos_model(directory, TINY_TEXTS)
     prompts = directory / "prompts.txt"
     prompts.write_text("\n".join(dict.fromkeys(TINY_TEXTS)) + "\n")
+    write_pair_file(directory / "pairs.jsonl", TINY_TEXTS)  # the pairs scenario's
     return directory, prompts
 
 
@@ -218,3 +227,32 @@ def test_a_failure_on_one_rank_ends_every_rank_naming_it(eos_model, tmp_path_fac
     # Rank 1 then exits abruptly; rank 0, waiting for it in a collective, fails instead of hanging.
     assert results[1].returncode == 3
     assert results[0].returncode != 0
+
+
+def test_dpo_and_reward_model_on_two_ranks_equal_one_process(eos_model, tmp_path_factory):
+    """2 ranks × 2 pairs per step = 1 process × 4 pairs per step: the same weights after 8 steps and the same
+    logged step metrics (DPO), the same weights and epoch losses (reward model, margin loss)."""
+    from rlhf_scratch.dpo_trainer import DPOTrainer
+    from rlhf_scratch.reward_model_training import fit_reward_model
+
+    _, (rank0, rank1) = scenario("pairs", eos_model, tmp_path_factory)
+    model_dir, pairs = eos_model[0], eos_model[0] / "pairs.jsonl"
+    start = params(load_bridge(model_dir))
+    trainer = DPOTrainer(dpo_config(model_dir, pairs), bridge=load_bridge(model_dir))
+    trainer.train()
+    lr = trainer.config.lr
+    one = params(trainer.bridge)
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 0.5 * lr
+    assert max((rank0["dpo"][k] - one[k]).abs().max().item() for k in one) <= 0.01 * lr * trainer.step
+    for key in one:
+        assert torch.equal(rank0["dpo"][key], rank1["dpo"][key]), key
+    for got, expected in zip(rank0["dpo_history"], trainer.history, strict=True):
+        for key, value in expected.items():
+            assert got[key] == (pytest.approx(value, rel=1e-4, abs=1e-6) if isinstance(value, float) else value), key
+
+    model, _ = fit_reward_model(rm_config(model_dir, pairs))
+    rm = params(model)
+    assert max((rank0["rm"][k] - rm[k]).abs().max().item() for k in rm) <= 0.01 * 1e-3 * 8
+    for got, expected in zip(rank0["rm_history"], model.history, strict=True):
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert got["train_accuracy_running"] == expected["train_accuracy_running"]
