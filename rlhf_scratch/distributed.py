@@ -35,6 +35,7 @@ a last resort, and ``torchrun`` ends every worker when one exits or is killed.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import random
 from collections.abc import Iterator
@@ -260,7 +261,11 @@ def wrap_ddp(module: torch.nn.Module, trained: list[torch.nn.Parameter]) -> torc
                       for name, p in submodule.named_parameters(recurse=False) if id(p) not in keep})
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
     device_ids = [torch.cuda.current_device()] if dist.get_backend() == "nccl" else None
-    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    # torch 2.13 renamed broadcast_buffers (deprecated) to forward_sync_buffers; either way, no sync per forward.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(module, device_ids=device_ids, **no_buffer_sync)
 
 
 @contextmanager
