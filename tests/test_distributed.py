@@ -256,3 +256,26 @@ def test_dpo_and_reward_model_on_two_ranks_equal_one_process(eos_model, tmp_path
     for got, expected in zip(rank0["rm_history"], model.history, strict=True):
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
         assert got["train_accuracy_running"] == expected["train_accuracy_running"]
+
+
+def test_torchrun_command_writes_one_run_and_refuses_resume_on_one_process(eos_model, tmp_path):
+    """The documented command form, end to end: torchrun ... -m rlhf_scratch ppo; rank 0 alone writes the run."""
+    model_dir, prompts = eos_model
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    flags = ["--model", str(model_dir), "--data", str(prompts), "--reward", "chars:e", "--phases", "2", "--warmup-phases", "0", "--batch-size", "8",
+             "--minibatch-size", "4", "--max-new-tokens", "6", "--table-rows", "2", "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+                           "--master-port", str(free_port()), "-m", "rlhf_scratch", "ppo", *flags],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert [row["phase"] for row in read_metrics(out)] == [1, 2]
+    assert (out / "checkpoint" / "resume_state.json").is_file() and (out / "summary.json").is_file()
+    assert done.stdout.count("outputs in") == 1  # rank 0 alone prints
+    state = json.loads((out / "checkpoint" / "resume_state.json").read_text())
+    assert state["rng"]["world_size"] == WORLD and len(state["rng"]["ranks"]) == WORLD
+    again = subprocess.run([sys.executable, "-m", "rlhf_scratch", "ppo", "--resume", str(out)],
+                           env={k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK")},
+                           capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert again.returncode == 1
+    assert "written by a run on 2 process(es) and this one has 1" in again.stderr
