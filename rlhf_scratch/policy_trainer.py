@@ -284,6 +284,7 @@ class PolicyTrainer(ABC):
         reference (``reference`` if given) and checks it is the one the run started with (weights
         fingerprint), then restores the optimiser, schedule, KL controller, RNGs and history.
         """
+        distributed.init_from_env(config.device)  # the world size decides whether the checkpoint fits
         checkpoint = find_checkpoint(config.resume)
         state = read_resume_state(checkpoint)
         if state["kind"] != cls.kind:

@@ -26,7 +26,7 @@ from rlhf_scratch.sampling import SamplingConfig  # noqa: E402
 
 PPO_FIELDS = dict(reward="chars:e", batch_size=8, minibatch_size=4, ppo_epochs=2, warmup_phases=0, lr=1e-3, head_lr=1e-2,
                   normalize_rewards=True, adaptive_kl=True, kl_horizon=100, sampling=SamplingConfig(max_new_tokens=8),
-                  table_rows=2, phases=3)
+                  table_rows=2, phases=3, debug=True, debug_max_approx_kl=100.0)
 REINFORCE_FIELDS = dict(reward="chars:e", batch_size=8, minibatch_size=8, warmup_phases=0, lr=1e-3, kl_coef=0.1,
                         sampling=SamplingConfig(max_new_tokens=8), table_rows=2, phases=3)
 
