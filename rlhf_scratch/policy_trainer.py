@@ -154,8 +154,10 @@ def concat_rollouts(pieces: list[dict], pad_id: int) -> dict:
     joined: dict = {"prompt_len": P}
     for name in pieces[0]:
         values = [piece[name] for piece in pieces]
-        if name == "prompt_len" or values[0] is None:
-            joined.setdefault(name, None if values[0] is None else P)
+        if name == "prompt_len":
+            continue
+        if values[0] is None:  # a field that does not travel (the reference logits, unless kept)
+            joined[name] = None
         elif isinstance(values[0], list):
             joined[name] = [item for value in values for item in value]
         elif name in ("sequences", "attention_mask"):

@@ -279,3 +279,24 @@ def test_torchrun_command_writes_one_run_and_refuses_resume_on_one_process(eos_m
                            capture_output=True, text=True, timeout=TIMEOUT_S)
     assert again.returncode == 1
     assert "written by a run on 2 process(es) and this one has 1" in again.stderr
+
+
+def test_concat_rollouts_repads_prompts_left_and_responses_right():
+    """Rank batches with different prompt (P) and generated (G) lengths join into one batch of max P, max G."""
+    from rlhf_scratch.policy_trainer import concat_rollouts
+
+    def piece(P, G, token):
+        rows = 2
+        return {"prompt_len": P, "sequences": torch.full((rows, P + G), token), "attention_mask": torch.ones(rows, P + G, dtype=torch.long),
+                "gen_mask": torch.ones(rows, G, dtype=torch.bool), "logprobs": torch.full((rows, G), -1.0),
+                "rewards": torch.full((rows,), float(token)), "ref_logits_gen": None, "texts": [f"{token}"] * rows}
+
+    joined = concat_rollouts([piece(2, 3, 7), piece(4, 1, 9)], pad_id=0)
+    assert joined["prompt_len"] == 4 and joined["sequences"].shape == (4, 7)
+    assert joined["sequences"][0].tolist() == [0, 0, 7, 7, 7, 7, 7]  # 2 prompt tokens left-padded to 4, G 3
+    assert joined["sequences"][2].tolist() == [9, 9, 9, 9, 9, 0, 0]  # G 1 right-padded to 3
+    assert joined["attention_mask"][0].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    assert joined["gen_mask"][2].tolist() == [True, False, False]
+    assert joined["logprobs"][2].tolist() == [-1.0, 0.0, 0.0]
+    assert joined["rewards"].tolist() == [7.0, 7.0, 9.0, 9.0] and joined["texts"] == ["7", "7", "9", "9"]
+    assert joined["ref_logits_gen"] is None
