@@ -127,6 +127,7 @@ def main(argv=None) -> dict:
     info = pt.machine_info(args)
     info["torch_threads"] = 1
     results = {"machine": info, "models": {}}
+    busy_start, own_start, wall_start = *pt.cpu_seconds(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for model in args.models.split(","):
@@ -147,6 +148,14 @@ def main(argv=None) -> dict:
             print(f"  parallel efficiency (W=2 vs 2 × W=1): {efficiency:.2f}; bf16 / fp32 episodes/s: {bf16_speed:.2f}")
             results["models"][model] = {"parameters": built["parameters"], "spec": pt.asdict(spec), "setups": rows,
                                         "parallel_efficiency": efficiency, "bf16_speedup": bf16_speed}
+    # On a shared machine, how much of it other processes took while this ran (their CPU seconds).
+    busy_end, own_end = pt.cpu_seconds()
+    wall = time.perf_counter() - wall_start
+    others = (busy_end - busy_start) - (own_end - own_start)
+    results["load"] = {"wall_seconds": wall, "cpu_seconds_available": wall * (os.cpu_count() or 1),
+                       "cpu_seconds_of_other_processes": others}
+    print(f"wall {wall:.0f} s; other processes used {others:.0f} of the {wall * (os.cpu_count() or 1):.0f} CPU-seconds "
+          "this machine had meanwhile")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -126,7 +126,8 @@ def check_divisible(n: int, what: str, flag: str) -> None:
 
 
 def rank_slice(n: int) -> slice:
-    """The rows ``[r·n/W, (r+1)·n/W)`` of ``n`` global rows that rank r handles (``n`` divisible by W)."""
+    """The rows ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)`` of ``n`` global rows that rank r handles (sizes differ by at most 1
+    when W does not divide n, e.g. an epoch's last, smaller batch)."""
     W, r = world_size(), rank()
     return slice(r * n // W, (r + 1) * n // W)
 

@@ -262,8 +262,8 @@ class DPOTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         indices = [int(i) for i in indices]
         # Data-parallel: this rank's slice of the batch (nearly equal slices); its loss is its share of the batch mean.
-        W, r = distributed.world_size(), distributed.rank()
-        local = indices[r * len(indices) // W : (r + 1) * len(indices) // W]
+        W = distributed.world_size()
+        local = indices[distributed.rank_slice(len(indices))]
         with distributed.shared_failures(f"DPO step {self.step + 1}"):
             out, chosen, rejected = self.compute_loss(local)
             check_finite("DPO loss", out.loss, NONFINITE_HINT)

@@ -142,7 +142,7 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
 
     distributed.init_from_env(config.device)
     main = distributed.is_main()  # data-parallel: only rank 0 prints and writes
-    W, rank = distributed.world_size(), distributed.rank()
+    W = distributed.world_size()
     device = distributed.rank_device(config.device)
     console = Console(quiet=not main)
     start = time.time()
@@ -197,7 +197,7 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
             for i in range(0, len(order), config.batch_size):
                 batch = [train[j] for j in order[i : i + config.batch_size]]
                 # Data-parallel: this rank's slice of the batch; its loss is its share of the batch mean.
-                local = batch[rank * len(batch) // W : (rank + 1) * len(batch) // W]
+                local = batch[distributed.rank_slice(len(batch))]
                 with distributed.shared_failures(f"reward model, epoch {epoch}, step {i // config.batch_size + 1}"):
                     loss, r_w, r_l = pair_loss(model, local, config.loss, config.alpha, forward=learner)
                     if not torch.isfinite(loss):
