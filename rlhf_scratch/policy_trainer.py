@@ -618,7 +618,8 @@ class PolicyTrainer(ABC):
         if self.config.debug:
             tokenizer = self.policy.tokenizer
             eos = tokenizer.eos_token_id if self.config.sampling.stop_at_eos else None
-            invariants.check_memory(memory, eos_id=eos, pad_id=padding_id(tokenizer), where=f"phase {self.phase + 1}")
+            with distributed.shared_failures(f"phase {self.phase + 1}, --debug checks of the memory"):
+                invariants.check_memory(memory, eos_id=eos, pad_id=padding_id(tokenizer), where=f"phase {self.phase + 1}")
         breakdown = []
         for index, minibatch in enumerate(minibatches if minibatches is not None else self.minibatches(memory)):
             breakdown.append(self.learning_step(index, minibatch))

@@ -79,7 +79,8 @@ def one_phase(trainer, rank: int) -> dict:
 
 def scenario_learn(model_dir, prompts, out: Path, rank: int) -> None:
     """PPO (with and without gradient accumulation) and REINFORCE: one phase each from the same start;
-    then 2 more PPO phases (parameters must stay bit-identical across ranks)."""
+    then 2 more PPO phases (parameters must stay bit-identical across ranks). Then resume, DPO and the
+    reward model (one launch: starting processes is the slow part)."""
     bridge = load_bridge(model_dir)
     result = {}
     ppo = PPOTrainer(ppo_config(model_dir, prompts), policy=PolicyWithValueHead(bridge), reference=bridge)
@@ -96,21 +97,26 @@ def scenario_learn(model_dir, prompts, out: Path, rank: int) -> None:
     result["ddp_parameters"] = [name for name, _ in ppo.learner.module.named_parameters()
                                 if name not in ppo.learner.parameters_to_ignore]
     torch.save(result, out / f"rank{rank}.pt")
+    scenario_resume(model_dir, prompts, out, rank)
+    scenario_pairs(model_dir, prompts, out, rank)
 
 
 def scenario_resume(model_dir, prompts, out: Path, rank: int) -> None:
-    """An uninterrupted 3-phase run, and one stopped after phase 2 and resumed from its checkpoint."""
+    """An uninterrupted 2-phase run, and one stopped after phase 1 and resumed from its checkpoint."""
     torch.manual_seed(0)  # the same new value head in both runs
     bridge = load_bridge(model_dir)
-    full = PPOTrainer(ppo_config(model_dir, prompts, out=out / "full"), policy=PolicyWithValueHead(bridge), reference=bridge)
+    full = PPOTrainer(ppo_config(model_dir, prompts, out=out / "full", phases=2), policy=PolicyWithValueHead(bridge),
+                      reference=bridge)
     full.train()
     torch.manual_seed(0)
     fresh = load_bridge(model_dir)
-    first = PPOTrainer(ppo_config(model_dir, prompts, out=out / "stopped"), policy=PolicyWithValueHead(fresh), reference=fresh)
-    first.train(stop_after=2)
-    resumed = PPOTrainer.resume(ppo_config(model_dir, prompts, resume=out / "stopped"), reference=load_bridge(model_dir))
+    first = PPOTrainer(ppo_config(model_dir, prompts, out=out / "stopped", phases=2), policy=PolicyWithValueHead(fresh),
+                       reference=fresh)
+    first.train(stop_after=1)
+    resumed = PPOTrainer.resume(ppo_config(model_dir, prompts, resume=out / "stopped", phases=2),
+                                reference=load_bridge(model_dir))
     resumed.train()
-    torch.save({"full": params(full.policy), "resumed": params(resumed.policy)}, out / f"rank{rank}.pt")
+    torch.save({"full": params(full.policy), "resumed": params(resumed.policy)}, out / f"resume{rank}.pt")
 
 
 class FailingReward:
@@ -131,14 +137,14 @@ def scenario_fail(model_dir, prompts, out: Path, rank: int) -> None:
     rank must raise RankFailedError naming rank 1 (and nothing may hang)."""
     bridge = load_bridge(model_dir)
     messages = {}
-    trainer = PPOTrainer(ppo_config(model_dir, prompts), policy=PolicyWithValueHead(bridge), reference=bridge,
+    trainer = PPOTrainer(ppo_config(model_dir, prompts, debug=False), policy=PolicyWithValueHead(bridge), reference=bridge,
                          reward=FailingReward(failing_rank=1))
     try:
         trainer.sample_and_score()
     except distributed.RankFailedError as error:
         messages["reward"] = str(error)
     fresh = load_bridge(model_dir)
-    trainer = PPOTrainer(ppo_config(model_dir, prompts), policy=PolicyWithValueHead(fresh), reference=fresh)
+    trainer = PPOTrainer(ppo_config(model_dir, prompts, debug=False), policy=PolicyWithValueHead(fresh), reference=fresh)
     memory, _ = trainer.build_memory(trainer.sample_and_score())
     if rank == 1:
         memory.returns[memory.gen_mask] = float("inf")
@@ -186,10 +192,10 @@ def scenario_pairs(model_dir, prompts, out: Path, rank: int) -> None:
     trainer.train()
     model, _ = fit_reward_model(rm_config(model_dir, pairs))
     torch.save({"dpo": params(trainer.bridge), "dpo_history": trainer.history, "rm": params(model),
-                "rm_history": model.history}, out / f"rank{rank}.pt")
+                "rm_history": model.history}, out / f"pairs{rank}.pt")
 
 
-SCENARIOS = {"pairs": scenario_pairs, "learn": scenario_learn, "resume": scenario_resume, "fail": scenario_fail}
+SCENARIOS = {"learn": scenario_learn, "fail": scenario_fail}
 
 
 def main() -> None:

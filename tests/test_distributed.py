@@ -79,17 +79,26 @@ def eos_model(tmp_path_factory) -> tuple[Path, Path]:
     return directory, prompts
 
 
-def scenario(name: str, eos_model, tmp_path_factory) -> tuple[Path, list[dict]]:
-    out = tmp_path_factory.mktemp(name)
-    results = run_ranks(name, *eos_model, out)
+def load_ranks(out: Path, stem: str, results: list[subprocess.CompletedProcess]) -> list[dict]:
+    """Every rank's ``{stem}{rank}.pt``; a missing one fails with that rank's output."""
     for r, result in enumerate(results):
-        assert result.returncode == 0, f"rank {r} failed:\n{result.stdout[-3000:]}"
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        assert (out / f"{stem}{r}.pt").is_file(), f"rank {r} wrote no {stem}{r}.pt:\n{result.stdout[-4000:]}"
+    return [torch.load(out / f"{stem}{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="session")
-def learned(eos_model, tmp_path_factory):
-    return scenario("learn", eos_model, tmp_path_factory)[1]
+def learn_run(eos_model, tmp_path_factory) -> tuple[Path, list[subprocess.CompletedProcess]]:
+    """The "learn" scenario on 2 ranks, once for every test that reads it."""
+    out = tmp_path_factory.mktemp("learn")
+    results = run_ranks("learn", *eos_model, out)
+    for r, result in enumerate(results):
+        assert result.returncode == 0, f"rank {r} failed:\n{result.stdout[-4000:]}"
+    return out, results
+
+
+@pytest.fixture(scope="session")
+def learned(learn_run):
+    return load_ranks(learn_run[0], "rank", learn_run[1])
 
 
 def one_process_phase(trainer, result: dict, minibatch_size: int, epochs: int) -> tuple[dict, list[dict]]:
@@ -200,10 +209,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_on_two_ranks_continues_exactly_and_refuses_one(eos_model, tmp_path_factory):
-    out, (rank0, rank1) = scenario("resume", eos_model, tmp_path_factory)
+def test_resume_on_two_ranks_continues_exactly_and_refuses_one(eos_model, learn_run):
+    out = learn_run[0]
+    rank0, rank1 = load_ranks(out, "resume", learn_run[1])
     full, resumed = read_metrics(out / "full"), read_metrics(out / "stopped")
-    assert [row["phase"] for row in resumed] == [1, 2, 3]
+    assert [row["phase"] for row in resumed] == [1, 2]
     for a, b in zip(resumed, full):
         for key in b:
             if not key.startswith("time/") and key != "seconds":
@@ -212,13 +222,13 @@ def test_resume_on_two_ranks_continues_exactly_and_refuses_one(eos_model, tmp_pa
         assert torch.equal(rank0["resumed"][key], rank0["full"][key]), key
         assert torch.equal(rank1["resumed"][key], rank0["resumed"][key]), key
     with pytest.raises(ValueError, match="2 process"):
-        PPOTrainer.resume(ppo_config(*eos_model, resume=out / "stopped"), reference=load_bridge(eos_model[0]))
+        PPOTrainer.resume(ppo_config(*eos_model, resume=out / "stopped", phases=2), reference=load_bridge(eos_model[0]))
 
 
 def test_a_failure_on_one_rank_ends_every_rank_naming_it(eos_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("fail")
     results = run_ranks("fail", *eos_model, out)  # returns within the timeout: nothing hangs
-    messages = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    messages = load_ranks(out, "rank", results)
     for rank_messages in messages:
         assert "rank 1 of 2 failed in phase 1, rollout" in rank_messages["reward"]
         assert "RewardError" in rank_messages["reward"] and "nan-on-one-rank" in rank_messages["reward"]
@@ -229,13 +239,13 @@ def test_a_failure_on_one_rank_ends_every_rank_naming_it(eos_model, tmp_path_fac
     assert results[0].returncode != 0
 
 
-def test_dpo_and_reward_model_on_two_ranks_equal_one_process(eos_model, tmp_path_factory):
+def test_dpo_and_reward_model_on_two_ranks_equal_one_process(eos_model, learn_run):
     """2 ranks × 2 pairs per step = 1 process × 4 pairs per step: the same weights after 8 steps and the same
     logged step metrics (DPO), the same weights and epoch losses (reward model, margin loss)."""
     from rlhf_scratch.dpo_trainer import DPOTrainer
     from rlhf_scratch.reward_model_training import fit_reward_model
 
-    _, (rank0, rank1) = scenario("pairs", eos_model, tmp_path_factory)
+    rank0, rank1 = load_ranks(learn_run[0], "pairs", learn_run[1])
     model_dir, pairs = eos_model[0], eos_model[0] / "pairs.jsonl"
     start = params(load_bridge(model_dir))
     trainer = DPOTrainer(dpo_config(model_dir, pairs), bridge=load_bridge(model_dir))
