@@ -64,18 +64,24 @@ def worker(args) -> None:
     trainer = PPOTrainer(config)
     for _ in range(args.warmup):
         trainer.run_phase()
-    seconds, generate, learning = [], [], []
+    seconds, cpu, generate, learning = [], [], [], []
     for _ in range(args.phases):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         record = trainer.run_phase()
         pt.sync(config.device)
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         generate.append(record.metrics["time/generate"])
         learning.append(record.metrics["time/learning"])
     rss = distributed.all_gather_objects(pt.peak_rss_mib())
+    cpu_per_rank = distributed.all_gather_objects(pt.mean(cpu))
     if distributed.is_main():
         phase = pt.mean(seconds)
-        result = {"seconds_per_phase": phase, "episodes_per_s": spec.batch_size / phase, "generate": pt.mean(generate),
+        # Wall time on a busy machine measures the other jobs too; CPU time per rank measures this work. With a
+        # core per rank a phase would take about the busiest rank's CPU time: the "CPU-bound" figures.
+        result = {"seconds_per_phase": phase, "episodes_per_s": spec.batch_size / phase,
+                  "cpu_seconds_per_rank": cpu_per_rank, "cpu_bound_episodes_per_s": spec.batch_size / max(cpu_per_rank),
+                  "generate": pt.mean(generate),
                   "learning": pt.mean(learning), "peak_rss_mib": rss, "world_size": distributed.world_size(),
                   "dtype": args.dtype, "phases": seconds}
         if config.device.startswith("cuda"):
@@ -141,13 +147,20 @@ def main(argv=None) -> dict:
                 rows[name] = run_setup(model, workdir / model, world, dtype, args, workdir)
                 row = rows[name]
                 print(f"  {name}: {row['seconds_per_phase']:7.2f} s/phase  {row['episodes_per_s']:7.2f} episodes/s  "
+                      f"CPU s/phase per rank {', '.join(f'{c:.2f}' for c in row['cpu_seconds_per_rank'])} "
+                      f"({row['cpu_bound_episodes_per_s']:.2f} episodes/s CPU-bound)  "
                       f"generate {row['generate']:6.2f} s  learning {row['learning']:6.2f} s  "
                       f"peak RSS/rank {', '.join(f'{m:.0f}' for m in row['peak_rss_mib'])} MiB", flush=True)
-            efficiency = rows["W=2 fp32"]["episodes_per_s"] / (2 * rows["W=1 fp32"]["episodes_per_s"])
-            bf16_speed = rows["W=1 bf16"]["episodes_per_s"] / rows["W=1 fp32"]["episodes_per_s"]
-            print(f"  parallel efficiency (W=2 vs 2 × W=1): {efficiency:.2f}; bf16 / fp32 episodes/s: {bf16_speed:.2f}")
+            one, two, bf16 = rows["W=1 fp32"], rows["W=2 fp32"], rows["W=1 bf16"]
+            efficiency = two["episodes_per_s"] / (2 * one["episodes_per_s"])
+            cpu_efficiency = two["cpu_bound_episodes_per_s"] / (2 * one["cpu_bound_episodes_per_s"])
+            bf16_speed = bf16["episodes_per_s"] / one["episodes_per_s"]
+            bf16_cpu_speed = bf16["cpu_bound_episodes_per_s"] / one["cpu_bound_episodes_per_s"]
+            print(f"  parallel efficiency (W=2 vs 2 × W=1): wall {efficiency:.2f}, CPU-bound {cpu_efficiency:.2f}; "
+                  f"bf16 / fp32 episodes/s: wall {bf16_speed:.2f}, CPU-bound {bf16_cpu_speed:.2f}")
             results["models"][model] = {"parameters": built["parameters"], "spec": pt.asdict(spec), "setups": rows,
-                                        "parallel_efficiency": efficiency, "bf16_speedup": bf16_speed}
+                                        "parallel_efficiency": efficiency, "parallel_efficiency_cpu_bound": cpu_efficiency,
+                                        "bf16_speedup": bf16_speed, "bf16_speedup_cpu_bound": bf16_cpu_speed}
     # On a shared machine, how much of it other processes took while this ran (their CPU seconds).
     busy_end, own_end = pt.cpu_seconds()
     wall = time.perf_counter() - wall_start
