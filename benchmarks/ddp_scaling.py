@@ -19,7 +19,7 @@ collectives, so the ranks finish together), episodes/s = batch / that, rank 0's 
 time per phase, peak RSS of every rank (``ru_maxrss``), and for W=2 the parallel efficiency
 (episodes/s at W=2) / (2 × episodes/s at W=1).
 
-    python benchmarks/ddp_scaling.py                      # tiny and gpt2, ~10 min on 2 idle CPU cores
+    python benchmarks/ddp_scaling.py                      # tiny and gpt2, ~5 min on 2 CPU cores
     python benchmarks/ddp_scaling.py --models tiny        # a minute
     python benchmarks/ddp_scaling.py --device cuda        # GPUs: W=2 needs 2 of them (NCCL)
 """
