@@ -6,6 +6,7 @@ flag; ``--help`` lists them with their docstrings), then a plain function call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -21,6 +22,7 @@ import tyro
 from rich.console import Console
 from rich.table import Table
 
+from rlhf_scratch import distributed
 from rlhf_scratch.checkpoint import find_checkpoint
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
 from rlhf_scratch.data import FILE_EXTENSIONS, HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, prompts_from_texts
@@ -43,9 +45,13 @@ from rlhf_scratch.sampling import GenerationStackError, SamplingConfig, encode, 
 from rlhf_scratch.value_lens import InspectConfig, run_inspect
 
 TYRO_CONFIG = (tyro.conf.OmitArgPrefixes,)
-USER_ERRORS = (ValueError, FileNotFoundError, ModelLoadError, GenerationStackError, NonFiniteLossError)
-"""Bad input (paths, model names, rewards, prompts, damaged files), a library stack that samples wrongly, or a
-run that diverged: each message says what to do, so the CLI prints it instead of a traceback."""
+USER_ERRORS = (ValueError, FileNotFoundError, ModelLoadError, GenerationStackError, NonFiniteLossError,
+               distributed.RankFailedError)
+"""Bad input (paths, model names, rewards, prompts, damaged files), a library stack that samples wrongly, a
+run that diverged, or a rank of a data-parallel run that did: each message says what to do, so the CLI prints
+it instead of a traceback."""
+DATA_PARALLEL_COMMANDS = ("ppo", "reinforce", "rloo", "grpo", "dpo", "rm")
+"""The commands that run data-parallel under ``torchrun`` (``rlhf_scratch.distributed``)."""
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
@@ -279,6 +285,10 @@ def main(argv: list[str] | None = None):
         print(f"rlhf-scratch: unknown command {name!r}.\n\n{_usage(commands)}", file=sys.stderr)
         return 2
     config_class, presets, runner, description = commands[name]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and name not in DATA_PARALLEL_COMMANDS:
+        print(f"rlhf-scratch {name}: does not run on several processes; only {', '.join(DATA_PARALLEL_COMMANDS)} do. "
+              "Run it without torchrun.", file=sys.stderr)
+        return 2
     overwrite, args = _take_flag(args, "--overwrite")
     threads, args = take_threads(args)
     args = explicit_booleans(args, config_class)
@@ -301,27 +311,36 @@ def main(argv: list[str] | None = None):
     set_threads(threads)
     try:
         preflight(config)
-        if getattr(config, "out", None) is None:
-            runner(config)
+        distributed.init_from_env(getattr(config, "device", "cpu"))
+        # Only rank 0 claims (and may clean) --out: it alone writes there.
+        if getattr(config, "out", None) is None or not distributed.is_main():
+            claim = contextlib.nullcontext()
         else:
-            with claim_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config),
-                               inputs=_input_paths(config), clean_on=USER_ERRORS, kept_on=(TrainingInterrupted,)):
-                runner(config)
+            claim = claim_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config),
+                                  inputs=_input_paths(config), clean_on=USER_ERRORS, kept_on=(TrainingInterrupted,))
+        with claim:
+            runner(config)
     except USER_ERRORS as error:
-        print(f"rlhf-scratch {name}: error: {error}", file=sys.stderr)
-        checkpoint = Path(config.out) / "checkpoint" if getattr(config, "out", None) is not None else None
-        if hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
-            print(f"The run's last checkpoint is kept in {checkpoint}: once the cause is fixed, continue with "
-                  f"`rlhf-scratch {name} --resume {config.out}`.", file=sys.stderr)
+        # Every rank raises the same RankFailedError; rank 0 says it once.
+        if distributed.is_main() or not isinstance(error, distributed.RankFailedError):
+            where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""
+            print(f"rlhf-scratch {name}{where}: error: {error}", file=sys.stderr)
+            checkpoint = Path(config.out) / "checkpoint" if getattr(config, "out", None) is not None else None
+            if hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
+                print(f"The run's last checkpoint is kept in {checkpoint}: once the cause is fixed, continue with "
+                      f"`rlhf-scratch {name} --resume {config.out}`.", file=sys.stderr)
         return 1
     except TrainingInterrupted as stopped:
-        print(f"rlhf-scratch {name}: {stopped}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"rlhf-scratch {name}: {stopped}", file=sys.stderr)
         return INTERRUPTED_EXIT
     except KeyboardInterrupt:
         out = getattr(config, "out", None)
         kept = f"; what it had written is in {out}" if out is not None and Path(out).exists() else ""
         print(f"rlhf-scratch {name}: interrupted (Ctrl-C){kept}.", file=sys.stderr)
         return INTERRUPTED_EXIT
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -87,6 +87,14 @@ class PolicyTrainingConfig(TaskConfig):
     final_lr_scale: float = 0.1
     """Learning-rate multiplier reached at the last phase (linear decay after warmup)."""
 
+    grad_accum_steps: int = 1
+    """Cut each minibatch (each rank's share of it, data-parallel) into this many micro-batches, one forward and
+    backward each, then one optimiser step: the gradient of the whole minibatch with the activations of one
+    micro-batch in memory. Must divide the minibatch (per rank)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Forward passes of the policy and the reference under torch.autocast in this dtype (not generation);
+    log-softmax, KL, losses, weights and the optimiser state stay float32."""
+
     # --- KL to the reference ---
     kl_coef: float = 0.05
     """Weight of the KL penalty (initial value when adaptive)."""
@@ -149,6 +157,7 @@ class PolicyTrainingConfig(TaskConfig):
             (0 <= self.final_lr_scale <= 1, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}."),
             (self.kl_coef >= 0, f"kl_coef must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}."),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
+            (self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}."),
             (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
             (self.samples_per_phase >= 0, f"samples_per_phase must be >= 0, got {self.samples_per_phase}."),
             (self.table_rows >= 1, f"table_rows must be >= 1 (rows of the before/after table), got {self.table_rows}."),

@@ -11,6 +11,7 @@ checkpoint and evaluation. The losses are in ``dpo.py``::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
+from rlhf_scratch import distributed
 from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.dpo import (
     Divergence,
@@ -167,10 +169,18 @@ class DPOTrainer:
         out = trainer.train_step([0, 1, 2, 3])     # named tensors: loss, chosen_rewards, accuracy, ...
         trainer.heldout_metrics()                  # pair accuracy on the held-out pairs
         trainer.train()                            # all epochs with logging, checkpoint and evaluation
+
+    Data-parallel (``torchrun``, ``rlhf_scratch.distributed``): every rank holds every pair and draws the same
+    shuffle; ``batch_size`` is the global number of pairs per step, and rank r computes the loss of its slice
+    of each batch through ``self.learner`` (the bridge in DDP), as its share of the batch mean. The step's
+    metrics are those of the whole batch. Only rank 0 prints, writes outputs and evaluates.
     """
 
     def __init__(self, config: DPOConfig, pairs: list[PreferencePair] | None = None, bridge=None):
 
+        distributed.init_from_env(config.device)
+        if distributed.is_distributed():
+            config = dataclasses.replace(config, device=distributed.rank_device(config.device))
         self.config = config
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -216,6 +226,13 @@ class DPOTrainer:
             )
         # bridge_parameters: each storage once (no fused qkv alias).
         self.optimizer = torch.optim.AdamW(bridge_parameters(self.bridge), lr=config.lr, weight_decay=config.weight_decay)
+        self.learner = distributed.wrap_ddp(self.bridge, bridge_parameters(self.bridge))
+        """The bridge the training passes run through: itself, or in DDP (data-parallel)."""
+        distributed.check_divisible(config.batch_size, "batch_size", "--batch-size")
+        last = len(self.train_indices) % config.batch_size or config.batch_size
+        if min(last, config.batch_size) < distributed.world_size():
+            raise ValueError(f"The last batch of an epoch has {last} pairs, fewer than the {distributed.world_size()} "
+                             "processes: every rank needs at least one. Change --batch-size or --max-pairs.")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_decay_lambda(self.total_steps, config.warmup_steps, config.final_lr_scale))
         self.step = 0
@@ -239,7 +256,7 @@ class DPOTrainer:
 
     def policy_logprobs(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         """log π_θ(y_w|x), log π_θ(y_l|x) [b] each for pairs ``indices``: one forward pass of 2b rows (grad if enabled)."""
-        logps = sequence_logprobs(self.bridge, self.tokens.batch(indices, self.pad_id))
+        logps = sequence_logprobs(self.learner, self.tokens.batch(indices, self.pad_id))
         return logps[: len(indices)], logps[len(indices):]
 
     def compute_loss(self, indices: list[int]) -> tuple[DPOLossOutput, Tensor, Tensor]:
@@ -261,18 +278,27 @@ class DPOTrainer:
         """
 
         lr = self.optimizer.param_groups[0]["lr"]
-        out, chosen, rejected = self.compute_loss([int(i) for i in indices])
-        check_finite("DPO loss", out.loss, NONFINITE_HINT)
-        grad_norm = clipped_step(self.optimizer, out.loss, self.config.max_grad_norm, NONFINITE_HINT)
+        indices = [int(i) for i in indices]
+        # Data-parallel: this rank's slice of the batch (nearly equal slices); its loss is its share of the batch mean.
+        W = distributed.world_size()
+        local = indices[distributed.rank_slice(len(indices))]
+        with distributed.shared_failures(f"DPO step {self.step + 1}"):
+            out, chosen, rejected = self.compute_loss(local)
+            check_finite("DPO loss", out.loss, NONFINITE_HINT)
+        loss = distributed.share(out.loss, len(local), len(indices)) if W > 1 else out.loss
+        grad_norm = clipped_step(self.optimizer, loss, self.config.max_grad_norm, NONFINITE_HINT)
         self.scheduler.step()
         self.step += 1
-        return {
-            "loss": out.loss.detach(), "losses": out.losses.detach(),
-            "chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
-            "margin": out.margin, "f_margin": out.f_margin, "accuracy": out.accuracy,
-            "policy_chosen_logps": chosen.detach(), "policy_rejected_logps": rejected.detach(),
-            "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr),
-        }
+        per_pair = {"losses": out.losses.detach(), "chosen_rewards": out.chosen_rewards,
+                    "rejected_rewards": out.rejected_rewards, "margin": out.margin, "f_margin": out.f_margin,
+                    "policy_chosen_logps": chosen.detach(), "policy_rejected_logps": rejected.detach()}
+        accuracy = out.accuracy
+        if W > 1:  # the whole batch's values, in the batch's order (rank 0's slice first)
+            pieces = distributed.all_gather_objects({k: v.cpu() for k, v in per_pair.items()})
+            per_pair = {k: torch.cat([piece[k] for piece in pieces]).to(out.loss.device) for k in per_pair}
+            accuracy = distributed.all_reduce_sum(out.accuracy * len(local)) / len(indices)
+        return {"loss": per_pair["losses"].mean() if W > 1 else out.loss.detach(), **per_pair, "accuracy": accuracy,
+                "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr)}
 
     def epoch_batches(self) -> list[list[int]]:
         """The training pairs in a fresh seeded shuffle, cut into batches of ``batch_size`` (the last may be smaller)."""
@@ -319,8 +345,9 @@ class DPOTrainer:
 
 
         config = self.config
-        console = console or Console()
-        out = Path(config.out) if config.out is not None else None
+        console = console or Console(quiet=not distributed.is_main())  # only rank 0 prints and writes
+        main = distributed.is_main()
+        out = Path(config.out) if config.out is not None and main else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -332,7 +359,7 @@ class DPOTrainer:
                       f"{self.total_steps} steps")
         columns = [TextColumn("[bold]DPO[/] step {task.completed}/{task.total}"), BarColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.2f}"), TimeElapsedColumn()]
-        with Progress(*columns, console=console) as progress:
+        with Progress(*columns, console=console, disable=not main) as progress:
             task = progress.add_task("dpo", total=self.total_steps, loss=float("nan"), acc=float("nan"))
             for _ in range(config.epochs):
                 for indices in self.epoch_batches():
@@ -368,7 +395,7 @@ class DPOTrainer:
         if out is not None:
             self.save_checkpoint(out / "checkpoint")
             plot_dpo_curves(self.history, epoch_rows, out / "curves.png")
-        if config.reward is not None:
+        if config.reward is not None and main:
             with console.status(f"evaluating the reference and the DPO policy on {config.n_eval_prompts} held-out prompts"):
                 results = self.evaluate_policy()
             if config.table_rows:

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rlhf_scratch import distributed
 from rlhf_scratch.advantages import grpo_advantages, rloo_advantages
 from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
@@ -66,8 +67,18 @@ class GroupSampling:
     """Mixin: each phase samples batch_size / k prompts and repeats each k times (a prompt's samples are contiguous)."""
 
     def rollout_prompts(self) -> list[list[int]]:
+        """This rank's prompts: (batch_size / W) / k distinct ones, each k times; a group never spans two ranks."""
         k = self.config.group_size
-        return [prompt for prompt in self.sample_prompts(self.config.batch_size // k) for _ in range(k)]
+        return [prompt for prompt in self.sample_prompts(self.config.batch_size // distributed.world_size() // k)
+                for _ in range(k)]
+
+    def check_batch_split(self, config) -> None:
+        super().check_batch_split(config)
+        local = config.batch_size // distributed.world_size()
+        if local % config.group_size != 0:
+            raise ValueError(f"Each rank's share of the batch ({local} = {config.batch_size} / {distributed.world_size()} "
+                             f"processes) must be a multiple of group_size ({config.group_size}): a group is sampled "
+                             "on one rank.")
 
     def group_stats(self, rewards: Tensor, advantage: Tensor) -> dict[str, float]:
         groups = rewards.view(-1, self.config.group_size)
@@ -180,7 +191,7 @@ class GRPOTrainer(GroupSampling, PolicyTrainer):
         log-probs (detached)."""
         config = self.config
         P, mask = minibatch.prompt_len, minibatch.gen_mask
-        logits = self.policy(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks).logits
+        logits = self.learning_forward(minibatch).logits
         scaled_logits = logits / config.sampling.temperature
         logits_gen = generated_logits(scaled_logits, P)
         logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
@@ -193,15 +204,19 @@ class GRPOTrainer(GroupSampling, PolicyTrainer):
         if config.kl_mode == "loss":
             kl = self.per_token_kl(logprobs, minibatch.ref_logprobs, logits_gen, minibatch.ref_logits_gen)
             terms["kl_penalty"] = self.kl_controller.value * aggregate(kl)
+        # Both are means over responses: a piece of a minibatch (a rank's slice, a micro-batch) gives its share.
+        terms = {name: self.row_share(value, minibatch) for name, value in terms.items()}
         for name, value in terms.items():
             check_finite(name, value, self.nonfinite_hint)
         terms["loss"] = -(terms["surrogate"] - terms["kl_penalty"])
-        terms.update({f"diag/{k}": v for k, v in ppo_diagnostics(logprobs.detach(), minibatch.logprobs, mask, config.clip_coef).items()})
+        diagnostics = ppo_diagnostics(logprobs.detach(), minibatch.logprobs, mask, config.clip_coef)
+        terms.update({f"diag/{k}": v if k.endswith("_max") else self.token_share(v, minibatch) for k, v in diagnostics.items()})
         return terms, logprobs.detach()
 
     def minibatches(self, memory: ReplayMemory):
         """``epochs`` passes over the batch, each in a fresh shuffle (advantages were computed per group before)."""
-        return memory.minibatches(self.config.minibatch_size or len(memory), self.config.epochs, generator=self.generator)
+        return memory.minibatches(self.config.minibatch_size or len(memory), self.config.epochs, generator=self.shuffle_generator,
+                                  rank=distributed.rank(), world_size=distributed.world_size())
 
     def learning_metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
         """PPO's metric names where they apply."""

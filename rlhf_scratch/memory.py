@@ -53,6 +53,10 @@ class ReplayMemory:
         generated positions are kept, not all S (B·S·V), since only they carry loss.
     sequence_kl     Float [B]        Σ_t KL_t(π_old ‖ π_ref) of each response, exact over the vocabulary, or None;
                                      its mean is logged as objective/kl and feeds the adaptive KL controller
+    part_of         ReplayMemory     the whole minibatch this one is a piece of, or None (it is whole). A piece is
+                                     one rank's slice (data-parallel runs) or one micro-batch (gradient
+                                     accumulation): loss means and advantage whitening use the whole one's
+                                     token counts and moments, so the pieces add up to the whole (``split``).
 
     Shapes are checked on construction, with messages that name the wrong field.
     ``memory[idx]`` (idx an int tensor of rows) is a smaller ReplayMemory;
@@ -72,6 +76,7 @@ class ReplayMemory:
     prompt_len: int
     ref_logits_gen: Float[Tensor, "batch gen vocab"] | None = None
     sequence_kl: Float[Tensor, "batch"] | None = None
+    part_of: "ReplayMemory | None" = None
 
     def __post_init__(self) -> None:
         # Checked here rather than by @jaxtyped on the class: jaxtyping would run before
@@ -120,13 +125,28 @@ class ReplayMemory:
 
     @jaxtyped(typechecker=typechecker)
     def __getitem__(self, idx: Int[Tensor, "n"]) -> "ReplayMemory":
-        """The rows ``idx`` [n] of every tensor, as a ReplayMemory with the same prompt_len."""
+        """The rows ``idx`` [n] of every tensor, as a (whole) ReplayMemory with the same prompt_len."""
         idx = idx.to(self.sequences.device)
         rows = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
-        return replace(self, **{name: value[idx] for name, value in rows.items()})
+        return replace(self, part_of=None, **{name: value[idx] for name, value in rows.items()})
+
+    @property
+    def whole(self) -> "ReplayMemory":
+        """The whole minibatch this is a piece of (itself if it is whole)."""
+        return self.part_of if self.part_of is not None else self
+
+    def split(self, pieces: int) -> list["ReplayMemory"]:
+        """This memory cut into ``pieces`` consecutive row ranges (micro-batches for gradient accumulation),
+        each with ``part_of`` the whole minibatch; ``[self]`` when ``pieces == 1``."""
+        if pieces == 1:
+            return [self]
+        if not 1 <= pieces <= len(self):
+            raise ValueError(f"Cannot cut {len(self)} rows into {pieces} micro-batches: use at most {len(self)}.")
+        return [replace(self[idx], part_of=self.whole) for idx in torch.arange(len(self)).tensor_split(pieces)]
 
     def minibatches(
-        self, minibatch_size: int, epochs: int = 1, generator: torch.Generator | None = None
+        self, minibatch_size: int, epochs: int = 1, generator: torch.Generator | None = None,
+        rank: int = 0, world_size: int = 1,
     ) -> Iterator["ReplayMemory"]:
         """Yield shuffled minibatches: ``epochs`` passes over the batch, B / minibatch_size per pass.
 
@@ -136,6 +156,11 @@ class ReplayMemory:
         B must be a multiple of ``minibatch_size``: equal minibatches keep every
         optimiser step on the same footing (same number of rows in each loss mean
         and in each advantage normalisation), rather than one small noisy last step.
+
+        Data-parallel (``world_size`` W > 1, this memory the global batch, the generator seeded alike on
+        every rank): each global minibatch is cut into W consecutive slices of ``minibatch_size / W`` rows and
+        rank ``rank`` gets its slice, with ``part_of`` the global minibatch. The ranks' slices together are
+        exactly the minibatches one process would draw with the same generator.
         """
         batch = len(self)
         if not 1 <= minibatch_size <= batch or batch % minibatch_size != 0:
@@ -146,10 +171,18 @@ class ReplayMemory:
             )
         if epochs < 1:
             raise ValueError(f"epochs={epochs} must be >= 1 (the number of passes over the rollout).")
+        if minibatch_size % world_size != 0:
+            raise ValueError(f"minibatch_size={minibatch_size} must be divisible by the number of processes "
+                             f"({world_size}): each rank takes minibatch_size / {world_size} rows of every minibatch.")
+        per_rank = minibatch_size // world_size
         for _ in range(epochs):
             permutation = torch.randperm(batch, generator=generator)
             for start in range(0, batch, minibatch_size):
-                yield self[permutation[start : start + minibatch_size]]
+                minibatch = self[permutation[start : start + minibatch_size]]
+                if world_size == 1:
+                    yield minibatch
+                else:
+                    yield replace(minibatch[torch.arange(rank * per_rank, (rank + 1) * per_rank)], part_of=minibatch)
 
     def summary(self) -> str:
         """One line per field: name, dtype, shape and a few statistics, never the values themselves.

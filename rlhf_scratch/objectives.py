@@ -50,7 +50,8 @@ def masked_mean(x: Float[Tensor, "*shape"], mask: Bool[Tensor, "*shape"]) -> Flo
 
 @jaxtyped(typechecker=typechecker)
 def masked_whiten(
-    x: Float[Tensor, "*shape"], mask: Bool[Tensor, "*shape"], shift_mean: bool = True
+    x: Float[Tensor, "*shape"], mask: Bool[Tensor, "*shape"], shift_mean: bool = True,
+    moments_of: tuple[Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "*shape"]:
     """Normalise ``x`` to mean 0, std 1 over the positions where ``mask`` is True.
 
@@ -63,11 +64,20 @@ def masked_whiten(
 
     ``shift_mean=False`` (TRL convention) rescales without centring: the mean is
     added back, whiten(x) + μ, so only the spread is normalised.
+
+    ``moments_of=(x_all, mask_all)`` takes μ and σ² over ``x_all[mask_all]`` instead: a piece of a
+    minibatch (one rank's slice, or one micro-batch) is then whitened exactly as inside the whole one.
     """
-    mean = masked_mean(x, mask)
-    centred = torch.where(mask, x - mean, torch.zeros_like(x))
-    n = mask.sum()
-    var = (centred**2).sum() / (n - 1).clamp(min=1)
+    if moments_of is not None:
+        x_all, mask_all = moments_of
+        mean = masked_mean(x_all, mask_all)
+        var = (torch.where(mask_all, x_all - mean, torch.zeros_like(x_all)) ** 2).sum() / (mask_all.sum() - 1).clamp(min=1)
+        centred = torch.where(mask, x - mean, torch.zeros_like(x))
+    else:
+        mean = masked_mean(x, mask)
+        centred = torch.where(mask, x - mean, torch.zeros_like(x))
+        n = mask.sum()
+        var = (centred**2).sum() / (n - 1).clamp(min=1)
     whitened = centred * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

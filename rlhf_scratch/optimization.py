@@ -32,9 +32,19 @@ def clipped_step(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm: 
     Returns the gradient norm before clipping (a 0-d tensor). A non-finite norm raises before the step,
     with ``hint`` in the message.
     """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return clip_and_step(optimizer, max_grad_norm, hint)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, max_grad_norm: float, hint: str = DEFAULT_HINT) -> Tensor:
+    """The second half of ``clipped_step``, once the gradients are in place (one backward, or several
+    accumulated): clip the global gradient norm, check it is finite, step. Returns the norm before clipping.
+
+    In a data-parallel run the gradients are already averaged over the ranks (DDP), so the norm, the
+    clipping and the step are the same on every rank, and a non-finite norm raises on every rank.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     check_finite("gradient norm", grad_norm, hint)
     optimizer.step()

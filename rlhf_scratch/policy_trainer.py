@@ -21,6 +21,7 @@ A subclass supplies ``build_memory``, ``minibatches``, ``compute_losses`` and ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -34,7 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
-from rlhf_scratch import invariants
+from rlhf_scratch import distributed, invariants
 from rlhf_scratch.checkpoint import (
     FORMAT_VERSION,
     find_checkpoint,
@@ -52,6 +53,7 @@ from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.models import (
     VALUE_HEAD_FILE,
+    PolicyOutput,
     PolicyWithValueHead,
     check_fwd_hooks,
     load_bridge,
@@ -69,7 +71,7 @@ from rlhf_scratch.objectives import (
     masked_mean,
     taken_logprobs,
 )
-from rlhf_scratch.optimization import clipped_step
+from rlhf_scratch.optimization import clip_and_step
 from rlhf_scratch.outputs import append_jsonl, atomic_dir, filter_jsonl, to_jsonable, write_json
 from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.sampling import Generation, encode, generate, padding_id
@@ -130,6 +132,53 @@ class ScoredRollout:
         return f"ScoredRollout({self.generation!r}, mean reward {self.rewards.mean().item():+.3f})"
 
 
+def _pad_columns(x: Tensor, left: int, right: int, value) -> Tensor:
+    """``x`` [B, n, ...] with ``left`` columns of ``value`` before dim 1 and ``right`` after it."""
+    if left == 0 and right == 0:
+        return x
+    shape = list(x.shape)
+    parts = []
+    if left:
+        parts.append(x.new_full([shape[0], left, *shape[2:]], value))
+    parts.append(x)
+    if right:
+        parts.append(x.new_full([shape[0], right, *shape[2:]], value))
+    return torch.cat(parts, dim=1)
+
+
+def concat_rollouts(pieces: list[dict], pad_id: int) -> dict:
+    """The ranks' rollouts (``PolicyTrainer.gather_rollout``'s pieces) as one batch, rank 0's rows first.
+
+    Rank r's rows have its own prompt length P_r and generated length G_r; the batch takes P = max P_r and
+    G = max G_r: prompts are left-padded (``pad_id``, attention 0), generated columns right-padded (``pad_id``,
+    mask False, 0 in every float field), exactly as ``sampling.generate`` pads within one batch.
+    """
+    P = max(piece["prompt_len"] for piece in pieces)
+    G = max(piece["gen_mask"].shape[1] for piece in pieces)
+    joined: dict = {"prompt_len": P}
+    for name in pieces[0]:
+        values = [piece[name] for piece in pieces]
+        if name == "prompt_len":
+            continue
+        if values[0] is None:  # a field that does not travel (the reference logits, unless kept)
+            joined[name] = None
+        elif isinstance(values[0], list):
+            joined[name] = [item for value in values for item in value]
+        elif name in ("sequences", "attention_mask"):
+            fill = pad_id if name == "sequences" else 0
+            joined[name] = torch.cat([
+                torch.cat([_pad_columns(value[:, : piece["prompt_len"]], P - piece["prompt_len"], 0, fill),
+                           _pad_columns(value[:, piece["prompt_len"]:], 0, G - piece["gen_mask"].shape[1], fill)], dim=1)
+                for value, piece in zip(values, pieces)
+            ])
+        elif values[0].ndim == 1:
+            joined[name] = torch.cat(values)
+        else:  # [B, G_r] or [B, G_r, V]: right-pad the generated columns
+            fill = False if values[0].dtype == torch.bool else 0
+            joined[name] = torch.cat([_pad_columns(value, 0, G - value.shape[1], fill) for value in values])
+    return joined
+
+
 @dataclass(eq=False)
 class PhaseRecord:
     """What one phase produced: the scored rollout, the replay memory it learned from, one loss
@@ -150,6 +199,12 @@ class PolicyTrainer(ABC):
     reference. They live only for the duration of each pass (nothing stays attached to the bridge).
     ``reference`` (a bridge) replaces the default reference (a frozen copy of the starting policy,
     or ``config.reference``). To continue a run, use ``Trainer.resume(config)``.
+
+    Data-parallel (launched by ``torchrun``, see ``rlhf_scratch.distributed``): each rank samples
+    ``batch_size / W`` episodes with its own generator and prompts, ``sample_and_score`` gathers them into
+    the global batch on every rank (so ``build_memory``, the statistics and the KL controller see what
+    one process would see), and each rank learns on its slice of every global minibatch through
+    ``self.learner`` (the policy in ``DistributedDataParallel``). Only rank 0 prints and writes outputs.
     """
 
     title = "policy"
@@ -163,10 +218,19 @@ class PolicyTrainer(ABC):
                  fwd_hooks: list | tuple = (), reference=None):
         if config.resume is not None:
             raise ValueError(f"config.resume is set: continue a run with {type(self).__name__}.resume(config).")
+        distributed.init_from_env(config.device)
+        if distributed.is_distributed():
+            config = dataclasses.replace(config, device=distributed.rank_device(config.device))
+        self.check_batch_split(config)
         self.config = config
+        # Sampling (generator, prompts) is per rank, seeded from (seed, rank); the minibatch shuffle and
+        # model initialisation (torch's global RNG: a new value head) are the same on every rank. In one
+        # process all are config.seed, and the sampling generator also shuffles, as always.
         torch.manual_seed(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.prompt_rng = random.Random(config.seed)
+        self.generator = torch.Generator().manual_seed(distributed.rank_seed(config.seed))
+        self.shuffle_generator = (torch.Generator().manual_seed(config.seed) if distributed.is_distributed()
+                                  else self.generator)
+        self.prompt_rng = random.Random(distributed.rank_seed(config.seed))
         self.policy = (policy or load_policy(config.model, device=config.device)).to(config.device)
         self.policy.eval()  # dropout off: log-probs must be reproducible between passes
         if reference is not None:
@@ -182,6 +246,8 @@ class PolicyTrainer(ABC):
         self.prompt_pool = self._build_prompt_pool()
 
         self.optimizer = torch.optim.AdamW(self.param_groups(), weight_decay=config.weight_decay)
+        self.learner = distributed.wrap_ddp(self.policy, [p for group in self.optimizer.param_groups for p in group["params"]])
+        """The policy the learning passes run through: ``self.policy`` itself, or wrapped in DDP (data-parallel)."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_decay_lambda(config.phases, config.warmup_phases, config.final_lr_scale)
         )
@@ -201,6 +267,21 @@ class PolicyTrainer(ABC):
         """The held-out prompts of ``--eval-every``, drawn at the first evaluation."""
         self.init_algorithm_state()
 
+    def check_batch_split(self, config: PolicyTrainingConfig) -> None:
+        """The global batch and minibatch must split evenly over the ranks, and each rank's share of a
+        minibatch over the micro-batches (``grad_accum_steps``)."""
+        distributed.check_divisible(config.batch_size, "batch_size", "--batch-size")
+        minibatch = self.global_minibatch_size(config)
+        distributed.check_divisible(minibatch, "minibatch_size", "--minibatch-size")
+        local = minibatch // distributed.world_size()
+        if local % config.grad_accum_steps != 0:
+            raise ValueError(f"Each rank's share of a minibatch ({local} = {minibatch} / {distributed.world_size()} "
+                             f"processes) must be divisible by grad_accum_steps ({config.grad_accum_steps}).")
+
+    def global_minibatch_size(self, config: PolicyTrainingConfig) -> int:
+        """Episodes per optimiser step (over every rank): the subclass's minibatch size, else the whole batch."""
+        return getattr(config, "minibatch_size", None) or config.batch_size
+
     # ------------------------------------------------------------------ resuming a run
     @classmethod
     def resume(cls, config: PolicyTrainingConfig, reward=None, fwd_hooks: list | tuple = (), reference=None):
@@ -211,12 +292,21 @@ class PolicyTrainer(ABC):
         reference (``reference`` if given) and checks it is the one the run started with (weights
         fingerprint), then restores the optimiser, schedule, KL controller, RNGs and history.
         """
+        distributed.init_from_env(config.device)  # the world size decides whether the checkpoint fits
         checkpoint = find_checkpoint(config.resume)
         state = read_resume_state(checkpoint)
         if state["kind"] != cls.kind:
             raise ValueError(f"{checkpoint} is a {state['kind']} checkpoint; resume it with "
                              f"`rlhf-scratch {state['kind']} --resume {config.resume}`.")
         config = resumed_config(config, state["config"], checkpoint)
+        saved_world = state["rng"].get("world_size", 1)
+        if saved_world != distributed.world_size():
+            raise ValueError(
+                f"{checkpoint} was written by a run on {saved_world} process(es) and this one has "
+                f"{distributed.world_size()}: each rank's sampling stream is in the checkpoint, so the run continues "
+                f"exactly only on {saved_world}. Resume with `torchrun --nproc-per-node {saved_world}` (or plain "
+                "`python -m rlhf_scratch` for 1), or start a new run from the checkpoint's weights with --model."
+            )
         if not isinstance(state.get("phase"), int) or not 0 <= state["phase"] <= config.phases:
             raise ValueError(f"{checkpoint}: its resume state says phase {state.get('phase')!r} of {config.phases}; the "
                              "file is damaged. Resume from an intact copy of the run (checkpoint.old).")
@@ -254,10 +344,18 @@ class PolicyTrainer(ABC):
         """Restore ``algorithm_state()``."""
 
     def resume_state(self) -> dict:
-        """Everything beyond the weights that the next phase depends on, for ``save_checkpoint``."""
+        """Everything beyond the weights that the next phase depends on, for ``save_checkpoint``.
+
+        Data-parallel: ``rng`` holds every rank's streams (``ranks``, gathered: a collective, so every rank
+        calls this), the shared shuffle generator and the world size.
+        """
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(), "python": self.prompt_rng.getstate()}
         if torch.cuda.is_available() and str(self.config.device).startswith("cuda"):
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        if distributed.is_distributed():
+            cpu = {k: (v.cpu() if isinstance(v, Tensor) else [t.cpu() for t in v] if k == "cuda" else v) for k, v in rng.items()}
+            rng = {"world_size": distributed.world_size(), "ranks": distributed.all_gather_objects(cpu),
+                   "shuffle": self.shuffle_generator.get_state()}
         return {
             "format": FORMAT_VERSION,
             "kind": self.kind,
@@ -290,6 +388,9 @@ class PolicyTrainer(ABC):
         self.phase, self.history = state["phase"], list(state["history"])
         self.table_prompts, self.elapsed_seconds = state["table_prompts"], state["elapsed_seconds"]
         rng = state["rng"]
+        if "ranks" in rng:  # a data-parallel run (resume() checked the world size)
+            self.shuffle_generator.set_state(rng["shuffle"])
+            rng = rng["ranks"][distributed.rank()]
         torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["generator"])
         self.prompt_rng.setstate(rng["python"])
@@ -319,8 +420,9 @@ class PolicyTrainer(ABC):
         return [self.prompt_pool[self.prompt_rng.randrange(len(self.prompt_pool))] for _ in range(n)]
 
     def rollout_prompts(self) -> list[list[int]]:
-        """The prompts of one phase's batch: ``batch_size`` draws from the pool (group trainers: k copies of each)."""
-        return self.sample_prompts(self.config.batch_size)
+        """This rank's prompts of one phase's batch: ``batch_size / W`` draws from the pool (W processes; group
+        trainers: k copies of each)."""
+        return self.sample_prompts(self.config.batch_size // distributed.world_size())
 
     # ------------------------------------------------------------------ rollout
     def per_token_kl(self, logprobs: Tensor, ref_logprobs: Tensor, logits_gen: Tensor | None = None,
@@ -345,10 +447,51 @@ class PolicyTrainer(ABC):
         kl = self.per_token_kl(logprobs, minibatch.ref_logprobs, logits_gen, minibatch.ref_logits_gen)
         return calc_kl_penalty(kl, minibatch.gen_mask, self.kl_controller.value)
 
+    def autocast(self):
+        """``torch.autocast`` in ``config.dtype`` for a forward pass (nothing in float32). Its outputs are cast
+        back to float32 by the caller: log-softmax, KL, losses, weights and optimiser state stay float32."""
+        if self.config.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.config.device).type, dtype=getattr(torch, self.config.dtype))
+
+    def learning_forward(self, minibatch: ReplayMemory) -> PolicyOutput:
+        """The policy's logits [B, S, V] and values [B, S] on a minibatch, with grad, in float32: through
+        ``self.learner`` (DDP in a data-parallel run), under ``autocast`` for ``--dtype bfloat16``."""
+        with self.autocast():
+            output = self.learner(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks)
+        return PolicyOutput(logits=output.logits.float(), values=output.values.float())
+
+    def token_share(self, value: Tensor, piece: ReplayMemory) -> Tensor:
+        """A mean over ``piece``'s real generated tokens → its share of the mean over the whole minibatch
+        (``distributed.share``); ``value`` itself when the piece is whole (one process, no accumulation)."""
+        if piece.part_of is None:
+            return value
+        return distributed.share(value, piece.gen_mask.sum().item(), piece.part_of.gen_mask.sum().item())
+
+    def row_share(self, value: Tensor, piece: ReplayMemory) -> Tensor:
+        """A mean over ``piece``'s rows → its share of the mean over the whole minibatch's rows."""
+        if piece.part_of is None:
+            return value
+        return distributed.share(value, len(piece), len(piece.part_of))
+
     @torch.no_grad()
     def sample_and_score(self, prompts: list[list[int]] | None = None) -> ScoredRollout:
         """Sample a batch, read it with the policy and the reference, and score it; ``stats`` holds the
-        rollout's metrics (reward, exact sequence KL, entropy, response length, EOS rate, timings)."""
+        rollout's metrics (reward, exact sequence KL, entropy, response length, EOS rate, timings).
+
+        Data-parallel: each rank samples ``batch_size / W`` episodes (``prompts``: this rank's), then the
+        rollouts are gathered (``gather_rollout``): every rank returns the same global batch, rank 0's rows
+        first, with the statistics of the global batch.
+        """
+        with distributed.shared_failures(f"phase {self.phase + 1}, rollout"):
+            rollout, entropy_sum = self.local_rollout(prompts)
+        if distributed.is_distributed():
+            rollout = self.gather_rollout(rollout, entropy_sum)
+        return rollout
+
+    @torch.no_grad()
+    def local_rollout(self, prompts: list[list[int]] | None = None) -> tuple[ScoredRollout, Tensor]:
+        """This rank's rollout (the whole one in a single process) and Σ of its per-token entropy over real tokens."""
         config = self.config
         prompts = prompts if prompts is not None else self.rollout_prompts()
         clock = time.perf_counter()
@@ -361,18 +504,21 @@ class PolicyTrainer(ABC):
         timings["time/generate"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Old policy: log-probs at the sampling temperature and values of each state.
-        output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
-        scaled_logits = output.logits / config.sampling.temperature
+        with self.autocast():
+            output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
+        scaled_logits = output.logits.float() / config.sampling.temperature
         logits_gen = generated_logits(scaled_logits, P)
         logprobs = taken_logprobs(scaled_logits, sequences, P)
-        values = output.values[:, P - 1 : -1]
+        values = output.values.float()[:, P - 1 : -1]
         if config.debug:
             invariants.check_sampling_matches_rollout(generation.sampled_logprobs, logprobs, generation.gen_mask,
                                                       where=f"phase {self.phase + 1}, rollout")
         timings["time/policy_forward"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Reference: the same tokens under the frozen starting model.
-        ref_scaled_logits = self.reference(sequences, attention_mask=attention_mask) / config.sampling.temperature
+        with self.autocast():
+            ref_logits = self.reference(sequences, attention_mask=attention_mask)
+        ref_scaled_logits = ref_logits.float() / config.sampling.temperature
         ref_logits_gen = generated_logits(ref_scaled_logits, P)
         ref_logprobs = taken_logprobs(ref_scaled_logits, sequences, P)
         exact_kl = torch.where(gen_mask, kl_exact(logits_gen, ref_logits_gen), 0.0)
@@ -386,21 +532,66 @@ class PolicyTrainer(ABC):
         timings["time/reward"] = time.perf_counter() - clock
 
         sequence_kl = exact_kl.sum(1)  # Σ over a response's generated tokens
-        stats = {
+        entropy = entropy_per_token(logits_gen)
+        stats = self.rollout_stats(rewards, sequence_kl, kl_per_token, gen_mask, generation.ended_with_eos,
+                                   masked_mean(entropy, gen_mask).item(), timings)
+        rollout = ScoredRollout(
+            generation=generation, sequences=sequences, attention_mask=attention_mask, gen_mask=gen_mask,
+            logprobs=logprobs, values=values, ref_logprobs=ref_logprobs, ref_logits_gen=ref_logits_gen,
+            kl_per_token=kl_per_token, sequence_kl=sequence_kl, rewards=rewards, stats=stats,
+        )
+        return rollout, torch.where(gen_mask, entropy, 0.0).sum()
+
+    def rollout_stats(self, rewards: Tensor, sequence_kl: Tensor, kl_per_token: Tensor, gen_mask: Tensor,
+                      ended_with_eos: Tensor, entropy: float, timings: dict[str, float]) -> dict[str, float]:
+        """The rollout's logged metrics (``ScoredRollout.stats``) from its tensors (the batch's, or the global batch's)."""
+        return {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "objective/kl": sequence_kl.mean().item(),
             "objective/kl_estimate": kl_per_token.sum(1).mean().item(),
             "objective/kl_coef": self.kl_controller.value,
-            "objective/entropy": masked_mean(entropy_per_token(logits_gen), gen_mask).item(),
+            "objective/entropy": entropy,
             "response/length": gen_mask.sum(1).float().mean().item(),
-            "response/eos_rate": generation.ended_with_eos.float().mean().item(),
+            "response/eos_rate": ended_with_eos.float().mean().item(),
             **timings,
         }
+
+    def gather_rollout(self, rollout: ScoredRollout, entropy_sum: Tensor) -> ScoredRollout:
+        """Every rank's rollout joined into the global batch (``concat_rollouts``), the same on every rank.
+
+        The reference logits [B, G, V] travel only when the memory keeps them (an exact KL loss term); otherwise
+        the global rollout's ``ref_logits_gen`` is None. The entropy is Σ over ranks of the per-token entropy
+        over Σ of the real tokens; the timings are this rank's.
+        """
+        generation = rollout.generation
+        tensors = {
+            "sequences": rollout.sequences, "attention_mask": rollout.attention_mask, "gen_mask": rollout.gen_mask,
+            "logprobs": rollout.logprobs, "values": rollout.values, "ref_logprobs": rollout.ref_logprobs,
+            "ref_logits_gen": rollout.ref_logits_gen if self.keeps_ref_logits else None,
+            "kl_per_token": rollout.kl_per_token, "sequence_kl": rollout.sequence_kl, "rewards": rollout.rewards,
+            "ended_with_eos": generation.ended_with_eos, "sampled_logprobs": generation.sampled_logprobs,
+        }
+        piece = {name: None if value is None else value.detach().cpu() for name, value in tensors.items()}
+        piece.update(prompt_len=rollout.prompt_len, prompts=list(generation.prompts), responses=list(generation.responses))
+        joined = concat_rollouts(distributed.all_gather_objects(piece), padding_id(self.policy.tokenizer))
+        device = self.config.device
+        on = {name: (value.to(device) if isinstance(value, Tensor) else value) for name, value in joined.items()}
+        totals = distributed.all_reduce_sum(torch.stack([entropy_sum.double(), rollout.gen_mask.sum().double()]))
+        entropy = (totals[0] / totals[1].clamp(min=1)).item()
+        global_generation = Generation(
+            sequences=joined["sequences"], attention_mask=joined["attention_mask"], gen_mask=joined["gen_mask"],
+            prompt_len=joined["prompt_len"], ended_with_eos=joined["ended_with_eos"],
+            sampled_logprobs=joined["sampled_logprobs"], prompts=joined["prompts"], responses=joined["responses"],
+        )
+        timings = {k: v for k, v in rollout.stats.items() if k.startswith("time/")}
+        stats = self.rollout_stats(on["rewards"], on["sequence_kl"], on["kl_per_token"], on["gen_mask"],
+                                   joined["ended_with_eos"], entropy, timings)
         return ScoredRollout(
-            generation=generation, sequences=sequences, attention_mask=attention_mask, gen_mask=gen_mask,
-            logprobs=logprobs, values=values, ref_logprobs=ref_logprobs, ref_logits_gen=ref_logits_gen,
-            kl_per_token=kl_per_token, sequence_kl=sequence_kl, rewards=rewards, stats=stats,
+            generation=global_generation, sequences=on["sequences"], attention_mask=on["attention_mask"],
+            gen_mask=on["gen_mask"], logprobs=on["logprobs"], values=on["values"], ref_logprobs=on["ref_logprobs"],
+            ref_logits_gen=on["ref_logits_gen"], kl_per_token=on["kl_per_token"], sequence_kl=on["sequence_kl"],
+            rewards=on["rewards"], stats=stats,
         )
 
     def sequence_rewards(self, rollout: ScoredRollout) -> Tensor:
@@ -452,16 +643,42 @@ class PolicyTrainer(ABC):
         if self.config.debug:
             tokenizer = self.policy.tokenizer
             eos = tokenizer.eos_token_id if self.config.sampling.stop_at_eos else None
-            invariants.check_memory(memory, eos_id=eos, pad_id=padding_id(tokenizer), where=f"phase {self.phase + 1}")
+            with distributed.shared_failures(f"phase {self.phase + 1}, --debug checks of the memory"):
+                invariants.check_memory(memory, eos_id=eos, pad_id=padding_id(tokenizer), where=f"phase {self.phase + 1}")
         breakdown = []
         for index, minibatch in enumerate(minibatches if minibatches is not None else self.minibatches(memory)):
-            terms, logprobs = self.compute_losses(minibatch)
-            if self.config.debug:
-                self.check_minibatch(index, minibatch, logprobs)
-            grad_norm = clipped_step(self.optimizer, terms["loss"], self.config.max_grad_norm, self.nonfinite_hint).item()
-            breakdown.append({**{name: value.item() for name, value in terms.items()}, "grad_norm": grad_norm})
+            breakdown.append(self.learning_step(index, minibatch))
         self.end_phase(memory)
         return breakdown
+
+    def learning_step(self, index: int, minibatch: ReplayMemory) -> dict[str, float]:
+        """One optimiser step on a minibatch; returns its loss breakdown (and grad norm).
+
+        The minibatch (this rank's slice in a data-parallel run) is cut into ``grad_accum_steps`` micro-batches;
+        each has its forward pass and backward, and the gradients add up: every loss term is a micro-batch's
+        share of the whole minibatch's mean (``token_share``, ``row_share``), so the sum is the whole one's
+        gradient. DDP all-reduces only on the last backward. Then clip, check and step (``clip_and_step``).
+        The breakdown holds each term of the whole (global) minibatch: the sum of the shares, averaged over
+        the ranks (``distributed.reduce_means``); ``*_max`` terms are maxima.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        pieces = minibatch.split(self.config.grad_accum_steps)
+        totals: dict[str, float] = {}
+        for k, piece in enumerate(pieces):
+            with distributed.shared_failures(f"phase {self.phase + 1}, minibatch {index}"):
+                terms, logprobs = self.compute_losses(piece)
+                if self.config.debug:
+                    self.check_minibatch(index, piece, logprobs)
+            with distributed.maybe_no_sync(self.learner, sync=k == len(pieces) - 1):
+                terms["loss"].backward()
+            for name, value in terms.items():
+                value = value.item()
+                if name not in totals:
+                    totals[name] = value
+                else:
+                    totals[name] = max(totals[name], value) if name.endswith("_max") else totals[name] + value
+        grad_norm = clip_and_step(self.optimizer, self.config.max_grad_norm, self.nonfinite_hint).item()
+        return distributed.reduce_means({**totals, "grad_norm": grad_norm})
 
     nonfinite_hint = "Lower the learning rate or check the reward for extreme values."
     """What a NaN or inf loss tells the user to try (``optimization.check_finite``)."""
@@ -533,10 +750,13 @@ class PolicyTrainer(ABC):
         """A resumable checkpoint, written atomically (``outputs.atomic_dir``; layout in ``rlhf_scratch.checkpoint``):
         the policy (save_pretrained layout, safetensors), the value head if any, and ``resume_state()``."""
         meta = {"kind": self.kind, "phase": self.phase, "base_model": self.config.model, "reference": self.reference_source}
-        with atomic_dir(directory) as staging:
-            save_model_dir(self.policy.bridge, staging, value_head=self.policy.value_head if self.saves_value_head else None,
-                           meta=meta)
-            write_resume_state(staging, self.resume_state())
+        state = self.resume_state()  # data-parallel: gathers every rank's RNG streams, so every rank calls this
+        with distributed.shared_failures(f"phase {self.phase}, writing the checkpoint"):
+            if distributed.is_main():  # the weights are the same on every rank
+                with atomic_dir(directory) as staging:
+                    save_model_dir(self.policy.bridge, staging,
+                                   value_head=self.policy.value_head if self.saves_value_head else None, meta=meta)
+                    write_resume_state(staging, state)
         return Path(directory)
 
     def open_outputs(self) -> Path | None:
@@ -545,16 +765,18 @@ class PolicyTrainer(ABC):
         if self.config.out is None:
             return None
         out = Path(self.config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            filter_jsonl(out / name, lambda row: row.get("phase", 0) <= self.phase)
-        write_json(out / "config.json", self.config)
+        with distributed.shared_failures("opening the outputs"):
+            if distributed.is_main():
+                out.mkdir(parents=True, exist_ok=True)
+                for name in ("metrics.jsonl", "samples.jsonl"):
+                    filter_jsonl(out / name, lambda row: row.get("phase", 0) <= self.phase)
+                write_json(out / "config.json", self.config)
         return out
 
     def log_phase(self, record: PhaseRecord, out: Path | None, run) -> None:
-        """Append the phase's metrics and first sample rows to the run's files, and to W&B if on."""
+        """Append the phase's metrics and first sample rows to the run's files (rank 0), and to W&B if on."""
         self.history.append(record.metrics)
-        if out is not None:
+        if out is not None and distributed.is_main():
             append_jsonl(out / "metrics.jsonl", record.metrics)
             generation = record.rollout.generation
             for row in range(min(self.config.samples_per_phase, len(generation.prompts))):
@@ -569,7 +791,7 @@ class PolicyTrainer(ABC):
         """With ``snapshot_every``, the policy's weights after this phase in ``OUT/snapshots/phase_NNNN/``: a model
         directory (config, tokenizer, safetensors weights; no optimiser or value head), for ``diff --timeline``."""
         every = self.config.snapshot_every
-        if out is None or not every or self.phase % every != 0:
+        if out is None or not every or self.phase % every != 0 or not distributed.is_main():
             return None
         meta = {"kind": "snapshot", "trainer": self.kind, "phase": self.phase, "base_model": self.config.model,
                 "reference": self.reference_source}
@@ -607,23 +829,27 @@ class PolicyTrainer(ABC):
                           f"--model {config.out or 'RUN'}/checkpoint --out NEW_DIR.")
             return self.summary()
         out = self.open_outputs()
-        run = start_wandb(config) if config.wandb else None
+        main = distributed.is_main()  # only rank 0 prints, samples the table and writes
+        run = start_wandb(config) if config.wandb and main else None
         if self.table_prompts is None:
             self.table_prompts = self.sample_prompts(config.table_rows)
-        before = self.sample_table(self.reference, self.table_prompts, seed=config.seed + 1)
+        before = self.sample_table(self.reference, self.table_prompts, seed=config.seed + 1) if main else None
         start, elapsed_before = time.time(), self.elapsed_seconds
         saved_phase, first_phase = None, self.phase
         columns = [TextColumn(f"[bold]{self.title}[/] phase {{task.completed}}/{{task.total}}"), BarColumn(),
                    TextColumn("reward {task.fields[reward]:+.3f}  kl {task.fields[kl]:.3f}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=console) as progress, StopRequest(console, "this phase") as stop:
+        with (Progress(*columns, console=console, disable=not main) as progress,
+              StopRequest(console if main else None, "this phase") as stop):
             task = progress.add_task(self.kind, total=config.phases, completed=self.phase, reward=float("nan"), kl=float("nan"))
-            while self.phase < last_phase and not stop.requested:
+            # Every rank stops at the same phase boundary if Ctrl-C reached any of them (torchrun forwards it to all).
+            while self.phase < last_phase and not distributed.any_rank(stop.requested):
                 record = self.run_phase()
-                if self.should_evaluate():
+                if main and self.should_evaluate():
                     record.metrics.update(self.evaluate_policy())
                 progress.update(task, advance=1, reward=record.metrics["reward/mean"], kl=record.metrics["objective/kl"])
-                self.log_phase(record, out, run)
+                with distributed.shared_failures(f"phase {self.phase}, writing the outputs"):
+                    self.log_phase(record, out, run)
                 self.elapsed_seconds = elapsed_before + time.time() - start
                 self.maybe_snapshot(out)
                 if self.maybe_checkpoint(out):
@@ -632,7 +858,9 @@ class PolicyTrainer(ABC):
         if not self.history and not interrupted:
             raise ValueError(f"No phase to run or summarise: the trainer has completed {self.phase} of {config.phases} phases.")
         self.elapsed_seconds = elapsed_before + time.time() - start
-        if out is not None and saved_phase != self.phase and (self.phase > first_phase or not (out / "checkpoint").exists()):
+        # Rank 0's file system decides (a checkpoint is a collective: every rank must agree to write it).
+        if out is not None and saved_phase != self.phase and distributed.broadcast_object(
+                self.phase > first_phase or not (out / "checkpoint").exists()):
             self.save_checkpoint(out / "checkpoint")  # before the sample table: the state is the phase's end
         if interrupted:
             if run is not None:
@@ -660,12 +888,13 @@ class PolicyTrainer(ABC):
             "seconds": self.elapsed_seconds,
         }
 
-    def finish(self, console, out: Path | None, run, before: tuple[Generation, list[float]]) -> dict:
-        """The before/after sample table, the summary (written with the plots), and the closing line."""
-        config = self.config
+    def finish(self, console, out: Path | None, run, before: tuple[Generation, list[float]] | None) -> dict:
+        """The before/after sample table, the summary (written with the plots), and the closing line (rank 0 only)."""
+        config, summary = self.config, self.summary()
+        if not distributed.is_main():
+            return summary
         after = self.sample_table(self.policy.bridge, self.table_prompts, seed=config.seed + 1)
         print_before_after(console, *before, *after, self.reward)
-        summary = self.summary()
         if out is not None:
             plot_curves(self.history, out)
             write_json(out / "summary.json", summary)

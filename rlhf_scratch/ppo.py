@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rlhf_scratch import distributed
 from rlhf_scratch.advantages import RunningMoments, gae_advantages, terminal_rewards
 from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
@@ -37,6 +38,7 @@ from rlhf_scratch.objectives import (
     calc_entropy_bonus,
     calc_value_loss,
     generated_logits,
+    masked_whiten,
     ppo_diagnostics,
     taken_logprobs,
 )
@@ -197,30 +199,38 @@ class PPOTrainer(PolicyTrainer):
         """Every term of the PPO objective on one minibatch (with grad), by name; and the new log-probs (detached)."""
         config = self.config
         P, mask = minibatch.prompt_len, minibatch.gen_mask
-        output = self.policy(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks)
+        output = self.learning_forward(minibatch)
         scaled_logits = output.logits / config.sampling.temperature
         logits_gen = generated_logits(scaled_logits, P)
         logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
         values = output.values[:, P - 1 : -1]
+        advantages = minibatch.advantages
+        if config.normalize_advantages:
+            # Over the whole minibatch's real positions: a rank's slice or a micro-batch takes the whole one's moments.
+            whole = minibatch.part_of
+            advantages = masked_whiten(advantages, mask, moments_of=None if whole is None else (whole.advantages, whole.gen_mask))
 
         terms = {
-            "surrogate": calc_clipped_surrogate(
-                logprobs, minibatch.logprobs, minibatch.advantages, mask, config.clip_coef, config.normalize_advantages
-            ),
+            "surrogate": calc_clipped_surrogate(logprobs, minibatch.logprobs, advantages, mask, config.clip_coef,
+                                                normalize_advantages=False),
             "value_loss": calc_value_loss(values, minibatch.returns, mask, config.vf_coef, minibatch.values, config.clip_range_value),
             "entropy_bonus": calc_entropy_bonus(logits_gen, mask, config.ent_coef),
         }
         terms["kl_penalty"] = self.kl_loss_term(logprobs, logits_gen, minibatch)
+        # Every term is a mean over real tokens: a piece of a minibatch (a rank's slice, a micro-batch) gives its share.
+        terms = {name: self.token_share(value, minibatch) for name, value in terms.items()}
         for name, value in terms.items():
             check_finite(name, value, self.nonfinite_hint)
         # The objective is maximised; the loss is its negative.
         terms["loss"] = -(terms["surrogate"] - terms["value_loss"] + terms["entropy_bonus"] - terms["kl_penalty"])
-        terms.update({f"diag/{k}": v for k, v in ppo_diagnostics(logprobs.detach(), minibatch.logprobs, mask, config.clip_coef).items()})
+        diagnostics = ppo_diagnostics(logprobs.detach(), minibatch.logprobs, mask, config.clip_coef)
+        terms.update({f"diag/{k}": v if k.endswith("_max") else self.token_share(v, minibatch) for k, v in diagnostics.items()})
         return terms, logprobs.detach()
 
     def minibatches(self, memory: ReplayMemory):
         """``ppo_epochs`` passes over the memory, each in a fresh shuffle of ``minibatch_size`` episodes."""
-        return memory.minibatches(self.config.minibatch_size, self.config.ppo_epochs, generator=self.generator)
+        return memory.minibatches(self.config.minibatch_size, self.config.ppo_epochs, generator=self.shuffle_generator,
+                                  rank=distributed.rank(), world_size=distributed.world_size())
 
     def learning_metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
         """The fixed loss metric names logged once per phase (means over the phase's minibatches)."""

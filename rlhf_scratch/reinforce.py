@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
+from rlhf_scratch import distributed
 from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import generated_logits, masked_sequence_sum, taken_logprobs
@@ -162,13 +163,15 @@ class REINFORCETrainer(PolicyTrainer):
         new log-probs (detached)."""
         config = self.config
         P, mask = minibatch.prompt_len, minibatch.gen_mask
-        logits = self.policy(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks).logits
+        logits = self.learning_forward(minibatch).logits
         scaled_logits = logits / config.sampling.temperature
         logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
         # Every real token of a row carries the row's advantage; read it back as one number per row.
         advantages = minibatch.advantages.sum(1) / mask.sum(1).clamp(min=1)
-        terms = {"policy_loss": reinforce_loss(masked_sequence_sum(logprobs, mask), advantages)}
-        terms["kl_penalty"] = self.kl_loss_term(logprobs, generated_logits(scaled_logits, P), minibatch)
+        # A mean over rows and a mean over real tokens: a piece of a minibatch gives its share of each.
+        terms = {"policy_loss": self.row_share(reinforce_loss(masked_sequence_sum(logprobs, mask), advantages), minibatch)}
+        terms["kl_penalty"] = self.token_share(self.kl_loss_term(logprobs, generated_logits(scaled_logits, P), minibatch),
+                                               minibatch)
         for name, value in terms.items():
             check_finite(name, value, self.nonfinite_hint)
         terms["loss"] = terms["policy_loss"] + terms["kl_penalty"]
@@ -176,7 +179,8 @@ class REINFORCETrainer(PolicyTrainer):
 
     def minibatches(self, memory: ReplayMemory):
         """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size)."""
-        return memory.minibatches(self.config.minibatch_size or len(memory), 1, generator=self.generator)
+        return memory.minibatches(self.config.minibatch_size or len(memory), 1, generator=self.shuffle_generator,
+                                  rank=distributed.rank(), world_size=distributed.world_size())
 
     def learning_metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
         """PPO's metric names where they apply (losses/policy, losses/kl_penalty, ...)."""

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
+from rlhf_scratch import distributed
 from rlhf_scratch.config import finite_float_checks
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.optimization import clipped_step
@@ -109,10 +110,13 @@ def split_pairs(pairs: list[PreferencePair], heldout_fraction: float, seed: int)
     return [pairs[i] for i in train], [pairs[i] for i in heldout]
 
 
-def pair_loss(model: RewardModel, pairs: list[PreferencePair], loss: str, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss, r_chosen [B], r_rejected [B])`` of a batch of pairs; chosen and rejected go through one forward pass."""
+def pair_loss(model: RewardModel, pairs: list[PreferencePair], loss: str, alpha: float,
+              forward=None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, r_chosen [B], r_rejected [B])`` of a batch of pairs; chosen and rejected go through one forward pass
+    (``forward(tokens, attention_mask)``: the model itself, or the model in DDP)."""
     texts = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    outputs = model.outputs(texts)
+    tokens, mask = model.tokenize(texts)
+    outputs = (forward or model)(tokens.to(model.device), mask.to(model.device))
     out_w, out_l = outputs[: len(pairs)], outputs[len(pairs) :]
     r_w, r_l = model.rewards_from_outputs(out_w), model.rewards_from_outputs(out_l)
     if loss == "dist":
@@ -150,7 +154,11 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
     """
 
 
-    console = Console()
+    distributed.init_from_env(config.device)
+    main = distributed.is_main()  # data-parallel: only rank 0 prints and writes
+    W = distributed.world_size()
+    device = distributed.rank_device(config.device)
+    console = Console(quiet=not main)
     start = time.time()
     torch.manual_seed(config.seed)
     pairs, no_preference = drop_pairs_without_preference(load_pairs(config.pairs, limit=config.limit), config.pairs)
@@ -168,8 +176,13 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
                 "scores) or use --loss bt."
             )
     train, heldout = split_pairs(pairs, config.heldout_fraction, config.seed)
-    model = RewardModel(load_bridge(config.model, device=config.device), head=LOSS_HEAD[config.loss],
-                        num_ratings=config.num_ratings, prepend_bos=config.prepend_bos).to(config.device)
+    distributed.check_divisible(config.batch_size, "batch_size", "--batch-size")
+    last = len(train) % config.batch_size or config.batch_size
+    if min(last, config.batch_size) < W:
+        raise ValueError(f"The last batch of an epoch has {last} pairs, fewer than the {W} processes: every rank needs "
+                         "at least one. Change --batch-size or --limit.")
+    model = RewardModel(load_bridge(config.model, device=device), head=LOSS_HEAD[config.loss],
+                        num_ratings=config.num_ratings, prepend_bos=config.prepend_bos).to(device)
     model.eval()  # dropout off, as in the policy trainers
     optimizer = torch.optim.AdamW(
         [{"params": model.trunk_parameters(), "lr": config.lr}, {"params": list(model.head.parameters()), "lr": config.head_lr}],
@@ -178,7 +191,8 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
-    out = Path(config.out) if config.out is not None else None
+    learner = distributed.wrap_ddp(model, [p for group in optimizer.param_groups for p in group["params"]])
+    out = Path(config.out) if config.out is not None and main else None
     if out is not None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         write_json(out / "config.json", config)
@@ -192,7 +206,7 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
     history, initial_loss = [], None
     columns = [TextColumn(f"[bold]rm[/] ({config.loss}) epoch {{task.fields[epoch]}}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not main) as progress:
         task = progress.add_task("rm", total=total_steps, epoch=1, loss=float("nan"))
         for epoch in range(1, config.epochs + 1):
             epoch_start = time.time()
@@ -201,14 +215,20 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
             losses, correct = [], 0
             for i in range(0, len(order), config.batch_size):
                 batch = [train[j] for j in order[i : i + config.batch_size]]
-                loss, r_w, r_l = pair_loss(model, batch, config.loss, config.alpha)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"The reward-model loss is {loss.item()} at epoch {epoch}; lower --lr.")
+                # Data-parallel: this rank's slice of the batch; its loss is its share of the batch mean.
+                local = batch[distributed.rank_slice(len(batch))]
+                with distributed.shared_failures(f"reward model, epoch {epoch}, step {i // config.batch_size + 1}"):
+                    loss, r_w, r_l = pair_loss(model, local, config.loss, config.alpha, forward=learner)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"The reward-model loss is {loss.item()} at epoch {epoch}; lower --lr.")
+                loss = distributed.share(loss, len(local), len(batch)) if W > 1 else loss
                 clipped_step(optimizer, loss, config.max_grad_norm, "Lower --lr, or check the pair file for extreme texts or margins.")
                 scheduler.step()
-                losses.append(loss.item())
+                # The whole batch's loss and correct pairs (one all-reduce; the values themselves in one process).
+                totals = distributed.all_reduce_sum(torch.stack([loss.detach().double(), (r_w > r_l).sum().double()]))
+                losses.append(totals[0].item() / W)
                 initial_loss = losses[0] if initial_loss is None else initial_loss
-                correct += int((r_w > r_l).sum())
+                correct += int(totals[1].item())
                 progress.update(task, advance=1, epoch=epoch, loss=sum(losses[-20:]) / len(losses[-20:]))
             row = {"epoch": epoch, "loss": sum(losses) / len(losses), "train_accuracy_running": correct / len(train),
                    "heldout_accuracy": pairwise_accuracy(*evaluate_pairs(heldout)) if heldout else None,
@@ -240,7 +260,7 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
             texts = [p.prompt + p.chosen for p in heldout] + [p.prompt + p.rejected for p in heldout]
             summary["heldout_rating_entropy"] = model.rating_entropy(texts).mean().item()
     summary["seconds"] = time.time() - start
-    if out is not None:
+    if out is not None:  # rank 0 only
         save_reward_model(model, out / "reward_model", meta={"loss": config.loss, "alpha": config.alpha,
                                                               "base_model": config.model, "pairs": str(config.pairs)})
         write_json(out / "summary.json", summary)
