@@ -31,6 +31,16 @@ REINFORCE_FIELDS = dict(reward="chars:e", batch_size=8, minibatch_size=8, warmup
                         sampling=SamplingConfig(max_new_tokens=8), table_rows=2, phases=3)
 
 
+GRPO_FIELDS = dict(reward="chars:e", batch_size=8, group_size=2, minibatch_size=4, epochs=2, warmup_phases=0, lr=1e-3,
+                   sampling=SamplingConfig(max_new_tokens=8), table_rows=2, phases=3, debug=True, debug_max_approx_kl=100.0)
+
+
+def grpo_config(model_dir, prompts, **overrides):
+    from rlhf_scratch.group_baselines import GRPOConfig
+
+    return GRPOConfig(model=str(model_dir), data=str(prompts), **{**GRPO_FIELDS, **overrides})
+
+
 def ppo_config(model_dir, prompts, **overrides) -> PPOConfig:
     return PPOConfig(model=str(model_dir), data=str(prompts), **{**PPO_FIELDS, **overrides})
 
@@ -78,7 +88,7 @@ def one_phase(trainer, rank: int) -> dict:
 
 
 def scenario_learn(model_dir, prompts, out: Path, rank: int) -> None:
-    """PPO (with and without gradient accumulation) and REINFORCE: one phase each from the same start;
+    """PPO (with and without gradient accumulation), REINFORCE and GRPO: one phase each from the same start;
     then 2 more PPO phases (parameters must stay bit-identical across ranks). Then resume, DPO and the
     reward model (one launch: starting processes is the slow part)."""
     bridge = load_bridge(model_dir)
@@ -94,6 +104,11 @@ def scenario_learn(model_dir, prompts, out: Path, rank: int) -> None:
     fresh = load_bridge(model_dir)
     reinforce = REINFORCETrainer(reinforce_config(model_dir, prompts), policy=PolicyWithValueHead(fresh), reference=fresh)
     result["reinforce"] = one_phase(reinforce, rank)
+    from rlhf_scratch.group_baselines import GRPOTrainer
+
+    fresh = load_bridge(model_dir)  # groups of 2 per rank; response-mean loss shares
+    result["grpo"] = one_phase(GRPOTrainer(grpo_config(model_dir, prompts), policy=PolicyWithValueHead(fresh), reference=fresh),
+                               rank)
     result["ddp_parameters"] = [name for name, _ in ppo.learner.module.named_parameters()
                                 if name not in ppo.learner.parameters_to_ignore]
     torch.save(result, out / f"rank{rank}.pt")

@@ -19,6 +19,7 @@ from conftest import TINY_TEXTS
 from distributed_worker import (
     build_eos_model,
     dpo_config,
+    grpo_config,
     params,
     ppo_config,
     reinforce_config,
@@ -195,6 +196,21 @@ def test_reinforce_phase_on_two_ranks_equals_one_process(learned, eos_model):
     trunk = {k: v for k, v in after.items() if k.startswith("bridge.")}  # REINFORCE trains no value head
     assert_same_update(result, trunk, config.lr, 1)
     assert_same_breakdown(result["breakdown"], breakdown)
+
+
+def test_grpo_phase_on_two_ranks_equals_one_process(learned, eos_model):
+    """Groups never span ranks; GRPO's response-mean losses give each rank its share of rows."""
+    from rlhf_scratch.group_baselines import GRPOTrainer
+
+    rank0, rank1 = learned
+    prompts = rank0["grpo"]["memory"].sequences[:, : rank0["grpo"]["memory"].prompt_len]
+    assert all(torch.equal(prompts[i], prompts[i + 1]) for i in range(0, 8, 2))  # contiguous groups of 2
+    model_dir, prompts_file = eos_model
+    config = grpo_config(model_dir, prompts_file)
+    trainer = GRPOTrainer(config, policy=PolicyWithValueHead(load_bridge(model_dir)))
+    after, breakdown = one_process_phase(trainer, rank0["grpo"], config.minibatch_size, config.epochs)
+    assert_same_update(rank0["grpo"], after, config.lr, config.epochs * config.batch_size // config.minibatch_size)
+    assert_same_breakdown(rank0["grpo"]["breakdown"], breakdown)
 
 
 def test_ddp_reduces_exactly_the_optimised_parameters(learned, eos_model):
