@@ -873,8 +873,9 @@ class PolicyTrainer(ABC):
         stopped = f"Stopped by Ctrl-C after phase {self.phase} of {self.config.phases}"
         if out is None:
             return f"{stopped}; without --out nothing was saved."
-        return (f"{stopped}; checkpoint saved in {out / 'checkpoint'}. Continue with: "
-                f"rlhf-scratch {self.kind} --resume {out}")
+        command = (f"torchrun --nproc-per-node {distributed.world_size()} -m rlhf_scratch" if distributed.is_distributed()
+                   else "rlhf-scratch")  # a data-parallel run resumes on as many processes
+        return f"{stopped}; checkpoint saved in {out / 'checkpoint'}. Continue with: {command} {self.kind} --resume {out}"
 
     def summary(self) -> dict:
         """summary.json: the first phase's reward, the reward and KL over the last 5 phases, phases, episodes, seconds."""
