@@ -112,9 +112,19 @@ def taken_logprobs(
     taken_logprobs[b, i] = log_softmax(logits[b, P−1+i])[sequences[b, P+i]]
     logits [B, S, V], sequences [B, S] -> [B, G]
     """
-    logprobs_all = F.log_softmax(generated_logits(logits, prompt_len), dim=-1)
-    tokens = sequences[:, prompt_len:]
-    return torch.gather(logprobs_all, dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)
+    return gather_taken(F.log_softmax(generated_logits(logits, prompt_len), dim=-1), sequences[:, prompt_len:])
+
+
+@jaxtyped(typechecker=typechecker)
+def gather_taken(logp_gen: Float[Tensor, "batch gen vocab"], tokens: Int[Tensor, "batch gen"]) -> Float[Tensor, "batch gen"]:
+    """The log-prob of each generated token from the log-distributions that predict them.
+
+    gather_taken[b, i] = logp_gen[b, i, tokens[b, i]]      [B, G, V], [B, G] -> [B, G]
+
+    With ``kl_exact_from_logprobs`` and ``entropy_from_logprobs``, one log-softmax per forward pass gives every
+    full-vocabulary quantity of a rollout (the same values, bit for bit, as computing each from the logits).
+    """
+    return torch.gather(logp_gen, dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def _p_times(logp: Tensor, y: Tensor) -> Tensor:
@@ -137,9 +147,15 @@ def kl_exact(
     kl[b, t] = Σ_v π(v)·(log π(v) − log π_ref(v)),  π = softmax(logits_gen[b, t])
     logits_gen, ref_logits_gen [B, G, V] -> [B, G]
     """
-    logp = F.log_softmax(logits_gen, dim=-1)
-    ref_logp = F.log_softmax(ref_logits_gen, dim=-1)
-    return _p_times(logp, logp - ref_logp)
+    return kl_exact_from_logprobs(F.log_softmax(logits_gen, dim=-1), F.log_softmax(ref_logits_gen, dim=-1))
+
+
+@jaxtyped(typechecker=typechecker)
+def kl_exact_from_logprobs(
+    logp_gen: Float[Tensor, "batch gen vocab"], ref_logp_gen: Float[Tensor, "batch gen vocab"]
+) -> Float[Tensor, "batch gen"]:
+    """``kl_exact`` from log-distributions already computed:  Σ_v exp(logp)·(logp − ref_logp)   [B, G, V] x 2 -> [B, G]"""
+    return _p_times(logp_gen, logp_gen - ref_logp_gen)
 
 
 @jaxtyped(typechecker=typechecker)
@@ -186,8 +202,13 @@ def entropy_per_token(logits_gen: Float[Tensor, "batch gen vocab"]) -> Float[Ten
 
     H[b, t] = −Σ_v p(v)·log p(v),  p = softmax(logits_gen[b, t])     [B, G, V] -> [B, G]
     """
-    logp = F.log_softmax(logits_gen, dim=-1)
-    return -_p_times(logp, logp)
+    return entropy_from_logprobs(F.log_softmax(logits_gen, dim=-1))
+
+
+@jaxtyped(typechecker=typechecker)
+def entropy_from_logprobs(logp_gen: Float[Tensor, "batch gen vocab"]) -> Float[Tensor, "batch gen"]:
+    """``entropy_per_token`` from a log-distribution already computed:  −Σ_v exp(logp)·logp      [B, G, V] -> [B, G]"""
+    return -_p_times(logp_gen, logp_gen)
 
 
 @jaxtyped(typechecker=typechecker)

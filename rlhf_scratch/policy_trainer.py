@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
@@ -63,13 +64,14 @@ from rlhf_scratch.models import (
 )
 from rlhf_scratch.objectives import (
     calc_kl_penalty,
-    entropy_per_token,
+    entropy_from_logprobs,
+    gather_taken,
     generated_logits,
     kl_exact,
+    kl_exact_from_logprobs,
     kl_k1,
     kl_k3,
     masked_mean,
-    taken_logprobs,
 )
 from rlhf_scratch.optimization import clip_and_step
 from rlhf_scratch.outputs import append_jsonl, atomic_dir, filter_jsonl, to_jsonable, write_json
@@ -503,12 +505,16 @@ class PolicyTrainer(ABC):
         P = generation.prompt_len
         timings["time/generate"], clock = time.perf_counter() - clock, time.perf_counter()
 
-        # Old policy: log-probs at the sampling temperature and values of each state.
+        # Old policy: log-probs at the sampling temperature and values of each state. One log-softmax over the
+        # generated positions [B, G, V] gives the taken log-probs, the exact KL and the entropy (at GPT-2 size the
+        # vocabulary-wide passes cost as much as the forward itself); no [B, S, V] copy when T = 1.
+        tokens, temperature = sequences[:, P:], config.sampling.temperature
         with self.autocast():
             output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
-        scaled_logits = output.logits.float() / config.sampling.temperature
-        logits_gen = generated_logits(scaled_logits, P)
-        logprobs = taken_logprobs(scaled_logits, sequences, P)
+        logits = output.logits.float()
+        logits_gen = generated_logits(logits if temperature == 1 else logits / temperature, P)
+        logp_gen = F.log_softmax(logits_gen, dim=-1)
+        logprobs = gather_taken(logp_gen, tokens)
         values = output.values.float()[:, P - 1 : -1]
         if config.debug:
             invariants.check_sampling_matches_rollout(generation.sampled_logprobs, logprobs, generation.gen_mask,
@@ -517,11 +523,11 @@ class PolicyTrainer(ABC):
 
         # Reference: the same tokens under the frozen starting model.
         with self.autocast():
-            ref_logits = self.reference(sequences, attention_mask=attention_mask)
-        ref_scaled_logits = ref_logits.float() / config.sampling.temperature
-        ref_logits_gen = generated_logits(ref_scaled_logits, P)
-        ref_logprobs = taken_logprobs(ref_scaled_logits, sequences, P)
-        exact_kl = torch.where(gen_mask, kl_exact(logits_gen, ref_logits_gen), 0.0)
+            ref_logits = self.reference(sequences, attention_mask=attention_mask).float()
+        ref_logits_gen = generated_logits(ref_logits if temperature == 1 else ref_logits / temperature, P)
+        ref_logp_gen = F.log_softmax(ref_logits_gen, dim=-1)
+        ref_logprobs = gather_taken(ref_logp_gen, tokens)
+        exact_kl = torch.where(gen_mask, kl_exact_from_logprobs(logp_gen, ref_logp_gen), 0.0)
         # The exact KL is always logged; with the exact estimator it is also the penalty.
         kl_per_token = exact_kl if config.kl_estimator == "exact" else torch.where(
             gen_mask, self.per_token_kl(logprobs, ref_logprobs), 0.0)
@@ -532,7 +538,7 @@ class PolicyTrainer(ABC):
         timings["time/reward"] = time.perf_counter() - clock
 
         sequence_kl = exact_kl.sum(1)  # Σ over a response's generated tokens
-        entropy = entropy_per_token(logits_gen)
+        entropy = entropy_from_logprobs(logp_gen)
         stats = self.rollout_stats(rewards, sequence_kl, kl_per_token, gen_mask, generation.ended_with_eos,
                                    masked_mean(entropy, gen_mask).item(), timings)
         rollout = ScoredRollout(
