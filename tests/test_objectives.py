@@ -416,3 +416,22 @@ def test_wrong_shapes_are_caught_by_jaxtyping():
 def test_int_coefficients_are_accepted():
     mask = torch.ones(1, 2, dtype=torch.bool)
     assert calc_value_loss(torch.ones(1, 2), torch.zeros(1, 2), mask, vf_coef=1).item() == approx(0.5)
+
+
+def test_one_log_softmax_gives_the_rollout_quantities_bit_for_bit():
+    """The rollout computes one log-softmax per forward pass and derives the rest from it; the logged values must be
+    exactly those of the logits-based functions (and so of earlier releases)."""
+    import torch.nn.functional as F
+
+    from rlhf_scratch.objectives import entropy_from_logprobs, gather_taken, kl_exact_from_logprobs
+
+    generator = torch.Generator().manual_seed(0)
+    logits, ref_logits = torch.randn(3, 7, 50, generator=generator), torch.randn(3, 7, 50, generator=generator)
+    logits[0, 2, :10] = float("-inf")  # a filtered token: p = 0, p·log p must stay 0
+    sequences = torch.randint(10, 50, (3, 7), generator=generator)
+    P = 3
+    logp, ref_logp = F.log_softmax(generated_logits(logits, P), -1), F.log_softmax(generated_logits(ref_logits, P), -1)
+    assert torch.equal(gather_taken(logp, sequences[:, P:]), taken_logprobs(logits, sequences, P))
+    assert torch.equal(kl_exact_from_logprobs(logp, ref_logp), kl_exact(generated_logits(logits, P), generated_logits(ref_logits, P)))
+    assert torch.equal(entropy_from_logprobs(logp), entropy_per_token(generated_logits(logits, P)))
+    assert torch.isfinite(entropy_from_logprobs(logp)).all()
