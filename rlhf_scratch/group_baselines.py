@@ -39,7 +39,7 @@ from rlhf_scratch.objectives import (
     taken_logprobs,
 )
 from rlhf_scratch.optimization import check_finite
-from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, run_trainer
+from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
 from rlhf_scratch.reinforce import REINFORCETrainer
 
 
@@ -215,22 +215,15 @@ class GRPOTrainer(GroupSampling, PolicyTrainer):
 
     def minibatches(self, memory: ReplayMemory):
         """``epochs`` passes over the batch, each in a fresh shuffle (advantages were computed per group before)."""
-        return memory.minibatches(self.config.minibatch_size or len(memory), self.config.epochs, generator=self.shuffle_generator,
-                                  rank=distributed.rank(), world_size=distributed.world_size())
+        return self.shuffled_minibatches(memory, self.config.minibatch_size or len(memory), self.config.epochs)
 
     def learning_metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
         """PPO's metric names where they apply."""
-        def mean(key: str) -> float:
-            return sum(row[key] for row in breakdown) / len(breakdown)
-
-        return {
-            "losses/policy": -mean("surrogate"),
-            "losses/kl_penalty": mean("kl_penalty"),
-            "losses/total": mean("loss"),
-            "losses/clipfrac": mean("diag/clipfrac"),
-            "losses/approx_kl": mean("diag/approx_kl"),
-            "losses/grad_norm": mean("grad_norm"),
-        }
+        metrics = breakdown_means(breakdown, {
+            "losses/policy": "surrogate", "losses/kl_penalty": "kl_penalty", "losses/total": "loss",
+            "losses/clipfrac": "diag/clipfrac", "losses/approx_kl": "diag/approx_kl", "losses/grad_norm": "grad_norm",
+        })
+        return {**metrics, "losses/policy": -metrics["losses/policy"]}  # the surrogate is maximised
 
 
 def run_rloo(config: RLOOConfig) -> dict:

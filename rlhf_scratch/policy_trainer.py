@@ -628,6 +628,12 @@ class PolicyTrainer(ABC):
     def minibatches(self, memory: ReplayMemory):
         """The shuffled minibatches one learning phase steps on."""
 
+    def shuffled_minibatches(self, memory: ReplayMemory, minibatch_size: int, epochs: int):
+        """``epochs`` passes over ``memory``, each a fresh shuffle cut into ``minibatch_size`` episodes (this rank's
+        slice of each in a data-parallel run): what ``minibatches`` returns in every trainer here."""
+        return memory.minibatches(minibatch_size, epochs, generator=self.shuffle_generator, rank=distributed.rank(),
+                                  world_size=distributed.world_size())
+
     @abstractmethod
     def compute_losses(self, minibatch: ReplayMemory) -> tuple[dict[str, Tensor], Tensor]:
         """Every loss term on one minibatch (with grad), by name, ``"loss"`` the one to minimise; and the
@@ -916,6 +922,11 @@ class PolicyTrainer(ABC):
             f"KL {summary['kl_last']:.3f} nats, {summary['episodes']} episodes in {summary['seconds']:.0f} s{stopped}"
         )
         return summary
+
+
+def breakdown_means(breakdown: list[dict[str, float]], names: dict[str, str]) -> dict[str, float]:
+    """``{metric: mean over the phase's minibatches of breakdown[key]}`` for each ``metric: key`` of ``names``."""
+    return {metric: sum(row[key] for row in breakdown) / len(breakdown) for metric, key in names.items()}
 
 
 def start_wandb(config: PolicyTrainingConfig):

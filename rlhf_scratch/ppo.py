@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlhf_scratch import distributed
 from rlhf_scratch.advantages import RunningMoments, gae_advantages, terminal_rewards
 from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
@@ -43,7 +42,7 @@ from rlhf_scratch.objectives import (
     taken_logprobs,
 )
 from rlhf_scratch.optimization import NonFiniteLossError, check_finite  # noqa: F401 (NonFiniteLossError re-exported)
-from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, run_trainer
+from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
 from rlhf_scratch.sampling import SamplingConfig
 
 
@@ -229,24 +228,16 @@ class PPOTrainer(PolicyTrainer):
 
     def minibatches(self, memory: ReplayMemory):
         """``ppo_epochs`` passes over the memory, each in a fresh shuffle of ``minibatch_size`` episodes."""
-        return memory.minibatches(self.config.minibatch_size, self.config.ppo_epochs, generator=self.shuffle_generator,
-                                  rank=distributed.rank(), world_size=distributed.world_size())
+        return self.shuffled_minibatches(memory, self.config.minibatch_size, self.config.ppo_epochs)
 
     def learning_metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
         """The fixed loss metric names logged once per phase (means over the phase's minibatches)."""
-        def mean(key: str) -> float:
-            return sum(row[key] for row in breakdown) / len(breakdown)
-
-        return {
-            "losses/policy": -mean("surrogate"),
-            "losses/value": mean("value_loss"),
-            "losses/entropy_bonus": mean("entropy_bonus"),
-            "losses/kl_penalty": mean("kl_penalty"),
-            "losses/total": mean("loss"),
-            "losses/clipfrac": mean("diag/clipfrac"),
-            "losses/approx_kl": mean("diag/approx_kl"),
-            "losses/grad_norm": mean("grad_norm"),
-        }
+        metrics = breakdown_means(breakdown, {
+            "losses/policy": "surrogate", "losses/value": "value_loss", "losses/entropy_bonus": "entropy_bonus",
+            "losses/kl_penalty": "kl_penalty", "losses/total": "loss", "losses/clipfrac": "diag/clipfrac",
+            "losses/approx_kl": "diag/approx_kl", "losses/grad_norm": "grad_norm",
+        })
+        return {**metrics, "losses/policy": -metrics["losses/policy"]}  # the surrogate is maximised; the loss is its negative
 
 
 def run_ppo(config: PPOConfig) -> dict:

@@ -29,12 +29,11 @@ import torch
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
-from rlhf_scratch import distributed
 from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import generated_logits, masked_sequence_sum, taken_logprobs
 from rlhf_scratch.optimization import check_finite
-from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, run_trainer
+from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
 from rlhf_scratch.typecheck import typechecker
 
 
@@ -179,20 +178,12 @@ class REINFORCETrainer(PolicyTrainer):
 
     def minibatches(self, memory: ReplayMemory):
         """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size)."""
-        return memory.minibatches(self.config.minibatch_size or len(memory), 1, generator=self.shuffle_generator,
-                                  rank=distributed.rank(), world_size=distributed.world_size())
+        return self.shuffled_minibatches(memory, self.config.minibatch_size or len(memory), 1)
 
     def learning_metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
         """PPO's metric names where they apply (losses/policy, losses/kl_penalty, ...)."""
-        def mean(key: str) -> float:
-            return sum(row[key] for row in breakdown) / len(breakdown)
-
-        return {
-            "losses/policy": mean("policy_loss"),
-            "losses/kl_penalty": mean("kl_penalty"),
-            "losses/total": mean("loss"),
-            "losses/grad_norm": mean("grad_norm"),
-        }
+        return breakdown_means(breakdown, {"losses/policy": "policy_loss", "losses/kl_penalty": "kl_penalty",
+                                           "losses/total": "loss", "losses/grad_norm": "grad_norm"})
 
 
 def run_reinforce(config: REINFORCEConfig) -> dict:
