@@ -771,7 +771,7 @@ class PolicyTrainer(ABC):
                     write_resume_state(staging, state)
         return Path(directory)
 
-    def open_outputs(self) -> Path | None:
+    def open_outputs(self, console=None) -> Path | None:
         """Create the output directory and write config.json. metrics.jsonl and samples.jsonl keep their rows up to
         the phase this trainer has completed (none for a new run; those before the checkpoint when resuming)."""
         if self.config.out is None:
@@ -779,6 +779,11 @@ class PolicyTrainer(ABC):
         out = Path(self.config.out)
         with distributed.shared_failures("opening the outputs"):
             if distributed.is_main():
+                if self.phase > 0 and not (out / "metrics.jsonl").is_file() and console is not None:
+                    # `--resume RUN --out OTHER`: the history (summary, plots) is whole, the row files are not.
+                    console.print(f"note: continuing from phase {self.phase} in {out}: its metrics.jsonl and "
+                                  f"samples.jsonl start at phase {self.phase + 1}; the rows of phases 1–{self.phase} "
+                                  "stay in the run the checkpoint came from (summary.json and the plots cover all).")
                 out.mkdir(parents=True, exist_ok=True)
                 for name in ("metrics.jsonl", "samples.jsonl"):
                     filter_jsonl(out / name, lambda row: row.get("phase", 0) <= self.phase)
@@ -840,7 +845,7 @@ class PolicyTrainer(ABC):
                           f"was trained. To train further, start a new run from its weights: rlhf-scratch {self.kind} "
                           f"--model {config.out or 'RUN'}/checkpoint --out NEW_DIR.")
             return self.summary()
-        out = self.open_outputs()
+        out = self.open_outputs(console)
         main = distributed.is_main()  # only rank 0 prints, samples the table and writes
         run = start_wandb(config) if config.wandb and main else None
         if self.table_prompts is None:

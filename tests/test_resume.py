@@ -405,3 +405,17 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_model_dir, pro
     assert {k: summary[k] for k in ("reward_first", "reward_last", "kl_last", "phases")} == \
         {k: saved[k] for k in ("reward_first", "reward_last", "kl_last", "phases")}
     assert {name: (run / name).read_bytes() for name in files} == files  # no row added, nothing rewritten
+
+
+def test_resuming_into_another_directory_says_where_the_earlier_rows_are(tiny_model_dir, prompts_file, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=run, checkpoint_every=1)).train(stop_after=1)
+    output = io.StringIO()
+    PPOTrainer.resume(PPOConfig(resume=run, out=other)).train(console=Console(file=output, width=300), stop_after=2)
+    assert "continuing from phase 1 in" in output.getvalue() and "start at phase 2" in output.getvalue()
+    assert [row["phase"] for row in read_metrics(other)] == [2]
+    assert [row["phase"] for row in read_metrics(run)] == [1]  # the original run is untouched
