@@ -25,7 +25,7 @@ from rich.table import Table
 from rlhf_scratch import distributed
 from rlhf_scratch.checkpoint import find_checkpoint
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
-from rlhf_scratch.data import FILE_EXTENSIONS, HUB_ID_PATTERN, fixed_prefix_prompts, load_texts, prompts_from_texts
+from rlhf_scratch.data import fixed_prefix_prompts, load_texts, names_local_file, prompts_from_texts
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
 from rlhf_scratch.entry import INTERRUPTED_EXIT
 from rlhf_scratch.group_baselines import GRPOConfig, RLOOConfig, run_grpo, run_rloo
@@ -35,6 +35,7 @@ from rlhf_scratch.model_diff_timeline import run_diff_command
 from rlhf_scratch.models import ModelLoadError, check_device, check_model_source, load_bridge
 from rlhf_scratch.optimization import NonFiniteLossError
 from rlhf_scratch.outputs import append_jsonl, claim_run_dir, write_json
+from rlhf_scratch.policy_trainer import resume_command
 from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
 from rlhf_scratch.preferences import PAIR_FILE_EXTENSIONS, PairsConfig, load_pairs, run_pairs
 from rlhf_scratch.pretrain import PretrainConfig, pretrain
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None):
             checkpoint = Path(config.out) / "checkpoint" if getattr(config, "out", None) is not None else None
             if hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
                 print(f"The run's last checkpoint is kept in {checkpoint}: once the cause is fixed, continue with "
-                      f"`rlhf-scratch {name} --resume {config.out}`.", file=sys.stderr)
+                      f"`{resume_command(name, config.out)}`.", file=sys.stderr)
         return 1
     except TrainingInterrupted as stopped:
         if distributed.is_main():
@@ -360,18 +361,12 @@ def preflight(config) -> None:
             check_model_source(value(name), flag="--" + name)
     if value("reward"):
         check_reward_spec(value("reward"))
-    if value("data") and str(value("data")) != "builtin" and _local_file(value("data"), FILE_EXTENSIONS):
+    if value("data") and str(value("data")) != "builtin" and names_local_file(value("data")):
         load_texts(str(value("data")), column=value("column") or "text")
-    if value("pairs") and _local_file(value("pairs"), PAIR_FILE_EXTENSIONS):
+    if value("pairs") and names_local_file(value("pairs"), PAIR_FILE_EXTENSIONS):
         load_pairs(value("pairs"))
     if value("resume") is not None:
         find_checkpoint(value("resume"))
-
-
-def _local_file(source: str | Path, extensions: tuple[str, ...]) -> bool:
-    """Whether ``source`` names a local file (existing, a known extension, or not shaped like a hub dataset id)."""
-    source = str(source)
-    return Path(source).expanduser().exists() or source.lower().endswith(extensions) or not HUB_ID_PATTERN.match(source)
 
 
 def _input_paths(config) -> list[str]:

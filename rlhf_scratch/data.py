@@ -126,7 +126,7 @@ def load_texts(
         path = Path(source).expanduser()
         if path.exists():
             texts = _load_file(path, column)
-        elif _looks_like_path(source):
+        elif names_local_file(source):
             raise DataError(
                 f"No such file: {source} (resolved to {path.resolve()}). Check the path; "
                 f"supported files are {', '.join(FILE_EXTENSIONS)}."
@@ -139,10 +139,12 @@ def load_texts(
     return texts[:limit] if limit is not None else texts
 
 
-def _looks_like_path(source: str) -> bool:
-    """A missing source is a file path, not a dataset name, if it is not shaped like a hub id
-    or ends in a file extension we read."""
-    return source.lower().endswith(FILE_EXTENSIONS) or not HUB_ID_PATTERN.match(source)
+def names_local_file(source: str, extensions: tuple[str, ...] = FILE_EXTENSIONS) -> bool:
+    """Whether ``source`` is meant as a local file rather than a hub dataset name: it exists, ends in one of
+    ``extensions``, or is not shaped like a hub id. (A missing one of these is a missing file, not a dataset.)"""
+    source = str(source)
+    return (Path(source).expanduser().exists() or source.lower().endswith(extensions)
+            or not HUB_ID_PATTERN.match(source))
 
 
 def _load_builtin(n: int, seed: int) -> list[str]:

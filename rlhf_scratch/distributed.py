@@ -144,22 +144,23 @@ def share(value: Tensor, local_count: float, global_count: float) -> Tensor:
     return value * (float(local_count) / max(float(global_count), 1.0) * world_size())
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Σ over ranks of ``tensor`` (a new tensor; the identity in a single-process run)."""
+def _all_reduce(tensor: Tensor, op) -> Tensor:
+    """``op`` over ranks of ``tensor``, on a copy on the collective's device (the identity in a single-process run)."""
     if not is_distributed():
         return tensor
-    total = tensor.detach().to(collective_device(), copy=True)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total.to(tensor.device)
+    result = tensor.detach().to(collective_device(), copy=True)
+    dist.all_reduce(result, op=op)
+    return result.to(tensor.device)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Σ over ranks of ``tensor`` (a new tensor; the identity in a single-process run)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: Tensor) -> Tensor:
     """max over ranks of ``tensor`` (a new tensor; the identity in a single-process run)."""
-    if not is_distributed():
-        return tensor
-    result = tensor.detach().to(collective_device(), copy=True)
-    dist.all_reduce(result, op=dist.ReduceOp.MAX)
-    return result.to(tensor.device)
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def any_rank(flag: bool) -> bool:

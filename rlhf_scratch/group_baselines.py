@@ -81,10 +81,10 @@ class GroupSampling:
                              "on one rank.")
 
     def group_stats(self, rewards: Tensor, advantage: Tensor) -> dict[str, float]:
-        groups = rewards.view(-1, self.config.group_size)
+        within = rewards.view(-1, self.config.group_size).std(dim=1)  # each group's spread: the signal there is
         return {
-            "group/reward_std": groups.std(dim=1).mean().item(),  # mean within-group spread: the signal there is
-            "group/zero_advantage_frac": (groups.std(dim=1) == 0).float().mean().item(),  # groups that teach nothing
+            "group/reward_std": within.mean().item(),
+            "group/zero_advantage_frac": (within == 0).float().mean().item(),  # groups that teach nothing
             "group/advantage_std": advantage.std().item(),
         }
 

@@ -35,15 +35,14 @@ def timeline_models(run_dir: str | Path) -> list[tuple[int, Path]]:
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--timeline {run_dir}: no such run directory (the --out of a training run).")
-    models = {}
-    for directory in sorted((run_dir / SNAPSHOTS_DIR).glob("phase_*")):
-        models[int(read_checkpoint_meta(directory / CHECKPOINT_META_FILE)["phase"])] = directory
+    snapshots = sorted((run_dir / SNAPSHOTS_DIR).glob("phase_*"))
+    if not snapshots:
+        raise FileNotFoundError(f"{run_dir} has no {SNAPSHOTS_DIR}/: train it with --snapshot-every N (e.g. "
+                                f"`rlhf-scratch ppo --snapshot-every 5 --out {run_dir}`), then run diff --timeline.")
+    models = {int(read_checkpoint_meta(directory / CHECKPOINT_META_FILE)["phase"]): directory for directory in snapshots}
     checkpoint = run_dir / "checkpoint"
     if (checkpoint / CHECKPOINT_META_FILE).is_file():
         models.setdefault(int(read_checkpoint_meta(checkpoint / CHECKPOINT_META_FILE)["phase"]), checkpoint)
-    if len(models) < 1 or not (run_dir / SNAPSHOTS_DIR).is_dir():
-        raise FileNotFoundError(f"{run_dir} has no {SNAPSHOTS_DIR}/: train it with --snapshot-every N (e.g. "
-                                f"`rlhf-scratch ppo --snapshot-every 5 --out {run_dir}`), then run diff --timeline.")
     return sorted(models.items())
 
 

@@ -890,9 +890,7 @@ class PolicyTrainer(ABC):
         stopped = f"Stopped by Ctrl-C after phase {self.phase} of {self.config.phases}"
         if out is None:
             return f"{stopped}; without --out nothing was saved."
-        command = (f"torchrun --nproc-per-node {distributed.world_size()} -m rlhf_scratch" if distributed.is_distributed()
-                   else "rlhf-scratch")  # a data-parallel run resumes on as many processes
-        return f"{stopped}; checkpoint saved in {out / 'checkpoint'}. Continue with: {command} {self.kind} --resume {out}"
+        return f"{stopped}; checkpoint saved in {out / 'checkpoint'}. Continue with: {resume_command(self.kind, out)}"
 
     def summary(self) -> dict:
         """summary.json: the first phase's reward, the reward and KL over the last 5 phases, phases, episodes, seconds."""
@@ -927,6 +925,13 @@ class PolicyTrainer(ABC):
             f"KL {summary['kl_last']:.3f} nats, {summary['episodes']} episodes in {summary['seconds']:.0f} s{stopped}"
         )
         return summary
+
+
+def resume_command(kind: str, out: Path | str) -> str:
+    """The command that continues the run in ``out`` (a data-parallel run resumes on as many processes)."""
+    launcher = (f"torchrun --nproc-per-node {distributed.world_size()} -m rlhf_scratch" if distributed.is_distributed()
+                else "rlhf-scratch")
+    return f"{launcher} {kind} --resume {out}"
 
 
 def breakdown_means(breakdown: list[dict[str, float]], names: dict[str, str]) -> dict[str, float]:

@@ -37,11 +37,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.data import (
-    HUB_ID_PATTERN,
     csv_errors,
     csv_rows,
     fixed_prefix_prompts,
     load_texts,
+    names_local_file,
     open_hub_dataset,
     prompts_from_texts,
     read_text_file,
@@ -119,7 +119,7 @@ def load_pairs(source: str | os.PathLike, limit: int | None = None, split: str =
     path = Path(name).expanduser()
     if path.exists():
         rows, where = _read_file(path, limit), str(path)
-    elif name.lower().endswith(PAIR_FILE_EXTENSIONS) or not HUB_ID_PATTERN.match(name):
+    elif names_local_file(name, PAIR_FILE_EXTENSIONS):
         raise PairDataError(
             f"No such file: {name} (resolved to {path.resolve()}). Pass a .jsonl or .csv file of "
             "pairs (fields prompt, chosen, rejected), or a Hugging Face dataset name."
