@@ -102,6 +102,10 @@ class PolicyTrainingConfig(TaskConfig):
     """"reward": −kl_coef·KL_t is added to each token's reward (Ziegler et al., TRL); "loss": kl_coef·KL is a loss term (ARENA)."""
     kl_estimator: Literal["exact", "k1", "k3"] = "k1"
     """Per-token KL: "exact" full-distribution Σ_v π(v) log(π(v)/π_ref(v)); "k1" log π − log π_ref; "k3" (r−1) − log r."""
+    log_exact_kl: bool = False
+    """Also log objective/kl_exact, the exact full-vocabulary KL of each response summed over its tokens (one more
+    pass over [batch, tokens, vocab] per rollout). objective/kl is always the sum of the configured estimator's KL_t
+    (as in TRL); with kl_estimator="exact" the two are the same."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
     target_kl: float = 6.0

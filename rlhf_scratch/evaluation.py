@@ -501,7 +501,9 @@ def plot_curves(history: list[dict], out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(phases, [row["objective/kl"] for row in history], label="KL(π‖π_ref), exact, summed over tokens")
+    ax.plot(phases, [row["objective/kl"] for row in history], label="KL(π‖π_ref) by the run's estimator, summed over tokens")
+    if all("objective/kl_exact" in row for row in history):  # --log-exact-kl
+        ax.plot(phases, [row["objective/kl_exact"] for row in history], label="exact KL, summed over tokens")
     if evaluated:
         ax.plot([row["phase"] for row in evaluated], [row["eval/kl"] for row in evaluated], "o-",
                 label="held-out evaluation (sampled estimate)")

@@ -96,9 +96,11 @@ class ScoredRollout:
     ref_logprobs    Float [B, G]      log π_ref(token) at the sampling temperature
     ref_logits_gen  Float [B, G, V]   reference logits at the generated positions (temperature-scaled)
     kl_per_token    Float [B, G]      KL_t with the configured estimator, 0 on padding
-    sequence_kl     Float [B]         Σ_t of the exact KL_t: logged as objective/kl, read by the KL controller
+    sequence_kl     Float [B]         Σ_t KL_t (the configured estimator): logged as objective/kl, read by the KL controller
     rewards         Float [B]         the task reward of each response
     stats           dict              reward, KL, entropy, length, EOS rate and timings, by metric name
+    exact_sequence_kl Float [B]       Σ_t of the exact KL_t (objective/kl_exact), or None: computed only with
+                                      kl_estimator="exact" or log_exact_kl (a vocabulary-wide pass)
     """
 
     generation: Generation
@@ -113,6 +115,7 @@ class ScoredRollout:
     sequence_kl: Tensor
     rewards: Tensor
     stats: dict[str, float]
+    exact_sequence_kl: Tensor | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -479,7 +482,7 @@ class PolicyTrainer(ABC):
     @torch.no_grad()
     def sample_and_score(self, prompts: list[list[int]] | None = None) -> ScoredRollout:
         """Sample a batch, read it with the policy and the reference, and score it; ``stats`` holds the
-        rollout's metrics (reward, exact sequence KL, entropy, response length, EOS rate, timings).
+        rollout's metrics (reward, sequence KL, entropy, response length, EOS rate, timings).
 
         Data-parallel: each rank samples ``batch_size / W`` episodes (``prompts``: this rank's), then the
         rollouts are gathered (``gather_rollout``): every rank returns the same global batch, rank 0's rows
@@ -506,8 +509,8 @@ class PolicyTrainer(ABC):
         timings["time/generate"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Old policy: log-probs at the sampling temperature and values of each state. One log-softmax over the
-        # generated positions [B, G, V] gives the taken log-probs, the exact KL and the entropy (at GPT-2 size the
-        # vocabulary-wide passes cost as much as the forward itself); no [B, S, V] copy when T = 1.
+        # generated positions [B, G, V] gives the taken log-probs, the entropy and (when asked for) the exact KL;
+        # no [B, S, V] copy when T = 1. At GPT-2 size each vocabulary-wide pass costs a good part of a forward.
         tokens, temperature = sequences[:, P:], config.sampling.temperature
         with self.autocast():
             output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
@@ -527,8 +530,10 @@ class PolicyTrainer(ABC):
         ref_logits_gen = generated_logits(ref_logits if temperature == 1 else ref_logits / temperature, P)
         ref_logp_gen = F.log_softmax(ref_logits_gen, dim=-1)
         ref_logprobs = gather_taken(ref_logp_gen, tokens)
-        exact_kl = torch.where(gen_mask, kl_exact_from_logprobs(logp_gen, ref_logp_gen), 0.0)
-        # The exact KL is always logged; with the exact estimator it is also the penalty.
+        # The exact KL needs one more pass over [B, G, V]: only for the exact estimator or --log-exact-kl.
+        exact_kl = None
+        if config.kl_estimator == "exact" or config.log_exact_kl:
+            exact_kl = torch.where(gen_mask, kl_exact_from_logprobs(logp_gen, ref_logp_gen), 0.0)
         kl_per_token = exact_kl if config.kl_estimator == "exact" else torch.where(
             gen_mask, self.per_token_kl(logprobs, ref_logprobs), 0.0)
         timings["time/reference_forward"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -537,25 +542,32 @@ class PolicyTrainer(ABC):
         rewards = score_texts(self.reward, generation.texts, generation.prompts).to(config.device)
         timings["time/reward"] = time.perf_counter() - clock
 
-        sequence_kl = exact_kl.sum(1)  # Σ over a response's generated tokens
+        sequence_kl = kl_per_token.sum(1)  # Σ over a response's generated tokens
+        exact_sequence_kl = None if exact_kl is None else exact_kl.sum(1)
         entropy = entropy_from_logprobs(logp_gen)
-        stats = self.rollout_stats(rewards, sequence_kl, kl_per_token, gen_mask, generation.ended_with_eos,
+        stats = self.rollout_stats(rewards, sequence_kl, exact_sequence_kl, gen_mask, generation.ended_with_eos,
                                    masked_mean(entropy, gen_mask).item(), timings)
         rollout = ScoredRollout(
             generation=generation, sequences=sequences, attention_mask=attention_mask, gen_mask=gen_mask,
             logprobs=logprobs, values=values, ref_logprobs=ref_logprobs, ref_logits_gen=ref_logits_gen,
             kl_per_token=kl_per_token, sequence_kl=sequence_kl, rewards=rewards, stats=stats,
+            exact_sequence_kl=exact_sequence_kl,
         )
         return rollout, torch.where(gen_mask, entropy, 0.0).sum()
 
-    def rollout_stats(self, rewards: Tensor, sequence_kl: Tensor, kl_per_token: Tensor, gen_mask: Tensor,
+    def rollout_stats(self, rewards: Tensor, sequence_kl: Tensor, exact_sequence_kl: Tensor | None, gen_mask: Tensor,
                       ended_with_eos: Tensor, entropy: float, timings: dict[str, float]) -> dict[str, float]:
-        """The rollout's logged metrics (``ScoredRollout.stats``) from its tensors (the batch's, or the global batch's)."""
+        """The rollout's logged metrics (``ScoredRollout.stats``) from its tensors (the batch's, or the global batch's).
+
+        ``objective/kl`` is the mean over responses of Σ_t KL_t by the configured estimator (what TRL logs);
+        ``objective/kl_exact`` the same with the exact KL, when it was computed.
+        """
+        exact = {} if exact_sequence_kl is None else {"objective/kl_exact": exact_sequence_kl.mean().item()}
         return {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "objective/kl": sequence_kl.mean().item(),
-            "objective/kl_estimate": kl_per_token.sum(1).mean().item(),
+            **exact,
             "objective/kl_coef": self.kl_controller.value,
             "objective/entropy": entropy,
             "response/length": gen_mask.sum(1).float().mean().item(),
@@ -576,6 +588,7 @@ class PolicyTrainer(ABC):
             "logprobs": rollout.logprobs, "values": rollout.values, "ref_logprobs": rollout.ref_logprobs,
             "ref_logits_gen": rollout.ref_logits_gen if self.keeps_ref_logits else None,
             "kl_per_token": rollout.kl_per_token, "sequence_kl": rollout.sequence_kl, "rewards": rollout.rewards,
+            "exact_sequence_kl": rollout.exact_sequence_kl,
             "ended_with_eos": generation.ended_with_eos, "sampled_logprobs": generation.sampled_logprobs,
         }
         piece = {name: None if value is None else value.detach().cpu() for name, value in tensors.items()}
@@ -591,13 +604,13 @@ class PolicyTrainer(ABC):
             sampled_logprobs=joined["sampled_logprobs"], prompts=joined["prompts"], responses=joined["responses"],
         )
         timings = {k: v for k, v in rollout.stats.items() if k.startswith("time/")}
-        stats = self.rollout_stats(on["rewards"], on["sequence_kl"], on["kl_per_token"], on["gen_mask"],
+        stats = self.rollout_stats(on["rewards"], on["sequence_kl"], on["exact_sequence_kl"], on["gen_mask"],
                                    joined["ended_with_eos"], entropy, timings)
         return ScoredRollout(
             generation=global_generation, sequences=on["sequences"], attention_mask=on["attention_mask"],
             gen_mask=on["gen_mask"], logprobs=on["logprobs"], values=on["values"], ref_logprobs=on["ref_logprobs"],
             ref_logits_gen=on["ref_logits_gen"], kl_per_token=on["kl_per_token"], sequence_kl=on["sequence_kl"],
-            rewards=on["rewards"], stats=stats,
+            rewards=on["rewards"], stats=stats, exact_sequence_kl=on["exact_sequence_kl"],
         )
 
     def sequence_rewards(self, rollout: ScoredRollout) -> Tensor:

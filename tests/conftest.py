@@ -70,3 +70,14 @@ def small_pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
     summary = pretrain(PretrainConfig(out=out, **SMALL_PRETRAIN))
     return out, summary
+
+
+@pytest.fixture()
+def sigint_default():
+    """SIGINT handled as in a terminal for the test (``KeyboardInterrupt``), whatever the test runner inherited: a
+    suite started in the background (``pytest &``) has SIGINT ignored, and the trainers then rightly leave it alone."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -176,7 +176,7 @@ def test_every_flag_has_help_text_and_no_section_comment_is_taken_for_one(capsys
 
 
 def test_ctrl_c_in_a_run_that_overwrites_keeps_the_new_checkpoint_and_prints_the_resume_command(tiny_model_dir, tmp_path,
-                                                                                                monkeypatch, capsys):
+                                                                                                monkeypatch, capsys, sigint_default):
     import signal
 
     import rlhf_scratch.policy_trainer as policy_trainer

@@ -435,3 +435,35 @@ def test_one_log_softmax_gives_the_rollout_quantities_bit_for_bit():
     assert torch.equal(kl_exact_from_logprobs(logp, ref_logp), kl_exact(generated_logits(logits, P), generated_logits(ref_logits, P)))
     assert torch.equal(entropy_from_logprobs(logp), entropy_per_token(generated_logits(logits, P)))
     assert torch.isfinite(entropy_from_logprobs(logp)).all()
+
+
+def test_blockwise_p_times_gives_the_one_pass_values_bit_for_bit(monkeypatch):
+    """``_p_times`` (entropy, exact KL) runs over blocks of rows to keep its temporaries in the cache; the values and
+    gradients must be those of one pass over the whole tensor, and both must equal torch.distributions' closed forms."""
+    import torch.nn.functional as F
+
+    from rlhf_scratch import objectives
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 64, generator=generator) * 3).requires_grad_(True)
+    ref_logits = torch.randn(3, 5, 64, generator=generator) * 3
+    logits.data[0, 1, :7] = float("-inf")  # filtered tokens: p = 0 must contribute exactly 0
+
+    def entropy_and_kl_with_grad():
+        logits.grad = None
+        entropy, kl = entropy_per_token(logits), kl_exact(logits, ref_logits)
+        (entropy.sum() + kl.sum()).backward()
+        return entropy.detach(), kl.detach(), logits.grad.clone()
+
+    monkeypatch.setattr(objectives, "_BLOCK_ELEMENTS", 10**9)  # one block: the plain one-pass computation
+    one_pass = entropy_and_kl_with_grad()
+    for block_elements in (64, 3 * 64, 1):  # one row per block, 3 rows, and fewer elements than a row
+        monkeypatch.setattr(objectives, "_BLOCK_ELEMENTS", block_elements)
+        for got, expected in zip(entropy_and_kl_with_grad(), one_pass):
+            assert torch.equal(got, expected)
+    policy = torch.distributions.Categorical(logits=logits.detach())
+    reference = torch.distributions.Categorical(logits=ref_logits)
+    torch.testing.assert_close(one_pass[0], policy.entropy(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one_pass[1], torch.distributions.kl_divergence(policy, reference), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(one_pass[2]).all()
+    assert F.log_softmax(logits, -1).shape == logits.shape  # (the shapes the rollout passes in)

@@ -164,3 +164,34 @@ def test_default_task_reward_rises(small_pretrained, tmp_path):
     # Measured (seed 0): about 0.06 over the first phases, about 0.58 over the last five.
     assert summary["reward_last"] > early + 0.25, (early, summary["reward_last"])
     assert summary["kl_last"] > 0
+
+
+def test_objective_kl_is_the_estimators_sum_and_the_exact_kl_is_logged_on_request(tiny_bridge):
+    """``objective/kl`` is Σ_t of the configured estimator (k1 by default, as TRL logs it), with no vocabulary-wide
+    exact KL unless asked for; ``--log-exact-kl`` adds ``objective/kl_exact``, checked here against
+    torch.distributions' KL of a fresh forward pass of each model."""
+    trainer = make_trainer(tiny_bridge, sampling=SamplingConfig(max_new_tokens=6, temperature=1.5))
+    with torch.no_grad():  # move the policy away from the reference so the KL is not 0
+        for param in trainer.policy.trunk_parameters():
+            param.add_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
+    rollout = trainer.sample_and_score()
+    mask, P = rollout.gen_mask, rollout.prompt_len
+    k1 = torch.where(mask, rollout.logprobs - rollout.ref_logprobs, 0.0).sum(1)
+    assert rollout.stats["objective/kl"] == pytest.approx(k1.mean().item(), abs=1e-6)
+    assert "objective/kl_exact" not in rollout.stats and rollout.exact_sequence_kl is None
+    torch.testing.assert_close(rollout.sequence_kl, k1, rtol=0, atol=1e-6)  # what the KL controller reads
+
+    config = small_config(sampling=SamplingConfig(max_new_tokens=6, temperature=1.5), log_exact_kl=True)
+    exact_trainer = PPOTrainer(config, policy=trainer.policy)  # the same moved policy; a fresh generator: the same samples
+    exact_trainer.reference = trainer.reference  # (its own would be a copy of the moved policy)
+    exact_rollout = exact_trainer.sample_and_score()
+    assert torch.equal(exact_rollout.sequences, rollout.sequences)
+    assert exact_rollout.stats["objective/kl"] == rollout.stats["objective/kl"]  # still the k1 sum
+    with torch.no_grad():
+        seq, attention = rollout.sequences, rollout.attention_mask
+        policy = torch.distributions.Categorical(logits=trainer.policy.bridge(seq, attention_mask=attention)[:, P - 1 : -1] / 1.5)
+        reference = torch.distributions.Categorical(logits=trainer.reference(seq, attention_mask=attention)[:, P - 1 : -1] / 1.5)
+    expected = torch.where(mask, torch.distributions.kl_divergence(policy, reference), 0.0).sum(1)
+    assert expected.mean() > 1e-3
+    torch.testing.assert_close(exact_rollout.exact_sequence_kl, expected, rtol=1e-4, atol=1e-5)
+    assert exact_rollout.stats["objective/kl_exact"] == pytest.approx(expected.mean().item(), rel=1e-4)

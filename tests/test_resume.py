@@ -344,7 +344,7 @@ def test_a_checkpoint_missing_its_value_head_or_with_a_bad_phase_is_refused(tiny
         PPOTrainer.resume(PPOConfig(resume=tmp_path / "run"))
 
 
-def test_ctrl_c_stops_at_the_phase_boundary_saves_and_resumes_exactly(tiny_model_dir, prompts_file, tmp_path):
+def test_ctrl_c_stops_at_the_phase_boundary_saves_and_resumes_exactly(tiny_model_dir, prompts_file, tmp_path, sigint_default):
     import signal
 
     from rlhf_scratch.interrupts import TrainingInterrupted

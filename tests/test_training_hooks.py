@@ -49,7 +49,7 @@ def test_hook_names_used_here_exist_with_the_documented_shapes(tiny_bridge):
 
 
 def test_ablation_changes_policy_logprobs_not_reference(tiny_bridge):
-    trainer = make_trainer(tiny_bridge)
+    trainer = make_trainer(tiny_bridge, log_exact_kl=True)
     memory = trainer.rollout_phase()
     seq, mask, P, T = memory.sequences, memory.gen_mask, memory.prompt_len, trainer.config.sampling.temperature
     bridge = trainer.policy.bridge
@@ -61,9 +61,9 @@ def test_ablation_changes_policy_logprobs_not_reference(tiny_bridge):
     assert (memory.logprobs[mask] - plain[mask]).abs().max() > 1e-3  # a random model: small, but far above rounding
     # ...and the reference without it: its log-probs are the unhooked starting model's.
     torch.testing.assert_close(memory.ref_logprobs[mask], plain[mask], rtol=0, atol=1e-6)
-    # So the KL to the reference is already > 0 before any update (it is 0 without the hook).
-    hooked_kl = memory.sequence_kl.mean().item()
-    unhooked_kl = make_trainer(tiny_bridge, fwd_hooks=()).sample_and_score().stats["objective/kl"]
+    # So the exact KL to the reference is already > 0 before any update (it is 0 without the hook).
+    hooked_kl = trainer.sample_and_score().stats["objective/kl_exact"]
+    unhooked_kl = make_trainer(tiny_bridge, fwd_hooks=(), log_exact_kl=True).sample_and_score().stats["objective/kl_exact"]
     assert hooked_kl > 1e-5 and unhooked_kl < 1e-7
     # Nothing stays attached: the bridge alone is the starting model again.
     assert no_hooks_left(bridge)
