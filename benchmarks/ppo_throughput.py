@@ -353,7 +353,8 @@ def bench_raw(spec: ModelSpec, model_dir: Path, keep: dict, args) -> dict:
     # A forward is short and noisy: more repetitions than the other parts.
     result["forward"] = mean(timed(forward_only, max(3, 2 * repeats), warmup, device))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    # Fused, as the engine's trainers use it (the plain HF module's parameters are contiguous already).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.split(':')[0] in ('cpu', 'cuda') or None)
     params = list(model.parameters())
     shuffle = torch.Generator().manual_seed(args.seed)
 

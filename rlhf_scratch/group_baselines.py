@@ -34,9 +34,7 @@ from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import (
     aggregate_tokens,
     clipped_surrogate_per_token,
-    generated_logits,
     ppo_diagnostics,
-    taken_logprobs,
 )
 from rlhf_scratch.optimization import check_finite
 from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
@@ -190,11 +188,8 @@ class GRPOTrainer(GroupSampling, PolicyTrainer):
         """The clipped surrogate and the KL term, each aggregated over tokens as GRPO (or Dr. GRPO) does; the new
         log-probs (detached)."""
         config = self.config
-        P, mask = minibatch.prompt_len, minibatch.gen_mask
-        logits = self.learning_forward(minibatch).logits
-        scaled_logits = logits / config.sampling.temperature
-        logits_gen = generated_logits(scaled_logits, P)
-        logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
+        mask = minibatch.gen_mask
+        logits_gen, _, logprobs = self.generated_logprobs(self.learning_forward(minibatch).logits, minibatch)
 
         def aggregate(per_token: Tensor) -> Tensor:
             return aggregate_tokens(per_token, mask, self.aggregation, config.sampling.max_new_tokens)

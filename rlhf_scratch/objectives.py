@@ -242,7 +242,16 @@ def calc_entropy_bonus(
     bonus = ent_coef · masked_mean(H, gen_mask),  H = entropy_per_token(logits_gen)
     logits_gen [B, G, V], gen_mask [B, G] -> []
     """
-    return ent_coef * masked_mean(entropy_per_token(logits_gen), gen_mask)
+    return calc_entropy_bonus_from_logprobs(F.log_softmax(logits_gen, dim=-1), gen_mask, ent_coef)
+
+
+@jaxtyped(typechecker=typechecker)
+def calc_entropy_bonus_from_logprobs(
+    logp_gen: Float[Tensor, "batch gen vocab"], gen_mask: Bool[Tensor, "batch gen"], ent_coef: float
+) -> Float[Tensor, ""]:
+    """``calc_entropy_bonus`` from a log-distribution already computed (the learning pass's one log-softmax):
+    ent_coef · masked_mean(−Σ_v exp(logp)·logp, gen_mask)      [B, G, V], [B, G] -> []"""
+    return ent_coef * masked_mean(entropy_from_logprobs(logp_gen), gen_mask)
 
 
 @jaxtyped(typechecker=typechecker)

@@ -49,3 +49,46 @@ def clip_and_step(optimizer: torch.optim.Optimizer, max_grad_norm: float, hint: 
     check_finite("gradient norm", grad_norm, hint)
     optimizer.step()
     return grad_norm
+
+
+def fused_where_contiguous(groups: list[dict], device: str) -> list[dict]:
+    """AdamW parameter groups that run the fused kernel wherever it is right: each group split in two, its contiguous
+    parameters (``fused=True``) then its other ones (the for-loop AdamW), in the same order otherwise.
+
+    The fused AdamW is one kernel over all tensors instead of a Python loop of small ops: ~5x faster steps at GPT-2
+    size on a CPU (1.0 s -> 0.2 s on one thread), the same update to float rounding (~1e-7). torch 2.13's fused
+    kernel updates a non-contiguous parameter wrongly (0.3 off after 3 steps of lr 0.1 in a direct test), and the GPT-2
+    bridge trains q/k/v as transposed slices of the fused ``c_attn``: those keep the plain AdamW, bit for bit as
+    before. On devices without a fused kernel (mps) every group keeps the plain AdamW. Each group carries
+    ``origin``, the index of the group it came from (``regroup_optimizer_state`` reads it).
+    """
+    fused = torch.device(device).type in ("cpu", "cuda")
+    split = []
+    for origin, group in enumerate(groups):
+        contiguous = [p for p in group["params"] if p.is_contiguous()]
+        strided = [p for p in group["params"] if not p.is_contiguous()]
+        for params, use_fused in ((contiguous, fused), (strided, False)):
+            if params:
+                split.append({**group, "params": params, "fused": use_fused or None, "origin": origin})
+    return split
+
+
+def regroup_optimizer_state(saved: dict, original_groups: list[dict], optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict saved with ``original_groups`` (before ``fused_where_contiguous``: a checkpoint
+    written before 2026-11-29) rearranged for ``optimizer``, whose groups split them. The moments of each
+    parameter move to its new index; each new group takes its original group's saved hyperparameters (lr, ...)."""
+    if len(saved["param_groups"]) != len(original_groups):
+        raise ValueError(f"The checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this trainer "
+                         f"{len(original_groups)}; resume with the same trainer and model the run used.")
+    old_index = {id(p): i for i, p in enumerate(p for group in original_groups for p in group["params"])}
+    state, param_groups, new_index = {}, [], 0
+    for group in optimizer.param_groups:
+        indices = []
+        for param in group["params"]:
+            if old_index[id(param)] in saved["state"]:
+                state[new_index] = saved["state"][old_index[id(param)]]
+            indices.append(new_index)
+            new_index += 1
+        param_groups.append({**saved["param_groups"][group["origin"]], "params": indices, "fused": group["fused"],
+                             "origin": group["origin"]})
+    return {"state": state, "param_groups": param_groups}

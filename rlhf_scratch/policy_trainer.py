@@ -73,7 +73,7 @@ from rlhf_scratch.objectives import (
     kl_k3,
     masked_mean,
 )
-from rlhf_scratch.optimization import clip_and_step
+from rlhf_scratch.optimization import clip_and_step, fused_where_contiguous, regroup_optimizer_state
 from rlhf_scratch.outputs import append_jsonl, atomic_dir, filter_jsonl, to_jsonable, write_json
 from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.sampling import Generation, encode, generate, padding_id
@@ -250,7 +250,8 @@ class PolicyTrainer(ABC):
         self.fwd_hooks = check_fwd_hooks(self.policy.bridge, fwd_hooks)
         self.prompt_pool = self._build_prompt_pool()
 
-        self.optimizer = torch.optim.AdamW(self.param_groups(), weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(fused_where_contiguous(self.param_groups(), config.device),
+                                           weight_decay=config.weight_decay)
         self.learner = distributed.wrap_ddp(self.policy, [p for group in self.optimizer.param_groups for p in group["params"]])
         """The policy the learning passes run through: ``self.policy`` itself, or wrapped in DDP (data-parallel)."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -379,15 +380,21 @@ class PolicyTrainer(ABC):
 
     def load_resume_state(self, state: dict) -> None:
         """Restore ``resume_state()`` into this freshly built trainer (same model and config)."""
+        saved, scheduler = state["optimizer"], state["scheduler"]
+        if len(saved["param_groups"]) != len(self.optimizer.param_groups):  # written before the fused/plain split
+            saved = regroup_optimizer_state(saved, self.param_groups(), self.optimizer)
+            origins = [group["origin"] for group in self.optimizer.param_groups]
+            scheduler = {**scheduler, **{key: [scheduler[key][i] for i in origins] for key in ("base_lrs", "_last_lr")
+                                         if key in scheduler}}
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        for index, moments in state["optimizer"]["state"].items():
-            saved = tuple(moments["exp_avg"].shape)
-            if index >= len(params) or tuple(params[index].shape) != saved:
+        for index, moments in saved["state"].items():
+            shape = tuple(moments["exp_avg"].shape)
+            if index >= len(params) or tuple(params[index].shape) != shape:
                 have = tuple(params[index].shape) if index < len(params) else "no such parameter"
                 raise ValueError(f"The checkpoint's optimizer state does not fit this model (parameter {index}: saved "
-                                 f"{list(saved)}, model {have}); resume with the model the run trained.")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+                                 f"{list(shape)}, model {have}); resume with the model the run trained.")
+        self.optimizer.load_state_dict(saved)
+        self.scheduler.load_state_dict(scheduler)
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.load_algorithm_state(state["algorithm"])
         self.phase, self.history = state["phase"], list(state["history"])
@@ -465,6 +472,17 @@ class PolicyTrainer(ABC):
         with self.autocast():
             output = self.learner(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks)
         return PolicyOutput(logits=output.logits.float(), values=output.values.float())
+
+    def generated_logprobs(self, logits: Tensor, minibatch: ReplayMemory) -> tuple[Tensor, Tensor, Tensor]:
+        """A learning pass's logits [B, S, V] → ``(logits_gen, logp_gen, logprobs)``: the logits that predict the
+        generated tokens at the sampling temperature [B, G, V], their log-softmax [B, G, V] and the taken tokens'
+        log-probs [B, G]. One vocabulary-wide log-softmax serves the ratio and the entropy; no [B, S, V] copy at T = 1."""
+        temperature = self.config.sampling.temperature
+        logits_gen = generated_logits(logits, minibatch.prompt_len)
+        if temperature != 1:
+            logits_gen = logits_gen / temperature
+        logp_gen = F.log_softmax(logits_gen, dim=-1)
+        return logits_gen, logp_gen, gather_taken(logp_gen, minibatch.sequences[:, minibatch.prompt_len:])
 
     def token_share(self, value: Tensor, piece: ReplayMemory) -> Tensor:
         """A mean over ``piece``'s real generated tokens → its share of the mean over the whole minibatch

@@ -34,12 +34,10 @@ from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import (
     calc_clipped_surrogate,
-    calc_entropy_bonus,
+    calc_entropy_bonus_from_logprobs,
     calc_value_loss,
-    generated_logits,
     masked_whiten,
     ppo_diagnostics,
-    taken_logprobs,
 )
 from rlhf_scratch.optimization import NonFiniteLossError, check_finite  # noqa: F401 (NonFiniteLossError re-exported)
 from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
@@ -199,9 +197,7 @@ class PPOTrainer(PolicyTrainer):
         config = self.config
         P, mask = minibatch.prompt_len, minibatch.gen_mask
         output = self.learning_forward(minibatch)
-        scaled_logits = output.logits / config.sampling.temperature
-        logits_gen = generated_logits(scaled_logits, P)
-        logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
+        logits_gen, logp_gen, logprobs = self.generated_logprobs(output.logits, minibatch)
         values = output.values[:, P - 1 : -1]
         advantages = minibatch.advantages
         if config.normalize_advantages:
@@ -213,7 +209,7 @@ class PPOTrainer(PolicyTrainer):
             "surrogate": calc_clipped_surrogate(logprobs, minibatch.logprobs, advantages, mask, config.clip_coef,
                                                 normalize_advantages=False),
             "value_loss": calc_value_loss(values, minibatch.returns, mask, config.vf_coef, minibatch.values, config.clip_range_value),
-            "entropy_bonus": calc_entropy_bonus(logits_gen, mask, config.ent_coef),
+            "entropy_bonus": calc_entropy_bonus_from_logprobs(logp_gen, mask, config.ent_coef),
         }
         terms["kl_penalty"] = self.kl_loss_term(logprobs, logits_gen, minibatch)
         # Every term is a mean over real tokens: a piece of a minibatch (a rank's slice, a micro-batch) gives its share.

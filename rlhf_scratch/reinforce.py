@@ -31,7 +31,7 @@ from torch import Tensor
 
 from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
-from rlhf_scratch.objectives import generated_logits, masked_sequence_sum, taken_logprobs
+from rlhf_scratch.objectives import masked_sequence_sum
 from rlhf_scratch.optimization import check_finite
 from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
 from rlhf_scratch.typecheck import typechecker
@@ -160,16 +160,13 @@ class REINFORCETrainer(PolicyTrainer):
     def compute_losses(self, minibatch: ReplayMemory) -> tuple[dict[str, Tensor], Tensor]:
         """The REINFORCE loss (and the KL term with kl_mode="loss") on one minibatch, with grad; and the
         new log-probs (detached)."""
-        config = self.config
-        P, mask = minibatch.prompt_len, minibatch.gen_mask
-        logits = self.learning_forward(minibatch).logits
-        scaled_logits = logits / config.sampling.temperature
-        logprobs = taken_logprobs(scaled_logits, minibatch.sequences, P)
+        mask = minibatch.gen_mask
+        logits_gen, _, logprobs = self.generated_logprobs(self.learning_forward(minibatch).logits, minibatch)
         # Every real token of a row carries the row's advantage; read it back as one number per row.
         advantages = minibatch.advantages.sum(1) / mask.sum(1).clamp(min=1)
         # A mean over rows and a mean over real tokens: a piece of a minibatch gives its share of each.
         terms = {"policy_loss": self.row_share(reinforce_loss(masked_sequence_sum(logprobs, mask), advantages), minibatch)}
-        terms["kl_penalty"] = self.token_share(self.kl_loss_term(logprobs, generated_logits(scaled_logits, P), minibatch),
+        terms["kl_penalty"] = self.token_share(self.kl_loss_term(logprobs, logits_gen, minibatch),
                                                minibatch)
         for name, value in terms.items():
             check_finite(name, value, self.nonfinite_hint)

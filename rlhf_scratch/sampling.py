@@ -324,7 +324,8 @@ def generate(
             # The token just sampled is real (mask 1) iff its row had not ended before it.
             attention_mask = torch.cat([attention_mask, new_real[-1].long()[:, None]], dim=1)
             step_input = next_token[:, None]
-            if bool(finished.all()):
+            # bool() waits for the device (a host-device sync per token on a GPU): only when rows can end early.
+            if config.stop_at_eos and bool(finished.all()):
                 break
 
     gen_tokens = torch.stack(new_tokens, dim=1)

@@ -419,3 +419,33 @@ def test_resuming_into_another_directory_says_where_the_earlier_rows_are(tiny_mo
     assert "continuing from phase 1 in" in output.getvalue() and "start at phase 2" in output.getvalue()
     assert [row["phase"] for row in read_metrics(other)] == [2]
     assert [row["phase"] for row in read_metrics(run)] == [1]  # the original run is untouched
+
+
+def test_a_checkpoint_from_before_the_fused_optimizer_resumes_with_each_moment_on_its_parameter(
+        tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    """Checkpoints written before 2026-11-29 hold an AdamW with one group per learning rate; the trainer now splits each
+    group into fused (contiguous) and plain (the bridge's strided q/k/v) parameters. Resuming such a checkpoint must put
+    every saved moment on the same parameter and every group at its original learning rate."""
+    import rlhf_scratch.policy_trainer as policy_trainer
+
+    monkeypatch.setattr(policy_trainer, "fused_where_contiguous", lambda groups, device: groups)  # the old optimizer
+    old = PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=tmp_path / "run", checkpoint_every=1))
+    old.train(stop_after=STOP)
+    assert len(old.optimizer.param_groups) == 2  # trunk at lr, value head at head_lr
+    moments = {name: (old.optimizer.state[p]["exp_avg"].clone(), old.optimizer.state[p]["exp_avg_sq"].clone())
+               for name, p in old.policy.named_parameters() if p in old.optimizer.state}
+    lr, head_lr = (group["lr"] for group in old.optimizer.param_groups)
+    monkeypatch.undo()
+
+    resumed = PPOTrainer.resume(PPOConfig(resume=tmp_path / "run" / "checkpoint"))
+    groups = resumed.optimizer.param_groups
+    assert [(group["origin"], group["fused"]) for group in groups] == [(0, True), (0, None), (1, True)]
+    assert [group["lr"] for group in groups] == [lr, lr, head_lr] and len(resumed.scheduler.base_lrs) == 3
+    parameters = dict(resumed.policy.named_parameters())
+    assert len(moments) == sum(len(group["params"]) for group in groups) > 0
+    for name, (exp_avg, exp_avg_sq) in moments.items():
+        state = resumed.optimizer.state[parameters[name]]
+        assert torch.equal(state["exp_avg"], exp_avg) and torch.equal(state["exp_avg_sq"], exp_avg_sq), name
+    resumed.train()
+    assert [row["phase"] for row in read_metrics(tmp_path / "run")] == list(range(1, PHASES + 1))
+    assert resumed.scheduler.get_last_lr()[1] == resumed.scheduler.get_last_lr()[0]  # the split trunk groups stay together
