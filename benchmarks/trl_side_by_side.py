@@ -159,6 +159,25 @@ def trl_config_kwargs(batch_size: int, minibatch_size: int, ppo_epochs: int, new
 # --------------------------------------------------------------------------- workers
 
 
+def own_peak_rss_mib() -> float:
+    """Peak resident memory of this process's own address space (VmHWM), in MiB.
+
+    Not ``ru_maxrss`` (``ppo_throughput.peak_rss_mib``): on Linux a child's ``ru_maxrss``
+    starts at its parent's resident size at fork and survives ``exec``, so a fresh worker
+    would report at least the orchestrator's size (over 1 GiB after building the GPT-2 model).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    from ppo_throughput import peak_rss_mib
+
+    return peak_rss_mib()
+
+
 def _set_threads(threads: int) -> None:
     import torch
 
@@ -173,13 +192,13 @@ def project_worker(job: dict) -> dict:
     """One project run: ``bench_engine`` (warmup + timed phases) in this fresh process."""
     import argparse as _argparse
 
-    from ppo_throughput import ModelSpec, bench_engine, cpu_seconds, peak_rss_mib, prepare_process
+    from ppo_throughput import ModelSpec, bench_engine, cpu_seconds, prepare_process
 
     _set_threads(job["threads"])
     args = _argparse.Namespace(device="cpu", prompt=job["prompt"], seed=job["seed"], warmup=job["warmup"],
                                vader=False, verbose=False, threads=job["threads"])
     prepare_process(args)
-    rss_imports = peak_rss_mib()
+    rss_imports = own_peak_rss_mib()
     spec = ModelSpec(**job["spec"])
     spec.phases = job["updates"]
     busy0, own0 = cpu_seconds()
@@ -198,7 +217,7 @@ def project_worker(job: dict) -> dict:
         "setup_seconds": engine["setup_seconds"],
         "optimizer_steps_per_update": spec.ppo_epochs * spec.batch_size // spec.minibatch_size,
         "prompt_ids": keep["prompt_ids"],
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": own_peak_rss_mib(),
         "rss_after_imports_mib": rss_imports,
         "parameters": {"policy_trunk": keep["trunk_parameters"], "value_head": keep["head_parameters"]},
         "torch_threads": torch.get_num_threads(),
@@ -221,7 +240,7 @@ def trl_worker(job: dict) -> dict:
     import gc
     import importlib.metadata as md
 
-    from ppo_throughput import cpu_seconds, peak_rss_mib
+    from ppo_throughput import cpu_seconds
 
     _set_threads(job["threads"])
     import torch
@@ -236,7 +255,7 @@ def trl_worker(job: dict) -> dict:
     import datasets
 
     datasets.disable_progress_bars()
-    rss_imports = peak_rss_mib()
+    rss_imports = own_peak_rss_mib()
 
     model_dir = job["model_dir"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -269,7 +288,7 @@ def trl_worker(job: dict) -> dict:
     config = PPOConfig(**kwargs)
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward_model, train_dataset=dataset, value_model=value_model)
-    rss_setup = peak_rss_mib()
+    rss_setup = own_peak_rss_mib()
 
     # ---- timers: wrap the module-level names the training loop looks up at call time
     clock = time.perf_counter
@@ -420,7 +439,7 @@ def trl_worker(job: dict) -> dict:
         "updates": rows,
         "optimizer_steps_per_update": steps.pop() if len(steps) == 1 else sorted(steps),
         "expected_optimizer_steps": trl_optimizer_steps(kwargs),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": own_peak_rss_mib(),
         "rss_after_imports_mib": rss_imports,
         "rss_after_setup_mib": rss_setup,
         "parameters": {"policy": n_params(policy), "reference": n_params(trainer.ref_model),
@@ -610,8 +629,8 @@ def print_report(console, info: dict, results: list[dict]) -> None:
         for line in goals(res):
             console.print(f"[bold]goal[/] {line}")
     console.print("[dim]note:[/] parameters: project = policy trunk + value head (the reference is a frozen copy of the "
-                  "trunk); TRL = policy + reference + value model + reward model. Peak RSS: ru_maxrss of the fresh process, "
-                  "largest over the rounds.")
+                  "trunk); TRL = policy + reference + value model + reward model. Peak RSS: VmHWM of the fresh worker "
+                  "process (its own high-water mark), largest over the rounds; Δ: over the same process after its imports.")
     if info["other_processes_cpu_share"] > 0.1 or info["load_start"] > info["cpu_count"]:
         console.print(f"[yellow]The machine was shared: other processes used {100 * info['other_processes_cpu_share']:.0f}% "
                       f"of its CPUs (load {info['load_start']:.1f} at start); absolute times are inflated, the per-round "
