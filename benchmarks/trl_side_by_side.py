@@ -28,7 +28,7 @@ neighbouring runs is steadier than either figure.
 
 Examples::
 
-    python benchmarks/trl_side_by_side.py --trl-python /work/trl-venv/bin/python            # ~12 min
+    python benchmarks/trl_side_by_side.py --trl-python /work/trl-venv/bin/python            # ~11 min
     python benchmarks/trl_side_by_side.py --trl-python /work/trl-venv/bin/python --models tiny  # ~2 min
     python benchmarks/trl_side_by_side.py --make-trl-venv /work/trl-venv --models tiny --rounds 1
 
