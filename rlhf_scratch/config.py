@@ -94,6 +94,11 @@ class PolicyTrainingConfig(TaskConfig):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Forward passes of the policy and the reference under torch.autocast in this dtype (not generation);
     log-softmax, KL, losses, weights and the optimiser state stay float32."""
+    plain_forward: bool = True
+    """Run the forward passes no hook watches (the rollout's policy and reference passes, the learning passes) as
+    the plain Hugging Face module on the bridge's own weights: the same function to float rounding, without the
+    TransformerLens hook points' overhead (rlhf_scratch/plain_forward.py). Passes with hooks always go through the
+    bridge. False: every pass through the bridge."""
 
     # --- KL to the reference ---
     kl_coef: float = 0.05

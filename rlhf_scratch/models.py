@@ -219,6 +219,8 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.bridge = bridge
         self.value_head = value_head if value_head is not None else ValueHead(bridge.cfg.d_model)
+        self.plain_forward = True
+        """Run a pass that no hook watches as the plain module on the bridge's weights (``rlhf_scratch.plain_forward``)."""
 
     @property
     def tokenizer(self):
@@ -240,8 +242,16 @@ class PolicyWithValueHead(nn.Module):
         ``attention_mask`` (1 = real token) is needed for left-padded batches: the bridge
         then masks padding in attention and derives position ids from the mask.
         ``fwd_hooks`` are extra TransformerLens hooks ``(name, fn)`` applied to this pass
-        only (e.g. an ablation during training).
+        only (e.g. an ablation during training). Without any hook (none given, none attached to the bridge)
+        the pass runs as the plain Hugging Face module on the bridge's weights (``plain_forward``): the same
+        logits and values to float rounding, faster on small models.
         """
+        from rlhf_scratch.plain_forward import plain_forward_if_unhooked  # (that module builds on this one)
+
+        plain = plain_forward_if_unhooked(self.bridge, fwd_hooks) if self.plain_forward else None
+        if plain is not None:  # nothing is hooked: the same function without the hook points' overhead
+            logits, final_resid = plain(tokens, attention_mask)
+            return PolicyOutput(logits=logits, values=self.value_head(final_resid))
         captured: dict[str, Tensor] = {}
 
         def capture_final_resid(resid, hook):

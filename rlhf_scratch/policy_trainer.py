@@ -75,6 +75,7 @@ from rlhf_scratch.objectives import (
 )
 from rlhf_scratch.optimization import clip_and_step, fused_where_contiguous, regroup_optimizer_state
 from rlhf_scratch.outputs import append_jsonl, atomic_dir, filter_jsonl, to_jsonable, write_json
+from rlhf_scratch.plain_forward import reference_logits
 from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.sampling import Generation, encode, generate, padding_id
 from rlhf_scratch.schedule import warmup_decay_lambda
@@ -245,6 +246,7 @@ class PolicyTrainer(ABC):
         else:  # a copy of the starting policy; reloadable by name only if it was loaded by name
             reference_bridge, self.reference_source = self.policy.bridge, (config.model if policy is None else None)
         self.reference = make_reference(reference_bridge)
+        self.policy.plain_forward = config.plain_forward
         self.reference_fingerprint = weights_fingerprint(self.reference)
         self.reward = reward or make_reward(config.reward)
         self.fwd_hooks = check_fwd_hooks(self.policy.bridge, fwd_hooks)
@@ -544,7 +546,7 @@ class PolicyTrainer(ABC):
 
         # Reference: the same tokens under the frozen starting model.
         with self.autocast():
-            ref_logits = self.reference(sequences, attention_mask=attention_mask).float()
+            ref_logits = reference_logits(self.reference, sequences, attention_mask, plain=config.plain_forward).float()
         ref_logits_gen = generated_logits(ref_logits if temperature == 1 else ref_logits / temperature, P)
         ref_logp_gen = F.log_softmax(ref_logits_gen, dim=-1)
         ref_logprobs = gather_taken(ref_logp_gen, tokens)

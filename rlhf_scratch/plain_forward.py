@@ -1,0 +1,188 @@
+"""The forward pass without TransformerLens hook points, for the passes no hook watches.
+
+TransformerLens 4's bridge wraps every component of the Hugging Face model in hook points and recomputes
+LayerNorm and attention in Python so that a hook can see (and edit) every intermediate. With no hook attached
+that machinery still runs: on the built-in 4-layer model a forward pass of 2 sequences takes ~13 ms through the
+bridge against ~7 ms for the plain module (one CPU thread), and the training step's forward and backward pay it
+on every minibatch. When nothing is hooked, the trainers run the same model as a plain Hugging Face module
+instead:
+
+    logits, final_resid = PlainForward(bridge)(tokens, attention_mask)
+
+* The module is a parameter-less copy of the bridge's architecture (built on the ``meta`` device) run with
+  ``torch.func.functional_call`` on the bridge's **own live parameters**: gradients land on the bridge's
+  parameters, so the optimiser, DDP and checkpoints see no difference.
+* GPT-2 fuses q, k and v into one ``c_attn`` weight; the bridge trains them as three split weights, so
+  ``c_attn`` is rebuilt from them (``torch.cat``, differentiable) on every call.
+* Position ids come from the attention mask, as the bridge derives them (left padding is skipped).
+* ``final_resid`` is the last hidden state, after the final LayerNorm: the bridge's ``ln_final.hook_out``,
+  where the value head reads.
+
+The two paths compute the same function with different kernels (the bridge's Python LayerNorm and attention
+against the module's own), so they agree to float rounding, not bit for bit. ``PlainForward`` checks this when
+it is built, on a fixed left-padded batch: logits and final residual within ``TOLERANCE`` of the bridge's, or
+``plain_forward_for`` returns None and every pass goes through the bridge (with a warning saying why). A hook
+attached to any of the bridge's hook points (``run_with_hooks``, ``bridge.hooks()``, ``add_hook``) sends the
+pass through the bridge, so hooks never miss a pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+from transformers import AutoModelForCausalLM
+
+from rlhf_scratch.models import FINAL_RESIDUAL_HOOK
+
+TOLERANCE = 1e-4
+"""Largest |difference| allowed between the plain and the bridge's logits or final residual (float32) at build time."""
+
+
+class PlainForwardUnavailable(RuntimeError):
+    """The bridge's model cannot run as a plain module here (an unknown layout of its weights, or a mismatch)."""
+
+
+def _live_tensors(bridge) -> dict[str, Tensor]:
+    """The bridge's parameters and buffers under the plain module's names (``._original_component`` stripped)."""
+    state = bridge.original_model.state_dict(keep_vars=True)
+    return {key.replace("._original_component", ""): value for key, value in state.items()}
+
+
+def any_hook_attached(hook_points: list[torch.nn.Module]) -> bool:
+    """Whether a hook (forward or backward: ``run_with_hooks``, ``bridge.hooks()``, ``add_hook``, or a plain
+    ``register_forward_hook`` on a hook point) is attached to any of ``hook_points`` right now, or a global
+    module hook is.
+
+    Only hook points are checked: the bridge itself keeps hooks of its own on the wrapped Hugging Face modules
+    (transformers' output capture), so a hook registered directly on such a module is not seen. To hook those,
+    turn the plain path off (``plain_forward=False``).
+    """
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks:
+        return True
+    return any(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks or point._backward_pre_hooks
+               for point in hook_points)
+
+
+class PlainForward:
+    """``bridge``'s model as a plain Hugging Face module on the bridge's live parameters (module docstring)."""
+
+    def __init__(self, bridge):
+        self.bridge = bridge
+        config = bridge.original_model.config
+        with torch.device("meta"):
+            self.module = AutoModelForCausalLM.from_config(config)
+        self.module.eval()
+        self.parameter_ids = self._parameter_ids()
+        self.hook_points = list(bridge.hook_dict.values())  # where a user's hook is attached (checked every pass)
+        live = _live_tensors(bridge)
+        names = [name for name, _ in self.module.named_parameters()] + [name for name, _ in self.module.named_buffers()]
+        # GPT-2's fused q/k/v: rebuilt from the split weights the bridge trains (Linear [out, in] -> Conv1D [in, out]).
+        self.fused_qkv = [name[: -len("c_attn.weight")] for name in names
+                          if name.endswith("c_attn.weight") and name[: -len("c_attn.weight")] + "q.weight" in live]
+        fused_names = {prefix + f"c_attn.{kind}" for prefix in self.fused_qkv for kind in ("weight", "bias")}
+        missing = [name for name in names if name not in live and name not in fused_names]
+        if missing:
+            raise PlainForwardUnavailable(f"no bridge tensor for {missing[:3]} ({len(missing)} in all)")
+        self.sources = {name: live[name] for name in names if name not in fused_names}
+        self.split_qkv = {prefix: {kind: [live[prefix + f"{n}.{kind}"] for n in "qkv"] for kind in ("weight", "bias")}
+                          for prefix in self.fused_qkv}
+
+    def _parameter_ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for p in self.bridge.parameters())
+
+    def still_current(self) -> bool:
+        """False once the bridge's parameters were replaced (``load_state_dict(assign=True)``): rebuild then."""
+        return self._parameter_ids() == self.parameter_ids
+
+    def weights(self) -> dict[str, Tensor]:
+        """Every tensor of the plain module, from the bridge (the fused q/k/v rebuilt, with grad)."""
+        weights = dict(self.sources)
+        for prefix, split in self.split_qkv.items():
+            weights[prefix + "c_attn.weight"] = torch.cat([weight.T for weight in split["weight"]], dim=1)
+            weights[prefix + "c_attn.bias"] = torch.cat(split["bias"])
+        return weights
+
+    def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``tokens [B, S]`` (``attention_mask [B, S]``, 1 = real) → ``(logits [B, S, V], final_resid [B, S, D])``."""
+        kwargs = {"output_hidden_states": True, "use_cache": False}
+        if attention_mask is not None:
+            # As the bridge derives them: each real token's position counts only real tokens; padding gets 1.
+            kwargs["attention_mask"] = attention_mask
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        output = functional_call(self.module, self.weights(), (tokens,), kwargs)
+        return output.logits, output.hidden_states[-1]
+
+    @torch.no_grad()
+    def check_against_bridge(self) -> float:
+        """The largest difference between this path's and the bridge's logits and final residual on a fixed
+        left-padded batch (real positions only); raises ``PlainForwardUnavailable`` above ``TOLERANCE``."""
+        bridge, captured = self.bridge, {}
+        vocab, n_ctx = bridge.cfg.d_vocab, bridge.cfg.n_ctx
+        length = max(1, min(6, n_ctx))
+        device = next(bridge.parameters()).device
+        tokens = torch.tensor([[(7 * i + 3) % vocab for i in range(length)],
+                               [(11 * i + 5) % vocab for i in range(length)]], device=device)
+        mask = torch.ones_like(tokens)
+        mask[1, : length // 2] = 0  # left padding
+
+        def capture(resid, hook):
+            captured["resid"] = resid
+
+        # In float32 whatever autocast a caller runs under (--dtype bfloat16): the check compares functions, not dtypes.
+        with torch.autocast(device_type=device.type, enabled=False):
+            hooked_logits = bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(FINAL_RESIDUAL_HOOK, capture)])
+            logits, resid = self(tokens, mask)
+        real = mask.bool()
+        difference = max((logits - hooked_logits)[real].abs().max().item(), (resid - captured["resid"])[real].abs().max().item())
+        if not difference <= TOLERANCE:
+            raise PlainForwardUnavailable(f"its logits or final residual differ from the bridge's by {difference:.3g}")
+        return difference
+
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""bridge -> its PlainForward, or the reason it has none (kept outside the bridge: ``copy.deepcopy`` of a bridge
+must not carry references to the original's parameters)."""
+
+
+def plain_forward_for(bridge) -> PlainForward | None:
+    """The bridge's checked ``PlainForward`` (built and checked once per bridge), or None where it cannot run: then
+    a warning, once per bridge, says why and every pass goes through the bridge."""
+    plain = _PLAIN.get(bridge)
+    if isinstance(plain, PlainForward) and plain.still_current():
+        return plain
+    if isinstance(plain, str):
+        return None
+    try:
+        plain = PlainForward(bridge)
+        plain.check_against_bridge()
+    except PlainForwardUnavailable as error:
+        _PLAIN[bridge] = str(error)
+        warnings.warn(f"Forward passes go through the TransformerLens bridge (slower on small models): the plain "
+                      f"module cannot stand in for it ({error}).", stacklevel=2)
+        return None
+    _PLAIN[bridge] = plain
+    return plain
+
+
+def plain_forward_if_unhooked(bridge, fwd_hooks=()) -> PlainForward | None:
+    """The ``PlainForward`` to run a pass with, or None when the pass must go through the bridge: hooks were asked
+    for, a hook is attached to the bridge, or the plain module cannot stand in for it."""
+    if fwd_hooks:
+        return None
+    plain = plain_forward_for(bridge)
+    return None if plain is None or any_hook_attached(plain.hook_points) else plain
+
+
+def reference_logits(bridge, tokens: Tensor, attention_mask: Tensor | None = None, plain: bool = True) -> Tensor:
+    """Logits [B, S, V] of a bridge with no hooks of its own (the reference): the plain module when ``plain`` and
+    nothing is attached to the bridge, else the bridge."""
+    runner = plain_forward_if_unhooked(bridge) if plain else None
+    if runner is None:
+        return bridge(tokens, attention_mask=attention_mask)
+    return runner(tokens, attention_mask)[0]
