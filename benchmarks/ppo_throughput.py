@@ -104,8 +104,20 @@ def sync(device: str) -> None:
 
 
 def peak_rss_mib() -> float:
-    """Process-wide high-water mark of resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's high-water mark of resident memory, in MiB: ``VmHWM`` on Linux, else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: a child's starts at its parent's resident size at fork and survives ``exec``, so
+    a fresh measuring process would report at least the orchestrator's size (before 2026-11-29 the figures here did:
+    the GPT-2 "after imports" baseline read ~1.1 GB where the imports take ~0.55 GB).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
@@ -585,10 +597,10 @@ def print_report(console, info: dict, results: list[dict], args, baseline_rss: f
         notes.append("On CUDA the engine's per-part clocks do not synchronize, so time can shift between "
                      "neighbouring parts; the phase and learning totals are synchronized.")
     elif args.isolate:
-        notes.append("Peak memory: peak RSS (ru_maxrss) of a fresh process that ran only that measurement; Δ is its "
+        notes.append("Peak memory: peak RSS (VmHWM) of a fresh process that ran only that measurement; Δ is its "
                      "increase over the same process after imports (torch, transformers, transformer_lens).")
     else:
-        notes.append(f"Peak memory: process-wide peak RSS (ru_maxrss), a high-water mark over the whole run; Δ is its "
+        notes.append(f"Peak memory: process-wide peak RSS (VmHWM), a high-water mark over the whole run; Δ is its "
                      f"increase during that measurement (models run left to right; {baseline_rss:.0f} MiB after "
                      f"imports). A raw Δ of +0 means the raw baseline stayed under the engine's peak.")
     if any(r.get("raw") for r in results):

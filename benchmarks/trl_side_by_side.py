@@ -160,19 +160,7 @@ def trl_config_kwargs(batch_size: int, minibatch_size: int, ppo_epochs: int, new
 
 
 def own_peak_rss_mib() -> float:
-    """Peak resident memory of this process's own address space (VmHWM), in MiB.
-
-    Not ``ru_maxrss`` (``ppo_throughput.peak_rss_mib``): on Linux a child's ``ru_maxrss``
-    starts at its parent's resident size at fork and survives ``exec``, so a fresh worker
-    would report at least the orchestrator's size (over 1 GiB after building the GPT-2 model).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    """Peak resident memory of this process's own address space (VmHWM), in MiB (``ppo_throughput.peak_rss_mib``)."""
     from ppo_throughput import peak_rss_mib
 
     return peak_rss_mib()
