@@ -16,7 +16,7 @@ process (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``). Every response ha
 
 Reported per set-up: seconds per phase (mean of the timed phases, rank 0's clock: every phase ends with
 collectives, so the ranks finish together), episodes/s = batch / that, rank 0's generate and learning
-time per phase, peak RSS of every rank (``ru_maxrss``), and for W=2 the parallel efficiency
+time per phase, peak RSS of every rank (``VmHWM``, ``ppo_throughput.peak_rss_mib``), and for W=2 the parallel efficiency
 (episodes/s at W=2) / (2 × episodes/s at W=1).
 
     python benchmarks/ddp_scaling.py                      # tiny and gpt2, ~5 min on 2 CPU cores
