@@ -189,7 +189,8 @@ class GRPOTrainer(GroupSampling, PolicyTrainer):
         log-probs (detached)."""
         config = self.config
         mask = minibatch.gen_mask
-        logits_gen, _, logprobs = self.generated_logprobs(self.learning_forward(minibatch).logits, minibatch)
+        logits = self.learning_forward(minibatch).logits
+        logits_gen, _, logprobs = self.generated_logprobs(logits, minibatch.sequences, minibatch.prompt_len)
 
         def aggregate(per_token: Tensor) -> Tensor:
             return aggregate_tokens(per_token, mask, self.aggregation, config.sampling.max_new_tokens)

@@ -475,16 +475,18 @@ class PolicyTrainer(ABC):
             output = self.learner(minibatch.sequences, minibatch.attention_mask, fwd_hooks=self.fwd_hooks)
         return PolicyOutput(logits=output.logits.float(), values=output.values.float())
 
-    def generated_logprobs(self, logits: Tensor, minibatch: ReplayMemory) -> tuple[Tensor, Tensor, Tensor]:
-        """A learning pass's logits [B, S, V] → ``(logits_gen, logp_gen, logprobs)``: the logits that predict the
-        generated tokens at the sampling temperature [B, G, V], their log-softmax [B, G, V] and the taken tokens'
-        log-probs [B, G]. One vocabulary-wide log-softmax serves the ratio and the entropy; no [B, S, V] copy at T = 1."""
+    def generated_logprobs(self, logits: Tensor, sequences: Tensor, prompt_len: int) -> tuple[Tensor, Tensor, Tensor]:
+        """A pass's logits [B, S, V] over ``sequences`` [B, S] → ``(logits_gen, logp_gen, logprobs)``: the logits that
+        predict the generated tokens at the sampling temperature [B, G, V], their log-softmax [B, G, V] and the taken
+        tokens' log-probs [B, G]. One vocabulary-wide log-softmax per pass serves the taken log-probs, the entropy and
+        the exact KL; only the generated positions are scaled, and nothing is copied at T = 1. The rollout's policy
+        and reference passes and every learning pass read their logits through it."""
         temperature = self.config.sampling.temperature
-        logits_gen = generated_logits(logits, minibatch.prompt_len)
+        logits_gen = generated_logits(logits, prompt_len)
         if temperature != 1:
             logits_gen = logits_gen / temperature
         logp_gen = F.log_softmax(logits_gen, dim=-1)
-        return logits_gen, logp_gen, gather_taken(logp_gen, minibatch.sequences[:, minibatch.prompt_len:])
+        return logits_gen, logp_gen, gather_taken(logp_gen, sequences[:, prompt_len:])
 
     def token_share(self, value: Tensor, piece: ReplayMemory) -> Tensor:
         """A mean over ``piece``'s real generated tokens → its share of the mean over the whole minibatch
@@ -531,13 +533,9 @@ class PolicyTrainer(ABC):
         # Old policy: log-probs at the sampling temperature and values of each state. One log-softmax over the
         # generated positions [B, G, V] gives the taken log-probs, the entropy and (when asked for) the exact KL;
         # no [B, S, V] copy when T = 1. At GPT-2 size each vocabulary-wide pass costs a good part of a forward.
-        tokens, temperature = sequences[:, P:], config.sampling.temperature
         with self.autocast():
             output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
-        logits = output.logits.float()
-        logits_gen = generated_logits(logits if temperature == 1 else logits / temperature, P)
-        logp_gen = F.log_softmax(logits_gen, dim=-1)
-        logprobs = gather_taken(logp_gen, tokens)
+        _, logp_gen, logprobs = self.generated_logprobs(output.logits.float(), sequences, P)
         values = output.values.float()[:, P - 1 : -1]
         if config.debug:
             invariants.check_sampling_matches_rollout(generation.sampled_logprobs, logprobs, generation.gen_mask,
@@ -547,9 +545,7 @@ class PolicyTrainer(ABC):
         # Reference: the same tokens under the frozen starting model.
         with self.autocast():
             ref_logits = reference_logits(self.reference, sequences, attention_mask, plain=config.plain_forward).float()
-        ref_logits_gen = generated_logits(ref_logits if temperature == 1 else ref_logits / temperature, P)
-        ref_logp_gen = F.log_softmax(ref_logits_gen, dim=-1)
-        ref_logprobs = gather_taken(ref_logp_gen, tokens)
+        ref_logits_gen, ref_logp_gen, ref_logprobs = self.generated_logprobs(ref_logits, sequences, P)
         # The exact KL needs one more pass over [B, G, V]: only for the exact estimator or --log-exact-kl.
         exact_kl = None
         if config.kl_estimator == "exact" or config.log_exact_kl:

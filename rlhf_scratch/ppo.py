@@ -197,7 +197,7 @@ class PPOTrainer(PolicyTrainer):
         config = self.config
         P, mask = minibatch.prompt_len, minibatch.gen_mask
         output = self.learning_forward(minibatch)
-        logits_gen, logp_gen, logprobs = self.generated_logprobs(output.logits, minibatch)
+        logits_gen, logp_gen, logprobs = self.generated_logprobs(output.logits, minibatch.sequences, P)
         values = output.values[:, P - 1 : -1]
         advantages = minibatch.advantages
         if config.normalize_advantages:

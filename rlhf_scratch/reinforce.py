@@ -161,7 +161,8 @@ class REINFORCETrainer(PolicyTrainer):
         """The REINFORCE loss (and the KL term with kl_mode="loss") on one minibatch, with grad; and the
         new log-probs (detached)."""
         mask = minibatch.gen_mask
-        logits_gen, _, logprobs = self.generated_logprobs(self.learning_forward(minibatch).logits, minibatch)
+        logits = self.learning_forward(minibatch).logits
+        logits_gen, _, logprobs = self.generated_logprobs(logits, minibatch.sequences, minibatch.prompt_len)
         # Every real token of a row carries the row's advantage; read it back as one number per row.
         advantages = minibatch.advantages.sum(1) / mask.sum(1).clamp(min=1)
         # A mean over rows and a mean over real tokens: a piece of a minibatch gives its share of each.
