@@ -47,11 +47,9 @@ from rlhf_scratch.optimization import check_finite, clipped_step
 from rlhf_scratch.outputs import append_jsonl, atomic_dir, write_json
 from rlhf_scratch.preferences import (
     PreferencePair,
-    drop_duplicate_pairs,
-    drop_pairs_without_preference,
-    duplicates_note,
     load_pairs,
     split_heldout,
+    usable_pairs,
 )
 from rlhf_scratch.rewards import make_reward
 from rlhf_scratch.sampling import padding_id
@@ -185,15 +183,10 @@ class DPOTrainer:
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         # Pairs first: a bad pair file fails before the slower model load.
-        self.pairs = list(pairs) if pairs is not None else load_preference_pairs(config)
-        self.pairs, no_preference = drop_pairs_without_preference(self.pairs, config.pairs if pairs is None else "the given pairs")
-        if no_preference:
-            Console().print(f"[bold yellow]dpo:[/] {no_preference}")
-        # A copy of a pair on each side of the held-out split would make held-out accuracy measure memory.
-        self.pairs, self.n_duplicates = drop_duplicate_pairs(self.pairs)
-        if self.n_duplicates:
-            source = config.pairs if pairs is None else "the given pairs"
-            Console().print(f"[bold yellow]dpo:[/] {duplicates_note(self.n_duplicates, len(self.pairs) + self.n_duplicates, source)}")
+        self.pairs, self.n_duplicates = usable_pairs(
+            list(pairs) if pairs is not None else load_preference_pairs(config),
+            config.pairs if pairs is None else "the given pairs",
+            note=lambda line: Console().print(f"[bold yellow]dpo:[/] {line}"))
         if len(self.pairs) < 2:
             raise ValueError(f"DPO needs at least 2 preference pairs, got {len(self.pairs)} from {config.pairs}.")
         self.bridge = bridge if bridge is not None else load_bridge(config.model, device=config.device)

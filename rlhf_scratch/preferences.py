@@ -28,6 +28,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -313,6 +314,20 @@ def drop_pairs_without_preference(pairs: list[PreferencePair], source) -> tuple[
     note = (f"dropped {dropped} pair{'s' if dropped != 1 else ''} of {len(pairs)} in {source} whose chosen and rejected "
             f"are the same text (no preference); {len(kept)} remain{'s' if len(kept) == 1 else ''}.") if dropped else None
     return kept, note
+
+
+def usable_pairs(pairs: list[PreferencePair], source, note: Callable[[str], None]) -> tuple[list[PreferencePair], int]:
+    """``(the pairs a trainer learns from, number of duplicates dropped)``: ``drop_pairs_without_preference``, then
+    ``drop_duplicate_pairs``; ``note`` receives the line saying what each dropped, when it dropped anything.
+    What ``rm`` and ``dpo`` both do with a pair file before splitting it."""
+    pairs, no_preference = drop_pairs_without_preference(pairs, source)
+    if no_preference:
+        note(no_preference)
+    # A copy of a pair on each side of the held-out split would make held-out accuracy measure memory.
+    kept, n_duplicates = drop_duplicate_pairs(pairs)
+    if n_duplicates:
+        note(duplicates_note(n_duplicates, len(pairs), source))
+    return kept, n_duplicates
 
 
 def split_heldout(pairs: list[PreferencePair], heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -29,11 +29,9 @@ from rlhf_scratch.outputs import append_jsonl, write_json
 from rlhf_scratch.preferences import (
     PairDataError,
     PreferencePair,
-    drop_duplicate_pairs,
-    drop_pairs_without_preference,
-    duplicates_note,
     load_pairs,
     split_heldout,
+    usable_pairs,
     write_pairs,
 )
 from rlhf_scratch.reward_model import (
@@ -161,12 +159,8 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
     console = Console(quiet=not main)
     start = time.time()
     torch.manual_seed(config.seed)
-    pairs, no_preference = drop_pairs_without_preference(load_pairs(config.pairs, limit=config.limit), config.pairs)
-    if no_preference:
-        console.print(f"[bold yellow]rm:[/] {no_preference}")
-    pairs, n_duplicates = drop_duplicate_pairs(pairs)
-    if n_duplicates:
-        console.print(f"[bold yellow]rm:[/] {duplicates_note(n_duplicates, len(pairs) + n_duplicates, config.pairs)}")
+    pairs, n_duplicates = usable_pairs(load_pairs(config.pairs, limit=config.limit), config.pairs,
+                                       note=lambda line: console.print(f"[bold yellow]rm:[/] {line}"))
     if config.loss == "margin":
         missing = sum(p.margin_value is None for p in pairs)
         if missing:
