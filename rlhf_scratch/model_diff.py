@@ -16,8 +16,12 @@ D d_model, V vocab, L layers, H heads.
 * **Weights** (``weight_change``): relative Frobenius norm ‖W_pol − W_ref‖_F / ‖W_ref‖_F of
   every attention head's W_Q, W_K, W_V [D, d_head] and W_O [d_head, D], read per head from
   the bridge's TransformerLens views (``bridge.blocks[l].attn.W_Q[h]``, which split GPT-2's
-  fused ``c_attn``/``c_proj``), of every MLP's W_in and W_out, of the embeddings W_E, W_pos,
-  the unembedding W_U and the LayerNorm scales γ. Biases (and LayerNorm β) are left out:
+  fused ``c_attn``/``c_proj``), of every MLP's W_in, W_gate (gated MLPs) and W_out, of the
+  embeddings W_E, W_pos (learned positions only; rotary families have none), the unembedding W_U
+  and every norm scale γ (block norms, Gemma's post-norms, Qwen 3's q/k norms, the final norm; as
+  the model applies it: 1 + w for Gemma). With grouped-query attention W_K and W_V have one matrix
+  per *K/V head* (``L0.KV1 W_K``; query heads 2h and 2h+1 read K/V head h when 4 query heads share 2):
+  they are reported per K/V head, W_Q and W_O per query head. Biases (and LayerNorm β) are left out:
   they start near 0, so a relative change of them is dominated by the tiny denominator.
 * **Log-probs** (``logprob_change_by_token``): for every vocabulary token v,
   Δ(v) = mean_i [log π_pol(v | x_<i) − log π_ref(v | x_<i)] over the full next-token
@@ -28,17 +32,21 @@ D d_model, V vocab, L layers, H heads.
   mass moved).
 * **Direct logit attribution** (``direct_logit_attribution``): for a token set T (default: the
   top-k risen tokens), the direction d = mean_{t∈T} W_U[:, t] − mean_{v} W_U[:, v] [D], so
-  that ln_out·d + (mean_T b_U − mean b_U) = mean_{t∈T} logit_t − mean_v logit_v: how far
-  T's logits stand above the average logit. The final residual x = embed + Σ_l (attn_out_l +
-  mlp_out_l) and the final LayerNorm is LN(x) = γ ⊙ (x − mean(x))/σ + β with σ the per-position
-  scale of the full x (``ln_final.hook_scale``). Centering is linear, so with σ held fixed
+  that N(x)·d + (mean_T b_U − mean b_U) = mean_{t∈T} z_t − mean_v z_v: how far T's logits stand
+  above the average logit. The final residual x = embed + Σ_l (attn_out_l + mlp_out_l) (``embed`` =
+  ``blocks.0.hook_resid_pre``, Gemma's √D scale included) and the final norm (``anatomy.py``) is
 
-      LN(x)·d = Σ_c [(c − mean(c))/σ]·(γ ⊙ d) + β·d
+      LayerNorm  N(x) = γ ⊙ (x − mean(x))/s + β,   RMSNorm  N(x) = γ ⊙ x/s   (γ = 1 + w for Gemma)
 
-  and component c's contribution at a position is [(c − mean(c))/σ]·(γ ⊙ d). The
-  contributions plus the bias term (β·d + mean_T b_U − mean b_U) sum exactly to the logit
-  difference along d. Each model uses its own W_U, γ, β, σ: each model's rows sum to its own
-  logit difference, and the policy − reference column is where the change came from.
+  with s the per-position scale of the full x (its own ε). Centering is linear, so with s held fixed
+
+      N(x)·d = Σ_c [(c − m(c))/s]·(γ ⊙ d) + β·d        (m(c) = mean(c) for LayerNorm, 0 for RMSNorm)
+
+  and component c's contribution at a position is [(c − m(c))/s]·(γ ⊙ d). The contributions plus the
+  bias term (β·d + mean_T b_U − mean b_U) sum exactly to the logit difference along d. Gemma's final
+  soft-cap c·tanh(z/c) is not linear: DLA decomposes the *pre-cap* logits z (the log-prob measures
+  above use the capped logits the model outputs). Each model uses its own W_U, γ, β, s: each model's
+  rows sum to its own logit difference, and the policy − reference column is where the change came from.
 
 The command (``rlhf-scratch diff``: ``run_diff``, its report, tables and plots) is in ``model_diff_report.py``.
 """
@@ -52,10 +60,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
+from rlhf_scratch.anatomy import FinalNorm, anatomy, final_norm_parameters, unembedding
 from rlhf_scratch.models import EMBED_HOOK, FINAL_RESIDUAL_HOOK, residual_hooks
 from rlhf_scratch.typecheck import typechecker
-
-FINAL_SCALE_HOOK = "ln_final.hook_scale"
 
 
 def component_hooks(n_layers: int) -> list[tuple[str, str]]:
@@ -69,7 +76,7 @@ def component_hooks(n_layers: int) -> list[tuple[str, str]]:
 def cached_hook_names(n_layers: int) -> list[str]:
     """Every activation the diff needs from a forward pass."""
     names = {name for _, name in residual_hooks(n_layers) + component_hooks(n_layers)}
-    return sorted(names | {FINAL_SCALE_HOOK, FINAL_RESIDUAL_HOOK})
+    return sorted(names | {FINAL_RESIDUAL_HOOK})
 
 
 # --------------------------------------------------------------------------- residual stream
@@ -127,7 +134,7 @@ def relative_frobenius(w_ref: Tensor, w_pol: Tensor) -> float:
 
 def check_same_architecture(ref_bridge, policy_bridge, ref_name: str = "reference", policy_name: str = "policy") -> None:
     """Raise ValueError unless both models have the same shapes (layers, heads, widths, vocabulary)."""
-    keys = ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx", "normalization_type")
+    keys = ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx", "normalization_type")
     differ = [f"{key} {getattr(ref_bridge.cfg, key, None)} vs {getattr(policy_bridge.cfg, key, None)}"
               for key in keys if getattr(ref_bridge.cfg, key, None) != getattr(policy_bridge.cfg, key, None)]
     if differ:
@@ -139,13 +146,18 @@ def check_same_architecture(ref_bridge, policy_bridge, ref_name: str = "referenc
 
 
 def weight_change(ref_bridge, policy_bridge) -> list[dict]:
-    """Relative Frobenius change of every head's Q/K/V/O, every MLP's in/out, embeddings, unembedding and LN scales.
+    """Relative Frobenius change of every head's Q/K/V/O, every MLP matrix, embeddings, unembedding and norm scales.
 
     Rows {"component": "L0.H2 W_V", "layer": 0 | None, "head": 2 | None, "matrix": "W_V", "rel_change": float,
     "abs_change": ‖ΔW‖_F, "rms_change": ‖ΔW‖_F / sqrt(#entries)}, in model order (sort them to rank).
-    Per-head matrices come from the TransformerLens views W_Q, W_K, W_V [H, D, d_head] and W_O [H, d_head, D] of each block.
+    Per-head matrices come from the TransformerLens views W_Q, W_O [H, ...] and W_K, W_V [H_kv, ...] of each
+    block; with grouped-query attention (H_kv < H) the W_K/W_V rows are per K/V head ("L0.KV1 W_K", head = the
+    K/V head's index). Norm scales are γ as applied (1 + w for Gemma): every 1-D weight of a block
+    (ln1, ln2, ln1_post, attn.q_norm, ...) and the final norm's.
     """
     check_same_architecture(ref_bridge, policy_bridge)
+    facts = anatomy(ref_bridge)
+    grouped = facts.n_kv_heads != facts.n_heads
     rows = []
 
     def add(component: str, w_ref: Tensor, w_pol: Tensor, layer=None, head=None, matrix=None):
@@ -154,29 +166,37 @@ def weight_change(ref_bridge, policy_bridge) -> list[dict]:
                      "rel_change": relative_frobenius(w_ref, w_pol), "abs_change": change,
                      "rms_change": change / w_ref.numel() ** 0.5})
 
+    def gamma(weight: Tensor) -> Tensor:
+        return facts.norm_weight_offset + weight.detach().double()
+
     add("embed W_E", ref_bridge.W_E, policy_bridge.W_E, matrix="W_E")
-    if hasattr(ref_bridge.cfg, "positional_embedding_type") and ref_bridge.cfg.positional_embedding_type == "standard":
+    if facts.positional_embedding:
         add("pos_embed W_pos", ref_bridge.W_pos, policy_bridge.W_pos, matrix="W_pos")
     ref_state, pol_state = ref_bridge.state_dict(), policy_bridge.state_dict()
     for layer, (ref_block, pol_block) in enumerate(zip(ref_bridge.blocks, policy_bridge.blocks)):
         for matrix in ("W_Q", "W_K", "W_V", "W_O"):
             w_ref, w_pol = getattr(ref_block.attn, matrix), getattr(pol_block.attn, matrix)
+            label = "KV" if grouped and matrix in ("W_K", "W_V") else "H"
             for head in range(w_ref.shape[0]):
-                add(f"L{layer}.H{head} {matrix}", w_ref[head], w_pol[head], layer, head, matrix)
-        add(f"L{layer} mlp W_in", ref_block.mlp.W_in, pol_block.mlp.W_in, layer, None, "W_in")
-        add(f"L{layer} mlp W_out", ref_block.mlp.W_out, pol_block.mlp.W_out, layer, None, "W_out")
-        for norm in ("ln1", "ln2"):
-            key = f"blocks.{layer}.{norm}.weight"
-            if key in ref_state:
-                add(f"L{layer} {norm} γ", ref_state[key], pol_state[key], layer, None, f"{norm} γ")
+                add(f"L{layer}.{label}{head} {matrix}", w_ref[head], w_pol[head], layer, head, matrix)
+        for matrix in ("W_in", "W_gate", "W_out"):
+            w_ref = getattr(ref_block.mlp, matrix, None)
+            if w_ref is not None:
+                add(f"L{layer} mlp {matrix}", w_ref, getattr(pol_block.mlp, matrix), layer, None, matrix)
+        prefix = f"blocks.{layer}."
+        for key in ref_state:
+            if key.startswith(prefix) and key.endswith(".weight") and ref_state[key].ndim == 1:
+                norm = key[len(prefix) : -len(".weight")]
+                add(f"L{layer} {norm} γ", gamma(ref_state[key]), gamma(pol_state[key]), layer, None, f"{norm} γ")
     if "ln_final.weight" in ref_state:
-        add("ln_final γ", ref_state["ln_final.weight"], pol_state["ln_final.weight"], matrix="ln_final γ")
+        add("ln_final γ", gamma(ref_state["ln_final.weight"]), gamma(pol_state["ln_final.weight"]), matrix="ln_final γ")
     add("unembed W_U", ref_bridge.W_U, policy_bridge.W_U, matrix="W_U")
     return rows
 
 
 def head_change_grid(rows: list[dict], matrix: str, n_layers: int, n_heads: int) -> Tensor:
-    """The per-head rows of one matrix (W_Q, W_K, W_V or W_O) as a grid [L, H] of relative changes."""
+    """The per-head rows of one matrix (W_Q, W_K, W_V or W_O) as a grid [L, H] of relative changes
+    (pass n_heads = the number of K/V heads for W_K and W_V of a grouped-query model)."""
     grid = torch.zeros(n_layers, n_heads)
     for row in rows:
         if row["matrix"] == matrix and row["head"] is not None:
@@ -252,32 +272,35 @@ def direct_logit_attribution(
     cache: Mapping[str, Tensor],
     mask: Bool[Tensor, "batch seq"],
     direction: Float[Tensor, "d_model"],
-    ln_weight: Float[Tensor, "d_model"],
-    ln_bias: Float[Tensor, "d_model"],
+    norm: FinalNorm,
     bias_offset: float = 0.0,
 ) -> list[dict]:
-    """Each residual-stream component's mean contribution to the logit difference along ``direction``.
+    """Each residual-stream component's mean contribution to the (pre-cap) logit difference along ``direction``.
 
-    contribution_c,i = [(c_i − mean(c_i)) / σ_i] · (γ ⊙ d)       c ∈ {embed, L0 attn, L0 mlp, ...}
-    bias term         = β · d + bias_offset                     (bias_offset = mean_T b_U − mean_v b_U)
-    σ_i = ``ln_final.hook_scale`` of the full residual at position i (the LayerNorm's own scale);
-    means over the positions with mask True. Σ_c contribution_c + bias = mean_i (ln_final(x_i)·d + bias_offset).
-    cache: hook name -> [B, S, D] (and σ [B, S, 1]); returns [{"component", "contribution"}, ..., {"component": "bias"}].
+    contribution_c,i = [(c_i − m(c_i)) / s_i] · (γ ⊙ d)        c ∈ {embed, L0 attn, L0 mlp, ...}
+    bias term         = β · d + bias_offset                    (bias_offset = mean_T b_U − mean_v b_U; β = 0 for RMSNorm)
+    m = mean over d_model for LayerNorm (``norm.center``), 0 for RMSNorm; s_i = ``norm.scale`` of the full final
+    residual x_i (``blocks.{L-1}.hook_resid_post``, the final norm's input): sqrt(mean((x_i − m(x_i))²) + ε).
+    Means over the positions with mask True. Σ_c contribution_c + bias = mean_i (N(x_i)·d) + bias_offset.
+    cache: hook name -> [B, S, D]; returns [{"component", "contribution"}, ..., {"component": "bias"}].
     """
     n_layers = _count_layers(cache)
-    scale = cache[FINAL_SCALE_HOOK][mask].double()  # [M, 1]
-    read_out = (ln_weight * direction).double()  # γ ⊙ d
+    final = cache[f"blocks.{n_layers - 1}.hook_resid_post"][mask].double()  # [M, D]
+    scale = norm.scale(final)  # [M, 1]
+    read_out = (norm.weight.to(direction.device) * direction).double()  # γ ⊙ d
     rows = []
     for label, hook in component_hooks(n_layers):
         component = cache[hook][mask].double()  # [M, D]
-        centered = component - component.mean(dim=-1, keepdim=True)
+        centered = component - component.mean(dim=-1, keepdim=True) if norm.center else component
         rows.append({"component": label, "contribution": ((centered / scale) @ read_out).mean().item()})
-    rows.append({"component": "bias", "contribution": (ln_bias.double() @ direction.double()).item() + bias_offset})
+    beta = 0.0 if norm.bias is None else (norm.bias.double() @ direction.double()).item()
+    rows.append({"component": "bias", "contribution": beta + bias_offset})
     return rows
 
 
 def final_logit_difference(cache: Mapping[str, Tensor], mask: Tensor, direction: Tensor, bias_offset: float = 0.0) -> float:
-    """mean_i ln_final.hook_out_i · d + bias_offset: the quantity the DLA rows sum to (a consistency check)."""
+    """mean_i ln_final.hook_out_i · d + bias_offset: the quantity the DLA rows sum to (a consistency check: the model's
+    own final norm output against the decomposition's formula)."""
     final = cache[FINAL_RESIDUAL_HOOK][mask.bool()].double()
     return (final @ direction.double()).mean().item() + bias_offset
 
@@ -326,13 +349,14 @@ def collect(bridge, tokens: Tensor, mask: Tensor, names: list[str], batch_size: 
 
 
 def model_dla(bridge, cache: Mapping[str, Tensor], mask: Tensor, token_ids: list[int]) -> dict:
-    """DLA rows of one model with its own W_U, ln_final γ/β and b_U, plus the exact logit difference they sum to."""
-    state = bridge.state_dict()
-    W_U = bridge.W_U.detach().float().cpu()
+    """DLA rows of one model with its own W_U, b_U and final norm (``anatomy.final_norm_parameters``), plus the exact
+    (pre-cap) logit difference they sum to, the check error, and whether the model soft-caps its logits afterwards."""
+    W_U, b_U = (tensor.cpu() for tensor in unembedding(bridge))
     direction = logit_direction(W_U, token_ids)
-    b_U = bridge.b_U.detach().float().cpu() if getattr(bridge, "b_U", None) is not None else torch.zeros(W_U.shape[1])
     bias_offset = (b_U[token_ids].mean() - b_U.mean()).item()
-    gamma, beta = state["ln_final.weight"].float().cpu(), state["ln_final.bias"].float().cpu()
-    rows = direct_logit_attribution(cache, mask, direction, gamma, beta, bias_offset)
+    norm = final_norm_parameters(bridge)
+    norm = FinalNorm(norm.weight.cpu(), None if norm.bias is None else norm.bias.cpu(), norm.eps, norm.center)
+    rows = direct_logit_attribution(cache, mask, direction, norm, bias_offset)
     total = final_logit_difference(cache, mask, direction, bias_offset)
-    return {"rows": rows, "logit_difference": total, "check_error": abs(sum(r["contribution"] for r in rows) - total)}
+    return {"rows": rows, "logit_difference": total, "check_error": abs(sum(r["contribution"] for r in rows) - total),
+            "soft_cap": anatomy(bridge).logit_soft_cap}

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from rlhf_scratch.anatomy import require_supported
 from rlhf_scratch.data import load_texts, prompts_from_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
 from rlhf_scratch.model_diff import (
@@ -187,6 +188,8 @@ def run_diff(config: DiffConfig) -> dict:
     policy = load_bridge(config.policy, device=config.device)
     reference = load_bridge(config.reference, device=config.device)
     check_same_architecture(reference, policy, f"reference {config.reference!r}", f"policy {config.policy!r}")
+    facts = require_supported(reference, "diff")
+    require_supported(policy, "diff")
     if reference.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
         raise ValueError(f"reference {config.reference!r} and policy {config.policy!r} use different tokenizers; "
                          "pass as --reference the model the policy was trained from.")
@@ -235,13 +238,15 @@ def run_diff(config: DiffConfig) -> dict:
         "dla": dla_rows,
         "dla_logit_difference": {name: dla[name]["logit_difference"] for name in dla},
         "dla_check_max_error": max(dla[name]["check_error"] for name in dla),
+        "dla_soft_cap": facts.logit_soft_cap,
+        "anatomy": facts.describe(),
     }
     summary["interpretation"] = interpretation(summary)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
     plot_residual(residual, out / "residual.png")
-    plot_weight_change(weights, n_layers, policy.cfg.n_heads, out / "weight_change.png")
+    plot_weight_change(weights, n_layers, facts.n_heads, out / "weight_change.png", facts.n_kv_heads)
     plot_dla(dla_rows, summary["dla_tokens"], out / "dla.png")
     write_diff_report(out, config, summary, notes)
     write_json(out / "summary.json", summary)
@@ -295,11 +300,15 @@ def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[
     """report.md: the four tables, the plots, and the one-line interpretation."""
 
     source = "the policy's own samples on held-out prompts" if config.from_samples else f"texts from {config.prompts}"
+    cap = summary.get("dla_soft_cap")
+    cap_note = (f" The model soft-caps its logits (c·tanh(z/c), c = {cap:g}); DLA decomposes the pre-cap logits z, "
+                "which are linear in the residual stream; the token tables use the capped logits the model outputs."
+                if cap else "")
     token_headers = ["token", "Δ mean log-prob", "Δ mean p", "mean p (reference)", "mean p (policy)"]
     text = [
         f"# What did RLHF change? `{config.policy}` vs `{config.reference}`", "",
         f"Both models read the same {summary['n_sequences']} sequences ({source}); every number is a mean over "
-        f"their {summary['n_positions']} real token positions.", "",
+        f"their {summary['n_positions']} real token positions. Model: {summary.get('anatomy', '?')}.", "",
         *(notes and [*notes, ""]),
         f"**Summary.** {summary['interpretation']}", "",
         "## Residual stream per layer", "",
@@ -332,11 +341,12 @@ def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[
         "## Direct logit attribution", "",
         f"Token set T = {', '.join(_token_cell(t) for t in summary['dla_tokens'])}"
         f"{' (from --tokens)' if config.tokens else ' (the tokens that rose most)'}. Direction d = mean_T W_U[:, t] − "
-        "mean_v W_U[:, v]; contribution of component c = mean over positions of ((c − mean c)/σ)·(γ ⊙ d), with σ the "
-        "final LayerNorm's scale of the full residual; 'bias' = β·d + mean_T b_U − mean b_U. Each column sums to that "
-        "model's mean logit difference mean_T logit_t − mean_v logit_v "
+        "mean_v W_U[:, v]; contribution of component c = mean over positions of ((c − m(c))/s)·(γ ⊙ d), with s the "
+        "final norm's scale of the full residual and m(c) = mean c for LayerNorm, 0 for RMSNorm; 'bias' = β·d + "
+        "mean_T b_U − mean b_U. Each column sums to that model's mean logit difference mean_T logit_t − mean_v logit_v "
         f"(reference {summary['dla_logit_difference']['reference']:+.3f}, policy "
-        f"{summary['dla_logit_difference']['policy']:+.3f}; largest check error {summary['dla_check_max_error']:.1e}).", "",
+        f"{summary['dla_logit_difference']['policy']:+.3f}; largest check error {summary['dla_check_max_error']:.1e})."
+        f"{cap_note}", "",
         markdown_table(["component", "reference", "policy", "change"],
                   [[r["component"], f"{r['reference']:+.3f}", f"{r['policy']:+.3f}", f"{r['change']:+.3f}"] for r in summary["dla"]]), "",
         "![direct logit attribution](dla.png)", "",
@@ -399,27 +409,32 @@ def plot_residual(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def plot_weight_change(rows: list[dict], n_layers: int, n_heads: int, path: Path) -> Path:
-    """Heatmaps layer × head of the relative change of W_Q, W_K, W_V, W_O, and the MLPs' W_in/W_out per layer."""
+def plot_weight_change(rows: list[dict], n_layers: int, n_heads: int, path: Path, n_kv_heads: int | None = None) -> Path:
+    """Heatmaps layer × head of the relative change of W_Q, W_K, W_V, W_O (W_K, W_V per K/V head when there are fewer
+    of them), and the MLPs' W_in (W_gate) W_out per layer."""
 
     plt = pyplot()
-    grids = {m: head_change_grid(rows, m, n_layers, n_heads) for m in ("W_Q", "W_K", "W_V", "W_O")}
-    mlp = torch.zeros(n_layers, 2)
+    n_kv_heads = n_kv_heads or n_heads
+    widths = {"W_Q": n_heads, "W_K": n_kv_heads, "W_V": n_kv_heads, "W_O": n_heads}
+    grids = {m: head_change_grid(rows, m, n_layers, width) for m, width in widths.items()}
+    mlp_matrices = [m for m in ("W_in", "W_gate", "W_out") if any(row["matrix"] == m for row in rows)]
+    mlp = torch.zeros(n_layers, len(mlp_matrices))
     for row in rows:
-        if row["matrix"] in ("W_in", "W_out") and row["layer"] is not None:
-            mlp[row["layer"], 0 if row["matrix"] == "W_in" else 1] = row["rel_change"]
+        if row["matrix"] in mlp_matrices and row["layer"] is not None:
+            mlp[row["layer"], mlp_matrices.index(row["matrix"])] = row["rel_change"]
     vmax = max(max(g.max().item() for g in grids.values()), mlp.max().item(), 1e-12)
     fig, axes = plt.subplots(1, 5, figsize=(3.0 * 5, 0.55 * n_layers + 2.2),
-                             gridspec_kw={"width_ratios": [n_heads] * 4 + [max(2, n_heads // 2)]})
+                             gridspec_kw={"width_ratios": [widths[m] for m in widths] + [max(2, n_heads // 2)]})
     image = None
     for ax, (matrix, grid) in zip(axes, [*grids.items(), ("MLP", mlp)]):
         image = ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
-        ax.set_title(matrix)
+        ax.set_title(matrix if widths.get(matrix, n_heads) == n_heads else f"{matrix} (per K/V head)")
         ax.set_yticks(range(n_layers), [f"L{l}" for l in range(n_layers)])
         if matrix == "MLP":
-            ax.set_xticks([0, 1], ["W_in", "W_out"])
+            ax.set_xticks(range(len(mlp_matrices)), mlp_matrices)
         else:
-            ax.set_xticks(range(n_heads), [f"H{h}" for h in range(n_heads)])
+            prefix = "KV" if widths[matrix] != n_heads else "H"
+            ax.set_xticks(range(widths[matrix]), [f"{prefix}{h}" for h in range(widths[matrix])])
             ax.set_xlabel("head")
         if n_layers * grid.shape[1] <= 64:
             for (i, j), value in zip(((i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])), grid.flatten().tolist()):

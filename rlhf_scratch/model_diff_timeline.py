@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from rlhf_scratch.anatomy import require_supported
 from rlhf_scratch.evaluation import markdown_table, pyplot
 from rlhf_scratch.model_diff import check_same_architecture, residual_stream_change, rose_and_fell, weight_change
 from rlhf_scratch.model_diff_report import DiffConfig, diff_sequences, read_both, run_diff
@@ -47,12 +48,23 @@ def timeline_models(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def head_changes(weights: list[dict]) -> dict[str, float]:
-    """{"L0.H1": mean over W_Q, W_K, W_V, W_O of that head's relative change, ...} from ``weight_change`` rows."""
-    per_head: dict[str, list[float]] = {}
+    """{"L0.H1": mean over W_Q, W_K, W_V, W_O of that query head's relative change, ...} from ``weight_change`` rows.
+
+    With grouped-query attention (fewer W_K/W_V rows than W_Q rows per layer) query head h is charged the change of
+    the K/V head it reads, h // (n_heads / n_kv_heads), as Hugging Face's ``repeat_kv`` shares them.
+    """
+    by_matrix: dict[tuple[int, str], dict[int, float]] = {}
     for row in weights:
-        if row["matrix"] in HEAD_MATRICES:
-            per_head.setdefault(f"L{row['layer']}.H{row['head']}", []).append(row["rel_change"])
-    return {head: sum(values) / len(values) for head, values in per_head.items()}
+        if row["matrix"] in HEAD_MATRICES and row["head"] is not None:
+            by_matrix.setdefault((row["layer"], row["matrix"]), {})[row["head"]] = row["rel_change"]
+    result = {}
+    for layer in sorted({layer for layer, _ in by_matrix}):
+        query, key = by_matrix[(layer, "W_Q")], by_matrix[(layer, "W_K")]
+        group = max(1, len(query) // len(key))
+        for head in sorted(query):
+            values = [query[head], by_matrix[(layer, "W_O")][head], key[head // group], by_matrix[(layer, "W_V")][head // group]]
+            result[f"L{layer}.H{head}"] = sum(values) / len(values)
+    return result
 
 
 def run_timeline(config: DiffConfig) -> dict:
@@ -63,6 +75,7 @@ def run_timeline(config: DiffConfig) -> dict:
     reference = load_bridge(config.reference, device=config.device)
     final = load_bridge(models[-1][1], device=config.device)
     check_same_architecture(reference, final, f"reference {config.reference!r}", f"run {config.timeline}")
+    require_supported(reference, "diff --timeline")
     tokens, mask, _ = diff_sequences(config, final)  # one set of sequences for every phase
 
     def decode(token_id: int) -> str:

@@ -17,7 +17,9 @@ after the final LayerNorm (``ln_final.hook_out``). Apply the same map to earlier
 streams: for the embeddings (``blocks.0.hook_resid_pre``) and after each block
 (``blocks.L.hook_resid_post``),
 
-    lens_L = value_head(LN_final(resid_L)),   LN_final(x) = γ ⊙ (x − mean(x)) / sqrt(var(x) + ε) + β
+    lens_L = value_head(N(resid_L)),   N = the model's own final norm (``anatomy.final_norm``):
+    LayerNorm γ ⊙ (x − mean(x)) / sqrt(var(x) + ε) + β, or RMSNorm γ ⊙ x / sqrt(mean(x²) + ε)
+    (γ = 1 + w for Gemma)
 
 with the model's own γ, β, ε and the statistics of resid_L itself (not those of the final
 residual). That gives values [L + 1, G]; the last row is exactly the value head's output. Early
@@ -43,6 +45,7 @@ from rich.table import Table
 from torch import Tensor
 
 from rlhf_scratch.advantages import gae_advantages, terminal_rewards
+from rlhf_scratch.anatomy import FinalNorm, final_norm_parameters, require_supported
 from rlhf_scratch.checkpoint import RESUME_STATE_JSON
 from rlhf_scratch.evaluation import pyplot
 from rlhf_scratch.model_diff import check_same_architecture
@@ -65,47 +68,12 @@ from rlhf_scratch.typecheck import typechecker
 
 
 @jaxtyped(typechecker=typechecker)
-def final_norm(
-    resid: Float[Tensor, "*batch d_model"],
-    weight: Float[Tensor, "d_model"],
-    bias: Float[Tensor, "d_model"] | None,
-    eps: float,
-    rms: bool = False,
-) -> Float[Tensor, "*batch d_model"]:
-    """The final normalisation applied to any residual stream, with its own statistics.
-
-    LayerNorm: γ ⊙ (x − mean(x)) / sqrt(mean((x − mean(x))²) + ε) + β
-    RMSNorm (rms=True): γ ⊙ x / sqrt(mean(x²) + ε)  (+ β if given)
-    resid [..., D] -> [..., D]
-    """
-    if not rms:
-        resid = resid - resid.mean(dim=-1, keepdim=True)
-    normed = resid / (resid.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt() * weight
-    return normed if bias is None else normed + bias
-
-
-@jaxtyped(typechecker=typechecker)
 def value_lens(
-    resids: Float[Tensor, "layer batch seq d_model"],
-    value_head: torch.nn.Module,
-    weight: Float[Tensor, "d_model"],
-    bias: Float[Tensor, "d_model"] | None,
-    eps: float,
-    rms: bool = False,
+    resids: Float[Tensor, "layer batch seq d_model"], value_head: torch.nn.Module, norm: FinalNorm
 ) -> Float[Tensor, "layer batch seq"]:
-    """value_head(final_norm(resid_L)) for every residual stream L: [L+1, B, S, D] -> [L+1, B, S]."""
-    return value_head(final_norm(resids, weight, bias, eps, rms).flatten(0, 1)).unflatten(0, resids.shape[:2])
-
-
-def norm_parameters(bridge) -> tuple[Tensor, Tensor | None, float, bool]:
-    """(γ, β or None, ε, is RMSNorm) of the bridge's final normalisation."""
-    kind = getattr(bridge.cfg, "normalization_type", "LN")
-    if kind not in ("LN", "RMS"):
-        raise ValueError(f"the value lens needs a model whose final norm is LayerNorm or RMSNorm; this one has {kind!r}.")
-    state = bridge.state_dict()
-    weight = state["ln_final.weight"].float()
-    bias = state.get("ln_final.bias")
-    return weight, None if bias is None else bias.float(), float(bridge.cfg.eps), kind == "RMS"
+    """value_head(N(resid_L)) for every residual stream L, N the model's final norm (``anatomy.FinalNorm``):
+    [L+1, B, S, D] -> [L+1, B, S]."""
+    return value_head(norm(resids).flatten(0, 1)).unflatten(0, resids.shape[:2])
 
 
 @torch.no_grad()
@@ -120,9 +88,7 @@ def lens_values(policy, tokens: Tensor, attention_mask: Tensor) -> tuple[Tensor,
     names = [hook for _, hook in residual_hooks(bridge.cfg.n_layers)]
     _, cache = bridge.run_with_cache(tokens, attention_mask=attention_mask, names_filter=names)
     resids = torch.stack([cache[name].float() for name in names])
-    weight, bias, eps, rms = norm_parameters(bridge)
-    device = resids.device
-    lens = value_lens(resids, policy.value_head, weight.to(device), None if bias is None else bias.to(device), eps, rms)
+    lens = value_lens(resids, policy.value_head, final_norm_parameters(bridge))
     return output.values, output.logits, lens
 
 
@@ -223,6 +189,7 @@ def run_inspect(config: InspectConfig) -> dict:
     policy = load_policy(path, device=config.device)
     policy.eval()
     bridge, tokenizer = policy.bridge, policy.tokenizer
+    require_supported(bridge, "inspect")
 
     prompt_ids = encode(tokenizer, config.prompt, prepend_bos=config.prepend_bos)
     if not prompt_ids:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhf_scratch.anatomy import FinalNorm
 from rlhf_scratch.model_diff import (
     cached_hook_names,
     check_same_architecture,
@@ -127,7 +128,8 @@ def test_dla_contributions_sum_to_the_models_logit_difference(tiny_bridge):
     # The pure function without the unembedding bias: the rows sum to the difference of the bias-free logits.
     b_U = tiny_bridge.b_U.detach()
     direction = logit_direction(tiny_bridge.W_U.detach(), token_ids)
-    rows = direct_logit_attribution(cache, MASK.bool(), direction, state["ln_final.weight"], state["ln_final.bias"])
+    norm = FinalNorm(state["ln_final.weight"], state["ln_final.bias"], tiny_bridge.cfg.eps, center=True)
+    rows = direct_logit_attribution(cache, MASK.bool(), direction, norm)
     bias_free = expected - (b_U[token_ids].mean() - b_U.mean()).item()
     assert abs(b_U[token_ids].mean() - b_U.mean()) > 1e-3
     assert sum(r["contribution"] for r in rows) == pytest.approx(bias_free, abs=1e-4)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rlhf_scratch.models import PolicyWithValueHead, ValueHead, save_model_dir
-from rlhf_scratch.value_lens import final_norm, lens_values
+from rlhf_scratch.anatomy import apply_norm
+from rlhf_scratch.value_lens import lens_values
 
 TOKENS = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 9, 10, 11, 12, 13]])
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -28,10 +29,10 @@ def test_final_norm_matches_the_layernorm_and_rmsnorm_formulas_by_hand():
     weight, bias = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([0.0, 0.5, -1.0])
     # mean 2, variance (1 + 0 + 1)/3 = 2/3: normalised (−√1.5, 0, √1.5), then γ and β.
     s = math.sqrt(1.5)
-    assert torch.allclose(final_norm(x, weight, bias, eps=0.0), torch.tensor([[-s, 0.5, s - 1.0]]))
+    assert torch.allclose(apply_norm(x, weight, bias, eps=0.0, center=True), torch.tensor([[-s, 0.5, s - 1.0]]))
     # RMS: x / sqrt((1 + 4 + 9)/3), times γ, no centering.
     r = math.sqrt(14 / 3)
-    assert torch.allclose(final_norm(x, weight, None, eps=0.0, rms=True), torch.tensor([[1 / r, 4 / r, 3 / r]]))
+    assert torch.allclose(apply_norm(x, weight, None, eps=0.0, center=False), torch.tensor([[1 / r, 4 / r, 3 / r]]))
 
 
 def test_value_lens_has_one_row_per_residual_stream_and_its_last_row_is_the_value_head(tiny_bridge):
