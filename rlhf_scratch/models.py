@@ -395,7 +395,11 @@ def check_fwd_hooks(bridge, fwd_hooks) -> list:
 
     TransformerLens would raise a bare KeyError for a misspelt name, and only at the first forward
     pass; this says so at once and lists the closest names. A name may also be a filter function
-    ``name -> bool`` (TransformerLens convention).
+    ``name -> bool`` (TransformerLens convention). Some names exist in ``bridge.hook_dict`` but do nothing on
+    this model (``hook_pos_embed`` on a rotary model, ``blocks.L.attn.hook_hidden_states`` on Llama, GPT-2's
+    ``attn.qkv.hook_in``; ``hook_result`` is refused while ``use_attn_result`` is off): one probe forward pass
+    (``anatomy.hooks_that_do_not_run``) finds them, and they are refused too, since a hook there would silently
+    do nothing.
     """
     hooks = list(fwd_hooks)
     known = bridge.hook_dict
@@ -413,4 +417,13 @@ def check_fwd_hooks(bridge, fwd_hooks) -> list:
             )
         if not isinstance(name, str) and not callable(name):
             raise ValueError(f"A hook's name must be a string or a filter function name -> bool, got {name!r}.")
+    from rlhf_scratch.anatomy import family_name, hooks_that_do_not_run  # (anatomy reads bridges this module loads)
+
+    silent = hooks_that_do_not_run(bridge, [name for name, _ in hooks if isinstance(name, str)])
+    if silent:
+        name, why = next(iter(silent.items()))
+        why = why.rstrip(".")
+        raise ValueError(f"The hook {name!r} exists on this {family_name(bridge)} model but would do nothing: {why}. "
+                         "Hook a point that runs, e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] or "
+                         "blocks.0.hook_resid_post [batch, pos, d_model].")
     return hooks
