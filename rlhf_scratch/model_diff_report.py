@@ -428,20 +428,20 @@ def plot_weight_change(rows: list[dict], n_layers: int, n_heads: int, path: Path
     image = None
     for ax, (matrix, grid) in zip(axes, [*grids.items(), ("MLP", mlp)]):
         image = ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
-        ax.set_title(matrix if widths.get(matrix, n_heads) == n_heads else f"{matrix} (per K/V head)")
+        ax.set_title(matrix)
         ax.set_yticks(range(n_layers), [f"L{l}" for l in range(n_layers)])
         if matrix == "MLP":
-            ax.set_xticks(range(len(mlp_matrices)), mlp_matrices)
+            ax.set_xticks(range(len(mlp_matrices)), mlp_matrices, rotation=45, fontsize=8)
         else:
-            prefix = "KV" if widths[matrix] != n_heads else "H"
-            ax.set_xticks(range(widths[matrix]), [f"{prefix}{h}" for h in range(widths[matrix])])
-            ax.set_xlabel("head")
+            grouped = widths[matrix] != n_heads
+            ax.set_xticks(range(widths[matrix]), [f"{'KV' if grouped else 'H'}{h}" for h in range(widths[matrix])])
+            ax.set_xlabel("K/V head" if grouped else "head")
         if n_layers * grid.shape[1] <= 64:
             for (i, j), value in zip(((i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])), grid.flatten().tolist()):
                 ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=7,
                         color="white" if value < 0.6 * vmax else "black")
     fig.colorbar(image, ax=axes, shrink=0.8, label="‖ΔW‖_F / ‖W_ref‖_F (cells: %)")
-    fig.suptitle("Relative weight change per attention head and per MLP")
+    fig.suptitle("Relative weight change per attention head and per MLP", y=1.04)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

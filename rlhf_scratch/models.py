@@ -32,6 +32,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM
 
 from rlhf_scratch import data
+from rlhf_scratch.anatomy import family_name, hooks_that_do_not_run
 from rlhf_scratch.outputs import backup_dir
 from rlhf_scratch.typecheck import typechecker
 
@@ -417,8 +418,6 @@ def check_fwd_hooks(bridge, fwd_hooks) -> list:
             )
         if not isinstance(name, str) and not callable(name):
             raise ValueError(f"A hook's name must be a string or a filter function name -> bool, got {name!r}.")
-    from rlhf_scratch.anatomy import family_name, hooks_that_do_not_run  # (anatomy reads bridges this module loads)
-
     silent = hooks_that_do_not_run(bridge, [name for name, _ in hooks if isinstance(name, str)])
     if silent:
         name, why = next(iter(silent.items()))
