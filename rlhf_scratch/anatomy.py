@@ -312,10 +312,10 @@ def hooks_that_do_not_run(bridge, names: list[str]) -> dict[str, str]:
             refused = next((name for name, _ in hooks if f"hook {name} " in str(error)), None)
             if refused is None:
                 raise
-            why[refused] = str(error).split("\n")[0]
+            why[refused] = "TransformerLens refuses it: " + str(error).split("\n")[0]
     for name in candidates:
         if name not in why and name not in fired:
-            why[name] = "it never fires on a forward pass of this model"
+            why[name] = "it never fires on a forward pass, so a hook there would silently do nothing"
     return why
 
 

@@ -421,8 +421,7 @@ def check_fwd_hooks(bridge, fwd_hooks) -> list:
     silent = hooks_that_do_not_run(bridge, [name for name, _ in hooks if isinstance(name, str)])
     if silent:
         name, why = next(iter(silent.items()))
-        why = why.rstrip(".")
-        raise ValueError(f"The hook {name!r} exists on this {family_name(bridge)} model but would do nothing: {why}. "
+        raise ValueError(f"The hook {name!r} exists on this {family_name(bridge)} model but {why.rstrip('.')}. "
                          "Hook a point that runs, e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] or "
                          "blocks.0.hook_resid_post [batch, pos, d_model].")
     return hooks
