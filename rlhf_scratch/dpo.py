@@ -109,7 +109,8 @@ class DPOLossOutput:
     rejected_rewards  Float [B]   implicit reward of the rejected response, β·u_l
     margin            Float [B]   reward margin β·(u_w − u_l) = chosen_rewards − rejected_rewards
     f_margin          Float [B]   z = β·(f′(e^{u_w}) − f′(e^{u_l})), the loss's argument (= margin for rkl)
-    accuracy          Float []    share of pairs with u_w > u_l (the same for every divergence: f′ increases)
+    accuracy          Float []    share of pairs with u_w − u_l > tie tolerance (see ``decided_accuracy``; the same for every
+                                  divergence: f′ increases). A tie counts as not correct, so step 0 (π_θ = π_ref) gives 0.
     """
 
     loss: Float[Tensor, ""]
@@ -164,8 +165,25 @@ def dpo_loss(
         rejected_rewards=rejected_rewards,
         margin=chosen_rewards - rejected_rewards,
         f_margin=z.detach(),
-        accuracy=(chosen_log_ratio > rejected_log_ratio).float().mean().detach(),
+        accuracy=decided_accuracy(chosen_log_ratio, rejected_log_ratio,
+                                  scale=torch.stack([policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps])),
     )
+
+
+TIE_RTOL = 1e-5  # float32 rounding of a sum of ~100 token log-probs is ~1e-6 of its size; 10x margin
+
+
+def decided_accuracy(chosen: Float[Tensor, "batch"], rejected: Float[Tensor, "batch"],
+                     scale: Float[Tensor, "..."]) -> Float[Tensor, ""]:
+    """Share of pairs with chosen − rejected > TIE_RTOL·max(1, max|scale|): ties count as not correct.
+
+    At a tie the sign of chosen − rejected is rounding noise that differs between CPUs, thread counts and batch
+    layouts (at step 0 of DPO the policy equals the reference, so u_w = u_l = 0 up to rounding); a fixed rule
+    makes the metric the same everywhere. ``scale`` holds the numbers the two sides were computed from (their
+    rounding error is relative to those). inputs [B] -> [] (detached).
+    """
+    tolerance = TIE_RTOL * scale.detach().abs().max().clamp(min=1.0)
+    return ((chosen - rejected).detach() > tolerance).float().mean()
 
 
 # --------------------------------------------------------------------------- sequence log-probabilities

@@ -287,3 +287,16 @@ def test_dpo_command_end_to_end(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit) as stop:
         main(["dpo", "--model", str(tiny_model_dir)])
     assert stop.value.code == 2
+
+
+def test_accuracy_at_a_rounding_level_tie_is_zero_on_every_cpu():
+    """At step 0 π_θ = π_ref, so u_w − u_l is rounding noise whose sign differs between CPUs and batch layouts;
+    decided_accuracy counts such a pair as not correct, and a real margin as correct."""
+    from rlhf_scratch.dpo import decided_accuracy
+
+    logps = torch.tensor([-50.0, -61.25, -47.5, -55.0])
+    noise = torch.tensor([3e-6, -2e-6, 4e-6, 1e-6])  # what float32 leaves of a tie at |log p| ≈ 50
+    assert decided_accuracy(noise, torch.zeros(4), scale=logps).item() == 0.0
+    assert decided_accuracy(torch.tensor([0.1, -0.1, 0.1, 0.1]), torch.zeros(4), scale=logps).item() == 0.75
+    out = dpo_loss(logps + noise, logps - noise, logps, logps)  # u_w − u_l = 2·noise: still a tie
+    assert out.accuracy.item() == 0.0
