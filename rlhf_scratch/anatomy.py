@@ -39,8 +39,16 @@ from torch import Tensor
 
 from rlhf_scratch.typecheck import typechecker
 
-RESIDUAL_PRE = "blocks.0.hook_resid_pre"
-FINAL_NORM_OUT = "ln_final.hook_out"
+# The hook whose output is exactly the input to the unembedding in TransformerLens 4.3:
+# the final residual stream *after* the final LayerNorm, weight and bias included.
+# (``ln_final.hook_normalized`` is taken before the LayerNorm's affine part.)
+FINAL_RESIDUAL_HOOK = "ln_final.hook_out"
+
+EMBED_HOOK = "blocks.0.hook_resid_pre"
+"""The residual stream before block 0: token plus position embeddings."""
+
+RESIDUAL_PRE = EMBED_HOOK
+FINAL_NORM_OUT = FINAL_RESIDUAL_HOOK
 
 
 class UnsupportedModel(ValueError):

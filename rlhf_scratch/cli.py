@@ -2,158 +2,96 @@
 
 Each sub-command is a documented dataclass config parsed by ``tyro`` (every field is a
 flag; ``--help`` lists them with their docstrings), then a plain function call.
+
+The configs are plain dataclasses (``config``, ``algorithm_configs``, ``command_configs``) that import no
+torch, so ``rlhf-scratch --help``, ``rlhf-scratch ppo --help`` and a configuration error answer at once. A
+command's own module (and with it torch, transformers and TransformerLens) is imported only after its flags
+have been parsed: ``_commands`` names each runner as ``"module:function"``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
 import sys
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
-import huggingface_hub
-import torch
-import transformers
 import tyro
-from rich.console import Console
-from rich.table import Table
 
-from rlhf_scratch import distributed
-from rlhf_scratch.checkpoint import find_checkpoint
-from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
-from rlhf_scratch.data import fixed_prefix_prompts, load_texts, names_local_file, prompts_from_texts
-from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
-from rlhf_scratch.entry import INTERRUPTED_EXIT
-from rlhf_scratch.group_baselines import GRPOConfig, RLOOConfig, run_grpo, run_rloo
-from rlhf_scratch.interrupts import TrainingInterrupted
-from rlhf_scratch.model_diff_report import DiffConfig
-from rlhf_scratch.model_diff_timeline import run_diff_command
-from rlhf_scratch.models import ModelLoadError, check_device, check_model_source, load_bridge
-from rlhf_scratch.optimization import NonFiniteLossError
-from rlhf_scratch.outputs import append_jsonl, claim_run_dir, write_json
-from rlhf_scratch.policy_trainer import resume_command
-from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
-from rlhf_scratch.preferences import PAIR_FILE_EXTENSIONS, PairsConfig, load_pairs, run_pairs
-from rlhf_scratch.pretrain import PretrainConfig, pretrain
-from rlhf_scratch.reinforce import REINFORCEConfig, run_reinforce
-from rlhf_scratch.reward_model_training import RewardModelConfig, ScoreConfig, run_score, train_reward_model
-from rlhf_scratch.rewards import check_reward_spec, make_reward, score_texts
-from rlhf_scratch.sampling import GenerationStackError, SamplingConfig, encode, generate
-from rlhf_scratch.value_lens import InspectConfig, run_inspect
+from rlhf_scratch.algorithm_configs import (
+    DPOConfig,
+    GRPOConfig,
+    PPOConfig,
+    REINFORCEConfig,
+    RewardModelConfig,
+    RLOOConfig,
+    preset_configs,
+)
+from rlhf_scratch.command_configs import (
+    BonConfig,
+    CompareConfig,
+    DiffConfig,
+    InspectConfig,
+    PairsConfig,
+    PretrainConfig,
+    SampleConfig,
+    ScoreConfig,
+)
+from rlhf_scratch.interrupts import INTERRUPTED_EXIT, TrainingInterrupted
 
 TYRO_CONFIG = (tyro.conf.OmitArgPrefixes,)
-USER_ERRORS = (ValueError, FileNotFoundError, ModelLoadError, GenerationStackError, NonFiniteLossError,
-               distributed.RankFailedError)
-"""Bad input (paths, model names, rewards, prompts, damaged files), a library stack that samples wrongly, a
-run that diverged, or a rank of a data-parallel run that did: each message says what to do, so the CLI prints
-it instead of a traceback."""
 DATA_PARALLEL_COMMANDS = ("ppo", "reinforce", "rloo", "grpo", "dpo", "rm")
 """The commands that run data-parallel under ``torchrun`` (``rlhf_scratch.distributed``)."""
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
-@dataclass
-class SampleConfig:
-    """Sample responses from a model and print them (optionally scored by a reward)."""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Bad input (paths, model names, rewards, prompts, damaged files), a library stack that samples wrongly, a
+    run that diverged, or a rank of a data-parallel run that did: each message says what to do, so the CLI prints
+    it instead of a traceback. (A function: these modules import torch, which only a running command needs.)"""
+    from rlhf_scratch.distributed import RankFailedError
+    from rlhf_scratch.models import ModelLoadError
+    from rlhf_scratch.optimization import NonFiniteLossError
+    from rlhf_scratch.sampling import GenerationStackError
 
-    model: str = "builtin"
-    """Model: "builtin", a local model directory or run checkpoint, or a hub name such as gpt2."""
-    prompt: str = ""
-    """Fixed prompt for every sample (fixed-prefix mode); empty: start from BOS alone."""
-    data: str | None = None
-    """Dataset mode: prompts are the first 2–8 tokens of texts from "builtin", a .txt/.jsonl/.csv file, or a datasets name."""
-    column: str = "text"
-    """Text column for --data .jsonl/.csv files and datasets."""
-    n: Annotated[int, tyro.conf.arg(aliases=["-n"])] = 5
-    """Number of samples."""
-    reward: str | None = None
-    """Score the samples with this reward (vader, chars:., hf:DIR:LABEL)."""
-    prepend_bos: bool = True
-    """Put the BOS token in front of every prompt (as the built-in model was trained)."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    seed: int = 0
-    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
-    out: Path | None = None
-    """If given, write config.json, samples.jsonl and summary.json here."""
-
-    def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"-n must be >= 1, got {self.n}.")
+    return ValueError, FileNotFoundError, ModelLoadError, GenerationStackError, NonFiniteLossError, RankFailedError
 
 
-def run_sample(config: SampleConfig) -> list[dict]:
-
-
-    console = Console()
-    torch.manual_seed(config.seed)
-    bridge = load_bridge(config.model)
-    reward = make_reward(config.reward) if config.reward else None
-
-    def encode_text(text: str) -> list[int]:
-        return encode(bridge.tokenizer, text, prepend_bos=config.prepend_bos)
-
-    if config.data is not None:
-        prompts = prompts_from_texts(load_texts(config.data, column=config.column), encode_text, config.n, seed=config.seed,
-                                     decode=bridge.tokenizer.decode)
-    elif config.prompt:
-        prompts = fixed_prefix_prompts(config.prompt, encode_text, config.n)
-    else:
-        prompts = [encode(bridge.tokenizer, "", prepend_bos=True)] * config.n
-    generation = generate(bridge, prompts, config.sampling, generator=torch.Generator().manual_seed(config.seed))
-    scores = score_texts(reward, generation.texts, generation.prompts).tolist() if reward else [None] * config.n
-    rows = [
-        {"prompt": p, "response": r, "reward": s}
-        for p, r, s in zip(generation.prompts, generation.responses, scores)
-    ]
-    table = Table(title=f"{config.n} samples from {config.model}", show_lines=True)
-    table.add_column("prompt", style="cyan")
-    table.add_column("response")
-    if reward:
-        table.add_column(reward.name, justify="right")
-    for row in rows:
-        table.add_row(row["prompt"], row["response"], *([f"{row['reward']:.3f}"] if reward else []))
-    console.print(table)
-    if config.out is not None:
-        write_json(config.out / "config.json", config)
-        for row in rows:
-            append_jsonl(config.out / "samples.jsonl", row)
-        summary = {"n": config.n, "mean_response_tokens": generation.gen_mask.sum(1).float().mean().item()}
-        if reward:
-            summary["reward_mean"] = sum(scores) / len(scores)
-        write_json(config.out / "summary.json", summary)
-    return rows
+def load_runner(spec: str):
+    """``"rlhf_scratch.ppo:run_ppo"`` → that function; its module (and torch) is imported now."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _commands() -> dict:
-    """name → (config class, presets {name: config}, runner, one-line description)."""
+    """name → (config class, presets {name: config}, runner as "module:function", one-line description)."""
 
     return {
-        "ppo": (PPOConfig, preset_configs(), run_ppo, "Train a policy with PPO (default: the built-in offline sentiment task)."),
-        "reinforce": (REINFORCEConfig, {}, run_reinforce,
+        "ppo": (PPOConfig, preset_configs(), "rlhf_scratch.ppo:run_ppo", "Train a policy with PPO (default: the built-in offline sentiment task)."),
+        "reinforce": (REINFORCEConfig, {}, "rlhf_scratch.reinforce:run_reinforce",
                       "Train a policy with REINFORCE and a moving-average baseline (same task, outputs and checkpoints as ppo)."),
-        "rloo": (RLOOConfig, {}, run_rloo,
+        "rloo": (RLOOConfig, {}, "rlhf_scratch.group_baselines:run_rloo",
                  "Train a policy with RLOO: k samples per prompt, each against the mean of the other k-1 (no value head)."),
-        "grpo": (GRPOConfig, {}, run_grpo,
+        "grpo": (GRPOConfig, {}, "rlhf_scratch.group_baselines:run_grpo",
                  "Train a policy with GRPO (--dr-grpo: Dr. GRPO): group-standardised advantages, clipped ratio, k3 KL loss."),
-        "bon": (BonConfig, {}, run_bon, "Best-of-n from the reference model vs the reference: reward, measured KL and its bound."),
-        "compare": (CompareConfig, {}, run_compare,
+        "bon": (BonConfig, {}, "rlhf_scratch.compare:run_bon", "Best-of-n from the reference model vs the reference: reward, measured KL and its bound."),
+        "compare": (CompareConfig, {}, "rlhf_scratch.compare:run_compare",
                     "Compare systems (reference, ppo:DIR, reinforce:DIR, bon:N) on held-out prompts; write report.md."),
-        "pretrain": (PretrainConfig, {}, pretrain, "Build the built-in tiny model (corpus, tokenizer, GPT-2) or pretrain on --data."),
-        "sample": (SampleConfig, {}, run_sample, "Print samples from a model, optionally scored by a reward."),
-        "pairs": (PairsConfig, {}, run_pairs, "Build preference pairs from a model's samples scored by a reward (writes pairs.jsonl)."),
-        "rm": (RewardModelConfig, {}, train_reward_model,
+        "pretrain": (PretrainConfig, {}, "rlhf_scratch.pretrain:pretrain", "Build the built-in tiny model (corpus, tokenizer, GPT-2) or pretrain on --data."),
+        "sample": (SampleConfig, {}, "rlhf_scratch.sample_command:run_sample", "Print samples from a model, optionally scored by a reward."),
+        "pairs": (PairsConfig, {}, "rlhf_scratch.preferences:run_pairs", "Build preference pairs from a model's samples scored by a reward (writes pairs.jsonl)."),
+        "rm": (RewardModelConfig, {}, "rlhf_scratch.reward_model_training:train_reward_model",
                "Train a reward model (--loss bt|margin|dist) on preference pairs; held-out pairwise accuracy; use as --reward rm:DIR."),
-        "score": (ScoreConfig, {}, run_score, "Pairwise accuracy of any reward (rm:DIR, vader, hf:...) on a pair file."),
-        "dpo": (DPOConfig, {}, run_dpo,
+        "score": (ScoreConfig, {}, "rlhf_scratch.reward_model_training:run_score", "Pairwise accuracy of any reward (rm:DIR, vader, hf:...) on a pair file."),
+        "dpo": (DPOConfig, {}, "rlhf_scratch.dpo_trainer:run_dpo",
                 "DPO / f-DPO on preference pairs (--loss sigmoid|hinge, --divergence rkl|fkl|js|alpha); evaluates with --reward."),
-        "diff": (DiffConfig, {}, run_diff_command,
+        "diff": (DiffConfig, {}, "rlhf_scratch.model_diff_timeline:run_diff_command",
                  "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA; "
                  "--timeline RUN: the same over the phases of a run trained with --snapshot-every."),
-        "inspect": (InspectConfig, {}, run_inspect,
+        "inspect": (InspectConfig, {}, "rlhf_scratch.value_lens:run_inspect",
                     "One sample of a PPO checkpoint: value, reward, advantage per token, and the value lens per layer."),
     }
 
@@ -233,6 +171,9 @@ def normalize_booleans(args: list[str], flags: set[str]) -> list[str]:
 def quiet_libraries() -> None:
     """No "Loading weights" / "Writing model shards" progress bars and no transformers deprecation notices on every
     command: the CLI checks what matters itself (weights finite, cached generation = full forward) and says so."""
+    import huggingface_hub
+    import transformers
+
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
@@ -264,6 +205,8 @@ def set_threads(threads: int | None) -> None:
     2 threads instead of seconds with 1 (benchmarks/README.md). On an idle machine 2 threads are faster (1.3 s
     against 1.8 s a phase), so the default stays, with a note when the load is already at the core count.
     """
+    import torch
+
     if threads is not None:
         torch.set_num_threads(threads)
         return
@@ -276,7 +219,6 @@ def set_threads(threads: int | None) -> None:
 
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_libraries()
     commands = _commands()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(commands))
@@ -309,7 +251,14 @@ def main(argv: list[str] | None = None):
     except ValueError as error:  # config validation in __post_init__
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
         return 2
+    # The command's libraries load only now that the flags are known to be right.
+    from rlhf_scratch import distributed
+    from rlhf_scratch.outputs import claim_run_dir
+    from rlhf_scratch.policy_trainer import resume_command
+
+    quiet_libraries()
     set_threads(threads)
+    errors = user_errors()
     try:
         preflight(config)
         distributed.init_from_env(getattr(config, "device", "cpu"))
@@ -318,10 +267,10 @@ def main(argv: list[str] | None = None):
             claim = contextlib.nullcontext()
         else:
             claim = claim_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config),
-                                  inputs=_input_paths(config), clean_on=USER_ERRORS, kept_on=(TrainingInterrupted,))
+                                  inputs=_input_paths(config), clean_on=errors, kept_on=(TrainingInterrupted,))
         with claim:
-            runner(config)
-    except USER_ERRORS as error:
+            load_runner(runner)(config)
+    except errors as error:
         # Every rank raises the same RankFailedError; rank 0 says it once.
         if distributed.is_main() or not isinstance(error, distributed.RankFailedError):
             where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""
@@ -353,6 +302,12 @@ def preflight(config) -> None:
     """Check what is cheap before any model loads (or the built-in model is first pretrained, minutes on a fresh
     machine): the device, model directories, the reward spec and its directory, local data and pair files
     (read in full: they are small), and the checkpoint to resume. Raises the same errors the later loads would."""
+    from rlhf_scratch.checkpoint import find_checkpoint
+    from rlhf_scratch.data import load_texts, names_local_file
+    from rlhf_scratch.models import check_device, check_model_source
+    from rlhf_scratch.preferences import PAIR_FILE_EXTENSIONS, load_pairs
+    from rlhf_scratch.rewards import check_reward_spec
+
     value = lambda name: getattr(config, name, None)  # noqa: E731
     if value("device") is not None:
         check_device(value("device"))

@@ -27,7 +27,6 @@ distinct_2, length, ...], ...}``).
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,75 +49,7 @@ from rlhf_scratch.evaluation import (
 from rlhf_scratch.models import CHECKPOINT_META_FILE, complete_checkpoint_dir, load_bridge, read_checkpoint_meta
 from rlhf_scratch.outputs import append_jsonl, write_json
 from rlhf_scratch.rewards import make_reward
-
-SYSTEM_SYNTAX = (
-    "Name systems as [LABEL=]KIND[:ARG]: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | rloo:DIR | grpo:DIR | dpo:DIR | model:DIR, "
-    "e.g. --systems reference ppo:runs/ppo/checkpoint bon:4 bon:16."
-)
-MODEL_KINDS = ("ppo", "reinforce", "rloo", "grpo", "dpo", "model")
-TRAINED_KINDS = ("ppo", "reinforce", "rloo", "grpo", "dpo")
-"""Kinds a checkpoint records in its rlhf_scratch.json; ``model:DIR`` accepts any directory."""
-
-
-@dataclass
-class SystemSpec:
-    """One system to evaluate: ``kind`` is reference | bon | ppo | reinforce | rloo | grpo | dpo | model."""
-
-    label: str
-    kind: str
-    path: str | None = None
-    n: int | None = None
-    pool_size: int | None = None
-
-
-def parse_system(text: str) -> SystemSpec:
-    """``"bon:4"`` → SystemSpec("best-of-4", "bon", n=4); see the module docstring for the syntax."""
-    label = None
-    head = text.split(":", 1)[0]
-    if "=" in head:
-        label, text = text.split("=", 1)
-        if not label:
-            raise ValueError(f"Empty label in system {text!r}. {SYSTEM_SYNTAX}")
-    kind, _, arg = text.partition(":")
-    if kind == "reference":
-        if arg:
-            raise ValueError(f"'reference' takes no argument (got {text!r}); set the reference with --model.")
-        return SystemSpec(label or "reference", "reference")
-    if kind == "bon":
-        parts = arg.split(":")
-        try:
-            numbers = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"Bad best-of-n system {text!r}: write bon:N or bon:N:POOL with integers, e.g. bon:4.") from None
-        if not 1 <= len(numbers) <= 2 or numbers[0] < 1 or (len(numbers) == 2 and numbers[1] < numbers[0]):
-            raise ValueError(f"Bad best-of-n system {text!r}: need bon:N with N >= 1, or bon:N:POOL with POOL >= N.")
-        n = numbers[0]
-        return SystemSpec(label or f"best-of-{n}", "bon", n=n, pool_size=numbers[1] if len(numbers) == 2 else None)
-    if kind in MODEL_KINDS:
-        if not arg:
-            raise ValueError(f"{kind} needs a directory: {kind}:DIR (e.g. {kind}:runs/{kind}/checkpoint).")
-        if not Path(arg).expanduser().is_dir():
-            raise ValueError(f"System {text!r}: no such directory {arg!r}. A training run's model is in OUT/checkpoint.")
-        default = kind if kind != "model" else (Path(arg).parent.name if Path(arg).name == "checkpoint" else Path(arg).name)
-        return SystemSpec(label or default, kind, path=arg)
-    raise ValueError(f"Unknown system {text!r}. {SYSTEM_SYNTAX}")
-
-
-@dataclass
-class CompareConfig(EvalConfig):
-    """Compare systems (reference, checkpoints, best-of-n) on the same held-out prompts; write a report."""
-
-    systems: list[str] = field(default_factory=lambda: ["reference", "bon:4"])
-    """Systems to compare, [LABEL=]KIND[:ARG] each: reference | bon:N[:POOL] | ppo:DIR | reinforce:DIR | rloo:DIR | grpo:DIR |
-    dpo:DIR | model:DIR."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        checks = [*super()._checks(), (len(self.systems) >= 1, f"Give at least one system. {SYSTEM_SYNTAX}")]
-        labels = [parse_system(s).label for s in self.systems]  # raises ValueError with the syntax on a bad one
-        duplicates = sorted({label for label in labels if labels.count(label) > 1})
-        checks.append((not duplicates, f"Two systems are both called {', '.join(duplicates)}; "
-                                       "tell them apart with LABEL=, e.g. ppo_a=ppo:runs/a/checkpoint."))
-        return checks
+from rlhf_scratch.command_configs import BonConfig, CompareConfig, MODEL_KINDS, SYSTEM_SYNTAX, SystemSpec, TRAINED_KINDS, parse_system  # noqa: F401 (defined there: importable without torch)
 
 
 def build_sampler(spec: SystemSpec, reference, config: EvalConfig):
@@ -175,24 +106,6 @@ def run_compare(config: CompareConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-
-@dataclass
-class BonConfig(EvalConfig):
-    """Best-of-n from the reference model vs the reference itself, on held-out prompts."""
-
-    n: int = 4
-    """Candidates per prompt; the highest-reward one is kept."""
-    pool_size: int | None = None
-    """Reference samples per prompt used to estimate the KL of best-of-n (>= n; default 4n)."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        return [
-            *super()._checks(),
-            (self.n >= 1, f"n must be >= 1, got {self.n}."),
-            (self.pool_size is None or self.pool_size >= self.n,
-             f"pool_size ({self.pool_size}) must be >= n ({self.n}), or omitted for 4n."),
-        ]
 
 
 def run_bon(config: BonConfig) -> dict:

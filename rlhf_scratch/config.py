@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlhf_scratch.sampling import SamplingConfig
 
 
 def finite_float_checks(config) -> list[tuple[bool, str]]:
@@ -21,6 +20,35 @@ def finite_float_checks(config) -> list[tuple[bool, str]]:
     (``--kl-coef inf`` used to fail only after loading the model, as a NaN loss)."""
     return [(math.isfinite(value), f"{f.name} must be a finite number, got {value}.")
             for f in dataclasses.fields(config) if isinstance(value := getattr(config, f.name), float)]
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled."""
+
+    max_new_tokens: int = 24
+    """Maximum number of generated tokens per response."""
+    temperature: float = 1.0
+    """Softmax temperature; log-probs used in training are taken at this temperature too."""
+    top_k: int | None = None
+    """Keep only the k most likely tokens at each step (None: no top-k filter)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with total probability >= top_p (1.0: off)."""
+    stop_at_eos: bool = True
+    """End a response at its first EOS token; later positions become padding."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if not 0 < self.temperature < float("inf"):
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {self.temperature}. For greedy decoding use a "
+                "small temperature such as 1e-3 or top_k=1."
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None (no filter), got {self.top_k}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; use 1.0 to turn it off.")
 
 
 @dataclass
@@ -175,4 +203,33 @@ class PolicyTrainingConfig(TaskConfig):
             (self.snapshot_every >= 0, f"snapshot_every must be >= 0 (0: off), got {self.snapshot_every}."),
             (self.eval_prompts >= 1, f"eval_prompts must be >= 1, got {self.eval_prompts}."),
             (self.debug_max_approx_kl > 0, f"debug_max_approx_kl must be > 0, got {self.debug_max_approx_kl}."),
+        ]
+
+
+@dataclass
+class EvalConfig(TaskConfig):
+    """Evaluation of systems on held-out prompts (shared fields of `bon` and `compare`)."""
+
+    n_prompts: int = 128
+    """Number of held-out prompts; every system answers the same ones, once each."""
+    threshold: float = 0.5
+    """reward_frac_above is the share of rewards above this value."""
+    batch_size: int = 64
+    """Sequences generated per forward batch."""
+    table_rows: int = 6
+    """Prompts shown in the sample table."""
+    seed: int = 0
+    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
+    out: Path | None = None
+    """Output directory (config.json, summary.json, report files)."""
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
+            *super()._checks(),
+            (self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}."),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
+            (self.table_rows >= 0, f"table_rows must be >= 0, got {self.table_rows}."),
+            (math.isfinite(self.threshold), f"threshold must be a finite reward, got {self.threshold}."),
         ]

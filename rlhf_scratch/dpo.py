@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +39,8 @@ from rlhf_scratch.objectives import masked_sequence_sum, taken_logprobs
 from rlhf_scratch.preferences import PreferencePair
 from rlhf_scratch.sampling import encode
 from rlhf_scratch.typecheck import typechecker
+from rlhf_scratch.algorithm_configs import Divergence, LossType  # noqa: F401 (defined there: importable without torch)
 
-Divergence = Literal["rkl", "fkl", "js", "alpha"]
-LossType = Literal["sigmoid", "hinge"]
 
 MAX_EXPONENT = 80.0
 """Largest exponent fed to ``exp`` in f′: e^80 ≈ 5.5e34 stays finite in float32 (max ≈ 3.4e38) even after

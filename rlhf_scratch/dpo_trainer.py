@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,17 +23,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
 from rlhf_scratch import distributed
-from rlhf_scratch.config import TaskConfig
-from rlhf_scratch.dpo import (
-    Divergence,
-    DPOLossOutput,
-    LossType,
-    dpo_loss,
-    sequence_logprobs,
-    tokenize_pairs,
-)
+from rlhf_scratch.dpo import DPOLossOutput, dpo_loss, sequence_logprobs, tokenize_pairs
 from rlhf_scratch.evaluation import (
-    EvalConfig,
     ModelSampler,
     evaluate,
     evaluation_prompts,
@@ -54,98 +44,9 @@ from rlhf_scratch.preferences import (
 from rlhf_scratch.rewards import make_reward
 from rlhf_scratch.sampling import padding_id
 from rlhf_scratch.schedule import warmup_decay_lambda
+from rlhf_scratch.algorithm_configs import DPOConfig  # noqa: F401 (defined there: importable without torch)
 
 NONFINITE_HINT = "Lower --lr or --beta, or check the pair file for extreme texts."
-
-
-@dataclass
-class DPOConfig(TaskConfig):
-    """DPO / f-DPO from preference pairs. Defaults: the built-in model; evaluation on the built-in task with VADER."""
-
-    pairs: Path | None = None
-    """Preference pairs (required): a .jsonl/.csv with prompt, chosen, rejected (e.g. DIR/pairs.jsonl written by
-    `rlhf-scratch pairs --out DIR`), or a datasets name in the HelpSteer2 binarized layout."""
-    max_pairs: int | None = None
-    """Use at most this many pairs (None: all)."""
-    reward: str | None = "vader"
-    """True reward for evaluating the trained policy and the reference on held-out prompts (not used in training):
-    vader | chars:. | hf:PATH:LABEL; None skips that evaluation."""
-
-    # --- the loss ---
-    loss: LossType = "sigmoid"
-    """"sigmoid": −log σ(β(f′_w − f′_l)) (DPO); "hinge": max(0, 1 − β(f′_w − f′_l)) (SLiC)."""
-    divergence: Divergence = "rkl"
-    """f-divergence to the reference: rkl (reverse KL, plain DPO) | fkl (forward KL) | js (Jensen–Shannon) | alpha."""
-    alpha: float = 0.5
-    """α of --divergence alpha, f′(x) = (1 − x^−α)/α (the f-DPO paper's α: → 0 reverse KL, 1 forward KL); must be > 0.
-    TRL 1.x's f_alpha_divergence_coef is 1 − α."""
-    beta: float = 0.1
-    """β: scale of the implicit reward; larger β keeps the policy closer to the reference."""
-
-    # --- optimisation ---
-    epochs: int = 3
-    """Passes over the training pairs."""
-    batch_size: int = 32
-    """Pairs per optimiser step (2·batch_size sequences per forward pass)."""
-    lr: float = 1e-4
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (decoupled, on every optimised parameter)."""
-    warmup_steps: int = 5
-    """Linear warmup length in optimiser steps, then linear decay to final_lr_scale·lr."""
-    final_lr_scale: float = 0.1
-    """Learning-rate multiplier at the last step."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this value."""
-    heldout_fraction: float = 0.1
-    """Share of pairs held out (not trained on; split by prompt, so no held-out prompt is trained on) to measure pair
-    accuracy after each epoch; 0: none."""
-
-    # --- evaluation and run ---
-    n_eval_prompts: int = 128
-    """Held-out prompts on which the trained policy and the reference are evaluated with --reward."""
-    eval_batch_size: int = 64
-    """Sequences per forward pass when computing reference log-probs and when evaluating."""
-    table_rows: int = 6
-    """Rows of the reference-vs-DPO sample table printed at the end."""
-    seed: int = 0
-    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
-    device: str = "cpu"
-    """Where the models run: cpu, cuda, cuda:N or mps."""
-    out: Path | None = None
-    """Output directory (config.json, metrics.jsonl, curves.png, checkpoint/, summary.json)."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        alpha_ok = self.divergence != "alpha" or (math.isfinite(self.alpha) and self.alpha > 0)
-        return [
-            *super()._checks(),
-            (self.pairs is not None,
-             "--pairs FILE is required: a .jsonl/.csv of (prompt, chosen, rejected) rows, e.g. "
-             "`rlhf-scratch pairs --out runs/pairs` then `rlhf-scratch dpo --pairs runs/pairs/pairs.jsonl`."),
-            (self.max_pairs is None or self.max_pairs >= 2, f"max_pairs must be >= 2 or None (all), got {self.max_pairs}."),
-            (self.beta > 0, f"beta must be > 0 (typical: 0.05–0.5), got {self.beta}."),
-            (alpha_ok, f"alpha must be > 0 for --divergence alpha, got {self.alpha}. α → 0 is reverse KL "
-                       "(use --divergence rkl); α = 1 is forward KL (--divergence fkl); e.g. --alpha 0.5."),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}."),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}."),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0 (0: no warmup), got {self.warmup_steps}."),
-            (0 <= self.final_lr_scale <= 1, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}."),
-            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
-            (0 <= self.heldout_fraction < 1,
-             f"heldout_fraction must be in [0, 1) (0: no held-out pairs), got {self.heldout_fraction}."),
-            (self.n_eval_prompts >= 1, f"n_eval_prompts must be >= 1, got {self.n_eval_prompts}."),
-            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}."),
-        ]
-
-    def eval_config(self):
-        """The ``EvalConfig`` of the final evaluation (same model, prompts source, sampler and seed)."""
-
-        return EvalConfig(model=self.model, reward=self.reward or "vader", data=self.data, column=self.column,
-                          prompt=self.prompt, min_prompt_tokens=self.min_prompt_tokens,
-                          max_prompt_tokens=self.max_prompt_tokens, prepend_bos=self.prepend_bos,
-                          sampling=self.sampling, n_prompts=self.n_eval_prompts, batch_size=self.eval_batch_size,
-                          table_rows=self.table_rows, seed=self.seed, device=self.device)
 
 
 def load_preference_pairs(config: DPOConfig) -> list[PreferencePair]:

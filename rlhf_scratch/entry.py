@@ -13,8 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 
-INTERRUPTED_EXIT = 130
-"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
+from rlhf_scratch.interrupts import INTERRUPTED_EXIT
 
 
 def main() -> int:

@@ -39,12 +39,12 @@ from jaxtyping import Bool, Float, Int, jaxtyped
 from rich.table import Table
 from torch import Tensor
 
-from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
 from rlhf_scratch.objectives import generated_logits, masked_sequence_sum
 from rlhf_scratch.rewards import score_texts
 from rlhf_scratch.sampling import Generation, SamplingConfig, encode, filter_logits, generate
 from rlhf_scratch.typecheck import typechecker
+from rlhf_scratch.config import EvalConfig  # noqa: F401 (defined there: importable without torch)
 
 # Evaluation prompts are cut from texts drawn with this offset added to the seed, so that
 # with the built-in corpus they are reviews that neither pretraining (seed 0) nor a
@@ -320,35 +320,6 @@ def evaluate(sampler: Sampler, prompts: list[list[int]], reward, seed: int = 0, 
 
 
 # --------------------------------------------------------------------------- configuration shared by `bon` and `compare`
-
-
-@dataclass
-class EvalConfig(TaskConfig):
-    """Evaluation of systems on held-out prompts (shared fields of `bon` and `compare`)."""
-
-    n_prompts: int = 128
-    """Number of held-out prompts; every system answers the same ones, once each."""
-    threshold: float = 0.5
-    """reward_frac_above is the share of rewards above this value."""
-    batch_size: int = 64
-    """Sequences generated per forward batch."""
-    table_rows: int = 6
-    """Prompts shown in the sample table."""
-    seed: int = 0
-    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
-    device: str = "cpu"
-    """Where the models run: cpu, cuda, cuda:N or mps."""
-    out: Path | None = None
-    """Output directory (config.json, summary.json, report files)."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        return [
-            *super()._checks(),
-            (self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}."),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
-            (self.table_rows >= 0, f"table_rows must be >= 0, got {self.table_rows}."),
-            (math.isfinite(self.threshold), f"threshold must be a finite reward, got {self.threshold}."),
-        ]
 
 
 def evaluation_prompts(config: EvalConfig, tokenizer) -> list[list[int]]:

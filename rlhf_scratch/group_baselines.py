@@ -21,15 +21,12 @@ with the KL as a loss term (k3, the paper's choice) by default. Outputs, resume,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from rlhf_scratch import distributed
 from rlhf_scratch.advantages import grpo_advantages, rloo_advantages
-from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import (
     aggregate_tokens,
@@ -39,26 +36,7 @@ from rlhf_scratch.objectives import (
 from rlhf_scratch.optimization import check_finite
 from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
 from rlhf_scratch.reinforce import REINFORCETrainer
-
-
-@dataclass
-class GroupConfig(PolicyTrainingConfig):
-    """What the group-baseline trainers share: k samples per prompt."""
-
-    group_size: int = 8
-    """Samples per prompt (k >= 2, must divide batch_size): the batch holds batch_size / k prompts, each k times."""
-    minibatch_size: int | None = None
-    """Episodes per gradient step (must divide batch_size); None: the whole batch, one step per pass."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        mb = self.minibatch_size
-        return [
-            *super()._checks(),
-            (self.group_size >= 2 and self.batch_size % self.group_size == 0,
-             f"group_size ({self.group_size}) must be >= 2 and divide batch_size ({self.batch_size})."),
-            (mb is None or (1 <= mb <= self.batch_size and self.batch_size % mb == 0),
-             f"minibatch_size ({mb}) must divide batch_size ({self.batch_size}); omit it for one step per pass."),
-        ]
+from rlhf_scratch.algorithm_configs import GRPOConfig, GroupConfig, RLOOConfig  # noqa: F401 (defined there: importable without torch)
 
 
 class GroupSampling:
@@ -90,14 +68,6 @@ class GroupSampling:
 # --------------------------------------------------------------------------- RLOO
 
 
-@dataclass
-class RLOOConfig(GroupConfig):
-    """RLOO: REINFORCE with a leave-one-out baseline from k samples per prompt. Defaults: the built-in task."""
-
-    lr: float = 3e-4
-    """Peak learning rate (one step per phase by default, as REINFORCE)."""
-
-
 class RLOOTrainer(GroupSampling, REINFORCETrainer):
     """REINFORCE whose baseline is each response's leave-one-out group mean (``advantages.rloo_advantages``)::
 
@@ -127,39 +97,6 @@ class RLOOTrainer(GroupSampling, REINFORCETrainer):
 
 
 # --------------------------------------------------------------------------- GRPO
-
-
-@dataclass
-class GRPOConfig(GroupConfig):
-    """GRPO (and Dr. GRPO with --dr-grpo): group-standardised advantages and a clipped ratio. Defaults: the built-in task."""
-
-    lr: float = 1e-4
-    """Peak learning rate."""
-    minibatch_size: int | None = 16
-    """Episodes per gradient step (must divide batch_size); None: the whole batch."""
-    epochs: int = 1
-    """Passes over each phase's samples (μ in the paper); the ratio differs from 1 from the second step on."""
-    clip_coef: float = 0.2
-    """ε of the clipped ratio."""
-    kl_mode: Literal["reward", "loss"] = "loss"
-    """"loss" (GRPO): kl_coef · KL is a loss term; "reward": −kl_coef · Σ_t KL_t is subtracted from the reward."""
-    kl_estimator: Literal["exact", "k1", "k3"] = "k3"
-    """Per-token KL: "k3" (r−1) − log r, the paper's choice; "k1" log π − log π_ref; "exact" the full distribution."""
-    kl_coef: float = 0.04
-    """β, the weight of the KL to the reference (0.04 in the paper)."""
-    dr_grpo: bool = False
-    """Dr. GRPO: A = r − mean_group (no division by the std) and token sums divided by max_new_tokens
-    (no per-response length normalisation)."""
-    advantage_eps: float = 1e-4
-    """eps in (r − mean) / (std + eps)."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        return [
-            *super()._checks(),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}."),
-            (self.clip_coef > 0, f"clip_coef must be > 0, got {self.clip_coef}."),
-            (self.advantage_eps > 0, f"advantage_eps must be > 0, got {self.advantage_eps}."),
-        ]
 
 
 class GRPOTrainer(GroupSampling, PolicyTrainer):

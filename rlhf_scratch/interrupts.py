@@ -13,6 +13,9 @@ from __future__ import annotations
 import signal
 import threading
 
+INTERRUPTED_EXIT = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
+
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped at a phase boundary after Ctrl-C; the message says what was saved and how to continue.

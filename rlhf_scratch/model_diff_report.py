@@ -42,59 +42,7 @@ from rlhf_scratch.models import (
 )
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
-
-
-@dataclass
-class DiffConfig:
-    """Compare a trained policy with its reference on the same texts: residual stream, weights, log-probs, DLA."""
-
-    policy: str = ""
-    """The trained policy: a run's checkpoint directory (e.g. runs/ppo/checkpoint), or any model source."""
-    timeline: Path | None = None
-    """Instead of --policy: a run directory trained with --snapshot-every; measure every snapshot against the reference
-    and plot the change over phases (timeline.md, timeline_residual.png, timeline_heads.png, timeline.json)."""
-    reference: str = "builtin"
-    """The model the policy was trained from: "builtin", a model directory, or a hub name."""
-    prompts: str = "builtin"
-    """Texts: "builtin" held-out reviews, a .txt/.jsonl/.csv file, or a datasets name."""
-    column: str = "text"
-    """Text column for .jsonl/.csv/datasets sources."""
-    n_texts: int = 64
-    """Number of token sequences both models read."""
-    from_samples: bool = True
-    """True: each sequence is a held-out prompt (first 2–8 tokens of a text) plus the policy's own sampled response,
-    so the diff is measured where the policy's behaviour is; False: the texts themselves (teacher-forced)."""
-    max_new_tokens: int = 24
-    """Response length with --from-samples."""
-    max_tokens: int = 64
-    """Texts are cut to this many tokens with --no-from-samples."""
-    tokens: str | None = None
-    """DLA token set, comma-separated words (e.g. "great,loved,wonderful"); default: the top-k tokens whose log-prob rose most."""
-    top_k: int = 15
-    """Rows of the rose/fell tables and size of the default DLA token set."""
-    prepend_bos: bool = True
-    """Put BOS in front of each text (as the built-in model was trained)."""
-    batch_size: int = 32
-    """Sequences per forward pass."""
-    seed: int = 0
-    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
-    device: str = "cpu"
-    """Where the models run: cpu, cuda, cuda:N or mps."""
-    out: Path = Path("runs/diff")
-    """Output directory: report.md, residual.png, weight_change.png, dla.png, summary.json, config.json."""
-
-    def __post_init__(self):
-        checks = [
-            (bool(self.policy) or self.timeline is not None,
-             "--policy is required: the trained checkpoint directory, e.g. runs/ppo/checkpoint (or --timeline RUN_DIR)."),
-            (self.n_texts >= 1, f"n_texts must be >= 1, got {self.n_texts}."),
-            (self.max_new_tokens >= 1 and self.max_tokens >= 2, "max_new_tokens must be >= 1 and max_tokens >= 2."),
-            (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}."),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+from rlhf_scratch.command_configs import DiffConfig  # noqa: F401 (defined there: importable without torch)
 
 
 def _check_policy_source(policy: str) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
-from rlhf_scratch.models import FINAL_RESIDUAL_HOOK
+from rlhf_scratch.anatomy import FINAL_RESIDUAL_HOOK
 
 TOLERANCE = 1e-4
 """Largest |difference| allowed between the plain and the bridge's logits or final residual (float32) at build time."""

@@ -23,14 +23,11 @@ This module supplies the PPO parts: ``build_memory`` (reward shaping, GAE) and `
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from rlhf_scratch.advantages import RunningMoments, gae_advantages, terminal_rewards
-from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import (
     calc_clipped_surrogate,
@@ -41,94 +38,7 @@ from rlhf_scratch.objectives import (
 )
 from rlhf_scratch.optimization import NonFiniteLossError, check_finite  # noqa: F401 (NonFiniteLossError re-exported)
 from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
-from rlhf_scratch.sampling import SamplingConfig
-
-
-@dataclass
-class PPOConfig(PolicyTrainingConfig):
-    """PPO on a TransformerLens policy. Defaults: the built-in offline sentiment task."""
-
-    # --- how much (PPO) ---
-    minibatch_size: int = 16
-    """Episodes per gradient step; must divide batch_size."""
-    ppo_epochs: int = 4
-    """Passes over each phase's replay memory (gradient steps per phase = ppo_epochs · batch/minibatch)."""
-
-    # --- optimisation (PPO) ---
-    head_lr: float = 1e-3
-    """Peak learning rate of the value head (new, randomly initialised: it needs to move faster)."""
-
-    # --- PPO objective ---
-    clip_coef: float = 0.2
-    """ε of the clipped surrogate: ratio clipped to [1−ε, 1+ε]."""
-    vf_coef: float = 0.5
-    """Value loss weight: ½·vf_coef·mean((V − returns)²)."""
-    clip_range_value: float | None = None
-    """Clip new values to ±this around the rollout's values (None: no value clipping)."""
-    ent_coef: float = 0.001
-    """Entropy bonus weight."""
-    normalize_advantages: bool = True
-    """Normalise advantages over each minibatch's real positions (mean 0, std 1)."""
-    gamma: float = 1.0
-    """Discount of GAE."""
-    lam: float = 0.95
-    """λ of GAE; λ=0 with γ=1 is the one-step TD advantage A_t = V_{t+1} − V_t (A_T = r − V_T)."""
-    normalize_rewards: bool = False
-    """Divide task rewards by their running standard deviation (kept across phases)."""
-    no_eos_penalty: float | None = None
-    """If set, a response that reached max_new_tokens without EOS gets this reward instead."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        return [
-            *super()._checks(),
-            (1 <= self.minibatch_size <= self.batch_size,
-             f"minibatch_size must be in [1, batch_size={self.batch_size}], got {self.minibatch_size}."),
-            (self.batch_size % max(self.minibatch_size, 1) == 0,
-             f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size}); "
-             f"e.g. use --minibatch-size {max(d for d in range(1, max(self.minibatch_size, 1) + 1) if self.batch_size % d == 0)}."),
-            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}."),
-            (self.head_lr > 0, f"head_lr must be > 0, got {self.head_lr}."),
-            (0 < self.clip_coef < 1, f"clip_coef must be in (0, 1), got {self.clip_coef}."),
-            (self.vf_coef >= 0 and self.ent_coef >= 0, "vf_coef and ent_coef must be >= 0."),
-            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}."),
-            (self.clip_range_value is None or self.clip_range_value > 0,
-             f"clip_range_value must be > 0, or omitted for no value clipping; got {self.clip_range_value}."),
-            (self.no_eos_penalty is None or math.isfinite(self.no_eos_penalty),
-             f"no_eos_penalty must be a finite reward (e.g. -1.0), or omitted; got {self.no_eos_penalty}."),
-        ]
-
-    @property
-    def steps_per_phase(self) -> int:
-        return self.ppo_epochs * self.batch_size // self.minibatch_size
-
-
-def preset_configs() -> dict:
-    """Named starting points for ``rlhf-scratch ppo --preset NAME`` (the first is the default)."""
-    return {
-        # The built-in offline task: the tiny review model, prompts cut from held-out
-        # reviews, VADER sentiment as the reward.
-        "tiny-sentiment": lambda: PPOConfig(),
-        # ARENA-style fixed prefix on the tiny model: reward = number of periods.
-        "tiny-periods": lambda: PPOConfig(
-            reward="chars:.", prompt="The movie", phases=30, kl_coef=0.02, lr=5e-5,
-            sampling=SamplingConfig(max_new_tokens=32),
-        ),
-        # The TRL IMDB recipe: gpt2 policy, IMDB prompts of 2–8 tokens, POSITIVE logit of
-        # lvwerra/distilbert-imdb. Needs the hub (or local copies passed with --model/--reward/--data).
-        "gpt2-imdb": lambda: PPOConfig(
-            model="gpt2", data="stanfordnlp/imdb", reward="hf:lvwerra/distilbert-imdb:POSITIVE",
-            prepend_bos=False, lr=1.41e-5, head_lr=1.41e-4, batch_size=128, minibatch_size=32, ppo_epochs=4,
-            phases=100, kl_coef=0.2, adaptive_kl=True, target_kl=6.0, ent_coef=0.0,
-            sampling=SamplingConfig(max_new_tokens=16),
-        ),
-        # The ARENA RLHF exercise: gpt2-small, prefix "This is", reward = period count.
-        "arena-gpt2": lambda: PPOConfig(
-            model="gpt2", prompt="This is", reward="chars:.", batch_size=128, minibatch_size=32, ppo_epochs=2,
-            phases=100, lr=2e-5, head_lr=5e-4, kl_coef=2.5, kl_mode="loss", kl_estimator="exact",
-            ent_coef=0.001, lam=0.0, gamma=1.0, warmup_phases=10, final_lr_scale=0.1,
-            sampling=SamplingConfig(max_new_tokens=30),
-        ),
-    }
+from rlhf_scratch.algorithm_configs import PPOConfig, preset_configs  # noqa: F401 (defined there: importable without torch)
 
 
 class PPOTrainer(PolicyTrainer):

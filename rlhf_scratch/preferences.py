@@ -36,7 +36,6 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.data import (
     csv_errors,
     csv_rows,
@@ -51,6 +50,7 @@ from rlhf_scratch.models import load_bridge
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.sampling import encode, generate
+from rlhf_scratch.command_configs import PairsConfig  # noqa: F401 (defined there: importable without torch)
 
 PAIR_FILE_EXTENSIONS = (".jsonl", ".csv")
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
@@ -401,42 +401,6 @@ def build_pairs(
             for (ws, w), (ls, l) in zip(winners, losers)
         ]
     return pairs
-
-
-@dataclass
-class PairsConfig(TaskConfig):
-    """Build preference pairs from a model's own samples: sample, score with a reward, pair winners with losers.
-
-    Prompts come from ``--data`` (first min–max tokens of its texts; by default held-out built-in
-    reviews) or ``--prompt``; each gets ``samples_per_prompt`` responses."""
-
-    n: int = 5000
-    """Number of sampled responses in total (n / samples_per_prompt prompts)."""
-    samples_per_prompt: int = 4
-    """Responses sampled per prompt; pairs are formed within a prompt's responses."""
-    threshold: float = 0.0
-    """Winner threshold: score > threshold wins, score <= threshold loses. With vader (compound in [-1, 1]), 0.0
-    splits positive from neutral-or-negative texts: about half of the built-in model's samples each."""
-    batch_size: int = 256
-    """Sequences generated per forward batch."""
-    seed: int = 0
-    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
-    device: str = "cpu"
-    """Where the models run: cpu, cuda, cuda:N or mps."""
-    out: Path = Path("runs/pairs")
-    """Output directory: pairs.jsonl, config.json, summary.json."""
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        spp = self.samples_per_prompt
-        return [
-            *super()._checks(),
-            (spp >= 2, f"samples_per_prompt must be >= 2 (pairs are formed within a prompt's responses), got {spp}."),
-            (self.n >= max(spp, 1), f"n ({self.n}) must be >= samples_per_prompt ({spp})."),
-            (spp < 1 or self.n % spp == 0,
-             f"n ({self.n}) must be a multiple of samples_per_prompt ({spp}); e.g. --n {max(spp, 1) * max(self.n // max(spp, 1), 1)}."),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
-            (math.isfinite(self.threshold), f"threshold must be a finite number, got {self.threshold}."),
-        ]
 
 
 def run_pairs(config: PairsConfig) -> dict:

@@ -27,7 +27,6 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,12 +36,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from rlhf_scratch.config import finite_float_checks
 from rlhf_scratch.corpus import english_word_share, generate_reviews
 from rlhf_scratch.data import load_texts
-from rlhf_scratch.models import load_bridge
+from rlhf_scratch.model_loading import load_bridge_from
 from rlhf_scratch.outputs import replace_dir, write_json
 from rlhf_scratch.sampling import SamplingConfig, encode, generate, installed_versions
+from rlhf_scratch.command_configs import PretrainConfig  # noqa: F401 (defined there: importable without torch)
 
 BUILTIN_MODEL_NAME = "tiny-reviews-v1"
 SPECIAL_TOKEN = "<|endoftext|>"
@@ -56,74 +55,6 @@ def default_cache_dir() -> Path:
 
 def builtin_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / BUILTIN_MODEL_NAME
-
-
-@dataclass
-class PretrainConfig:
-    """Pretraining of a small GPT-2 on the built-in review corpus or your own text."""
-
-    out: Path | None = None
-    """Directory for config.json, summary.json, samples.txt and the model (out/model)."""
-    data: Path | None = None
-    """Your own text (.txt one text per line, .jsonl or .csv with --column); default: the built-in review corpus."""
-    column: str = "text"
-    """Column/field holding the text in a .jsonl or .csv --data file."""
-    n_texts: int = 24000
-    """Number of generated reviews to train on (built-in corpus only)."""
-    n_heldout: int = 1000
-    """Texts kept apart to measure perplexity."""
-    vocab_size: int = 2048
-    """BPE vocabulary size (including the special token)."""
-    n_layer: int = 4
-    """Transformer blocks (GPT-2 architecture)."""
-    n_head: int = 4
-    """Attention heads per block (must divide d_model)."""
-    d_model: int = 128
-    """Width of the residual stream."""
-    n_ctx: int = 128
-    """Context length in tokens; longer texts are truncated."""
-    steps: int = 900
-    """Optimizer steps."""
-    batch_size: int = 48
-    lr: float = 3e-3
-    """Peak learning rate (AdamW), with linear warmup over 5% of the steps and cosine decay."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (decoupled, on every optimised parameter)."""
-    seed: int = 0
-    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
-    n_samples: int = 200
-    """Samples drawn after training to measure the English-word share."""
-    install_builtin: bool | None = None
-    """Install the model as the cached built-in model, which every `--model builtin` command then uses. None
-    (default): only when every setting that shapes the model is the default (no --data, --steps, --seed, ...
-    changed); otherwise the model goes to --out/model or, without --out, a directory of its own in the cache
-    (printed). True: install it even with other settings. False: never."""
-    cache_dir: Path | None = None
-    """Where the built-in model is cached (default: $RLHF_SCRATCH_CACHE or the user cache dir)."""
-
-    def __post_init__(self):
-        for ok, message in finite_float_checks(self):
-            if not ok:
-                raise ValueError(message)
-        if self.data is not None and Path(self.data).is_dir():
-            raise ValueError(f"--data {self.data} is a directory; give a .txt, .jsonl or .csv file of texts.")
-        if self.data is not None and not Path(self.data).is_file():
-            raise ValueError(f"--data {self.data}: no such file. Give a .txt, .jsonl or .csv file of texts.")
-        for name in ("n_texts", "n_heldout", "vocab_size", "n_layer", "n_head", "d_model", "n_ctx", "steps", "batch_size",
-                     "n_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}).")
-        if self.vocab_size < 300:
-            raise ValueError(f"vocab_size must be >= 300 (256 byte symbols + merges), got {self.vocab_size}.")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}.")
-        if self.install_builtin and self.data is not None:
-            raise ValueError(
-                f"--install-builtin True installs a model of the built-in review corpus; a model of --data {self.data} "
-                "is used with --model OUT/model (pass --out OUT) instead of replacing the built-in model."
-            )
 
 
 MODEL_SETTINGS = ("data", "column", "n_texts", "n_heldout", "vocab_size", "n_layer", "n_head", "d_model", "n_ctx",
@@ -339,7 +270,7 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
     write_json(model_dir / "pretrain_config.json", config)
 
     # Sample through the bridge, exactly as the RL code will.
-    bridge = load_bridge(model_dir)
+    bridge = load_bridge_from(model_dir)
     generator = torch.Generator().manual_seed(config.seed)
     prompts = [encode(bridge.tokenizer, "", prepend_bos=True)] * config.n_samples
     samples = generate(bridge, prompts, SamplingConfig(max_new_tokens=min(64, config.n_ctx - 1)), generator=generator).responses

@@ -49,12 +49,12 @@ from rlhf_scratch.models import (
 from rlhf_scratch.outputs import atomic_dir
 from rlhf_scratch.sampling import left_pad, padding_id
 from rlhf_scratch.typecheck import typechecker
+from rlhf_scratch.algorithm_configs import LOSS_HEAD  # noqa: F401 (defined there: importable without torch)
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 REWARD_MODEL_KIND = "reward_model"
 """``kind`` in the saved model's ``rlhf_scratch.json``."""
 HEADS = ("scalar", "dist")
-LOSS_HEAD = {"bt": "scalar", "margin": "scalar", "dist": "dist"}
 
 
 # --------------------------------------------------------------------------- losses and metrics

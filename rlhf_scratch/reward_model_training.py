@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from rich.console import Console
@@ -22,7 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from rlhf_scratch import distributed
-from rlhf_scratch.config import finite_float_checks
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.optimization import clipped_step
 from rlhf_scratch.outputs import append_jsonl, write_json
@@ -43,63 +40,8 @@ from rlhf_scratch.reward_model import (
     save_reward_model,
 )
 from rlhf_scratch.rewards import make_reward, score_texts
-
-
-@dataclass
-class RewardModelConfig:
-    """Train a reward model on preference pairs (Bradley–Terry, with margin, or distributional)."""
-
-    pairs: Path
-    """Pair file (.jsonl/.csv with prompt, chosen, rejected[, margin | chosen_score, rejected_score]) or a datasets name."""
-    loss: Literal["bt", "margin", "dist"] = "bt"
-    """"bt": −log σ(r_w − r_l); "margin": −log σ(r_w − r_l − m) with m = margin (or chosen_score − rejected_score);
-    "dist": K-way rating head, −log Σ_ij p_w(i) p_l(j) σ(α(i − j))."""
-    model: str = "builtin"
-    """Trunk to start from: "builtin", a model directory or policy checkpoint, or a hub name."""
-    num_ratings: int = 10
-    """K, the number of ratings (0..K−1) of the distributional head."""
-    alpha: float = 1.0
-    """α of the distributional loss: how sharply a higher rating beats a lower one (σ(α) for one rating step)."""
-    epochs: int = 2
-    """Passes over the training pairs."""
-    batch_size: int = 16
-    """Pairs per gradient step (2× as many texts in one forward pass)."""
-    lr: float = 3e-4
-    """Peak learning rate of the trunk (linear decay to 0 over training)."""
-    head_lr: float = 1e-3
-    """Learning rate of the head (new, zero-initialised: it needs to move faster)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (decoupled, on every optimised parameter)."""
-    max_grad_norm: float = 1.0
-    heldout_fraction: float = 0.1
-    """Share of pairs held out to measure pairwise accuracy, split by prompt (no held-out prompt is trained on); 0: none."""
-    limit: int | None = None
-    """Use only the first LIMIT pairs of the file."""
-    prepend_bos: bool = True
-    """Put BOS in front of every text (as the built-in model was trained)."""
-    seed: int = 0
-    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
-    device: str = "cpu"
-    """Where the models run: cpu, cuda, cuda:N or mps."""
-    out: Path | None = Path("runs/rm")
-    """Output directory: reward_model/, metrics.jsonl, heldout_pairs.jsonl, config.json, summary.json (None: write nothing)."""
-
-    def __post_init__(self):
-        checks = [
-            *finite_float_checks(self),
-            (self.loss in LOSS_HEAD, f"loss must be one of {tuple(LOSS_HEAD)}, got {self.loss!r}."),
-            (self.num_ratings >= 2, f"num_ratings must be >= 2, got {self.num_ratings}."),
-            (self.alpha > 0 and math.isfinite(self.alpha), f"alpha must be a positive number, got {self.alpha}."),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}."),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
-            (self.lr >= 0 and self.head_lr > 0, f"need lr >= 0 (0 freezes the trunk) and head_lr > 0, got {self.lr}, {self.head_lr}."),
-            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
-            (0 <= self.heldout_fraction < 1, f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}."),
-            (self.limit is None or self.limit >= 1, f"limit must be >= 1 or omitted, got {self.limit}."),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+from rlhf_scratch.algorithm_configs import RewardModelConfig  # noqa: F401 (defined there: importable without torch)
+from rlhf_scratch.command_configs import ScoreConfig  # noqa: F401 (defined there: importable without torch)
 
 
 def split_pairs(pairs: list[PreferencePair], heldout_fraction: float, seed: int) -> tuple[list, list]:
@@ -272,28 +214,6 @@ def train_reward_model(config: RewardModelConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- scoring any reward on pairs
-
-
-@dataclass
-class ScoreConfig:
-    """Pairwise accuracy of any reward (rm:DIR, vader, chars:C, hf:DIR:LABEL) on a pair file."""
-
-    pairs: Path
-    """Pair file (.jsonl/.csv) or a datasets name."""
-    reward: str = "vader"
-    """Reward spec: rm:DIR | vader | chars:C | hf:PATH_OR_NAME:LABEL[:prob]."""
-    out: Path | None = None
-    """If given, write config.json and summary.json here."""
-    batch_size: int = 64
-    """Texts scored per reward call."""
-    limit: int | None = None
-    """Use only the first LIMIT pairs."""
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 or omitted, got {self.limit}.")
 
 
 def run_score(config: ScoreConfig) -> dict:

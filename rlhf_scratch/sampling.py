@@ -28,38 +28,10 @@ from transformers import DynamicCache
 from rlhf_scratch import compat
 from rlhf_scratch.compat import cache_kwarg_name
 from rlhf_scratch.typecheck import typechecker
+from rlhf_scratch.config import SamplingConfig  # noqa: F401 (defined there: importable without torch)
 
 # Before any cached decoding: TransformerLens 4.3 misses the KV cache under transformers 5.24's name.
 compat.install()
-
-
-@dataclass
-class SamplingConfig:
-    """How responses are sampled."""
-
-    max_new_tokens: int = 24
-    """Maximum number of generated tokens per response."""
-    temperature: float = 1.0
-    """Softmax temperature; log-probs used in training are taken at this temperature too."""
-    top_k: int | None = None
-    """Keep only the k most likely tokens at each step (None: no top-k filter)."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens with total probability >= top_p (1.0: off)."""
-    stop_at_eos: bool = True
-    """End a response at its first EOS token; later positions become padding."""
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-        if not 0 < self.temperature < float("inf"):
-            raise ValueError(
-                f"temperature must be a finite number > 0, got {self.temperature}. For greedy decoding use a "
-                "small temperature such as 1e-3 or top_k=1."
-            )
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None (no filter), got {self.top_k}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; use 1.0 to turn it off.")
 
 
 @dataclass

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -65,6 +65,7 @@ from rlhf_scratch.ppo import PPOConfig
 from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.sampling import SamplingConfig, encode, generate
 from rlhf_scratch.typecheck import typechecker
+from rlhf_scratch.command_configs import InspectConfig  # noqa: F401 (defined there: importable without torch)
 
 
 @jaxtyped(typechecker=typechecker)
@@ -93,40 +94,6 @@ def lens_values(policy, tokens: Tensor, attention_mask: Tensor) -> tuple[Tensor,
 
 
 # --------------------------------------------------------------------------- runner
-
-
-@dataclass
-class InspectConfig:
-    """One sample of a PPO policy: value, reward, advantage and return per token, and the value lens."""
-
-    checkpoint: str
-    """A PPO checkpoint directory (with value_head.safetensors), e.g. runs/ppo/checkpoint."""
-    prompt: str = ""
-    """Prompt text (empty: BOS alone)."""
-    response: str | None = None
-    """Inspect this response instead of sampling one."""
-    reward: str | None = None
-    """Reward spec (default: the run's reward, from the checkpoint's resume_state.json or the run's config.json; else vader)."""
-    reference: str | None = None
-    """Reference model for the per-token KL term (e.g. builtin); default: none, rewards without KL."""
-    max_new_tokens: int = 24
-    """Length of a sampled response."""
-    prepend_bos: bool = True
-    """Put BOS in front of the prompt (as the built-in model was trained)."""
-    seed: int = 0
-    """Seed of every random choice (sampling, prompts, initialisation, shuffling): the same seed gives the same run."""
-    device: str = "cpu"
-    """Where the models run: cpu, cuda, cuda:N or mps."""
-    out: Path | None = None
-    """If given: value_lens.png, tokens.csv, summary.json, config.json."""
-
-    def __post_init__(self):
-        if not self.checkpoint:
-            raise ValueError("--checkpoint is required: a PPO checkpoint directory, e.g. runs/ppo/checkpoint.")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-        if self.response is not None and not self.response:
-            raise ValueError("--response must not be empty; omit it to sample a response.")
 
 
 def run_settings(checkpoint: str | Path) -> dict:

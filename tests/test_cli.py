@@ -215,7 +215,7 @@ def test_commands_print_no_library_progress_bars(tiny_model_dir, tmp_path, capsy
 
 
 def test_ctrl_c_in_a_command_without_resume_ends_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
-    import rlhf_scratch.cli as cli
+    import rlhf_scratch.reward_model_training as reward_model_training
 
     def interrupted(config):
         (config.out / "metrics.jsonl").parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,7 @@ def test_ctrl_c_in_a_command_without_resume_ends_with_a_message_not_a_traceback(
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "a", "chosen": "good", "rejected": "bad"}) + "\n")
-    monkeypatch.setattr(cli, "train_reward_model", interrupted)
+    monkeypatch.setattr(reward_model_training, "train_reward_model", interrupted)
     assert main(["rm", "--pairs", str(pairs), "--out", str(tmp_path / "rm")]) == 130
     err = capsys.readouterr().err
     assert f"interrupted (Ctrl-C); what it had written is in {tmp_path / 'rm'}" in err and "Traceback" not in err
@@ -306,3 +306,20 @@ def test_help_into_a_closed_pipe_ends_without_a_traceback():
     child.stdout.close()
     _, err = child.communicate(timeout=300)
     assert b"Traceback" not in err and b"BrokenPipeError" not in err
+
+
+def test_help_and_a_config_error_import_no_heavy_library():
+    """`rlhf-scratch --help`, `rlhf-scratch ppo --help` and a configuration error answer before torch, transformers
+    or TransformerLens load (7-8 s on an idle 2-core machine, a minute on a busy one): the configs import none of them."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom rlhf_scratch.cli import main\nfor argv in {argv!r}:\n    try:\n        main(argv)\n"
+             "    except SystemExit:\n        pass\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules))")
+    for argv in ([["--help"]], [["ppo", "--help"]], [["ppo", "--phases", "0"]], [["dpo", "--beta", "0"]], [["diff", "--help"]]):
+        child = subprocess.run([sys.executable, "-c", probe.format(argv=argv)], capture_output=True, text=True, timeout=120)
+        assert "HEAVY []" in child.stdout, (argv, child.stdout[-500:], child.stderr[-2000:])
+    child = subprocess.run([sys.executable, "-m", "rlhf_scratch", "ppo", "--phases", "0"], capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == 2 and "phases must be >= 1, got 0" in child.stderr
