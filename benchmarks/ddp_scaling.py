@@ -16,7 +16,7 @@ process (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``). Every response ha
 
 Reported per set-up: seconds per phase (mean of the timed phases, rank 0's clock: every phase ends with
 collectives, so the ranks finish together), episodes/s = batch / that, rank 0's generate and learning
-time per phase, peak RSS of every rank (``VmHWM``, ``ppo_throughput.peak_rss_mib``), and for W=2 the parallel efficiency
+time per phase, peak RSS of every rank (``VmHWM``, ``bench_common.peak_rss_mib``), and for W=2 the parallel efficiency
 (episodes/s at W=2) / (2 × episodes/s at W=1).
 
     python benchmarks/ddp_scaling.py                      # tiny and gpt2, ~5 min on 2 CPU cores
@@ -34,16 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-for _var, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("WANDB_MODE", "disabled"),
-                     ("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
-    os.environ.setdefault(_var, _value)
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # this checkout's rlhf_scratch first
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE))  # the shared benchmark modules (also when started by torchrun)
 
-import ppo_throughput as pt  # noqa: E402  (model specs, model building, machine info)
+import bench_common as bc  # noqa: E402  (offline environment, this checkout's rlhf_scratch, timing, memory)
+import bench_models as bm  # noqa: E402  (model specs and model building)
 import torch  # noqa: E402
 
 SETUPS = (("W=1 fp32", 1, "float32"), ("W=2 fp32", 2, "float32"), ("W=1 bf16", 1, "bfloat16"))
@@ -51,12 +49,12 @@ SETUPS = (("W=1 fp32", 1, "float32"), ("W=2 fp32", 2, "float32"), ("W=1 bf16", 1
 
 def worker(args) -> None:
     """One rank: build the trainer, run warmup + timed phases, write rank 0's figures (and every rank's peak RSS)."""
-    torch.set_num_threads(1)
+    bc.set_threads(1)
     from rlhf_scratch import distributed
     from rlhf_scratch.ppo import PPOConfig, PPOTrainer
     from rlhf_scratch.sampling import SamplingConfig
 
-    spec = pt.default_specs()[args.model]
+    spec = bm.default_specs()[args.model]
     config = PPOConfig(model=str(args.model_dir), prompt="The movie", reward="chars:.", batch_size=spec.batch_size,
                        minibatch_size=spec.minibatch_size, ppo_epochs=spec.ppo_epochs, phases=args.warmup + args.phases + 1,
                        warmup_phases=0, dtype=args.dtype, device=args.device,
@@ -68,21 +66,21 @@ def worker(args) -> None:
     for _ in range(args.phases):
         start, cpu_start = time.perf_counter(), time.process_time()
         record = trainer.run_phase()
-        pt.sync(config.device)
+        bc.sync(config.device)
         seconds.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
         generate.append(record.metrics["time/generate"])
         learning.append(record.metrics["time/learning"])
-    rss = distributed.all_gather_objects(pt.peak_rss_mib())
-    cpu_per_rank = distributed.all_gather_objects(pt.mean(cpu))
+    rss = distributed.all_gather_objects(bc.peak_rss_mib())
+    cpu_per_rank = distributed.all_gather_objects(bc.mean(cpu))
     if distributed.is_main():
-        phase = pt.mean(seconds)
+        phase = bc.mean(seconds)
         # Wall time on a busy machine measures the other jobs too; CPU time per rank measures this work. With a
         # core per rank a phase would take about the busiest rank's CPU time: the "CPU-bound" figures.
         result = {"seconds_per_phase": phase, "episodes_per_s": spec.batch_size / phase,
                   "cpu_seconds_per_rank": cpu_per_rank, "cpu_bound_episodes_per_s": spec.batch_size / max(cpu_per_rank),
-                  "generate": pt.mean(generate),
-                  "learning": pt.mean(learning), "peak_rss_mib": rss, "world_size": distributed.world_size(),
+                  "generate": bc.mean(generate),
+                  "learning": bc.mean(learning), "peak_rss_mib": rss, "world_size": distributed.world_size(),
                   "dtype": args.dtype, "phases": seconds}
         if config.device.startswith("cuda"):
             result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -130,15 +128,15 @@ def main(argv=None) -> dict:
     from rlhf_scratch.data import load_texts
 
     texts = load_texts("builtin", limit=3000)
-    info = pt.machine_info(args)
+    info = bc.machine_info(args)
     info["torch_threads"] = 1
     results = {"machine": info, "models": {}}
-    busy_start, own_start, wall_start = *pt.cpu_seconds(), time.perf_counter()
+    busy_start, own_start, wall_start = *bc.cpu_seconds(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for model in args.models.split(","):
-            spec = pt.default_specs()[model]
-            built = pt.build_model_dir(spec, workdir / model, texts, 2048, seed=0)
+            spec = bm.default_specs()[model]
+            built = bm.build_model_dir(spec, workdir / model, texts, 2048, seed=0)
             print(f"{model}: {built['parameters'] / 1e6:.1f} M parameters; global batch {spec.batch_size}, minibatch "
                   f"{spec.minibatch_size}, {spec.ppo_epochs} epoch(s), {spec.new_tokens} new tokens; "
                   f"{args.warmup} warmup + {args.phases} timed phases", flush=True)
@@ -158,11 +156,11 @@ def main(argv=None) -> dict:
             bf16_cpu_speed = bf16["cpu_bound_episodes_per_s"] / one["cpu_bound_episodes_per_s"]
             print(f"  parallel efficiency (W=2 vs 2 × W=1): wall {efficiency:.2f}, CPU-bound {cpu_efficiency:.2f}; "
                   f"bf16 / fp32 episodes/s: wall {bf16_speed:.2f}, CPU-bound {bf16_cpu_speed:.2f}")
-            results["models"][model] = {"parameters": built["parameters"], "spec": pt.asdict(spec), "setups": rows,
+            results["models"][model] = {"parameters": built["parameters"], "spec": asdict(spec), "setups": rows,
                                         "parallel_efficiency": efficiency, "parallel_efficiency_cpu_bound": cpu_efficiency,
                                         "bf16_speedup": bf16_speed, "bf16_speedup_cpu_bound": bf16_cpu_speed}
     # On a shared machine, how much of it other processes took while this ran (their CPU seconds).
-    busy_end, own_end = pt.cpu_seconds()
+    busy_end, own_end = bc.cpu_seconds()
     wall = time.perf_counter() - wall_start
     others = (busy_end - busy_start) - (own_end - own_start)
     results["load"] = {"wall_seconds": wall, "cpu_seconds_available": wall * (os.cpu_count() or 1),

@@ -42,267 +42,25 @@ import argparse
 import gc
 import json
 import os
-import platform
-import resource
-import shlex
 import shutil
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-# No hub access: everything is built locally. Set before transformers is imported.
-for _var, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
-                     ("WANDB_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false"),
-                     ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
-    os.environ.setdefault(_var, _value)
-
-# Run from a checkout without installing: this checkout's rlhf_scratch comes first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_common import MemoryMark, add_threads_argument, cpu_seconds, machine_info, mean, peak_rss_mib, prepare_process, timed
+from bench_models import GPT2_SMALL_VOCAB, ModelSpec, bench_engine, build_model_dir, default_specs
 
 import torch  # noqa: E402
-
-GPT2_SMALL_VOCAB = 50257
-
-
-@dataclass
-class ModelSpec:
-    """One benchmarked model: architecture (random weights) and PPO phase shape."""
-
-    name: str
-    n_layer: int
-    n_head: int
-    d_model: int
-    n_ctx: int
-    vocab: int  # 0: the tokenizer's size
-    batch_size: int
-    minibatch_size: int
-    ppo_epochs: int
-    new_tokens: int
-    phases: int
-
-
-def default_specs() -> dict[str, ModelSpec]:
-    from rlhf_scratch.pretrain import PretrainConfig
-
-    tiny = PretrainConfig()  # the built-in model's architecture
-    return {
-        "tiny": ModelSpec("tiny", tiny.n_layer, tiny.n_head, tiny.d_model, tiny.n_ctx, tiny.vocab_size,
-                          batch_size=64, minibatch_size=16, ppo_epochs=4, new_tokens=24, phases=3),
-        "gpt2": ModelSpec("gpt2", 12, 12, 768, 1024, GPT2_SMALL_VOCAB,
-                          batch_size=16, minibatch_size=8, ppo_epochs=1, new_tokens=24, phases=3),
-    }
 
 
 # --------------------------------------------------------------------------- measuring
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def peak_rss_mib() -> float:
-    """This process's high-water mark of resident memory, in MiB: ``VmHWM`` on Linux, else ``ru_maxrss``.
-
-    Not ``ru_maxrss`` on Linux: a child's starts at its parent's resident size at fork and survives ``exec``, so
-    a fresh measuring process would report at least the orchestrator's size (before 2026-11-29 the figures here did:
-    the GPT-2 "after imports" baseline read ~1.1 GB where the imports take ~0.55 GB).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine from /proc/stat, CPU seconds of this process).
-
-    Their difference over the run is the CPU time other processes took: on a shared
-    machine it shows whether the timings were taken on a quiet machine. (Child
-    processes count as this process once they have exited.)
-    """
-    own = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own
-    except (OSError, ValueError, IndexError):
-        return float("nan"), own
-
-
-class MemoryMark:
-    """Peak memory of a stretch of work: CUDA peak allocated, or the process's peak RSS on CPU."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.cuda = device.startswith("cuda")
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated() / 2**20
-        else:
-            self.start = peak_rss_mib()
-
-    def read(self) -> dict:
-        if self.cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            return {"kind": "cuda_max_allocated", "peak_mib": peak, "increase_mib": peak - self.start}
-        peak = peak_rss_mib()
-        return {"kind": "cpu_peak_rss", "peak_mib": peak, "increase_mib": peak - self.start}
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def timed(fn, repeats: int, warmup: int, device: str) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
-    times = []
-    for i in range(warmup + repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
-
-
 # --------------------------------------------------------------------------- models
 
 
-def build_model_dir(spec: ModelSpec, directory: Path, texts: list[str], tokenizer_vocab: int, seed: int) -> dict:
-    """A random GPT-2 of ``spec``'s shape with a BPE tokenizer, in save_pretrained layout.
-
-    If the model's vocabulary is larger than the trained tokenizer's, dummy tokens
-    ``<xN>`` are added to the tokenizer up to the model's size, so every id the random
-    model samples decodes to some text (and the unembedding keeps its full cost).
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from rlhf_scratch.pretrain import train_tokenizer
-
-    start = time.perf_counter()
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(texts, tokenizer_vocab, directory)
-    bpe_size = len(tokenizer)
-    vocab = spec.vocab or bpe_size
-    if vocab > bpe_size:
-        tokenizer.add_tokens([f"<x{i}>" for i in range(bpe_size, vocab)])
-        tokenizer.save_pretrained(directory)
-    special = tokenizer.bos_token_id
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=vocab, n_positions=spec.n_ctx, n_embd=spec.d_model, n_layer=spec.n_layer, n_head=spec.n_head,
-        bos_token_id=special, eos_token_id=special, pad_token_id=special,
-    )
-    model = GPT2LMHeadModel(config).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(directory)
-    del model
-    gc.collect()
-    return {"vocab": vocab, "bpe_tokens": bpe_size, "dummy_tokens": max(0, vocab - bpe_size),
-            "parameters": n_params, "build_seconds": time.perf_counter() - start}
-
-
 # --------------------------------------------------------------------------- engine
-
-
-def bench_engine(spec: ModelSpec, model_dir: Path, args) -> tuple[dict, dict]:
-    """Mean per-phase timings of the real PPOTrainer; also returns the last batch for the raw baselines."""
-    from rlhf_scratch.models import PolicyWithValueHead, load_bridge
-    from rlhf_scratch.ppo import PPOConfig, PPOTrainer
-    from rlhf_scratch.rewards import make_reward, score_texts
-    from rlhf_scratch.sampling import SamplingConfig
-
-    start = time.perf_counter()
-    bridge = load_bridge(model_dir, device=args.device)
-    policy = PolicyWithValueHead(bridge)
-    config = PPOConfig(
-        model=str(model_dir), reward="chars:.", prompt=args.prompt,
-        phases=args.warmup + spec.phases, warmup_phases=0,
-        batch_size=spec.batch_size, minibatch_size=spec.minibatch_size, ppo_epochs=spec.ppo_epochs,
-        sampling=SamplingConfig(max_new_tokens=spec.new_tokens, stop_at_eos=False),
-        seed=args.seed, device=args.device,
-    )
-    trainer = PPOTrainer(config, policy=policy, reward=make_reward("chars:."))
-    setup_seconds = time.perf_counter() - start
-    vader = make_reward("vader") if args.vader else None
-
-    rows = []
-    for index in range(args.warmup + spec.phases):
-        sync(args.device)
-        t0 = time.perf_counter()
-        try:
-            rollout = trainer.sample_and_score()
-            memory, _ = trainer.build_memory(rollout)
-        except RuntimeError as error:
-            if "generator" in str(error) and args.device != "cpu":
-                raise RuntimeError(
-                    f"The engine failed on {args.device}: {error}. PPOTrainer samples with a CPU torch.Generator; "
-                    "sampling on an accelerator needs a generator on that device."
-                ) from error
-            raise
-        sync(args.device)
-        t1 = time.perf_counter()
-        trainer.learning_phase(memory)
-        sync(args.device)
-        t2 = time.perf_counter()
-        stats = rollout.stats
-        row = {
-            "generate": stats["time/generate"],
-            "policy_forward": stats["time/policy_forward"],
-            "reference_forward": stats["time/reference_forward"],
-            "reward": stats["time/reward"],
-            "learning": t2 - t1,
-            "rollout": t1 - t0,
-            "phase": t2 - t0,
-        }
-        row["other_rollout"] = row["rollout"] - sum(row[k] for k in ("generate", "policy_forward", "reference_forward", "reward"))
-        if vader is not None:
-            tv = time.perf_counter()
-            score_texts(vader, rollout.generation.texts)
-            row["vader"] = time.perf_counter() - tv
-        if stats["response/length"] != spec.new_tokens:
-            raise RuntimeError(f"expected {spec.new_tokens} tokens per response, got {stats['response/length']}")
-        if index >= args.warmup:
-            rows.append(row)
-        if args.verbose:
-            tag = "warmup" if index < args.warmup else "timed"
-            print(f"  [{spec.name}] engine phase {index + 1}/{args.warmup + spec.phases} ({tag}): "
-                  + ", ".join(f"{k} {v:.3f}s" for k, v in row.items()), flush=True)
-
-    result = {key: mean([r[key] for r in rows]) for key in rows[0]}
-    result["setup_seconds"] = setup_seconds
-    result["phases_timed"] = len(rows)
-    result["phase_min"] = min(r["phase"] for r in rows)
-    result["phase_max"] = max(r["phase"] for r in rows)
-    result["per_phase"] = rows
-    keep = {
-        "prompt_ids": list(trainer.prompt_pool[0]),
-        # On the CPU: this dict may travel back from a child process.
-        "sequences": memory.sequences.detach().cpu().clone(),
-        "attention_mask": memory.attention_mask.detach().cpu().clone(),
-        "gen_mask": memory.gen_mask.detach().cpu().clone(),
-        "prompt_len": memory.prompt_len,
-        "trunk_parameters": sum(p.numel() for p in trainer.policy.trunk_parameters()),
-        "head_parameters": sum(p.numel() for p in trainer.policy.head_parameters()),
-    }
-    del trainer, policy, bridge, memory
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return result, keep
 
 
 # --------------------------------------------------------------------------- raw baselines
@@ -394,17 +152,6 @@ def bench_raw(spec: ModelSpec, model_dir: Path, keep: dict, args) -> dict:
 # --------------------------------------------------------------------------- one model
 
 
-def prepare_process(args) -> None:
-    """Thread count, quiet progress bars and the heavy imports, before any memory baseline."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import transformer_lens.model_bridge  # noqa: F401
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
-    transformers.utils.logging.set_verbosity_error()
-
-
 def _measured(name: str, args, *fn_args):
     """Run one benchmark function; return its result and the peak memory it added."""
     prepare_process(args)
@@ -474,41 +221,6 @@ def bench_model(spec: ModelSpec, workdir: Path, texts: list[str], args, console)
 
 
 # --------------------------------------------------------------------------- output
-
-
-def machine_info(args) -> dict:
-    import importlib.metadata as md
-
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "?"
-
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "?"
-    info = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformer_lens": version("transformer-lens"),
-        "transformers": version("transformers"),
-        "device": args.device,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu,
-    }
-    if args.device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(args.device)
-    return info
 
 
 def print_report(console, info: dict, results: list[dict], args, baseline_rss: float) -> None:
@@ -626,7 +338,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], epilog="See benchmarks/README.md for what every column means.",
     )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--skip-tiny", action="store_true", help="do not benchmark the tiny model")
     parser.add_argument("--skip-gpt2", action="store_true", help="do not benchmark the GPT-2-small-sized model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed phases (and raw repetitions) before timing (default: 1)")

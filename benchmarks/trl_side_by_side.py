@@ -2,11 +2,11 @@
 """The project's PPO next to TRL 1.12.0's PPOTrainer on the same weights, batch and step count.
 
 For each model size (``tiny``: the built-in architecture, 1.1 M parameters; ``gpt2``:
-GPT-2-small-sized, 124 M; both random weights from ``ppo_throughput.build_model_dir``)
+GPT-2-small-sized, 124 M; both random weights from ``bench_models.build_model_dir``)
 this script runs, round after round, each system in a fresh process with one torch
 thread (``--threads``):
 
-* project: ``ppo_throughput.bench_engine`` (``PPOTrainer.sample_and_score`` +
+* project: ``bench_models.bench_engine`` (``PPOTrainer.sample_and_score`` +
   ``build_memory`` + ``learning_phase``) under this interpreter;
 * TRL: ``trl.experimental.ppo.PPOTrainer.train()`` under ``--trl-python`` (a separate
   virtualenv: TRL is no dependency of the package), on the same saved directory
@@ -57,7 +57,7 @@ for _var, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_var, _value)
 
 BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS))  # ppo_throughput (stdlib + torch at import: safe in the TRL venv too)
+sys.path.insert(0, str(BENCHMARKS))  # bench_common, bench_models (safe to import in the TRL venv too)
 
 # Exactly these pins for --make-trl-venv (torch pinned: an unpinned one pulls CUDA wheels).
 TRL_VENV_PINS = ("torch==2.13.0", "trl==1.12.0", "transformers==5.24.0", "accelerate", "datasets")
@@ -160,27 +160,24 @@ def trl_config_kwargs(batch_size: int, minibatch_size: int, ppo_epochs: int, new
 
 
 def own_peak_rss_mib() -> float:
-    """Peak resident memory of this process's own address space (VmHWM), in MiB (``ppo_throughput.peak_rss_mib``)."""
-    from ppo_throughput import peak_rss_mib
+    """Peak resident memory of this process's own address space (VmHWM), in MiB (``bench_common.peak_rss_mib``)."""
+    from bench_common import peak_rss_mib
 
     return peak_rss_mib()
 
 
 def _set_threads(threads: int) -> None:
-    import torch
+    from bench_common import set_threads
 
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(threads)
-    except RuntimeError:
-        pass
+    set_threads(threads)
 
 
 def project_worker(job: dict) -> dict:
     """One project run: ``bench_engine`` (warmup + timed phases) in this fresh process."""
     import argparse as _argparse
 
-    from ppo_throughput import ModelSpec, bench_engine, cpu_seconds, prepare_process
+    from bench_common import cpu_seconds, prepare_process
+    from bench_models import ModelSpec, bench_engine
 
     _set_threads(job["threads"])
     args = _argparse.Namespace(device="cpu", prompt=job["prompt"], seed=job["seed"], warmup=job["warmup"],
@@ -223,12 +220,12 @@ def trl_worker(job: dict) -> dict:
     """One TRL run: PPOTrainer.train() for warmup + timed updates, every part timed by wrappers.
 
     Runs under the TRL virtualenv: imports torch, transformers, datasets, trl (and the
-    stdlib helpers of ppo_throughput), never rlhf_scratch.
+    stdlib helpers of bench_common), never rlhf_scratch.
     """
     import gc
     import importlib.metadata as md
 
-    from ppo_throughput import cpu_seconds
+    from bench_common import cpu_seconds
 
     _set_threads(job["threads"])
     import torch
@@ -651,13 +648,15 @@ def trl_versions(python: str) -> dict:
 
 
 def parse_args(argv=None):
+    from bench_common import add_threads_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="See benchmarks/README.md for the configuration and figures.")
     parser.add_argument("--models", default="tiny,gpt2", help="comma-separated: tiny, gpt2 (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per model (default: %(default)s)")
     parser.add_argument("--updates", type=int, default=2, help="timed updates per process (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates first in each process (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per measured process (default: %(default)s)")
+    add_threads_argument(parser, default=1)
     parser.add_argument("--trl-python", default=None, help="python of a virtualenv with trl 1.12.0 (see --make-trl-venv)")
     parser.add_argument("--make-trl-venv", type=Path, default=None, metavar="DIR",
                         help="create (or complete) a virtualenv at DIR with " + " ".join(TRL_VENV_PINS) + " and use it")
@@ -692,7 +691,8 @@ def main(argv=None) -> dict | None:
     if args.worker:
         run_worker_main(args)
         return None
-    from ppo_throughput import build_model_dir, cpu_seconds, default_specs, machine_info
+    from bench_common import cpu_seconds, machine_info
+    from bench_models import build_model_dir, default_specs
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 130)

@@ -39,7 +39,7 @@ RESUME_STATE_JSON = "resume_state.json"
 RESUME_STATE_TENSORS = "resume_state.safetensors"
 FORMAT_VERSION = 1
 
-RUN_FIELDS = ("out", "device", "wandb", "wandb_project", "samples_per_phase", "table_rows", "checkpoint_every",
+RUN_FIELDS = ("out", "device", "wandb", "wandb_project", "samples_per_phase", "table_rows", "checkpoint_every", "checkpoint_minutes",
               "snapshot_every", "eval_every", "eval_prompts", "resume", "debug", "debug_max_approx_kl")
 """Config fields a resumed run may change: where and how it writes and checks, not what it computes.
 (``device`` does change float rounding: resume on the device you trained on for exact equality.)"""

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None):
     # The command's libraries load only now that the flags are known to be right.
     from rlhf_scratch import distributed
     from rlhf_scratch.outputs import claim_run_dir
-    from rlhf_scratch.policy_trainer import resume_command
+    from rlhf_scratch.run import resume_command
 
     quiet_libraries()
     set_threads(threads)
@@ -280,10 +280,10 @@ def main(argv: list[str] | None = None):
                 print(f"The run's last checkpoint is kept in {checkpoint}: once the cause is fixed, continue with "
                       f"`{resume_command(name, config.out)}`.", file=sys.stderr)
         return 1
-    except TrainingInterrupted as stopped:
+    except TrainingInterrupted as stopped:  # Ctrl-C or SIGTERM: checkpoint written, resume command given
         if distributed.is_main():
             print(f"rlhf-scratch {name}: {stopped}", file=sys.stderr)
-        return INTERRUPTED_EXIT
+        return stopped.exit_code
     except KeyboardInterrupt:
         out = getattr(config, "out", None)
         kept = f"; what it had written is in {out}" if out is not None and Path(out).exists() else ""

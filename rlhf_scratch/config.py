@@ -163,6 +163,9 @@ class PolicyTrainingConfig(TaskConfig):
     """W&B project name (with --wandb)."""
     checkpoint_every: int = 0
     """Write OUT/checkpoint every this many phases as well as at the end (0: only at the end)."""
+    checkpoint_minutes: float = 10.0
+    """Also write OUT/checkpoint after a phase once this many minutes have passed since the last one (or the start),
+    so that even a `kill -9` loses at most that much training; 0: off. (Ctrl-C and SIGTERM always checkpoint.)"""
     snapshot_every: int = 0
     """Save the policy's weights every this many phases in OUT/snapshots/phase_NNNN/ (a model directory, not a resume
     checkpoint) for `rlhf-scratch diff --timeline OUT`; 0: off. Each costs the model's size on disk."""
@@ -199,6 +202,7 @@ class PolicyTrainingConfig(TaskConfig):
             (self.samples_per_phase >= 0, f"samples_per_phase must be >= 0, got {self.samples_per_phase}."),
             (self.table_rows >= 1, f"table_rows must be >= 1 (rows of the before/after table), got {self.table_rows}."),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}."),
+            (self.checkpoint_minutes >= 0, f"checkpoint_minutes must be >= 0 (0: off), got {self.checkpoint_minutes}."),
             (self.eval_every >= 0, f"eval_every must be >= 0 (0: off), got {self.eval_every}."),
             (self.snapshot_every >= 0, f"snapshot_every must be >= 0 (0: off), got {self.snapshot_every}."),
             (self.eval_prompts >= 1, f"eval_prompts must be >= 1, got {self.eval_prompts}."),

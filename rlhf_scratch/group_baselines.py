@@ -13,121 +13,139 @@ same prompt in the same phase. One phase, on the same engine as PPO and REINFORC
            aggregate: per-response mean, then mean over responses (GRPO);
            Dr. GRPO: no std division, Σ_t / max_new_tokens (no length bias)          (objectives.aggregate_tokens)
 
-RLOO is REINFORCE with the leave-one-out baseline (its loss, minibatches and metrics are
-``REINFORCETrainer``'s). GRPO is a clipped-ratio update like PPO's, without the value head and
-with the KL as a loss term (k3, the paper's choice) by default. Outputs, resume, hooks and
-``--debug`` are the shared ones of ``policy_trainer.PolicyTrainer``.
+RLOO is REINFORCE with the leave-one-out baseline: it calls REINFORCE's loss as a function
+(``reinforce.reinforce_terms``) and inherits nothing. GRPO is a clipped-ratio update like PPO's, without
+the value head and with the KL as a loss term (k3, the paper's choice) by default. Both are values plugged
+into the one loop (``policy_trainer.PolicyTrainer``): outputs, resume, hooks and ``--debug`` are shared.
 """
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
-from rlhf_scratch import distributed
 from rlhf_scratch.advantages import grpo_advantages, rloo_advantages
-from rlhf_scratch.memory import ReplayMemory
-from rlhf_scratch.objectives import (
-    aggregate_tokens,
-    clipped_surrogate_per_token,
-    ppo_diagnostics,
+from rlhf_scratch.algorithm import (
+    LearningPass,
+    breakdown_means,
+    memory_with_sequence_advantages,
+    sequence_rewards,
+    shuffled_minibatches,
 )
-from rlhf_scratch.optimization import check_finite
-from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
-from rlhf_scratch.reinforce import REINFORCETrainer
 from rlhf_scratch.algorithm_configs import GRPOConfig, GroupConfig, RLOOConfig  # noqa: F401 (defined there: importable without torch)
+from rlhf_scratch.memory import ReplayMemory
+from rlhf_scratch.objectives import aggregate_tokens, clipped_surrogate_per_token, per_token_kl
+from rlhf_scratch.policy_trainer import PolicyTrainer, run_trainer
+from rlhf_scratch.reinforce import REINFORCE_METRICS, REINFORCE_SHARE, reinforce_terms
+from rlhf_scratch.rollout import ScoredRollout
 
 
-class GroupSampling:
-    """Mixin: each phase samples batch_size / k prompts and repeats each k times (a prompt's samples are contiguous)."""
+def group_stats(rewards: Tensor, advantage: Tensor, group_size: int) -> dict[str, float]:
+    """The group metrics: the mean within-group reward spread, the share of groups whose rewards are all equal (they
+    teach nothing), and the advantages' spread."""
+    within = rewards.view(-1, group_size).std(dim=1)  # each group's spread: the signal there is
+    return {
+        "group/reward_std": within.mean().item(),
+        "group/zero_advantage_frac": (within == 0).float().mean().item(),  # groups that teach nothing
+        "group/advantage_std": advantage.std().item(),
+    }
 
-    def rollout_prompts(self) -> list[list[int]]:
-        """This rank's prompts: (batch_size / W) / k distinct ones, each k times; a group never spans two ranks."""
-        k = self.config.group_size
-        return [prompt for prompt in self.sample_prompts(self.config.batch_size // distributed.world_size() // k)
-                for _ in range(k)]
 
-    def check_batch_split(self, config) -> None:
-        super().check_batch_split(config)
-        local = config.batch_size // distributed.world_size()
-        if local % config.group_size != 0:
-            raise ValueError(f"Each rank's share of the batch ({local} = {config.batch_size} / {distributed.world_size()} "
-                             f"processes) must be a multiple of group_size ({config.group_size}): a group is sampled "
-                             "on one rank.")
+class GroupAlgorithm:
+    """What the group-baseline algorithms share: k samples per prompt (the trainer samples batch_size / k prompts and
+    repeats each k times, contiguously), no value head, no state of their own."""
 
-    def group_stats(self, rewards: Tensor, advantage: Tensor) -> dict[str, float]:
-        within = rewards.view(-1, self.config.group_size).std(dim=1)  # each group's spread: the signal there is
-        return {
-            "group/reward_std": within.mean().item(),
-            "group/zero_advantage_frac": (within == 0).float().mean().item(),  # groups that teach nothing
-            "group/advantage_std": advantage.std().item(),
-        }
+    saves_value_head = False
+    nonfinite_hint = "Lower the learning rate or check the reward for extreme values."
+
+    def __init__(self, config: GroupConfig):
+        self.config = config
+        self.group_size = config.group_size
+
+    def param_groups(self, policy) -> list[dict]:
+        return [{"params": policy.trunk_parameters(), "lr": self.config.lr}]
+
+    def state_dict(self) -> dict:
+        """No state: the baseline comes from the phase's own samples."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- RLOO
 
 
-class RLOOTrainer(GroupSampling, REINFORCETrainer):
-    """REINFORCE whose baseline is each response's leave-one-out group mean (``advantages.rloo_advantages``)::
+class RLOO(GroupAlgorithm):
+    """REINFORCE whose baseline is each response's leave-one-out group mean (``advantages.rloo_advantages``)."""
+
+    title, kind = "RLOO", "rloo"
+    clipped = False
+    share = REINFORCE_SHARE
+
+    @torch.no_grad()
+    def build_memory(self, rollout: ScoredRollout, kl_coef: float) -> tuple[ReplayMemory, dict[str, float]]:
+        shaped = sequence_rewards(self.config, kl_coef, rollout)
+        advantage = rloo_advantages(shaped, self.config.group_size)
+        stats = {"reinforce/shaped_reward": shaped.mean().item(), **group_stats(shaped, advantage, self.group_size)}
+        return memory_with_sequence_advantages(self.config, rollout, advantage), stats
+
+    def minibatches(self, memory: ReplayMemory, generator: torch.Generator):
+        """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size), as REINFORCE."""
+        return shuffled_minibatches(memory, self.config.minibatch_size or len(memory), 1, generator)
+
+    def loss(self, learning_pass: LearningPass, minibatch: ReplayMemory, kl_coef: float) -> dict[str, Tensor]:
+        """REINFORCE's loss (``reinforce.reinforce_terms``) with the leave-one-out advantages."""
+        return reinforce_terms(learning_pass, minibatch, self.config, kl_coef)
+
+    @staticmethod
+    def total(terms: dict[str, Tensor]) -> Tensor:
+        return terms["policy_loss"] + terms["kl_penalty"]
+
+    def metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
+        return breakdown_means(breakdown, REINFORCE_METRICS)
+
+
+class RLOOTrainer(PolicyTrainer):
+    """RLOO on a TransformerLens policy::
 
         trainer = RLOOTrainer(RLOOConfig(phases=3))
         memory = trainer.rollout_phase()        # advantages = r'_i − mean of the other k − 1, on every real token
         trainer.learning_phase(memory)
     """
 
-    title = "RLOO"
-    kind = "rloo"
-
-    def init_algorithm_state(self) -> None:
-        """No state: the baseline comes from the phase's own samples."""
-
-    def algorithm_state(self) -> dict:
-        return {}
-
-    def load_algorithm_state(self, state: dict) -> None:
-        pass
-
-    @torch.no_grad()
-    def build_memory(self, rollout: ScoredRollout) -> tuple[ReplayMemory, dict[str, float]]:
-        shaped = self.sequence_rewards(rollout)
-        advantage = rloo_advantages(shaped, self.config.group_size)
-        stats = {"reinforce/shaped_reward": shaped.mean().item(), **self.group_stats(shaped, advantage)}
-        return self.memory_with_sequence_advantages(rollout, advantage), stats
+    algorithm_class = RLOO
 
 
 # --------------------------------------------------------------------------- GRPO
 
 
-class GRPOTrainer(GroupSampling, PolicyTrainer):
-    """GRPO on a TransformerLens policy, sharing the sampler, reward, outputs and checkpoints of PPO::
+class GRPO(GroupAlgorithm):
+    """Group-standardised advantages and a clipped ratio, each term aggregated over tokens as GRPO (or Dr. GRPO) does."""
 
-        trainer = GRPOTrainer(GRPOConfig(phases=3))          # GRPOConfig(dr_grpo=True): Dr. GRPO
-        memory = trainer.rollout_phase()        # advantages = group-standardised r', on every real token
-        trainer.learning_phase(memory)          # one clipped-ratio step per minibatch
-    """
-
-    title = "GRPO"
-    kind = "grpo"
+    title, kind = "GRPO", "grpo"
+    clipped = True
+    share = {"surrogate": "rows", "kl_penalty": "rows"}
+    """Both are means over responses: a piece of a minibatch (a rank's slice, a micro-batch) gives its share."""
 
     @property
     def aggregation(self) -> str:
         return "constant" if self.config.dr_grpo else "sequence-mean"
 
     @torch.no_grad()
-    def build_memory(self, rollout: ScoredRollout) -> tuple[ReplayMemory, dict[str, float]]:
+    def build_memory(self, rollout: ScoredRollout, kl_coef: float) -> tuple[ReplayMemory, dict[str, float]]:
         config = self.config
-        shaped = self.sequence_rewards(rollout)
+        shaped = sequence_rewards(config, kl_coef, rollout)
         advantage = grpo_advantages(shaped, config.group_size, scale_by_std=not config.dr_grpo, eps=config.advantage_eps)
-        return self.memory_with_sequence_advantages(rollout, advantage), self.group_stats(shaped, advantage)
+        return memory_with_sequence_advantages(config, rollout, advantage), group_stats(shaped, advantage, self.group_size)
 
-    def compute_losses(self, minibatch: ReplayMemory) -> tuple[dict[str, Tensor], Tensor]:
-        """The clipped surrogate and the KL term, each aggregated over tokens as GRPO (or Dr. GRPO) does; the new
-        log-probs (detached)."""
-        config = self.config
-        mask = minibatch.gen_mask
-        logits = self.learning_forward(minibatch).logits
-        logits_gen, _, logprobs = self.generated_logprobs(logits, minibatch.sequences, minibatch.prompt_len)
+    def minibatches(self, memory: ReplayMemory, generator: torch.Generator):
+        """``epochs`` passes over the batch, each in a fresh shuffle (advantages were computed per group before)."""
+        return shuffled_minibatches(memory, self.config.minibatch_size or len(memory), self.config.epochs, generator)
+
+    def loss(self, learning_pass: LearningPass, minibatch: ReplayMemory, kl_coef: float) -> dict[str, Tensor]:
+        """The clipped surrogate and the KL term, each aggregated over tokens as GRPO (or Dr. GRPO) does."""
+        config, mask, logprobs = self.config, minibatch.gen_mask, learning_pass.logprobs
 
         def aggregate(per_token: Tensor) -> Tensor:
             return aggregate_tokens(per_token, mask, self.aggregation, config.sampling.max_new_tokens)
@@ -135,28 +153,33 @@ class GRPOTrainer(GroupSampling, PolicyTrainer):
         surrogate = clipped_surrogate_per_token(logprobs, minibatch.logprobs, minibatch.advantages, mask, config.clip_coef)
         terms = {"surrogate": aggregate(surrogate), "kl_penalty": torch.zeros((), device=logprobs.device)}
         if config.kl_mode == "loss":
-            kl = self.per_token_kl(logprobs, minibatch.ref_logprobs, logits_gen, minibatch.ref_logits_gen)
-            terms["kl_penalty"] = self.kl_controller.value * aggregate(kl)
-        # Both are means over responses: a piece of a minibatch (a rank's slice, a micro-batch) gives its share.
-        terms = {name: self.row_share(value, minibatch) for name, value in terms.items()}
-        for name, value in terms.items():
-            check_finite(name, value, self.nonfinite_hint)
-        terms["loss"] = -(terms["surrogate"] - terms["kl_penalty"])
-        diagnostics = ppo_diagnostics(logprobs.detach(), minibatch.logprobs, mask, config.clip_coef)
-        terms.update({f"diag/{k}": v if k.endswith("_max") else self.token_share(v, minibatch) for k, v in diagnostics.items()})
-        return terms, logprobs.detach()
+            kl = per_token_kl(config.kl_estimator, logprobs, minibatch.ref_logprobs, learning_pass.logits_gen,
+                              minibatch.ref_logits_gen)
+            terms["kl_penalty"] = kl_coef * aggregate(kl)
+        return terms
 
-    def minibatches(self, memory: ReplayMemory):
-        """``epochs`` passes over the batch, each in a fresh shuffle (advantages were computed per group before)."""
-        return self.shuffled_minibatches(memory, self.config.minibatch_size or len(memory), self.config.epochs)
+    @staticmethod
+    def total(terms: dict[str, Tensor]) -> Tensor:
+        return -(terms["surrogate"] - terms["kl_penalty"])
 
-    def learning_metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
+    def metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
         """PPO's metric names where they apply."""
         metrics = breakdown_means(breakdown, {
             "losses/policy": "surrogate", "losses/kl_penalty": "kl_penalty", "losses/total": "loss",
             "losses/clipfrac": "diag/clipfrac", "losses/approx_kl": "diag/approx_kl", "losses/grad_norm": "grad_norm",
         })
         return {**metrics, "losses/policy": -metrics["losses/policy"]}  # the surrogate is maximised
+
+
+class GRPOTrainer(PolicyTrainer):
+    """GRPO on a TransformerLens policy, sharing the sampler, reward, outputs and checkpoints of PPO::
+
+        trainer = GRPOTrainer(GRPOConfig(phases=3))          # GRPOConfig(dr_grpo=True): Dr. GRPO
+        memory = trainer.rollout_phase()        # advantages = group-standardised r', on every real token
+        trainer.learning_phase(memory)          # one clipped-ratio step per minibatch
+    """
+
+    algorithm_class = GRPO
 
 
 def run_rloo(config: RLOOConfig) -> dict:

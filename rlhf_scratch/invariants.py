@@ -272,3 +272,11 @@ def check_approx_kl(
             "ppo_epochs or max_grad_norm, or raise --debug-max-approx-kl if this is expected.",
             where,
         )
+
+
+def check_minibatch(index: int, minibatch, logprobs: Tensor, max_approx_kl: float, where: str = "") -> None:
+    """--debug checks on a minibatch after its losses, before its step (no extra forward pass): ratio = 1 on the
+    phase's first minibatch (``index`` 0), approx-KL below ``max_approx_kl`` on every one."""
+    if index == 0:
+        check_ratio_is_one(logprobs, minibatch.logprobs, minibatch.gen_mask, where=where)
+    check_approx_kl(logprobs, minibatch.logprobs, minibatch.gen_mask, max_approx_kl, where=where)

@@ -26,7 +26,7 @@ from rlhf_scratch.model_diff import check_same_architecture, residual_stream_cha
 from rlhf_scratch.model_diff_report import DiffConfig, diff_sequences, read_both, run_diff
 from rlhf_scratch.models import CHECKPOINT_META_FILE, load_bridge, read_checkpoint_meta
 from rlhf_scratch.outputs import write_json
-from rlhf_scratch.policy_trainer import SNAPSHOTS_DIR
+from rlhf_scratch.policy_resume import SNAPSHOTS_DIR
 
 HEAD_MATRICES = ("W_Q", "W_K", "W_V", "W_O")
 

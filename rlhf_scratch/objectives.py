@@ -133,6 +133,20 @@ _BLOCK_ELEMENTS = 1 << 20
 """Elements per block of ``_p_times`` (4 MiB of float32): its temporaries stay in the CPU's cache."""
 
 
+def generated_logprobs(logits: Float[Tensor, "batch seq vocab"], sequences: Int[Tensor, "batch seq"], prompt_len: int,
+                       temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """A pass's logits [B, S, V] over ``sequences`` [B, S] → ``(logits_gen, logp_gen, logprobs)``: the logits that
+    predict the generated tokens at the sampling temperature [B, G, V], their log-softmax [B, G, V] and the taken
+    tokens' log-probs [B, G]. One vocabulary-wide log-softmax per pass serves the taken log-probs, the entropy and
+    the exact KL; only the generated positions are scaled, and nothing is copied at T = 1. The rollout's policy
+    and reference passes and every learning pass read their logits through it."""
+    logits_gen = generated_logits(logits, prompt_len)
+    if temperature != 1:
+        logits_gen = logits_gen / temperature
+    logp_gen = F.log_softmax(logits_gen, dim=-1)
+    return logits_gen, logp_gen, gather_taken(logp_gen, sequences[:, prompt_len:])
+
+
 def _p_times(logp: Tensor, y: Tensor | Callable[[Tensor, slice], Tensor]) -> Tensor:
     """Σ_v p(v)·y(v) with p = exp(logp), taking 0·y = 0 where p = 0.          [..., V] -> [...]
 
@@ -404,3 +418,13 @@ def ppo_diagnostics(
             # ratio > 0, so filling the padding with 0 leaves the max over real positions.
             "ratio_max": torch.where(gen_mask, ratio, torch.zeros_like(ratio)).max(),
         }
+
+
+def per_token_kl(estimator: str, logprobs: Tensor, ref_logprobs: Tensor, logits_gen: Tensor | None = None,
+                 ref_logits_gen: Tensor | None = None) -> Tensor:
+    """KL_t [B, G] with ``estimator``: "exact" (full vocabulary, from the logits), "k3" or "k1" (sampled token)."""
+    if estimator == "exact":
+        return kl_exact(logits_gen, ref_logits_gen)
+    if estimator == "k3":
+        return kl_k3(logprobs, ref_logprobs)
+    return kl_k1(logprobs, ref_logprobs)

@@ -18,6 +18,7 @@ steps (one by default).
 
 Logging, samples, resumable checkpoints (``checkpoint/``, no value head; the baseline is kept),
 ``--debug`` invariants, forward hooks and ``summary.json`` keys are those of PPO (``policy_trainer.PolicyTrainer``).
+``reinforce_terms`` is the loss as a function: RLOO (``group_baselines.RLOO``) calls it with its own advantages.
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ import torch
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
+from rlhf_scratch.algorithm import (
+    LearningPass,
+    breakdown_means,
+    kl_loss_term,
+    memory_with_sequence_advantages,
+    sequence_rewards,
+    shuffled_minibatches,
+)
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import masked_sequence_sum
-from rlhf_scratch.optimization import check_finite
-from rlhf_scratch.policy_trainer import PolicyTrainer, ScoredRollout, breakdown_means, run_trainer
+from rlhf_scratch.policy_trainer import PolicyTrainer, run_trainer
+from rlhf_scratch.rollout import ScoredRollout
 from rlhf_scratch.typecheck import typechecker
 from rlhf_scratch.algorithm_configs import REINFORCEConfig  # noqa: F401 (defined there: importable without torch)
 
@@ -90,6 +99,81 @@ def reinforce_loss(seq_logprobs: Float[Tensor, "batch"], advantages: Float[Tenso
     return -(advantages.detach() * seq_logprobs).mean()
 
 
+def reinforce_terms(learning_pass: LearningPass, minibatch: ReplayMemory, config, kl_coef: float) -> dict[str, Tensor]:
+    """The REINFORCE loss (and the KL term with kl_mode="loss") on one minibatch, with grad: ``policy_loss`` a mean
+    over responses (``reinforce_loss`` of Σ_t log π(y_t) and the advantage each real token of a row carries),
+    ``kl_penalty`` a mean over real tokens."""
+    mask = minibatch.gen_mask
+    # Every real token of a row carries the row's advantage; read it back as one number per row.
+    advantages = minibatch.advantages.sum(1) / mask.sum(1).clamp(min=1)
+    return {"policy_loss": reinforce_loss(masked_sequence_sum(learning_pass.logprobs, mask), advantages),
+            "kl_penalty": kl_loss_term(config, kl_coef, learning_pass, minibatch)}
+
+
+REINFORCE_SHARE = {"policy_loss": "rows", "kl_penalty": "tokens"}
+"""A mean over rows and a mean over real tokens: a piece of a minibatch gives its share of each."""
+REINFORCE_METRICS = {"losses/policy": "policy_loss", "losses/kl_penalty": "kl_penalty", "losses/total": "loss",
+                     "losses/grad_norm": "grad_norm"}
+"""PPO's metric names where they apply (losses/policy, losses/kl_penalty, ...)."""
+
+
+class REINFORCE:
+    """REINFORCE with a moving-average baseline: A = r' − b, the baseline b of earlier phases (module docstring)."""
+
+    title, kind = "REINFORCE", "reinforce"
+    saves_value_head = False
+    clipped = False
+    group_size = 1
+    share = REINFORCE_SHARE
+    nonfinite_hint = "Lower the learning rate or check the reward for extreme values."
+
+    def __init__(self, config: REINFORCEConfig):
+        self.config = config
+        self.baseline = MovingAverageBaseline(config.baseline, config.baseline_decay)
+
+    def param_groups(self, policy) -> list[dict]:
+        """The trunk at ``lr`` (no value head)."""
+        return [{"params": policy.trunk_parameters(), "lr": self.config.lr}]
+
+    @torch.no_grad()
+    def build_memory(self, rollout: ScoredRollout, kl_coef: float) -> tuple[ReplayMemory, dict[str, float]]:
+        """Advantages A = r' − b (the baseline before this batch) on every real token, then update b.
+
+        r' = r − kl_coef·Σ_t KL_t with kl_mode="reward", else r. The first batch, with no
+        earlier rewards, uses its own mean as b. ``values`` and ``returns`` are zeros (no critic).
+        """
+        shaped = sequence_rewards(self.config, kl_coef, rollout)
+        baseline = self.baseline.value if self.baseline.value is not None else shaped.mean().item()
+        advantage = shaped - baseline
+        self.baseline.update(shaped)
+        stats = {
+            "reinforce/baseline": baseline,
+            "reinforce/shaped_reward": shaped.mean().item(),
+            "reinforce/advantage_std": advantage.std().item() if len(advantage) > 1 else 0.0,
+        }
+        return memory_with_sequence_advantages(self.config, rollout, advantage), stats
+
+    def minibatches(self, memory: ReplayMemory, generator: torch.Generator):
+        """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size)."""
+        return shuffled_minibatches(memory, self.config.minibatch_size or len(memory), 1, generator)
+
+    def loss(self, learning_pass: LearningPass, minibatch: ReplayMemory, kl_coef: float) -> dict[str, Tensor]:
+        return reinforce_terms(learning_pass, minibatch, self.config, kl_coef)
+
+    @staticmethod
+    def total(terms: dict[str, Tensor]) -> Tensor:
+        return terms["policy_loss"] + terms["kl_penalty"]
+
+    def metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
+        return breakdown_means(breakdown, REINFORCE_METRICS)
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.baseline.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline.load_state_dict(state["baseline"])
+
+
 class REINFORCETrainer(PolicyTrainer):
     """REINFORCE on a TransformerLens policy, sharing PPO's sampler, reward, outputs and checkpoints.
 
@@ -101,62 +185,7 @@ class REINFORCETrainer(PolicyTrainer):
         trainer.train()                         # or all phases with logging and outputs
     """
 
-    title = "REINFORCE"
-    kind = "reinforce"
-    saves_value_head = False
-
-    def init_algorithm_state(self) -> None:
-        self.baseline = MovingAverageBaseline(self.config.baseline, self.config.baseline_decay)
-
-    def algorithm_state(self) -> dict:
-        return {"baseline": self.baseline.state_dict()}
-
-    def load_algorithm_state(self, state: dict) -> None:
-        self.baseline.load_state_dict(state["baseline"])
-
-    @torch.no_grad()
-    def build_memory(self, rollout: ScoredRollout) -> tuple[ReplayMemory, dict[str, float]]:
-        """Advantages A = r' − b (the baseline before this batch) on every real token, then update b.
-
-        r' = r − kl_coef·Σ_t KL_t with kl_mode="reward", else r. The first batch, with no
-        earlier rewards, uses its own mean as b. ``values`` and ``returns`` are zeros (no critic).
-        """
-        shaped = self.sequence_rewards(rollout)
-        baseline = self.baseline.value if self.baseline.value is not None else shaped.mean().item()
-        advantage = shaped - baseline
-        self.baseline.update(shaped)
-        stats = {
-            "reinforce/baseline": baseline,
-            "reinforce/shaped_reward": shaped.mean().item(),
-            "reinforce/advantage_std": advantage.std().item() if len(advantage) > 1 else 0.0,
-        }
-        return self.memory_with_sequence_advantages(rollout, advantage), stats
-
-    def compute_losses(self, minibatch: ReplayMemory) -> tuple[dict[str, Tensor], Tensor]:
-        """The REINFORCE loss (and the KL term with kl_mode="loss") on one minibatch, with grad; and the
-        new log-probs (detached)."""
-        mask = minibatch.gen_mask
-        logits = self.learning_forward(minibatch).logits
-        logits_gen, _, logprobs = self.generated_logprobs(logits, minibatch.sequences, minibatch.prompt_len)
-        # Every real token of a row carries the row's advantage; read it back as one number per row.
-        advantages = minibatch.advantages.sum(1) / mask.sum(1).clamp(min=1)
-        # A mean over rows and a mean over real tokens: a piece of a minibatch gives its share of each.
-        terms = {"policy_loss": self.row_share(reinforce_loss(masked_sequence_sum(logprobs, mask), advantages), minibatch)}
-        terms["kl_penalty"] = self.token_share(self.kl_loss_term(logprobs, logits_gen, minibatch),
-                                               minibatch)
-        for name, value in terms.items():
-            check_finite(name, value, self.nonfinite_hint)
-        terms["loss"] = terms["policy_loss"] + terms["kl_penalty"]
-        return terms, logprobs.detach()
-
-    def minibatches(self, memory: ReplayMemory):
-        """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size)."""
-        return self.shuffled_minibatches(memory, self.config.minibatch_size or len(memory), 1)
-
-    def learning_metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
-        """PPO's metric names where they apply (losses/policy, losses/kl_penalty, ...)."""
-        return breakdown_means(breakdown, {"losses/policy": "policy_loss", "losses/kl_penalty": "kl_penalty",
-                                           "losses/total": "loss", "losses/grad_norm": "grad_norm"})
+    algorithm_class = REINFORCE
 
 
 def run_reinforce(config: REINFORCEConfig) -> dict:

@@ -109,8 +109,8 @@ def scenario_learn(model_dir, prompts, out: Path, rank: int) -> None:
     fresh = load_bridge(model_dir)  # groups of 2 per rank; response-mean loss shares
     result["grpo"] = one_phase(GRPOTrainer(grpo_config(model_dir, prompts), policy=PolicyWithValueHead(fresh), reference=fresh),
                                rank)
-    result["ddp_parameters"] = [name for name, _ in ppo.learner.module.named_parameters()
-                                if name not in ppo.learner.parameters_to_ignore]
+    result["ddp_parameters"] = [name for name, _ in ppo.learner.module.module.named_parameters()
+                                if name not in ppo.learner.module.parameters_to_ignore]
     torch.save(result, out / f"rank{rank}.pt")
     scenario_resume(model_dir, prompts, out, rank)
     scenario_pairs(model_dir, prompts, out, rank)

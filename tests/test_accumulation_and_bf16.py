@@ -30,7 +30,7 @@ def learn(trainer, memory, start: dict) -> tuple[dict, list[dict]]:
 def test_a_plain_run_has_no_process_group(tiny_bridge):
     trainer = ppo(tiny_bridge)
     assert not dist.is_initialized()
-    assert trainer.learner is trainer.policy
+    assert trainer.learner.module is trainer.policy
     assert trainer.shuffle_generator is trainer.generator  # one generator samples and shuffles, as before
 
 

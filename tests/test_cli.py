@@ -179,7 +179,7 @@ def test_ctrl_c_in_a_run_that_overwrites_keeps_the_new_checkpoint_and_prints_the
                                                                                                 monkeypatch, capsys, sigint_default):
     import signal
 
-    import rlhf_scratch.policy_trainer as policy_trainer
+    import rlhf_scratch.rollout as rollout
 
     out = tmp_path / "run"
     args = ["ppo", "--model", str(tiny_model_dir), "--reward", "chars:e", "--prompt", "The", "--phases", "3",
@@ -188,15 +188,15 @@ def test_ctrl_c_in_a_run_that_overwrites_keeps_the_new_checkpoint_and_prints_the
     assert main(args) == 0
     first_run_metrics = (out / "metrics.jsonl").read_text()
 
-    score_texts, calls = policy_trainer.score_texts, []
+    score_texts, calls = rollout.score_texts, []
 
     def score_pressing_ctrl_c(reward, texts, prompts=None):
         calls.append(1)
-        if len(calls) == 2:  # the before-table, then phase 1: Ctrl-C during phase 1
+        if len(calls) == 1:  # the rollout of phase 1 (the before-table scores outside the rollout): Ctrl-C there
             signal.raise_signal(signal.SIGINT)
         return score_texts(reward, texts, prompts)
 
-    monkeypatch.setattr(policy_trainer, "score_texts", score_pressing_ctrl_c)
+    monkeypatch.setattr(rollout, "score_texts", score_pressing_ctrl_c)
     assert main([*args, "--overwrite", "--seed", "1"]) == 130
     err = capsys.readouterr().err
     assert f"after phase 1 of 3; checkpoint saved in {out / 'checkpoint'}" in err

@@ -309,7 +309,7 @@ def test_torchrun_command_writes_one_run_and_refuses_resume_on_one_process(eos_m
 
 def test_concat_rollouts_repads_prompts_left_and_responses_right():
     """Rank batches with different prompt (P) and generated (G) lengths join into one batch of max P, max G."""
-    from rlhf_scratch.policy_trainer import concat_rollouts
+    from rlhf_scratch.rollout import concat_rollouts
 
     def piece(P, G, token):
         rows = 2

@@ -211,7 +211,7 @@ def test_sampling_check_by_hand():
 def test_debug_rollout_catches_samples_from_another_distribution(tiny_bridge, trainer_class, monkeypatch):
     """A generator whose recorded log-probs are not the policy's (as a context-blind KV cache gives)
     stops the rollout under --debug, and only under --debug."""
-    from rlhf_scratch import policy_trainer, sampling
+    from rlhf_scratch import rollout, sampling
 
     honest = sampling.generate
 
@@ -220,7 +220,7 @@ def test_debug_rollout_catches_samples_from_another_distribution(tiny_bridge, tr
         generation.sampled_logprobs = generation.sampled_logprobs - 0.3 * generation.gen_mask
         return generation
 
-    monkeypatch.setattr(policy_trainer, "generate", drifting_generate)
+    monkeypatch.setattr(rollout, "generate", drifting_generate)
     make_trainer(tiny_bridge, trainer_class, debug=False).rollout_phase()
     with pytest.raises(InvariantError, match=r"'sampling_matches_rollout' failed \(phase 1, rollout\).*0.3 nats"):
         make_trainer(tiny_bridge, trainer_class).rollout_phase()

@@ -74,13 +74,13 @@ def test_advantages_are_reward_minus_the_earlier_baseline(tiny_bridge):
     assert (first.advantages[~first.gen_mask] == 0).all()
     second = trainer.rollout_phase()
     assert second.advantages[:, 0].tolist() == pytest.approx([3.0, 5.0])  # b = 2 from the first batch
-    assert trainer.baseline.value == pytest.approx(4.0)  # (1 + 3 + 5 + 7) / 4
+    assert trainer.algorithm.baseline.value == pytest.approx(4.0)  # (1 + 3 + 5 + 7) / 4
 
 
 def test_kl_penalty_shapes_the_reward(tiny_bridge):
     trainer = REINFORCETrainer(small_config(batch_size=2, kl_coef=0.5), policy=PolicyWithValueHead(tiny_bridge),
                                reward=ScriptedReward([0.0, 0.0], [1.0, 1.0]))
-    trainer.baseline.update(torch.tensor([0.25]))  # a known baseline
+    trainer.algorithm.baseline.update(torch.tensor([0.25]))  # a known baseline
     with torch.no_grad():  # move the policy away from the reference
         for param in trainer.policy.trunk_parameters():
             param.add_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
@@ -96,7 +96,7 @@ def test_update_raises_above_baseline_and_lowers_below_baseline_samples(tiny_bri
     trainer = REINFORCETrainer(small_config(batch_size=1, lr=1e-3), policy=PolicyWithValueHead(tiny_bridge),
                                reward=ScriptedReward([0.0], [reward]))
     trainer.learning_phase(trainer.rollout_phase())
-    assert trainer.baseline.value == 0.0
+    assert trainer.algorithm.baseline.value == 0.0
     memory = trainer.rollout_phase()
     assert memory.advantages[0, 0].item() == reward
 

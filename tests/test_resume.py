@@ -426,9 +426,9 @@ def test_a_checkpoint_from_before_the_fused_optimizer_resumes_with_each_moment_o
     """Checkpoints written before 2026-11-29 hold an AdamW with one group per learning rate; the trainer now splits each
     group into fused (contiguous) and plain (the bridge's strided q/k/v) parameters. Resuming such a checkpoint must put
     every saved moment on the same parameter and every group at its original learning rate."""
-    import rlhf_scratch.policy_trainer as policy_trainer
+    import rlhf_scratch.learner as learner
 
-    monkeypatch.setattr(policy_trainer, "fused_where_contiguous", lambda groups, device: groups)  # the old optimizer
+    monkeypatch.setattr(learner, "fused_where_contiguous", lambda groups, device: groups)  # the old optimizer
     old = PPOTrainer(ppo_config(tiny_model_dir, prompts_file, out=tmp_path / "run", checkpoint_every=1))
     old.train(stop_after=STOP)
     assert len(old.optimizer.param_groups) == 2  # trunk at lr, value head at head_lr
