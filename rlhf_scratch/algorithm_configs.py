@@ -250,12 +250,27 @@ class DPOConfig(TaskConfig):
     """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path | None = None
     """Output directory (config.json, metrics.jsonl, curves.png, checkpoint/, summary.json)."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline mode when there is no network)."""
+    wandb_project: str = "rlhf_scratch"
+    """W&B project name (with --wandb)."""
+    checkpoint_every: int = 0
+    """Write OUT/checkpoint every this many optimiser steps as well as at the end (0: only at the end)."""
+    checkpoint_minutes: float = 10.0
+    """Also write OUT/checkpoint after a step once this many minutes have passed since the last one (0: off)."""
+    eval_every: int = 0
+    """Evaluate the policy every this many steps and after the last, on n_eval_prompts held-out prompts with --reward
+    (eval/* metrics in the step's row); 0: off. Training is unchanged."""
+    resume: Path | None = None
+    """Continue a run from its checkpoint: the run's --out directory or its checkpoint/ folder. The run's saved config
+    is used; flags you pass must agree with it, except out, device, wandb, checkpoint_every, checkpoint_minutes,
+    eval_every and table_rows. The remaining steps log what an uninterrupted run logs."""
 
     def _checks(self) -> list[tuple[bool, str]]:
         alpha_ok = self.divergence != "alpha" or (math.isfinite(self.alpha) and self.alpha > 0)
         return [
             *super()._checks(),
-            (self.pairs is not None,
+            (self.pairs is not None or self.resume is not None,
              "--pairs FILE is required: a .jsonl/.csv of (prompt, chosen, rejected) rows, e.g. "
              "`rlhf-scratch pairs --out runs/pairs` then `rlhf-scratch dpo --pairs runs/pairs/pairs.jsonl`."),
             (self.max_pairs is None or self.max_pairs >= 2, f"max_pairs must be >= 2 or None (all), got {self.max_pairs}."),
@@ -272,6 +287,9 @@ class DPOConfig(TaskConfig):
              f"heldout_fraction must be in [0, 1) (0: no held-out pairs), got {self.heldout_fraction}."),
             (self.n_eval_prompts >= 1, f"n_eval_prompts must be >= 1, got {self.n_eval_prompts}."),
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}."),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}."),
+            (self.checkpoint_minutes >= 0, f"checkpoint_minutes must be >= 0 (0: off), got {self.checkpoint_minutes}."),
+            (self.eval_every >= 0, f"eval_every must be >= 0 (0: off), got {self.eval_every}."),
         ]
 
     def eval_config(self):
@@ -291,8 +309,9 @@ LOSS_HEAD = {"bt": "scalar", "margin": "scalar", "dist": "dist"}
 class RewardModelConfig:
     """Train a reward model on preference pairs (Bradley–Terry, with margin, or distributional)."""
 
-    pairs: Path
-    """Pair file (.jsonl/.csv with prompt, chosen, rejected[, margin | chosen_score, rejected_score]) or a datasets name."""
+    pairs: Path | None = None
+    """Pair file (.jsonl/.csv with prompt, chosen, rejected[, margin | chosen_score, rejected_score]) or a datasets name
+    (required, unless --resume)."""
     loss: Literal["bt", "margin", "dist"] = "bt"
     """"bt": −log σ(r_w − r_l); "margin": −log σ(r_w − r_l − m) with m = margin (or chosen_score − rejected_score);
     "dist": K-way rating head, −log Σ_ij p_w(i) p_l(j) σ(α(i − j))."""
@@ -324,7 +343,22 @@ class RewardModelConfig:
     device: str = "cpu"
     """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path | None = Path("runs/rm")
-    """Output directory: reward_model/, metrics.jsonl, heldout_pairs.jsonl, config.json, summary.json (None: write nothing)."""
+    """Output directory: reward_model/, checkpoint/ (to --resume), metrics.jsonl, heldout_pairs.jsonl, config.json,
+    summary.json (None: write nothing)."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline mode when there is no network)."""
+    wandb_project: str = "rlhf_scratch"
+    """W&B project name (with --wandb)."""
+    checkpoint_every: int = 0
+    """Write OUT/checkpoint every this many epochs as well as at the end (0: only at the end)."""
+    checkpoint_minutes: float = 10.0
+    """Also write OUT/checkpoint after an epoch once this many minutes have passed since the last one (0: off)."""
+    eval_every: int = 1
+    """Measure the held-out pairwise accuracy every this many epochs and after the last (0: only in the summary)."""
+    resume: Path | None = None
+    """Continue a run from its checkpoint: the run's --out directory or its checkpoint/ folder (the run's saved config
+    is used; flags you pass must agree with it, except out, device, wandb, checkpoint_every, checkpoint_minutes and
+    eval_every). The remaining epochs log what an uninterrupted run logs."""
 
     def __post_init__(self):
         checks = [
@@ -338,6 +372,11 @@ class RewardModelConfig:
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
             (0 <= self.heldout_fraction < 1, f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}."),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1 or omitted, got {self.limit}."),
+            (self.pairs is not None or self.resume is not None,
+             "--pairs FILE is required: a .jsonl/.csv of (prompt, chosen, rejected) rows, e.g. `rlhf-scratch pairs --out "
+             "runs/pairs` then `rlhf-scratch rm --pairs runs/pairs/pairs.jsonl`."),
+            (self.checkpoint_every >= 0 and self.checkpoint_minutes >= 0 and self.eval_every >= 0,
+             "checkpoint_every, checkpoint_minutes and eval_every must be >= 0 (0: off)."),
         ]
         for ok, message in checks:
             if not ok:

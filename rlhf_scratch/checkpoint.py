@@ -141,14 +141,26 @@ def _flatten(value: dict, prefix: str = "") -> dict:
     return flat
 
 
+def default_values(cls) -> dict:
+    """Each field's default value of a config dataclass, without building (and so validating) an instance: some
+    configs have no valid default (DPO's --pairs is required)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            values[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            values[field.name] = field.default_factory()
+    return values
+
+
 def config_from_dict(cls, data: dict):
     """A config dataclass from its ``to_jsonable`` dict (nested dataclasses and paths rebuilt); validated."""
-    defaults = cls()
+    defaults = default_values(cls)
     kwargs = {}
     for field in dataclasses.fields(cls):
         if field.name not in data:
             continue  # a field added since the checkpoint: keep its default
-        value, default = data[field.name], getattr(defaults, field.name)
+        value, default = data[field.name], defaults.get(field.name)
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             value = config_from_dict(type(default), value)
         elif value is not None and "Path" in str(field.type):
@@ -168,7 +180,7 @@ def resumed_config(given, saved: dict, checkpoint: Path):
     """
     cls = type(given)
     run_config = config_from_dict(cls, saved)
-    flat_given, flat_default = _flatten(to_jsonable(given)), _flatten(to_jsonable(cls()))
+    flat_given, flat_default = _flatten(to_jsonable(given)), _flatten(to_jsonable(default_values(cls)))
     flat_saved = _flatten(to_jsonable(run_config))
     differences = [
         f"{key}: the run used {flat_saved.get(key)!r}, this call gives {value!r}"

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
 from rlhf_scratch import distributed
+from rlhf_scratch.checkpoint import FORMAT_VERSION, find_checkpoint, read_resume_state, resumed_config, write_resume_state
 from rlhf_scratch.dpo import DPOLossOutput, dpo_loss, sequence_logprobs, tokenize_pairs
 from rlhf_scratch.evaluation import (
     ModelSampler,
@@ -34,7 +34,8 @@ from rlhf_scratch.evaluation import (
 )
 from rlhf_scratch.models import bridge_parameters, load_bridge, make_reference, save_model_dir
 from rlhf_scratch.optimization import check_finite, clipped_step
-from rlhf_scratch.outputs import append_jsonl, atomic_dir, write_json
+from rlhf_scratch.outputs import atomic_dir, to_jsonable
+from rlhf_scratch.run import run_loop
 from rlhf_scratch.preferences import (
     PreferencePair,
     load_pairs,
@@ -75,7 +76,7 @@ class DPOTrainer:
     metrics are those of the whole batch. Only rank 0 prints, writes outputs and evaluates.
     """
 
-    def __init__(self, config: DPOConfig, pairs: list[PreferencePair] | None = None, bridge=None):
+    def __init__(self, config: DPOConfig, pairs: list[PreferencePair] | None = None, bridge=None, reference=None):
 
         distributed.init_from_env(config.device)
         if distributed.is_distributed():
@@ -92,7 +93,9 @@ class DPOTrainer:
             raise ValueError(f"DPO needs at least 2 preference pairs, got {len(self.pairs)} from {config.pairs}.")
         self.bridge = bridge if bridge is not None else load_bridge(config.model, device=config.device)
         self.bridge.eval()  # dropout off: the same tokens must get the same log-probs in every pass
-        self.reference = make_reference(self.bridge)
+        # The frozen reference: a copy of the starting policy (given separately when resuming: the policy is trained).
+        self.reference = make_reference(reference if reference is not None else self.bridge)
+        self.reference_source = config.model if bridge is None or reference is not None else None
         tokenizer = self.bridge.tokenizer
         self.pad_id = padding_id(tokenizer)
 
@@ -132,6 +135,10 @@ class DPOTrainer:
         self.step = 0
         self.epoch = 0
         self.history: list[dict] = []
+        """Every metrics row so far: one per step (type \"step\"), one per epoch (type \"epoch\")."""
+        self.pending: list[list[int]] = []
+        """The batches of the current epoch not yet stepped on (drawn at the epoch's first step)."""
+        self.elapsed_seconds = 0.0
 
     @torch.no_grad()
     def reference_logprobs(self) -> tuple[Float[Tensor, "pairs"], Float[Tensor, "pairs"]]:
@@ -213,19 +220,113 @@ class DPOTrainer:
         margin = torch.cat([o.margin for o in outs])
         return {"heldout/loss": losses.mean().item(), "heldout/accuracy": accuracy, "heldout/margin": margin.mean().item()}
 
-    def save_checkpoint(self, directory: Path) -> Path:
-        """The policy in save_pretrained layout (safetensors), written atomically (``outputs.atomic_dir``)."""
+    # ------------------------------------------------------------------ the run loop's interface (run.py)
+    kind, title, unit = "dpo", "DPO", "step"
+    progress_text = "loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.2f}"
+    completed = property(lambda self: self.step)
+    total = property(lambda self: self.total_steps)
 
+    def train(self, console=None, stop_after: int | None = None) -> dict:
+        """All steps left with a progress bar, metrics.jsonl (a row per step and per epoch, with the held-out pair
+        accuracy), checkpoints, Ctrl-C/SIGTERM stops, W&B, --eval-every, then the evaluation and summary
+        (``run.run_loop``). ``stop_after=k`` stops after step k as an interrupted run would."""
+        return run_loop(self, console or Console(quiet=not distributed.is_main()), stop_after)
+
+    def begin(self) -> None:
+        config = self.config
+        if distributed.is_main() and self.step == 0:
+            alpha = f", α={config.alpha}" if config.divergence == "alpha" else ""
+            Console().print(f"DPO ({config.loss}, {config.divergence}{alpha}, β={config.beta}): {len(self.train_indices)} "
+                            f"training pairs, {len(self.heldout_indices)} held out, {self.total_steps} steps")
+
+    def run_unit(self) -> tuple[list[dict], list[dict]]:
+        """One optimiser step: its row; after an epoch's last step, also the epoch's row (mean training loss and
+        accuracy of its steps, held-out loss, accuracy and margin). An epoch's batches are drawn at its first step."""
+        if not self.pending:
+            self.pending = self.epoch_batches()
+        terms = self.train_step(self.pending.pop(0))
+        rows = [{"type": "step", "step": self.step, "epoch": self.epoch, **step_metrics(terms)}]
+        if not self.pending:
+            self.epoch += 1
+            steps = [r for r in self.history + rows if r["type"] == "step" and r["epoch"] == self.epoch - 1]
+            rows.append({"type": "epoch", "step": self.step, "epoch": self.epoch,
+                         "train/loss": sum(r["loss"] for r in steps) / len(steps),
+                         "train/accuracy": sum(r["rewards/accuracy"] for r in steps) / len(steps),
+                         **(self.heldout_metrics() or {})})
+        return rows, []
+
+    def progress_fields(self, rows: list[dict] | None) -> dict[str, float]:
+        if not rows:
+            return {"loss": float("nan"), "acc": float("nan")}
+        return {"loss": rows[0]["loss"], "acc": rows[0]["rewards/accuracy"]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """--eval-every: the policy on the held-out prompts with the true reward (``eval/*``; seed + 1, its own
+        generator: training is untouched)."""
+        if self.eval_reward is None:
+            return {}
+        clock = time.perf_counter()
+        sampler = ModelSampler("dpo", self.bridge, self.reference, self.config.sampling)
+        result = evaluate(sampler, self.eval_prompts, self.eval_reward, seed=self.config.seed + 1,
+                          batch_size=self.config.eval_batch_size)
+        metrics = {f"eval/{key}": result.metrics[key] for key in EVAL_KEYS if result.metrics.get(key) is not None}
+        return {**metrics, "time/eval": time.perf_counter() - clock}
+
+    def save_snapshot(self, out: Path) -> None:
+        """DPO writes no snapshots (``--snapshot-every`` is a policy trainer's)."""
+
+    def resume_state(self) -> dict:
+        """Everything the next step depends on: the optimiser and schedule, the shuffle generator, the current epoch's
+        remaining batches, the step and epoch counters and the history."""
+        return {"format": FORMAT_VERSION, "kind": self.kind, "phase": self.step, "epoch": self.epoch,
+                "config": to_jsonable(self.config), "reference": {"source": self.reference_source},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": {"generator": self.generator.get_state()}, "pending": self.pending,
+                "history": self.history, "elapsed_seconds": self.elapsed_seconds}
+
+    def save_checkpoint(self, directory: Path) -> Path:
+        """The policy in save_pretrained layout (safetensors) and ``resume_state()``, written atomically
+        (``outputs.atomic_dir``): a model directory (``--model DIR``) that also continues the run (``--resume``)."""
         config = self.config
         meta = {"kind": "dpo", "step": self.step, "epochs": self.epoch, "base_model": config.model, "loss": config.loss,
                 "divergence": config.divergence, "alpha": config.alpha, "beta": config.beta}
-        with atomic_dir(directory) as staging:
-            save_model_dir(self.bridge, staging, meta=meta)
+        state = self.resume_state()
+        with distributed.shared_failures(f"DPO step {self.step}, writing the checkpoint"):
+            if distributed.is_main():
+                with atomic_dir(directory) as staging:
+                    save_model_dir(self.bridge, staging, meta=meta)
+                    write_resume_state(staging, state)
         return Path(directory)
+
+    @classmethod
+    def resume(cls, config: DPOConfig, pairs: list[PreferencePair] | None = None) -> DPOTrainer:
+        """A trainer that continues the run whose checkpoint is ``config.resume`` exactly where it stopped: the trained
+        policy from the checkpoint, the reference (and its log-probs) from the run's starting model."""
+        distributed.init_from_env(config.device)
+        checkpoint = find_checkpoint(config.resume)
+        state = read_resume_state(checkpoint)
+        if state["kind"] != cls.kind:
+            raise ValueError(f"{checkpoint} is a {state['kind']} checkpoint; resume it with "
+                             f"`rlhf-scratch {state['kind']} --resume {config.resume}`.")
+        config = resumed_config(config, state["config"], checkpoint)
+        source = state["reference"]["source"]
+        if source is None:
+            raise ValueError("This run started from an in-memory model (bridge=), so the checkpoint cannot reload its "
+                             "reference; start a new run from the checkpoint's weights with --model.")
+        device = distributed.rank_device(config.device)
+        trainer = cls(dataclasses.replace(config, resume=None), pairs=pairs,
+                      bridge=load_bridge(checkpoint, device=device), reference=load_bridge(source, device=device))
+        trainer.config = config
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.generator.set_state(state["rng"]["generator"])
+        trainer.step, trainer.epoch, trainer.pending = state["phase"], state["epoch"], [list(b) for b in state["pending"]]
+        trainer.history, trainer.elapsed_seconds = list(state["history"]), state["elapsed_seconds"]
+        return trainer
 
     def evaluate_policy(self) -> list:
         """The reference and the trained policy on the same held-out prompts with the true reward: two ``EvalResult``s."""
-
         config = self.config
         results = []
         for name, bridge in (("reference", self.reference), ("dpo", self.bridge)):
@@ -234,47 +335,14 @@ class DPOTrainer:
                                     batch_size=config.eval_batch_size))
         return results
 
-    def train(self, console=None) -> dict:
-        """All epochs with a progress bar, metrics.jsonl, held-out accuracy per epoch, checkpoint, evaluation, summary."""
-
-
+    def summary(self) -> dict:
+        """summary.json: the loss settings, pair counts, the last 5 steps' loss, accuracy and margin, the last epoch's
+        held-out accuracy and margin (the evaluation is added by ``finish``)."""
         config = self.config
-        console = console or Console(quiet=not distributed.is_main())  # only rank 0 prints and writes
-        main = distributed.is_main()
-        out = Path(config.out) if config.out is not None and main else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-            write_json(out / "config.json", config)
-        start = time.time()
-        epoch_rows: list[dict] = []
-        console.print(f"DPO ({config.loss}, {config.divergence}{f', α={config.alpha}' if config.divergence == 'alpha' else ''}, "
-                      f"β={config.beta}): {len(self.train_indices)} training pairs, {len(self.heldout_indices)} held out, "
-                      f"{self.total_steps} steps")
-        columns = [TextColumn("[bold]DPO[/] step {task.completed}/{task.total}"), BarColumn(),
-                   TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.2f}"), TimeElapsedColumn()]
-        with Progress(*columns, console=console, disable=not main) as progress:
-            task = progress.add_task("dpo", total=self.total_steps, loss=float("nan"), acc=float("nan"))
-            for _ in range(config.epochs):
-                for indices in self.epoch_batches():
-                    terms = self.train_step(indices)
-                    row = {"type": "step", "step": self.step, "epoch": self.epoch, **step_metrics(terms)}
-                    self.history.append(row)
-                    progress.update(task, advance=1, loss=row["loss"], acc=row["rewards/accuracy"])
-                    if out is not None:
-                        append_jsonl(out / "metrics.jsonl", row)
-                self.epoch += 1
-                steps = [r for r in self.history if r["epoch"] == self.epoch - 1]
-                epoch_row = {"type": "epoch", "step": self.step, "epoch": self.epoch,
-                             "train/loss": sum(r["loss"] for r in steps) / len(steps),
-                             "train/accuracy": sum(r["rewards/accuracy"] for r in steps) / len(steps),
-                             **(self.heldout_metrics() or {})}
-                epoch_rows.append(epoch_row)
-                if out is not None:
-                    append_jsonl(out / "metrics.jsonl", epoch_row)
-
-        last = self.history[-min(5, len(self.history)):]
-        summary = {
+        steps = [r for r in self.history if r["type"] == "step"]
+        epochs = [r for r in self.history if r["type"] == "epoch"]
+        last = steps[-min(5, len(steps)):]
+        return {
             "loss": config.loss, "divergence": config.divergence, "alpha": config.alpha, "beta": config.beta,
             "n_pairs": len(self.pairs), "n_train_pairs": len(self.train_indices), "n_heldout_pairs": len(self.heldout_indices),
             "n_duplicates_dropped": self.n_duplicates,
@@ -282,13 +350,19 @@ class DPOTrainer:
             "loss_final": sum(r["loss"] for r in last) / len(last),
             "accuracy_final": sum(r["rewards/accuracy"] for r in last) / len(last),
             "margin_final": sum(r["rewards/margin"] for r in last) / len(last),
-            "heldout_accuracy": epoch_rows[-1].get("heldout/accuracy"),
-            "heldout_margin": epoch_rows[-1].get("heldout/margin"),
-            "seconds_training": time.time() - start,
+            "heldout_accuracy": epochs[-1].get("heldout/accuracy") if epochs else None,
+            "heldout_margin": epochs[-1].get("heldout/margin") if epochs else None,
+            "seconds_training": self.elapsed_seconds,
         }
-        if out is not None:
-            self.save_checkpoint(out / "checkpoint")
-            plot_dpo_curves(self.history, epoch_rows, out / "curves.png")
+
+    def finish(self, console, outputs, start) -> dict:
+        """The curves, the evaluation of the reference and the policy on held-out prompts, summary.json."""
+        config, summary, out = self.config, self.summary(), outputs.out
+        clock = time.time()
+        main = distributed.is_main()
+        if out is not None and main:
+            plot_dpo_curves([r for r in self.history if r["type"] == "step"],
+                            [r for r in self.history if r["type"] == "epoch"], out / "curves.png")
         if config.reward is not None and main:
             with console.status(f"evaluating the reference and the DPO policy on {config.n_eval_prompts} held-out prompts"):
                 results = self.evaluate_policy()
@@ -302,9 +376,9 @@ class DPOTrainer:
             for key in EVAL_KEYS:
                 summary[key] = dpo_row[key]
                 summary[f"reference_{key}"] = reference_row[key]
-        summary["seconds"] = time.time() - start
+        summary["seconds"] = self.elapsed_seconds + time.time() - clock
+        outputs.finish(summary)
         if out is not None:
-            write_json(out / "summary.json", summary)
             console.print(f"outputs in {out} (checkpoint: {out / 'checkpoint'})")
         heldout = summary["heldout_accuracy"]
         console.print(
@@ -314,7 +388,6 @@ class DPOTrainer:
                if "reward_mean" in summary else "")
             + f" ({summary['seconds']:.0f} s)"
         )
-        self.summary = summary
         return summary
 
 
@@ -367,4 +440,6 @@ def plot_dpo_curves(history: list[dict], epoch_rows: list[dict], path: Path) -> 
 
 
 def run_dpo(config: DPOConfig) -> dict:
-    return DPOTrainer(config).train()
+    """The command: a new run, or the continuation of ``config.resume``."""
+    trainer = DPOTrainer.resume(config) if config.resume is not None else DPOTrainer(config)
+    return trainer.train()

@@ -276,19 +276,19 @@ class PolicyTrainer:
         and ``TrainingInterrupted`` raised (its message gives the ``--resume`` command)."""
         return run_loop(self, console, stop_after)
 
-    def run_unit(self) -> tuple[dict, list[dict]]:
+    def run_unit(self) -> tuple[list[dict], list[dict]]:
         """One phase: its metrics row and its first ``samples_per_phase`` sample rows."""
         record = self.run_phase()
         generation = record.rollout.generation
         samples = [{"phase": self.phase, "prompt": generation.prompts[row], "response": generation.responses[row],
                     "reward": record.memory.rewards[row].item()}
                    for row in range(min(self.config.samples_per_phase, len(generation.prompts)))]
-        return record.metrics, samples
+        return [record.metrics], samples
 
-    def progress_fields(self, row: dict | None) -> dict[str, float]:
-        if row is None:
+    def progress_fields(self, rows: list[dict] | None) -> dict[str, float]:
+        if not rows:
             return {"reward": float("nan"), "kl": float("nan")}
-        return {"reward": row["reward/mean"], "kl": row["objective/kl"]}
+        return {"reward": rows[-1]["reward/mean"], "kl": rows[-1]["objective/kl"]}
 
     def begin(self) -> tuple[Generation, list[float]] | None:
         """The "before" half of the sample table: the reference on the table's prompts (drawn once per run)."""

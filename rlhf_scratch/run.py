@@ -6,17 +6,18 @@ evaluating, snapshotting, checkpointing and resuming work the same way for every
     outputs.open(completed)                      --out, config.json, row files cut back to the checkpoint, W&B
     start = trainer.begin()                      e.g. the "before" sample table
     while units are left and no stop was requested (Ctrl-C or SIGTERM, on any rank):
-        row, samples = trainer.run_unit()        one phase: rollout ─► memory ─► learning ─► metrics row
-        row |= trainer.evaluate()                --eval-every N (and after the last unit)
-        outputs.log(row, samples)                metrics.jsonl, samples.jsonl, W&B
+        rows, samples = trainer.run_unit()       one phase: rollout ─► memory ─► learning ─► its metrics row
+                                                 (DPO: one step's row, and the epoch's row after its last step)
+        rows[-1] |= trainer.evaluate()           --eval-every N (and after the last unit)
+        outputs.log(rows, samples)               history, metrics.jsonl, samples.jsonl, W&B
         trainer.save_snapshot(out)               --snapshot-every N
         trainer.save_checkpoint(out/checkpoint)  --checkpoint-every N, or --checkpoint-minutes M since the last one
     the checkpoint (if the last unit has none); stopped early: TrainingInterrupted with the --resume command
     trainer.finish(console, outputs, start)      sample table, plots, summary.json
 
-The trainer supplies: ``kind``, ``title``, ``unit`` ("phase"), ``config`` (``out``, ``wandb``, ``checkpoint_every``,
+The trainer supplies: ``kind``, ``title``, ``unit`` ("phase", or DPO's "step"), ``config`` (``out``, ``wandb``, ``checkpoint_every``,
 ``checkpoint_minutes``, ``snapshot_every``, ``eval_every``), ``completed`` and ``total`` (units), ``history``,
-``elapsed_seconds``, ``progress_text`` and ``progress_fields(row)``, and the methods named above plus ``summary()``.
+``elapsed_seconds``, ``progress_text`` and ``progress_fields(rows)``, and the methods named above plus ``summary()``.
 A checkpoint is everything the next unit depends on, as one dict of the pieces' ``state_dict``s (the trainer's
 ``resume_state``); ``Trainer.resume(config)`` rebuilds the trainer from it, and this loop continues where it stopped.
 """
@@ -98,13 +99,14 @@ def run_loop(trainer, console=None, stop_after: int | None = None) -> dict:
                                  **trainer.progress_fields(None))
         # Every rank stops at the same unit boundary if Ctrl-C or SIGTERM reached any of them (torchrun forwards both).
         while trainer.completed < last and not distributed.any_rank(stop.requested):
-            row, samples = trainer.run_unit()
+            rows, samples = trainer.run_unit()
             if main and should_evaluate(config.eval_every, trainer.completed, trainer.total):
-                row.update(trainer.evaluate())
-            progress.update(task, advance=1, **trainer.progress_fields(row))
-            trainer.history.append(row)
+                rows[-1].update(trainer.evaluate())
+            progress.update(task, advance=1, **trainer.progress_fields(rows))
+            trainer.history.extend(rows)
             with distributed.shared_failures(f"{unit} {trainer.completed}, writing the outputs"):
-                outputs.log(row, samples, step=trainer.completed)
+                for index, row in enumerate(rows):
+                    outputs.log(row, samples if index == len(rows) - 1 else (), step=trainer.completed)
             trainer.elapsed_seconds = elapsed_before + time.time() - clock
             if out is not None and main:
                 trainer.save_snapshot(out)

@@ -300,3 +300,79 @@ def test_accuracy_at_a_rounding_level_tie_is_zero_on_every_cpu():
     assert decided_accuracy(torch.tensor([0.1, -0.1, 0.1, 0.1]), torch.zeros(4), scale=logps).item() == 0.75
     out = dpo_loss(logps + noise, logps - noise, logps, logps)  # u_w − u_l = 2·noise: still a tie
     assert out.accuracy.item() == 0.0
+
+
+# ---------------------------------------------------------------- resume, Ctrl-C and SIGTERM, on the shared run loop
+def resumable_config(tiny_model_dir, pairs_file, **overrides) -> DPOConfig:
+    # 4 training pairs in batches of 2: 2 steps an epoch, 6 in all; warmup + decay (scheduler), AdamW moments, a new
+    # shuffle each epoch (generator), held-out rows per epoch: every piece of state a resume must restore.
+    base = dict(pairs=pairs_file, model=str(tiny_model_dir), batch_size=2, epochs=3, warmup_steps=1, lr=1e-3,
+                heldout_fraction=0.34, reward=None)
+    base.update(overrides)
+    return DPOConfig(**base)
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture()
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                            for p in PAIRS))
+    return path
+
+
+def test_dpo_stopped_and_resumed_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path):
+    from rlhf_scratch.checkpoint import read_resume_state
+
+    DPOTrainer(resumable_config(tiny_model_dir, pairs_file, out=tmp_path / "full")).train()
+    expected = read_rows(tmp_path / "full" / "metrics.jsonl")
+    assert [(r["type"], r["step"]) for r in expected] == [("step", 1), ("step", 2), ("epoch", 2), ("step", 3),
+                                                          ("step", 4), ("epoch", 4), ("step", 5), ("step", 6), ("epoch", 6)]
+
+    split = tmp_path / "split"
+    DPOTrainer(resumable_config(tiny_model_dir, pairs_file, out=split)).train(stop_after=3)  # in the middle of epoch 2
+    assert read_resume_state(split / "checkpoint")["phase"] == 3
+    with (split / "metrics.jsonl").open("a") as handle:  # a row logged after the checkpoint must not survive resume
+        handle.write(json.dumps({"type": "step", "step": 4, "loss": 123.0}) + "\n")
+    resumed = DPOTrainer.resume(DPOConfig(resume=split))
+    assert resumed.step == 3 and resumed.epoch == 1 and len(resumed.pending) == 1 and resumed.config.out == split
+    summary = resumed.train()
+    got = read_rows(split / "metrics.jsonl")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(got) == strip(expected)  # bit for bit: the same steps on the same state
+    assert summary["steps"] == 6 and summary["epochs"] == 3
+    assert json.loads((split / "summary.json").read_text())["loss_final"] == summary["loss_final"]
+    with pytest.raises(ValueError, match="is a dpo checkpoint; resume it with `rlhf-scratch dpo"):
+        from rlhf_scratch.ppo import PPOConfig, PPOTrainer
+
+        PPOTrainer.resume(PPOConfig(resume=split))
+
+
+def test_dpo_sigterm_stops_after_the_step_with_a_checkpoint_and_exit_143(tiny_model_dir, pairs_file, tmp_path,
+                                                                         monkeypatch, capsys):
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    args = ["dpo", "--pairs", str(pairs_file), "--model", str(tiny_model_dir), "--batch-size", "2", "--epochs", "3",
+            "--warmup-steps", "1", "--lr", "1e-3", "--heldout-fraction", "0.34", "--reward", "None"]
+    step = DPOTrainer.train_step
+
+    def terminated_at_step_2(self, indices):
+        if self.step == 1:  # a real SIGTERM while step 2 runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, indices)
+
+    monkeypatch.setattr(DPOTrainer, "train_step", terminated_at_step_2)
+    assert main([*args, "--out", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert f"Stopped by SIGTERM after step 2 of 6; checkpoint saved in {out / 'checkpoint'}" in err
+    assert f"rlhf-scratch dpo --resume {out}" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert main(["dpo", "--resume", str(out)]) == 0
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_rows(out / "metrics.jsonl")) == strip(read_rows(tmp_path / "full" / "metrics.jsonl"))
