@@ -194,7 +194,8 @@ def resumed_config(given, saved: dict, checkpoint: Path):
         )
     overrides = {name: getattr(given, name) for name in RUN_FIELDS
                  if hasattr(given, name) and flat_given.get(name) != flat_default.get(name)}
-    overrides.setdefault("out", checkpoint.parent)
+    if overrides.get("out") is None:  # not given (or given as None): the run's own directory
+        overrides["out"] = checkpoint.parent
     overrides["resume"] = given.resume
     return dataclasses.replace(run_config, **overrides)
 

@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None):
     except ValueError as error:  # config validation in __post_init__
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
         return 2
+    config = _resume_into_its_run(config)
     # The command's libraries load only now that the flags are known to be right.
     from rlhf_scratch import distributed
     from rlhf_scratch.outputs import claim_run_dir
@@ -322,6 +323,15 @@ def preflight(config) -> None:
         load_pairs(value("pairs"))
     if value("resume") is not None:
         find_checkpoint(value("resume"))
+
+
+def _resume_into_its_run(config):
+    """``--resume RUN`` without ``--out`` continues in RUN: an ``out`` left at its default (rm's runs/rm) is dropped,
+    so that the resumed config takes the run's directory (``checkpoint.resumed_config``)."""
+    if getattr(config, "resume", None) is None or getattr(config, "out", None) is None:
+        return config
+    default = next(f.default for f in dataclasses.fields(config) if f.name == "out")
+    return dataclasses.replace(config, out=None) if default is not None and Path(config.out) == Path(default) else config
 
 
 def _input_paths(config) -> list[str]:

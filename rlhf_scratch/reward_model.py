@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from rlhf_scratch.checkpoint import write_resume_state
 from rlhf_scratch.models import (
     CHECKPOINT_META_FILE,
     FINAL_RESIDUAL_HOOK,
@@ -240,9 +241,11 @@ class RewardModel(nn.Module):
 # --------------------------------------------------------------------------- saving and loading
 
 
-def save_reward_model(model: RewardModel, directory: str | os.PathLike, meta: dict | None = None) -> Path:
+def save_reward_model(model: RewardModel, directory: str | os.PathLike, meta: dict | None = None,
+                      resume_state: dict | None = None) -> Path:
     """Write the trunk (``save_model_dir``: save_pretrained layout, safetensors), ``reward_head.safetensors`` and
-    ``rlhf_scratch.json`` (kind, head, num_ratings, prepend_bos and ``meta``, e.g. the loss and alpha), atomically."""
+    ``rlhf_scratch.json`` (kind, head, num_ratings, prepend_bos and ``meta``, e.g. the loss and alpha), atomically;
+    with ``resume_state`` (a training checkpoint), that too (``checkpoint.write_resume_state``)."""
 
     drop_cached_activations(model.bridge)
     info = {**(meta or {}), "kind": REWARD_MODEL_KIND, "head": model.head_kind, "num_ratings": model.num_ratings,
@@ -250,6 +253,8 @@ def save_reward_model(model: RewardModel, directory: str | os.PathLike, meta: di
     with atomic_dir(directory) as staging:
         save_model_dir(model.bridge, staging, meta=info)
         save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, staging / REWARD_HEAD_FILE)
+        if resume_state is not None:
+            write_resume_state(staging, resume_state)
     return Path(directory)
 
 

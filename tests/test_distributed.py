@@ -326,3 +326,53 @@ def test_concat_rollouts_repads_prompts_left_and_responses_right():
     assert joined["logprobs"][2].tolist() == [-1.0, 0.0, 0.0]
     assert joined["rewards"].tolist() == [7.0, 7.0, 9.0, 9.0] and joined["texts"] == ["7", "7", "9", "9"]
     assert joined["ref_logits_gen"] is None
+
+
+SIGTERM_ON_RANK_1 = '''
+import os
+import signal
+
+
+def terminated_on_rank_1(texts, prompts=None):
+    terminated_on_rank_1.calls = getattr(terminated_on_rank_1, "calls", 0) + 1
+    if os.environ["RANK"] == "1" and terminated_on_rank_1.calls == 2 and not os.path.exists(os.environ["MARKER"]):
+        open(os.environ["MARKER"], "w").close()
+        os.kill(os.getpid(), signal.SIGTERM)  # rank 1 alone, while it scores phase 2
+    return [float(text.count("e")) for text in texts]
+'''
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_phase_with_a_checkpoint(eos_model, tmp_path):
+    """A scheduler's SIGTERM (here to rank 1 only) is the first Ctrl-C on every rank: both finish phase 2, the
+    checkpoint holds both ranks' random streams, both exit 143, rank 0 prints the torchrun --resume command, and
+    the resumed 2-rank run completes."""
+    model_dir, prompts = eos_model
+    rewards = tmp_path / "rank_rewards.py"
+    rewards.write_text(SIGTERM_ON_RANK_1)
+    out = tmp_path / "run"
+    flags = ["ppo", "--model", str(model_dir), "--data", str(prompts), "--reward", f"py:{rewards}:terminated_on_rank_1",
+             "--phases", "4", "--warmup-phases", "0", "--batch-size", "8", "--minibatch-size", "4", "--max-new-tokens",
+             "6", "--table-rows", "2", "--out", str(out)]
+
+    def ranks(args):
+        env = {**os.environ, "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RLHF_SCRATCH_DIST_TIMEOUT": "60",
+               "MARKER": str(tmp_path / "terminated")}
+        processes = [subprocess.Popen([sys.executable, "-m", "rlhf_scratch", *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
+        try:
+            return [(p.wait(timeout=TIMEOUT_S), p.stdout.read()) for p in processes]
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+
+    stopped = ranks(flags)
+    assert [code for code, _ in stopped] == [143, 143], [text[-3000:] for _, text in stopped]
+    assert f"Stopped by SIGTERM after phase 2 of 4; checkpoint saved in {out / 'checkpoint'}" in stopped[0][1]
+    assert f"-m rlhf_scratch ppo --resume {out}" in stopped[0][1] and "Traceback" not in stopped[0][1] + stopped[1][1]
+    state = json.loads((out / "checkpoint" / "resume_state.json").read_text())
+    assert state["phase"] == 2 and len(state["rng"]["ranks"]) == WORLD
+    resumed = ranks(["ppo", "--resume", str(out)])
+    assert [code for code, _ in resumed] == [0, 0], [text[-3000:] for _, text in resumed]
+    assert [row["phase"] for row in read_metrics(out)] == [1, 2, 3, 4]

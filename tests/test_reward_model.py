@@ -271,3 +271,64 @@ def test_duplicate_pairs_are_dropped_before_the_split(tiny_model_dir, tmp_path, 
     printed = " ".join(capsys.readouterr().out.split())
     assert f"dropped 10 duplicate pairs (same prompt, chosen and rejected as an earlier row) of 20 in {tmp_path / 'doubled.jsonl'}" \
         in printed and "10 remain" in printed
+
+
+# ---------------------------------------------------------------- resume, Ctrl-C and SIGTERM, on the shared run loop
+def read_rows(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
+
+
+def resumable_args(tiny_model_dir, pairs_file) -> list[str]:
+    # 3 epochs of shuffled batches (python RNG), a linear decay (scheduler), AdamW moments, a dist head: what resume keeps.
+    return ["rm", "--pairs", str(pairs_file), "--model", str(tiny_model_dir), "--loss", "dist", "--num-ratings", "3",
+            "--epochs", "3", "--batch-size", "2", "--lr", "1e-3", "--head-lr", "1e-2", "--heldout-fraction", "0.34"]
+
+
+def test_rm_stopped_and_resumed_equals_uninterrupted(tiny_model_dir, tmp_path):
+    from rlhf_scratch.reward_model_training import RewardModelTrainer
+
+    write_pairs(tmp_path / "toy.jsonl", TOY)
+    config = dict(pairs=tmp_path / "toy.jsonl", model=str(tiny_model_dir), loss="dist", num_ratings=3, epochs=3,
+                  batch_size=2, lr=1e-3, head_lr=1e-2, heldout_fraction=0.34)
+    full = RewardModelTrainer(RewardModelConfig(**config, out=tmp_path / "full")).train()
+    expected = read_rows(tmp_path / "full" / "metrics.jsonl")
+    assert [row["epoch"] for row in expected] == [1, 2, 3]
+
+    split = tmp_path / "split"
+    RewardModelTrainer(RewardModelConfig(**config, out=split)).train(stop_after=1)
+    with (split / "metrics.jsonl").open("a") as handle:  # logged after the checkpoint: dropped on resume
+        handle.write(json.dumps({"epoch": 2, "loss": 123.0}) + "\n")
+    resumed = RewardModelTrainer.resume(RewardModelConfig(resume=split))
+    assert resumed.epoch == 1 and resumed.config.out == split and resumed.config.loss == "dist"
+    summary = resumed.train()
+    assert read_rows(split / "metrics.jsonl") == expected  # bit for bit
+    assert {k: v for k, v in summary.items() if k != "seconds"} == {k: v for k, v in full.items() if k != "seconds"}
+    load_reward_model(split / "reward_model")  # the usual output, usable as --reward rm:DIR
+
+
+def test_rm_sigterm_checkpoints_exits_143_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from rlhf_scratch.reward_model_training import RewardModelTrainer
+
+    write_pairs(tmp_path / "toy.jsonl", TOY)
+    args = resumable_args(tiny_model_dir, tmp_path / "toy.jsonl")
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    epoch = RewardModelTrainer.run_unit
+
+    def terminated_in_epoch_2(self):
+        if self.epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, while epoch 2 runs
+        return epoch(self)
+
+    monkeypatch.setattr(RewardModelTrainer, "run_unit", terminated_in_epoch_2)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert f"Stopped by SIGTERM after epoch 2 of 3; checkpoint saved in {out / 'checkpoint'}" in err
+    assert f"rlhf-scratch rm --resume {out}" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert main(["rm", "--resume", str(out)]) == 0
+    assert read_rows(out / "metrics.jsonl") == read_rows(tmp_path / "full" / "metrics.jsonl")
