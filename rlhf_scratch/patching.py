@@ -14,7 +14,9 @@ Components (``components(bridge)``; N batch, S positions, D d_model, H heads, d 
 * ``"L{l}.mlp"`` — the MLP's output as the block adds it to the residual stream (``blocks.l.hook_mlp_out``;
   after the post-MLP norm where the family has one).
 * ``"L{l}.resid"`` — the residual stream after block l (``blocks.l.hook_resid_post``). Patching the last layer's
-  residual stream gives the donor's logits exactly (complete by construction, so it says nothing about *where*).
+  residual stream gives the donor's logits up to what the final norm and unembedding changed (the receiver's own
+  ln_final, W_U are applied): nearly complete by construction, so it says nothing about *where*; its shortfall from
+  100 % is the share of the change that sits in the final norm and unembedding.
 
 Measures of a model x on the sequences (``response_mask`` [N, S] marks the response tokens; the distribution that
 predicts token t is read at position t − 1, so the *scored positions* are those t − 1):
