@@ -321,7 +321,11 @@ class PatchScan:
         return [row["component"] for row in known] + [row["component"] for row in rows if row[metric] is None]
 
     def value(self, component: str, metric: str = "kl") -> float | None:
-        return next(row[metric] for row in self.rows if row["component"] == component)
+        """The recovered fraction of ``metric`` for one component (None where there is no gap)."""
+        for row in self.rows:
+            if row["component"] == component:
+                return row[metric]
+        raise ValueError(f"component {component!r} is not in this scan; it has {[r['component'] for r in self.rows][:6]} ...")
 
     def head_grid(self, metric: str = "kl") -> Tensor:
         """[L, H] recovered fraction of every head (NaN where None), for the heatmap."""
