@@ -49,6 +49,9 @@ def test_patch_and_lens_commands_run_on_every_family(name, family_dirs, tmp_path
         assert len(rows) == 2 * (4 + 2)
         assert all(abs(row["kl"]) < 1e-4 for row in scan["rows"] if row["layer"] == 0), name
         assert rows["L1.resid"]["kl"] == pytest.approx(1.0, abs=1e-4)
+    sets = {row["component"]: row for row in summary["transplant"]}
+    assert list(sets) == ["top 1", "random 1", "top 2", "random 2"]  # a quarter of 8 heads + 2 MLPs is 2
+    assert sets["top 2"]["kl"] > 0.2 and all(member.startswith("L1.") for member in sets["top 2"]["members"])
     assert (tmp_path / "patch" / "report.md").read_text().startswith("# Activation patching")
     assert (tmp_path / "patch" / "patch_policy_into_reference.png").is_file()
 
