@@ -45,7 +45,7 @@ class PatchConfig:
     """Prompt texts: "builtin" held-out reviews, a .txt/.jsonl/.csv file, or a datasets name."""
     column: str = "text"
     """Text column for .jsonl/.csv/datasets sources."""
-    n_texts: int = 16
+    n_texts: int = 32
     """Number of prompts; each gets one sampled policy response (the sequences both models read)."""
     max_new_tokens: int = 16
     """Response length."""
