@@ -25,6 +25,7 @@ from rich.table import Table
 from rlhf_scratch import distributed
 from rlhf_scratch.checkpoint import find_checkpoint
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
+from rlhf_scratch.config import config_errors_raised
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, names_local_file, prompts_from_texts
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
 from rlhf_scratch.entry import INTERRUPTED_EXIT
@@ -305,7 +306,8 @@ def main(argv: list[str] | None = None):
         default = presets[preset]()
         description += f" Presets (--preset NAME): {', '.join(presets)}; current: {preset}."
     try:
-        config = tyro.cli(config_class, args=args, default=default, prog=f"rlhf-scratch {name}", description=description, config=TYRO_CONFIG)
+        with config_errors_raised():  # a refused value: one line, not tyro's box
+            config = tyro.cli(config_class, args=args, default=default, prog=f"rlhf-scratch {name}", description=description, config=TYRO_CONFIG)
     except ValueError as error:  # config validation in __post_init__
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
         return 2

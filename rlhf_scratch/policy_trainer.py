@@ -257,7 +257,7 @@ class PolicyTrainer(ABC):
         self.learner = distributed.wrap_ddp(self.policy, [p for group in self.optimizer.param_groups for p in group["params"]])
         """The policy the learning passes run through: ``self.policy`` itself, or wrapped in DDP (data-parallel)."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_decay_lambda(config.phases, config.warmup_phases, config.final_lr_scale)
+            self.optimizer, warmup_decay_lambda(config.phases, config.effective_warmup_phases, config.final_lr_scale)
         )
         self.kl_controller = (
             AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
