@@ -308,9 +308,9 @@ def main(argv: list[str] | None = None):
     try:
         with config_errors_raised():  # a refused value: one line, not tyro's box
             config = tyro.cli(config_class, args=args, default=default, prog=f"rlhf-scratch {name}", description=description, config=TYRO_CONFIG)
-    except ValueError as error:  # config validation in __post_init__
+    except ValueError as error:  # config validation in __post_init__: one line, exit status 2 (as tyro's own)
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     set_threads(threads)
     try:
         preflight(config)

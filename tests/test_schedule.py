@@ -70,7 +70,8 @@ def test_the_default_warmup_fits_short_runs(phases, warmup):
 def test_a_warmup_as_long_as_the_run_names_the_fix(tiny_model_dir, tmp_path, capsys):
     from rlhf_scratch.cli import main
 
-    assert main(["ppo", "--model", str(tiny_model_dir), "--phases", "2", "--warmup-phases", "2",
-                 "--out", str(tmp_path / "run")]) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["ppo", "--model", str(tiny_model_dir), "--phases", "2", "--warmup-phases", "2", "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "got 2: pass --warmup-phases 0" in err and "at most 1" in err  # one line, no box
