@@ -38,6 +38,7 @@ from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.evaluation import EvalSamples
+from rlhf_scratch.models import check_fwd_hooks
 from rlhf_scratch.rewards import score_texts
 from rlhf_scratch.sampling import SamplingConfig, generate
 from rlhf_scratch.typecheck import typechecker
@@ -136,7 +137,7 @@ class BestOfNSampler:
         self.sampling = sampling
         self.pool_size = pool_size
         self.name = name or f"best-of-{n}"
-        self.fwd_hooks = list(fwd_hooks)
+        self.fwd_hooks = check_fwd_hooks(reference, fwd_hooks) if fwd_hooks else []  # names that run, or a clear error
         self.rows_per_prompt = pool_size
         self.kl_bound = best_of_n_kl_bound(n)
 

@@ -418,10 +418,18 @@ def check_fwd_hooks(bridge, fwd_hooks) -> list:
             )
         if not isinstance(name, str) and not callable(name):
             raise ValueError(f"A hook's name must be a string or a filter function name -> bool, got {name!r}.")
+    runs = "Hook a point that runs, e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] or blocks.0.hook_resid_post "
+    runs += "[batch, pos, d_model]."
     silent = hooks_that_do_not_run(bridge, [name for name, _ in hooks if isinstance(name, str)])
     if silent:
         name, why = next(iter(silent.items()))
-        raise ValueError(f"The hook {name!r} exists on this {family_name(bridge)} model but {why.rstrip('.')}. "
-                         "Hook a point that runs, e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] or "
-                         "blocks.0.hook_resid_post [batch, pos, d_model].")
+        raise ValueError(f"The hook {name!r} exists on this {family_name(bridge)} model but {why.rstrip('.')}. {runs}")
+    for name, _ in hooks:
+        if callable(name):  # a filter: it must select at least one hook point that runs
+            chosen = [point for point in known if name(point)]
+            silent = hooks_that_do_not_run(bridge, chosen)
+            if len(silent) == len(chosen):
+                what = (f"selects only hooks that never run ({', '.join(list(silent)[:4])}: "
+                        f"{next(iter(silent.values())).rstrip('.')})" if chosen else "selects no hook on this model")
+                raise ValueError(f"The hook filter {getattr(name, '__name__', name)!r} {what}. {runs}")
     return hooks
