@@ -43,6 +43,7 @@ from rlhf_scratch.reward_model import (
     save_reward_model,
 )
 from rlhf_scratch.rewards import make_reward, score_texts
+from rlhf_scratch.ties import decided_wins
 
 
 @dataclass
@@ -219,7 +220,7 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
                 clipped_step(optimizer, loss, config.max_grad_norm, "Lower --lr, or check the pair file for extreme texts or margins.")
                 scheduler.step()
                 # The whole batch's loss and correct pairs (one all-reduce; the values themselves in one process).
-                totals = distributed.all_reduce_sum(torch.stack([loss.detach().double(), (r_w > r_l).sum().double()]))
+                totals = distributed.all_reduce_sum(torch.stack([loss.detach().double(), decided_wins(r_w, r_l).sum().double()]))
                 losses.append(totals[0].item() / W)
                 initial_loss = losses[0] if initial_loss is None else initial_loss
                 correct += int(totals[1].item())
