@@ -41,6 +41,7 @@ from rlhf_scratch.evaluation import EvalSamples
 from rlhf_scratch.models import check_fwd_hooks
 from rlhf_scratch.rewards import score_texts
 from rlhf_scratch.sampling import SamplingConfig, generate
+from rlhf_scratch.ties import merge_near_ties
 from rlhf_scratch.typecheck import typechecker
 
 
@@ -148,9 +149,10 @@ class BestOfNSampler:
         expanded = [prompt for prompt in prompts for _ in range(m)]
         generation = generate(self.reference, expanded, self.sampling, generator=generator, fwd_hooks=self.fwd_hooks)
         pool = score_texts(reward, generation.texts, generation.prompts).view(len(prompts), m)
-        best = select_best(pool[:, : self.n])
+        tied = merge_near_ties(pool.double())  # rounding-level differences are ties: the same choice on every CPU
+        best = select_best(tied[:, : self.n])
         rows = (torch.arange(len(prompts)) * m + best.cpu()).tolist()
-        kl_terms = torch.stack([plugin_best_of_n_kl(pool[i].double(), self.n) for i in range(len(prompts))]).float()
+        kl_terms = torch.stack([plugin_best_of_n_kl(tied[i], self.n) for i in range(len(prompts))]).float()
         return EvalSamples.from_generation(generation, pool.flatten(), kl_terms=kl_terms, rows=rows)
 
 

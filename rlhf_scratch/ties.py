@@ -34,3 +34,21 @@ def decided_wins(chosen: Float[Tensor, "batch"], rejected: Float[Tensor, "batch"
     sides = torch.stack([chosen, rejected]) if scale is None else scale.detach().reshape(-1, chosen.shape[0])
     tolerance = TIE_RTOL * sides.abs().amax(dim=0).clamp(min=1.0)
     return (chosen - rejected) > tolerance
+
+
+@jaxtyped(typechecker=typechecker)
+def merge_near_ties(values: Float[Tensor, "*rows m"]) -> Float[Tensor, "*rows m"]:
+    """Each row's values with every run of near-equal ones set to the run's smallest: sorted, a value joins the run
+    of the one before it when their gap is <= TIE_RTOL · max(1, |value|).                        [..., M] -> [..., M]
+
+    For selections among rewards (best-of-n's argmax, its tie-aware KL): two samples with the same text, scored in
+    different batch positions, can get rewards that differ by rounding; merged, they are the tie they are (the
+    argmax then takes the first of them on every machine, and the KL counts them as one reward)."""
+    ordered, order = values.sort(dim=-1)
+    gaps = ordered.diff(dim=-1)
+    tolerance = TIE_RTOL * ordered[..., 1:].abs().clamp(min=1.0)
+    starts = torch.cat([torch.ones_like(gaps[..., :1], dtype=torch.bool), gaps > tolerance], dim=-1)
+    run = starts.long().cumsum(dim=-1) - 1  # run index of each sorted value
+    first_of_run = torch.zeros_like(ordered).scatter_reduce(-1, run, ordered, reduce="amin", include_self=False)
+    merged_sorted = first_of_run.gather(-1, run)
+    return torch.empty_like(values).scatter(-1, order, merged_sorted)
