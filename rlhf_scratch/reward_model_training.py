@@ -301,7 +301,7 @@ def run_score(config: ScoreConfig) -> dict:
     """Score ``prompt + chosen`` and ``prompt + rejected`` of every pair with the reward; write summary.json.
 
     Summary: reward, pairs, n_pairs, pairwise_accuracy (share with score(chosen) > score(rejected), ties
-    wrong), ties (share of exact ties), chosen_mean, rejected_mean, seconds.
+    wrong), ties (share of ties, exact or within float rounding: ``ties.decided_wins``), chosen_mean, rejected_mean, seconds.
     """
 
 
@@ -314,7 +314,7 @@ def run_score(config: ScoreConfig) -> dict:
         "pairs": str(config.pairs),
         "n_pairs": len(pairs),
         "pairwise_accuracy": pairwise_accuracy(chosen, rejected),
-        "ties": (chosen == rejected).double().mean().item(),
+        "ties": (~decided_wins(chosen, rejected) & ~decided_wins(rejected, chosen)).double().mean().item(),
         "chosen_mean": chosen.mean().item(),
         "rejected_mean": rejected.mean().item(),
         "seconds": time.time() - start,
