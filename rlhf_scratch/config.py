@@ -165,6 +165,9 @@ class PolicyTrainingConfig(TaskConfig):
     """W&B project name (with --wandb)."""
     checkpoint_every: int = 0
     """Write OUT/checkpoint every this many phases as well as at the end (0: only at the end)."""
+    stop_after_phase: int | None = None
+    """Stop after this phase with the checkpoint written, as a Ctrl-C would (exit status 0): to cut a long run into
+    jobs, or to try --resume. Continue with --resume OUT (this flag is not carried over). None: run every phase."""
     snapshot_every: int = 0
     """Save the policy's weights every this many phases in OUT/snapshots/phase_NNNN/ (a model directory, not a resume
     checkpoint) for `rlhf-scratch diff --timeline OUT`; 0: off. Each costs the model's size on disk."""
@@ -207,6 +210,8 @@ class PolicyTrainingConfig(TaskConfig):
             (self.samples_per_phase >= 0, f"samples_per_phase must be >= 0, got {self.samples_per_phase}."),
             (self.table_rows >= 1, f"table_rows must be >= 1 (rows of the before/after table), got {self.table_rows}."),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}."),
+            (self.stop_after_phase is None or self.stop_after_phase >= 1,
+             f"stop_after_phase must be >= 1 (or left out), got {self.stop_after_phase}."),
             (self.eval_every >= 0, f"eval_every must be >= 0 (0: off), got {self.eval_every}."),
             (self.snapshot_every >= 0, f"snapshot_every must be >= 0 (0: off), got {self.snapshot_every}."),
             (self.eval_prompts >= 1, f"eval_prompts must be >= 1, got {self.eval_prompts}."),
