@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None):
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     set_threads(threads)
+    started = False
     try:
         preflight(config)
         distributed.init_from_env(getattr(config, "device", "cpu"))
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None):
             claim = claim_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config),
                                   inputs=_input_paths(config), clean_on=USER_ERRORS, kept_on=(TrainingInterrupted,))
         with claim:
+            started = True  # past the --out check: a failure from here on may leave a checkpoint worth continuing
             runner(config)
     except USER_ERRORS as error:
         # Every rank raises the same RankFailedError; rank 0 says it once.
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None):
             where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""
             print(f"rlhf-scratch {name}{where}: error: {error}", file=sys.stderr)
             checkpoint = Path(config.out) / "checkpoint" if getattr(config, "out", None) is not None else None
-            if hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
+            if started and hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
                 print(f"The run's last checkpoint is kept in {checkpoint}: once the cause is fixed, continue with "
                       f"`{resume_command(name, config.out)}`.", file=sys.stderr)
         return 1

@@ -125,3 +125,22 @@ def test_texts_of_only_invisible_characters_are_blank(tmp_path):
     pairs.write_text(json.dumps({"prompt": "p", "chosen": "\u200b", "rejected": "no"}) + "\n", encoding="utf-8")
     with pytest.raises(PairDataError, match=r"'chosen' is empty \(only invisible characters\)"):
         load_pairs(pairs)
+
+
+# --------------------------------------------------------------------------- a refused --out
+
+
+def test_a_refused_out_does_not_say_a_run_failed(tiny_model_dir, tmp_path, capsys):
+    """The refusal of an --out that holds a finished run used to add "The run's last checkpoint is kept in ...: once
+    the cause is fixed, continue with ..." although nothing had failed."""
+    from rlhf_scratch.cli import main
+
+    args = ["ppo", "--model", str(tiny_model_dir), "--reward", "chars:e", "--prompt", "The", "--phases", "1",
+            "--batch-size", "2", "--minibatch-size", "2", "--max-new-tokens", "2", "--table-rows", "1",
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "already holds an earlier run" in err and "--resume" in err
+    assert "once the cause is fixed" not in err and err.count("\n") == 1
