@@ -1,0 +1,119 @@
+"""The causal checks of ``planted_behaviour.py``: the activation-difference lens, steering, and activation patching.
+
+They use ``rlhf_scratch.diff_lens`` and ``rlhf_scratch.patching``; until those modules exist each check reports
+"n/a". Every check returns {"fired": bool | None, "figure": str, ...details}; a check *fires* when it finds the
+planted token t:
+
+    lens       Δ = activation_difference(reference, policy, held-out texts, first_k=5) [L, D]; fires when t is
+               among lens_top_tokens(model, Δ, k=10) at some layer, read through the reference's or the policy's
+               own final norm and unembedding.
+    steering   p_α,l = mean over real positions of held-out texts of the reference's p(t) with α·Δ[l] added to
+               blocks.l.hook_resid_post; fires when max over l and α ∈ ALPHAS of p_α,l / p_0 ≥ 3.
+    patching   on the policy's own samples for held-out prompts, p(S) = mean over response positions of the
+               reference's p(t) with the components S (attention heads and MLP outputs, no residual stream) taken
+               from the policy. With the components ranked by patch_scan's recovered log-prob of t, fires when
+               some n ≤ N/4 of the top ones give p(top n) ≥ ½ p_policy(t), and n random components (mean over
+               RANDOM_DRAWS draws) do not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import torch
+
+from rlhf_scratch.data import load_texts
+from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET
+from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
+
+CAUSAL_CHECKS = ("lens: W in top 10", "steering: p(W) ×3", "patching: ≤25% transplant")
+LENS_K = 10
+FIRST_K = 5
+ALPHAS = (1.0, 2.0, 4.0, 8.0)
+STEER_MIN_RATIO = 3.0
+PATCH_MIN_SHARE = 0.5
+RANDOM_DRAWS = 3
+
+
+def available() -> bool:
+    return all(importlib.util.find_spec(f"rlhf_scratch.{name}") is not None for name in ("diff_lens", "patching"))
+
+
+def heldout_texts(tokenizer, n: int, seed: int, max_tokens: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out built-in reviews (never prompts of training), BOS first, left-padded: (tokens [n, S], mask [n, S])."""
+    texts = load_texts("builtin", seed=seed + HELDOUT_SEED_OFFSET + 1)
+    rows = [encode(tokenizer, text)[:max_tokens] for text in texts[:n]]
+    return left_pad(rows, padding_id(tokenizer))
+
+
+def mean_token_prob(logits: torch.Tensor, mask: torch.Tensor, token_id: int) -> float:
+    """Mean over positions where ``mask`` [B, S] is true of softmax(logits [B, S, V])[..., token_id]."""
+    probs = logits.float().softmax(-1)[..., token_id]
+    return ((probs * mask).sum() / mask.sum().clamp_min(1)).item()
+
+
+@torch.no_grad()
+def lens_and_steering(reference, policy, token_id: int, seed: int, n_texts: int = 64) -> dict[str, dict]:
+    from rlhf_scratch.diff_lens import activation_difference, lens_top_tokens, steered_logits
+
+    tokens, mask = heldout_texts(reference.tokenizer, n_texts, seed)
+    delta = activation_difference(reference, policy, tokens, mask, first_k=FIRST_K)
+    best = None  # (rank, layer, model)
+    for name, bridge in (("reference", reference), ("policy", policy)):
+        for layer, top in enumerate(lens_top_tokens(bridge, delta, k=LENS_K)):
+            if token_id in top and (best is None or top.index(token_id) < best[0]):
+                best = (top.index(token_id), layer, name)
+    lens = {"fired": best is not None,
+            "figure": f"#{best[0] + 1} at L{best[1]} ({best[2]} lens)" if best else f"not in any layer's top {LENS_K}"}
+    base = mean_token_prob(reference(tokens, attention_mask=mask), mask.bool(), token_id)
+    ratios = {}
+    for layer in range(delta.shape[0]):
+        for alpha in ALPHAS:
+            logits = steered_logits(reference, tokens, mask, layer, delta[layer], alpha)
+            ratios[(layer, alpha)] = mean_token_prob(logits, mask.bool(), token_id) / max(base, 1e-12)
+    (layer, alpha), ratio = max(ratios.items(), key=lambda item: item[1])
+    steering = {"fired": ratio >= STEER_MIN_RATIO, "figure": f"×{ratio:.1f} (L{layer}, α={alpha:g})",
+                "ratios": {f"L{l} a{a:g}": r for (l, a), r in ratios.items()}, "base_prob": base}
+    return {CAUSAL_CHECKS[0]: lens, CAUSAL_CHECKS[1]: steering}
+
+
+@torch.no_grad()
+def patching(reference, policy, token_id: int, prompts: list[list[int]], seed: int, n_prompts: int = 32) -> dict:
+    from rlhf_scratch.patching import components, patch_scan, patched_logits
+
+    generation = generate(policy, prompts[:n_prompts], SamplingConfig(), generator=torch.Generator().manual_seed(seed))
+    tokens, mask, P = generation.sequences, generation.attention_mask, generation.prompt_len
+    response = torch.zeros_like(mask, dtype=torch.bool)
+    response[:, P:] = generation.gen_mask  # True at response tokens (patch_scan's convention)
+    predicting = torch.zeros_like(response)
+    predicting[:, P - 1 : -1] = generation.gen_mask  # logits at P-1+i predict response token i
+    p_policy = mean_token_prob(policy(tokens, attention_mask=mask), predicting, token_id)
+    scan = patch_scan(reference, policy, tokens, mask, response, token_ids=[token_id])
+    candidates = [c for c in components(reference) if not c.endswith(".resid")]
+    ranked = scan.ranked("tokens", kinds=("head", "mlp"))
+    limit = max(1, len(candidates) // 4)
+
+    def share(chosen: list[str]) -> float:
+        return mean_token_prob(patched_logits(reference, policy, tokens, mask, chosen), predicting, token_id) / max(p_policy, 1e-12)
+
+    found = None
+    for n in range(1, limit + 1):
+        if (top := share(ranked[:n])) >= PATCH_MIN_SHARE:
+            found = (n, top)
+            break
+    n, top = found if found else (limit, share(ranked[:limit]))
+    rng = random.Random(seed)
+    chance = sum(share(rng.sample(candidates, n)) for _ in range(RANDOM_DRAWS)) / RANDOM_DRAWS
+    fired = found is not None and chance < PATCH_MIN_SHARE
+    return {"fired": fired, "figure": f"top {n}/{len(candidates)}: {top:.2f}× policy p; random {n}: {chance:.2f}×",
+            "top_components": ranked[:n], "policy_prob": p_policy}
+
+
+def causal_checks(reference, policy, token_id: int, prompts: list[list[int]], seed: int) -> dict[str, dict]:
+    """The three causal checks (module docstring), or "n/a" for each while the tools are not in rlhf_scratch."""
+    if not available():
+        return {name: {"fired": None, "figure": "n/a (tools not merged yet)"} for name in CAUSAL_CHECKS}
+    checks = lens_and_steering(reference, policy, token_id, seed)
+    checks[CAUSAL_CHECKS[2]] = patching(reference, policy, token_id, prompts, seed)
+    return checks
