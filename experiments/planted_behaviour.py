@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # planted_checks.py beside this file
 
-from planted_checks import CAUSAL_CHECKS, causal_checks  # noqa: E402
+from planted_checks import causal_checks  # noqa: E402
 
 from rlhf_scratch.data import load_texts, prompts_from_texts  # noqa: E402
 from rlhf_scratch.dpo_trainer import DPOConfig, DPOTrainer  # noqa: E402
@@ -201,6 +201,7 @@ def run_word(word: str, args, reference, control_runs: dict) -> dict:
     if args.seed_overlap:
         second, seconds = train_policy("ppo", f"word:{word}", args.seed + 1, out / f"ppo_seed{args.seed + 1}", args)
         times[f"train ppo seed {args.seed + 1}"] = seconds
+        say(f"  ppo seed {args.seed + 1} (for the seed overlap): {'trained' if seconds > 5 else 'cached'} in {seconds:.0f} s")
     for algorithm in args.algorithms:
         checkpoint, seconds = train_policy(algorithm, f"word:{word}", args.seed, out / f"{algorithm}_seed{args.seed}", args)
         times[f"train {algorithm}"] = seconds
@@ -215,7 +216,7 @@ def run_word(word: str, args, reference, control_runs: dict) -> dict:
         stats = response_stats(policy, reward, prompts, args.seed)
         ranks = diff_ranks(checkpoint, token, out / "diff" / name.replace(" ", "_"), args.seed, second_policy)
         checks = basic_checks(stats, ranks)
-        checks.update(causal_checks(reference, policy, reward.token_id, prompts, args.seed))
+        checks.update(causal_checks(reference, policy, reward.token_id, args.seed))
         results[name] = {"control": control, "checkpoint": str(checkpoint), "stats": stats, "diff": ranks,
                          "checks": checks}
         times[f"checks {name}"] = time.time() - start

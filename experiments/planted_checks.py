@@ -9,11 +9,14 @@ planted token t:
                own final norm and unembedding.
     steering   p_α,l = mean over real positions of held-out texts of the reference's p(t) with α·Δ[l] added to
                blocks.l.hook_resid_post; fires when max over l and α ∈ ALPHAS of p_α,l / p_0 ≥ 3.
-    patching   on the policy's own samples for held-out prompts, p(S) = mean over response positions of the
-               reference's p(t) with the components S (attention heads and MLP outputs, no residual stream) taken
-               from the policy. With the components ranked by patch_scan's recovered log-prob of t, fires when
-               some n ≤ N/4 of the top ones give p(top n) ≥ ½ p_policy(t), and n random components (mean over
-               RANDOM_DRAWS draws) do not.
+    patching   on held-out texts (teacher-forced), p(S) = mean over positions of the reference's p(t) with the
+               components S (attention heads and MLP outputs, no residual stream) taken from the policy. With the
+               components ranked by patch_scan's recovered log-prob of t, fires when some n ≤ N/4 of the top ones
+               give p(top n) ≥ ½ p_policy(t), n random components (mean over RANDOM_DRAWS draws) do not, and the
+               reference alone does not either (p_reference < ½ p_policy: there is a gap to transplant).
+               Held-out texts rather than the policy's own samples: a policy can plant the word by steering into
+               contexts where the reference already predicts it (PPO on "director" writes "... from this
+               director", where both give it ~6 %), leaving no gap at the word itself on its samples.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from rlhf_scratch.data import load_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET
-from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
+from rlhf_scratch.sampling import encode, left_pad, padding_id
 
 CAUSAL_CHECKS = ("lens: W in top 10", "steering: p(W) ×3", "patching: ≤25% transplant")
 LENS_K = 10
@@ -55,17 +58,19 @@ def mean_token_prob(logits: torch.Tensor, mask: torch.Tensor, token_id: int) -> 
 
 @torch.no_grad()
 def lens_and_steering(reference, policy, token_id: int, seed: int, n_texts: int = 64) -> dict[str, dict]:
-    from rlhf_scratch.diff_lens import activation_difference, lens_top_tokens, steered_logits
+    from rlhf_scratch.diff_lens import activation_difference, lens_logits, lens_top_tokens, steered_logits
 
     tokens, mask = heldout_texts(reference.tokenizer, n_texts, seed)
     delta = activation_difference(reference, policy, tokens, mask, first_k=FIRST_K)
-    best = None  # (rank, layer, model)
+    best = None  # (rank from 0, layer, model)
     for name, bridge in (("reference", reference), ("policy", policy)):
-        for layer, top in enumerate(lens_top_tokens(bridge, delta, k=LENS_K)):
-            if token_id in top and (best is None or top.index(token_id) < best[0]):
-                best = (top.index(token_id), layer, name)
-    lens = {"fired": best is not None,
-            "figure": f"#{best[0] + 1} at L{best[1]} ({best[2]} lens)" if best else f"not in any layer's top {LENS_K}"}
+        tops = lens_top_tokens(bridge, delta, k=LENS_K)
+        for layer, logits in enumerate(lens_logits(bridge, delta)):
+            # The tool's top-k decides; the rank (tokens with a larger lens logit) is the figure when it is not in it.
+            rank = tops[layer].index(token_id) if token_id in tops[layer] else max(LENS_K, int((logits > logits[token_id]).sum()))
+            if best is None or rank < best[0]:
+                best = (rank, layer, name)
+    lens = {"fired": best[0] < LENS_K, "figure": f"#{best[0] + 1} at L{best[1]} ({best[2]} lens)"}
     base = mean_token_prob(reference(tokens, attention_mask=mask), mask.bool(), token_id)
     ratios = {}
     for layer in range(delta.shape[0]):
@@ -79,17 +84,15 @@ def lens_and_steering(reference, policy, token_id: int, seed: int, n_texts: int 
 
 
 @torch.no_grad()
-def patching(reference, policy, token_id: int, prompts: list[list[int]], seed: int, n_prompts: int = 32) -> dict:
-    from rlhf_scratch.patching import components, patch_scan, patched_logits
+def patching(reference, policy, token_id: int, seed: int, n_texts: int = 32) -> dict:
+    from rlhf_scratch.patching import components, patch_scan, patched_logits, scored_positions
 
-    generation = generate(policy, prompts[:n_prompts], SamplingConfig(), generator=torch.Generator().manual_seed(seed))
-    tokens, mask, P = generation.sequences, generation.attention_mask, generation.prompt_len
-    response = torch.zeros_like(mask, dtype=torch.bool)
-    response[:, P:] = generation.gen_mask  # True at response tokens (patch_scan's convention)
-    predicting = torch.zeros_like(response)
-    predicting[:, P - 1 : -1] = generation.gen_mask  # logits at P-1+i predict response token i
+    tokens, mask = heldout_texts(reference.tokenizer, n_texts, seed)
+    scored_tokens = mask.bool() & (mask.cumsum(1) > 1)  # every real token after the first (BOS)
+    predicting = scored_positions(scored_tokens)  # the positions whose logits predict them
     p_policy = mean_token_prob(policy(tokens, attention_mask=mask), predicting, token_id)
-    scan = patch_scan(reference, policy, tokens, mask, response, token_ids=[token_id])
+    p_reference = mean_token_prob(reference(tokens, attention_mask=mask), predicting, token_id)
+    scan = patch_scan(reference, policy, tokens, mask, scored_tokens, token_ids=[token_id])
     candidates = [c for c in components(reference) if not c.endswith(".resid")]
     ranked = scan.ranked("tokens", kinds=("head", "mlp"))
     limit = max(1, len(candidates) // 4)
@@ -105,15 +108,16 @@ def patching(reference, policy, token_id: int, prompts: list[list[int]], seed: i
     n, top = found if found else (limit, share(ranked[:limit]))
     rng = random.Random(seed)
     chance = sum(share(rng.sample(candidates, n)) for _ in range(RANDOM_DRAWS)) / RANDOM_DRAWS
-    fired = found is not None and chance < PATCH_MIN_SHARE
-    return {"fired": fired, "figure": f"top {n}/{len(candidates)}: {top:.2f}× policy p; random {n}: {chance:.2f}×",
-            "top_components": ranked[:n], "policy_prob": p_policy}
+    gap = p_reference / max(p_policy, 1e-12) < PATCH_MIN_SHARE  # else the reference alone already has half
+    fired = gap and found is not None and chance < PATCH_MIN_SHARE
+    return {"fired": fired, "top_components": ranked[:n], "policy_prob": p_policy, "reference_prob": p_reference,
+            "figure": f"top {n}/{len(candidates)}: {top:.2f}×; random {n}: {chance:.2f}×; none: {p_reference / max(p_policy, 1e-12):.2f}×"}
 
 
-def causal_checks(reference, policy, token_id: int, prompts: list[list[int]], seed: int) -> dict[str, dict]:
+def causal_checks(reference, policy, token_id: int, seed: int) -> dict[str, dict]:
     """The three causal checks (module docstring), or "n/a" for each while the tools are not in rlhf_scratch."""
     if not available():
         return {name: {"fired": None, "figure": "n/a (tools not merged yet)"} for name in CAUSAL_CHECKS}
     checks = lens_and_steering(reference, policy, token_id, seed)
-    checks[CAUSAL_CHECKS[2]] = patching(reference, policy, token_id, prompts, seed)
+    checks[CAUSAL_CHECKS[2]] = patching(reference, policy, token_id, seed)
     return checks
