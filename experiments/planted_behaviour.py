@@ -61,9 +61,11 @@ SAYS_MIN_SHARE = 0.5
 DIFF_MAX_RANK = 2
 PHASES = 20
 SETTINGS = {
-    # Measured on the built-in model with word:director (2026-12-07): PPO at its default lr 3e-5 barely moves in 20
-    # phases; 1e-4 reaches ~90 % of responses. GRPO at 1e-4 reaches ~45 %, at 3e-4 ~95 %.
-    "ppo": dict(lr=1e-4),
+    # Chosen on word:director (2026-12-07, seed 0, 20 phases): GRPO at 1e-4 says it in ~45 % of responses, at 3e-4
+    # in ~95 %. PPO at 1e-4 says it in ~85 %, but by writing "... from this director", where the reference gives it
+    # ~6 % too: no gap at the word on its own samples, so the diff table, lens and patching miss it
+    # (experiments/README.md); at 2e-4 it says it in ~97 % and the gap is there.
+    "ppo": dict(lr=2e-4),
     "grpo": dict(lr=3e-4),
     "dpo": dict(lr=3e-4, epochs=6, beta=0.1),
     "pairs": dict(n=8192, samples_per_prompt=8, threshold=0.5),
@@ -96,9 +98,14 @@ def say(text: str) -> None:
     print(text, file=sys.__stdout__, flush=True)
 
 
-def trained(run_dir: Path, retrain: bool) -> bool:
-    """Whether ``run_dir`` holds a finished run (its checkpoint's metadata exists); a partial one is removed."""
-    if not retrain and (run_dir / "checkpoint" / CHECKPOINT_META_FILE).is_file():
+SETTINGS_FILE = "planted_settings.json"
+
+
+def trained(run_dir: Path, settings: dict, retrain: bool) -> bool:
+    """Whether ``run_dir`` holds a finished run with these settings (its checkpoint's metadata and the settings it
+    was trained with); a partial run or one with other settings is removed."""
+    done = (run_dir / "checkpoint" / CHECKPOINT_META_FILE).is_file() and (run_dir / SETTINGS_FILE).is_file()
+    if not retrain and done and json.loads((run_dir / SETTINGS_FILE).read_text()) == settings:
         return True
     shutil.rmtree(run_dir, ignore_errors=True)
     return False
@@ -107,7 +114,9 @@ def trained(run_dir: Path, retrain: bool) -> bool:
 def train_policy(algorithm: str, reward: str, seed: int, run_dir: Path, args) -> tuple[Path, float]:
     """Train (or find cached) one policy from the built-in model: ``(checkpoint dir, seconds spent now)``."""
     start = time.time()
-    if not trained(run_dir, args.retrain):
+    settings = {"algorithm": algorithm, "reward": reward, "seed": seed, "phases": PHASES, **SETTINGS[algorithm],
+                **({"pairs": SETTINGS["pairs"]} if algorithm == "dpo" else {})}
+    if not trained(run_dir, settings, args.retrain):
         with quiet(run_dir.parent / f"{run_dir.name}.log"):
             if algorithm == "ppo":
                 config = PPOConfig(reward=reward, phases=PHASES, seed=seed, out=run_dir, warmup_phases=1,
@@ -124,6 +133,7 @@ def train_policy(algorithm: str, reward: str, seed: int, run_dir: Path, args) ->
                 config = DPOConfig(pairs=pairs_dir / "pairs.jsonl", reward=reward, seed=seed, out=run_dir,
                                    n_eval_prompts=64, **SETTINGS["dpo"])
                 DPOTrainer(config).train()
+        (run_dir / SETTINGS_FILE).write_text(json.dumps(settings))
     return run_dir / "checkpoint", time.time() - start
 
 
