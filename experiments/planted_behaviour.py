@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def quiet(log: Path):
     """Send what the trainers and diff print to ``log`` (they print tables and progress bars)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+    with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
         yield
 
 
