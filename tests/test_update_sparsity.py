@@ -134,3 +134,24 @@ def test_diff_report_has_the_sparsity_table_and_plot(tiny_model_dir, tmp_path):
     assert rows["L0 W_in"]["changed"]["bf16"] == pytest.approx(0.2, abs=0.03)
     assert rows["L0 W_in"]["overlap"]["bf16"] == pytest.approx(rows["L0 W_in"]["chance"]["bf16"], abs=0.03)
     assert rows["L0 W_in"]["chance"]["bf16"] == pytest.approx(0.04 / 0.36, abs=0.02)
+
+
+def test_grouped_query_attention_one_kv_head_changed(tmp_path):
+    """Llama with grouped K/V heads: moving K/V head 0's rows of k_proj changes exactly 1/H_kv of the layer's W_K
+    [D, H_kv·d_head] and nothing else; its ΔW has rank at most d_head."""
+    from model_families import build_family_model
+
+    from rlhf_scratch.models import load_bridge
+
+    directory = build_family_model("llama", tmp_path / "llama")
+    reference, policy = load_bridge(directory), load_bridge(directory)
+    d_head, n_kv = reference.cfg.d_head, reference.blocks[0].attn.W_K.shape[0]
+    assert n_kv < reference.cfg.n_heads  # the family model really groups its K/V heads
+    with torch.no_grad():
+        weight = policy.original_model.model.layers[1].self_attn.k_proj.weight  # [H_kv·d_head, D]
+        weight[:d_head].add_(0.5 * torch.randn(weight[:d_head].shape, generator=torch.Generator().manual_seed(0)))
+    rows = {r["matrix"]: r for r in update_sparsity(reference, policy)}
+    assert "pos_embed W_pos" not in rows and rows["L1 W_K"]["shape"] == [reference.cfg.d_model, n_kv * d_head]
+    assert rows["L1 W_K"]["changed"]["1e-2 RMS"] == pytest.approx(1 / n_kv)
+    assert rows["L1 W_K"]["rank_99"] <= d_head
+    assert all(row["changed"]["exact"] == 0 for name, row in rows.items() if name not in ("L1 W_K", "all"))
