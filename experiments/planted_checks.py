@@ -7,8 +7,10 @@ planted token t:
     lens       Δ = activation_difference(reference, policy, held-out texts, first_k=5) [L, D]; fires when t is
                among lens_top_tokens(model, Δ, k=10) at some layer, read through the reference's or the policy's
                own final norm and unembedding.
-    steering   p_α,l = mean over real positions of held-out texts of the reference's p(t) with α·Δ[l] added to
-               blocks.l.hook_resid_post; fires when max over l and α ∈ ALPHAS of p_α,l / p_0 ≥ 3.
+    steering   p_α,l(v) = mean over real positions of held-out texts of the reference's p(v) with α·Δ[l] added to
+               blocks.l.hook_resid_post; fires when for some l and α ∈ ALPHAS p_α,l(t) / p_0(t) ≥ 3 and t is among
+               the STEER_MAX_RANK tokens whose mean probability rose most (p_α,l(v) − p_0(v)): the steering vector
+               is about t, not a push that raises many tokens (a reward-0 control drifts, and large α amplify it).
     patching   on held-out texts (teacher-forced), p(S) = mean over positions of the reference's p(t) with the
                components S (attention heads and MLP outputs, no residual stream) taken from the policy. With the
                components ranked by patch_scan's recovered log-prob of t, fires when some n ≤ N/4 of the top ones
@@ -35,6 +37,7 @@ LENS_K = 10
 FIRST_K = 5
 ALPHAS = (1.0, 2.0, 4.0, 8.0)
 STEER_MIN_RATIO = 3.0
+STEER_MAX_RANK = 10
 PATCH_MIN_SHARE = 0.5
 RANDOM_DRAWS = 3
 
@@ -48,6 +51,11 @@ def heldout_texts(tokenizer, n: int, seed: int, max_tokens: int = 48) -> tuple[t
     texts = load_texts("builtin", seed=seed + HELDOUT_SEED_OFFSET + 1)
     rows = [encode(tokenizer, text)[:max_tokens] for text in texts[:n]]
     return left_pad(rows, padding_id(tokenizer))
+
+
+def mean_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[V] mean over positions where ``mask`` [B, S] is true of softmax(logits [B, S, V])."""
+    return (logits.float().softmax(-1) * mask[..., None]).sum((0, 1)) / mask.sum().clamp_min(1)
 
 
 def mean_token_prob(logits: torch.Tensor, mask: torch.Tensor, token_id: int) -> float:
@@ -71,15 +79,17 @@ def lens_and_steering(reference, policy, token_id: int, seed: int, n_texts: int 
             if best is None or rank < best[0]:
                 best = (rank, layer, name)
     lens = {"fired": best[0] < LENS_K, "figure": f"#{best[0] + 1} at L{best[1]} ({best[2]} lens)"}
-    base = mean_token_prob(reference(tokens, attention_mask=mask), mask.bool(), token_id)
-    ratios = {}
+    base = mean_probs(reference(tokens, attention_mask=mask), mask.bool())
+    readings = {}  # (layer, α) -> (p(t) ratio, rank of t by Δ mean p)
     for layer in range(delta.shape[0]):
         for alpha in ALPHAS:
-            logits = steered_logits(reference, tokens, mask, layer, delta[layer], alpha)
-            ratios[(layer, alpha)] = mean_token_prob(logits, mask.bool(), token_id) / max(base, 1e-12)
-    (layer, alpha), ratio = max(ratios.items(), key=lambda item: item[1])
-    steering = {"fired": ratio >= STEER_MIN_RATIO, "figure": f"×{ratio:.1f} (L{layer}, α={alpha:g})",
-                "ratios": {f"L{l} a{a:g}": r for (l, a), r in ratios.items()}, "base_prob": base}
+            gained = mean_probs(steered_logits(reference, tokens, mask, layer, delta[layer], alpha), mask.bool()) - base
+            ratio = (base[token_id] + gained[token_id]).item() / max(base[token_id].item(), 1e-12)
+            readings[(layer, alpha)] = (ratio, int((gained > gained[token_id]).sum()) + 1)
+    hits = {key: value for key, value in readings.items() if value[0] >= STEER_MIN_RATIO and value[1] <= STEER_MAX_RANK}
+    (layer, alpha), (ratio, rank) = max(hits.items() or readings.items(), key=lambda item: item[1][0])
+    steering = {"fired": bool(hits), "figure": f"×{ratio:.1f}, Δp #{rank} (L{layer}, α={alpha:g})",
+                "readings": {f"L{l} a{a:g}": r for (l, a), r in readings.items()}, "base_prob": base[token_id].item()}
     return {CAUSAL_CHECKS[0]: lens, CAUSAL_CHECKS[1]: steering}
 
 
