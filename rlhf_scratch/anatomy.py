@@ -30,6 +30,7 @@ refuses, with one line naming the family and what is missing, a model the tools 
 
 from __future__ import annotations
 
+import difflib
 import weakref
 from dataclasses import dataclass
 
@@ -295,9 +296,33 @@ def kv_head_of(query_head: int, facts: Anatomy) -> int:
 
 
 def hooks_that_do_not_run(bridge, names: list[str]) -> dict[str, str]:
-    """{name: why} for each hook name that exists on ``bridge`` but does nothing on a forward pass: it is refused
-    when added (TransformerLens: e.g. ``hook_result`` while ``use_attn_result`` is off), or it never fires
-    (e.g. ``hook_pos_embed`` on a rotary model). Runs one 2-token forward pass with recorders on ``names``."""
+    """{name: why} for each hook name that exists on ``bridge`` but does nothing on a forward pass, found by one
+    2-token forward pass with recorders on ``names``. The reasons, each in words that name the hook:
+
+    - TransformerLens refuses it when added (e.g. ``hook_result`` while ``use_attn_result`` is off);
+    - the model's forward pass never calls it: the bridge lists the hook for every model of its kind, but this
+      architecture computes that step elsewhere (GPT-2's fused ``attn.qkv``, split into q, k and v; Llama's
+      ``attn.hook_hidden_states``; ``rotary_emb.hook_out`` where the rotary angles are computed outside the
+      hooked module);
+    - it is an alias (``hook_pos_embed`` for ``rotary_emb.hook_out``, ``blocks.L.hook_q_input`` for
+      ``blocks.L.attn.hook_q_input``) of a hook point that does one of the above; the reason names both.
+
+    Results are remembered per bridge and name (a check in a loop costs one probe per new name).
+    """
+    flags = tuple(sorted((k, v) for k, v in vars(bridge.cfg).items() if k.startswith("use_") and isinstance(v, bool)))
+    memo = _probe_memo.setdefault(bridge, {}).setdefault(flags, {})  # use_attn_result etc. change what is refused
+    candidates = [name for name in dict.fromkeys(names) if name in bridge.hook_dict and name not in memo]
+    if candidates:
+        memo.update(_probe(bridge, candidates))
+    return {name: memo[name] for name in dict.fromkeys(names) if memo.get(name)}
+
+
+_probe_memo: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""bridge -> {its cfg's use_* flags -> {hook name: why it does not run, or "" when it runs}}."""
+
+
+def _probe(bridge, candidates: list[str]) -> dict[str, str]:
+    """{name: why, or "" when it fires} for each of ``candidates`` (names in ``bridge.hook_dict``)."""
     fired: set[str] = set()
     why: dict[str, str] = {}
 
@@ -309,7 +334,6 @@ def hooks_that_do_not_run(bridge, names: list[str]) -> dict[str, str]:
 
     device = next(bridge.parameters()).device
     tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
-    candidates = [name for name in dict.fromkeys(names) if name in bridge.hook_dict]
     while True:
         hooks = [(name, recorder(name)) for name in candidates if name not in why]
         try:
@@ -320,11 +344,20 @@ def hooks_that_do_not_run(bridge, names: list[str]) -> dict[str, str]:
             refused = next((name for name, _ in hooks if f"hook {name} " in str(error)), None)
             if refused is None:
                 raise
-            why[refused] = "TransformerLens refuses it: " + str(error).split("\n")[0]
+            why[refused] = _alias_note(bridge, refused) + "TransformerLens refuses it: " + str(error).split("\n")[0]
+    family = family_name(bridge)
     for name in candidates:
         if name not in why and name not in fired:
-            why[name] = "it never fires on a forward pass, so a hook there would silently do nothing"
-    return why
+            why[name] = (_alias_note(bridge, name) + "its forward pass never calls it (the bridge lists the hook for "
+                         f"every model it wraps, but {family} computes that step elsewhere), so a hook there would "
+                         "silently do nothing")
+    return {name: why.get(name, "") for name in candidates}
+
+
+def _alias_note(bridge, name: str) -> str:
+    """"it is an alias of X, and " when ``name`` is another name for hook point X, else ""."""
+    target = getattr(bridge.hook_dict[name], "name", name)
+    return f"it is an alias of {target}, and " if isinstance(target, str) and target != name else ""
 
 
 def research_hooks(n_layers: int) -> list[str]:
@@ -349,3 +382,47 @@ def require_supported(bridge, tool: str) -> Anatomy:
         raise UnsupportedModel(f"{tool} cannot read {family_name(bridge)}: the hooks {names} are missing or never run "
                                "on it, so its residual stream cannot be decomposed.")
     return facts
+
+
+def check_fwd_hooks(bridge, fwd_hooks) -> list:
+    """``fwd_hooks`` as a list, after checking each is a ``(name, fn)`` pair whose name exists on ``bridge``.
+
+    TransformerLens would raise a bare KeyError for a misspelt name, and only at the first forward
+    pass; this says so at once and lists the closest names. A name may also be a filter function
+    ``name -> bool`` (TransformerLens convention). Some names exist in ``bridge.hook_dict`` but do nothing on
+    this model (``hook_pos_embed`` on a rotary model, ``blocks.L.attn.hook_hidden_states`` on Llama, GPT-2's
+    ``attn.qkv.hook_in``; ``hook_result`` is refused while ``use_attn_result`` is off): one probe forward pass
+    (``anatomy.hooks_that_do_not_run``) finds them, and they are refused too, since a hook there would silently
+    do nothing.
+    """
+    hooks = list(fwd_hooks)
+    known = bridge.hook_dict
+    for item in hooks:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and callable(item[1])):
+            raise ValueError(f"Each forward hook must be a (name, function) pair, got {item!r}.")
+        name = item[0]
+        if isinstance(name, str) and name not in known:
+            close = difflib.get_close_matches(name, list(known), n=6, cutoff=0.6)
+            suggestion = f" Closest names: {', '.join(close)}." if close else ""
+            raise ValueError(
+                f"No hook named {name!r} on this model.{suggestion} "
+                "See every name with sorted(bridge.hook_dict), e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] "
+                "or blocks.0.hook_mlp_out [batch, pos, d_model]."
+            )
+        if not isinstance(name, str) and not callable(name):
+            raise ValueError(f"A hook's name must be a string or a filter function name -> bool, got {name!r}.")
+    runs = "Hook a point that runs, e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] or blocks.0.hook_resid_post "
+    runs += "[batch, pos, d_model]."
+    silent = hooks_that_do_not_run(bridge, [name for name, _ in hooks if isinstance(name, str)])
+    if silent:
+        name, why = next(iter(silent.items()))
+        raise ValueError(f"The hook {name!r} exists on this {family_name(bridge)} model but {why.rstrip('.')}. {runs}")
+    for name, _ in hooks:
+        if callable(name):  # a filter: it must select at least one hook point that runs
+            chosen = [point for point in known if name(point)]
+            silent = hooks_that_do_not_run(bridge, chosen)
+            if len(silent) == len(chosen):
+                what = (f"selects only hooks that never run ({', '.join(list(silent)[:4])}: "
+                        f"{next(iter(silent.values())).rstrip('.')})" if chosen else "selects no hook on this model")
+                raise ValueError(f"The hook filter {getattr(name, '__name__', name)!r} {what}. {runs}")
+    return hooks

@@ -35,11 +35,14 @@ from rlhf_scratch.command_configs import (
     CompareConfig,
     DiffConfig,
     InspectConfig,
+    LensConfig,
     PairsConfig,
+    PatchConfig,
     PretrainConfig,
     SampleConfig,
     ScoreConfig,
 )
+from rlhf_scratch.config import config_errors_raised
 from rlhf_scratch.interrupts import INTERRUPTED_EXIT, TrainingInterrupted
 
 TYRO_CONFIG = (tyro.conf.OmitArgPrefixes,)
@@ -89,8 +92,15 @@ def _commands() -> dict:
         "dpo": (DPOConfig, {}, "rlhf_scratch.dpo_trainer:run_dpo",
                 "DPO / f-DPO on preference pairs (--loss sigmoid|hinge, --divergence rkl|fkl|js|alpha); evaluates with --reward."),
         "diff": (DiffConfig, {}, "rlhf_scratch.model_diff_timeline:run_diff_command",
-                 "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA; "
+                 "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA, "
+                 "update sparsity and rank (--second-policy DIR: overlap of two seeds' changed weights); "
                  "--timeline RUN: the same over the phases of a run trained with --snapshot-every."),
+        "patch": (PatchConfig, {}, "rlhf_scratch.patching_report:run_patch",
+                  "Activation patching policy <-> reference on the policy's samples: the fraction of the KL, reward gap and "
+                  "token-set log-prob each head, MLP and layer recovers (report.md, heatmaps)."),
+        "lens": (LensConfig, {}, "rlhf_scratch.diff_lens_report:run_lens",
+                 "Activation Difference Lens: the policy's mean residual difference on held-out text, its top tokens per "
+                 "layer, and steering the reference with it over a sweep of alpha (reward, token log-prob)."),
         "inspect": (InspectConfig, {}, "rlhf_scratch.value_lens:run_inspect",
                     "One sample of a PPO checkpoint: value, reward, advantage per token, and the value lens per layer."),
     }
@@ -247,10 +257,11 @@ def main(argv: list[str] | None = None):
         default = presets[preset]()
         description += f" Presets (--preset NAME): {', '.join(presets)}; current: {preset}."
     try:
-        config = tyro.cli(config_class, args=args, default=default, prog=f"rlhf-scratch {name}", description=description, config=TYRO_CONFIG)
-    except ValueError as error:  # config validation in __post_init__
+        with config_errors_raised():  # a refused value: one line, not tyro's box
+            config = tyro.cli(config_class, args=args, default=default, prog=f"rlhf-scratch {name}", description=description, config=TYRO_CONFIG)
+    except ValueError as error:  # config validation in __post_init__: one line, exit status 2 (as tyro's own)
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     config = _resume_into_its_run(config)
     # The command's libraries load only now that the flags are known to be right.
     from rlhf_scratch import distributed
@@ -260,6 +271,7 @@ def main(argv: list[str] | None = None):
     quiet_libraries()
     set_threads(threads)
     errors = user_errors()
+    started = False
     try:
         preflight(config)
         distributed.init_from_env(getattr(config, "device", "cpu"))
@@ -270,6 +282,7 @@ def main(argv: list[str] | None = None):
             claim = claim_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config),
                                   inputs=_input_paths(config), clean_on=errors, kept_on=(TrainingInterrupted,))
         with claim:
+            started = True  # past the --out check: a failure from here on may leave a checkpoint worth continuing
             load_runner(runner)(config)
     except errors as error:
         # Every rank raises the same RankFailedError; rank 0 says it once.
@@ -277,7 +290,7 @@ def main(argv: list[str] | None = None):
             where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""
             print(f"rlhf-scratch {name}{where}: error: {error}", file=sys.stderr)
             checkpoint = Path(config.out) / "checkpoint" if getattr(config, "out", None) is not None else None
-            if hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
+            if started and hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
                 print(f"The run's last checkpoint is kept in {checkpoint}: once the cause is fixed, continue with "
                       f"`{resume_command(name, config.out)}`.", file=sys.stderr)
         return 1
@@ -295,7 +308,7 @@ def main(argv: list[str] | None = None):
     return 0
 
 
-MODEL_FIELDS = ("model", "reference", "policy", "checkpoint")
+MODEL_FIELDS = ("model", "reference", "policy", "second_policy", "checkpoint")
 """Config fields that name a model to load (``--model``, ``--reference``, diff's ``--policy``, inspect's ``--checkpoint``)."""
 
 
@@ -314,7 +327,7 @@ def preflight(config) -> None:
         check_device(value("device"))
     for name in MODEL_FIELDS:
         if isinstance(value(name), (str, Path)) and str(value(name)):
-            check_model_source(value(name), flag="--" + name)
+            check_model_source(value(name), flag="--" + name.replace("_", "-"))
     if value("reward"):
         check_reward_spec(value("reward"))
     if value("data") and str(value("data")) != "builtin" and names_local_file(value("data")):

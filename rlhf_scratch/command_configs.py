@@ -143,6 +143,9 @@ class DiffConfig:
 
     policy: str = ""
     """The trained policy: a run's checkpoint directory (e.g. runs/ppo/checkpoint), or any model source."""
+    second_policy: str | None = None
+    """A second policy trained from the same reference (e.g. another seed): the update-sparsity section then reports
+    how much the two runs' changed weight entries overlap, against chance."""
     timeline: Path | None = None
     """Instead of --policy: a run directory trained with --snapshot-every; measure every snapshot against the reference
     and plot the change over phases (timeline.md, timeline_residual.png, timeline_heads.png, timeline.json)."""
@@ -160,7 +163,7 @@ class DiffConfig:
     max_new_tokens: int = 24
     """Response length with --from-samples."""
     max_tokens: int = 64
-    """Texts are cut to this many tokens with --no-from-samples."""
+    """Texts are cut to this many tokens with --no-from-samples (and to the model's context, with a note, if smaller)."""
     tokens: str | None = None
     """DLA token set, comma-separated words (e.g. "great,loved,wonderful"); default: the top-k tokens whose log-prob rose most."""
     top_k: int = 15
@@ -239,7 +242,8 @@ class PretrainConfig:
     n_texts: int = 24000
     """Number of generated reviews to train on (built-in corpus only)."""
     n_heldout: int = 1000
-    """Texts kept apart to measure perplexity."""
+    """Texts kept apart to measure perplexity: at most a tenth of all texts (fewer with a small --data file; the run
+    then says how many it held out)."""
     vocab_size: int = 2048
     """BPE vocabulary size (including the special token)."""
     n_layer: int = 4
@@ -348,3 +352,127 @@ class InspectConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if self.response is not None and not self.response:
             raise ValueError("--response must not be empty; omit it to sample a response.")
+
+
+DIRECTIONS = ("policy_into_reference", "reference_into_policy")
+"""The two directions of ``rlhf-scratch patch``: which model's activations are patched into which."""
+
+
+@dataclass
+class PatchConfig:
+    """Activation patching between a trained policy and its reference, on the policy's own samples."""
+
+    policy: str = ""
+    """The trained policy: a run's checkpoint directory (e.g. runs/ppo/checkpoint), or any model source."""
+    reference: str = "builtin"
+    """The model the policy was trained from: "builtin", a model directory, or a hub name."""
+    prompts: str = "builtin"
+    """Prompt texts: "builtin" held-out reviews, a .txt/.jsonl/.csv file, or a datasets name."""
+    column: str = "text"
+    """Text column for .jsonl/.csv/datasets sources."""
+    n_texts: int = 32
+    """Number of prompts; each gets one sampled policy response (the sequences both models read)."""
+    max_new_tokens: int = 16
+    """Response length."""
+    reward: str | None = "vader"
+    """Reward whose gap is patched (vader, chars:., hf:..., rm:DIR); "none" skips it (it samples anew for each
+    component, the slowest measure)."""
+    tokens: str | None = None
+    """Token set, comma-separated words (single tokens); default: the top_k tokens whose mean probability rose most
+    at response positions."""
+    top_k: int = 5
+    """Size of the default token set."""
+    direction: str = "both"
+    """policy_into_reference, reference_into_policy, or both."""
+    prepend_bos: bool = True
+    """Put BOS in front of each prompt (as the built-in model was trained)."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    seed: int = 0
+    """Seed of the prompts and of every sampling (the same seed gives the same run)."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
+    out: Path = Path("runs/patch")
+    """Output directory: report.md, patch_<direction>.png, summary.json, config.json."""
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.policy), "--policy is required: the trained checkpoint directory, e.g. runs/ppo/checkpoint."),
+            (self.n_texts >= 1 and self.max_new_tokens >= 1, "n_texts and max_new_tokens must be >= 1."),
+            (self.top_k >= 1 and self.batch_size >= 1, "top_k and batch_size must be >= 1."),
+            (self.direction in (*DIRECTIONS, "both"), f"--direction {self.direction!r}: choose from {', '.join(DIRECTIONS)} or both."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.reward is not None and self.reward.lower() == "none":
+            self.reward = None
+
+
+@dataclass
+class LensConfig:
+    """Activation Difference Lens and steering: what does the policy's mean residual difference on unrelated text say?"""
+
+    policy: str = ""
+    """The trained policy: a run's checkpoint directory (e.g. runs/ppo/checkpoint), or any model source."""
+    reference: str = "builtin"
+    """The model the policy was trained from: "builtin", a model directory, or a hub name."""
+    texts: str = "builtin"
+    """Held-out text the policy never trained on: "builtin" held-out reviews, a .txt/.jsonl/.csv file, or a datasets name."""
+    column: str = "text"
+    """Text column for .jsonl/.csv/datasets sources."""
+    n_texts: int = 64
+    """Number of texts Δ is averaged over."""
+    first_k: int = 5
+    """Δ averages the first k real positions of each text (BOS included when prepended)."""
+    top_k: int = 10
+    """Top tokens of the lens per layer."""
+    layer: int | None = None
+    """Steer at blocks.{layer}.hook_resid_post; default: the middle layer (n_layers // 2)."""
+    alphas: str = "0,1,2,4,8"
+    """Steering strengths α (comma-separated); α = 0 is the unsteered reference."""
+    tokens: str | None = None
+    """Token set whose log-prob the steering sweep reports; default: the lens's top_k tokens at the steering layer."""
+    reward: str | None = "vader"
+    """Reward of the steered reference's samples (vader, chars:., hf:..., rm:DIR); "none" skips sampling."""
+    n_prompts: int = 32
+    """Held-out prompts the steered reference answers (for the reward)."""
+    max_new_tokens: int = 16
+    """Response length of the steered samples."""
+    max_tokens: int = 32
+    """Texts are cut to this many tokens."""
+    prepend_bos: bool = True
+    """Put BOS in front of each text (as the built-in model was trained)."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+    seed: int = 0
+    """Seed of the texts, prompts and sampling."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
+    out: Path = Path("runs/lens")
+    """Output directory: report.md, steering.png, summary.json, config.json."""
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.policy), "--policy is required: the trained checkpoint directory, e.g. runs/ppo/checkpoint."),
+            (self.n_texts >= 1 and self.first_k >= 1 and self.top_k >= 1, "n_texts, first_k and top_k must be >= 1."),
+            (self.n_prompts >= 1 and self.max_new_tokens >= 1 and self.max_tokens >= 2,
+             "n_prompts and max_new_tokens must be >= 1, max_tokens >= 2."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.alpha_values  # noqa: B018 (refuses bad --alphas now)
+        if self.reward is not None and self.reward.lower() == "none":
+            self.reward = None
+
+
+    @property
+    def alpha_values(self) -> list[float]:
+        try:
+            values = [float(a) for a in self.alphas.split(",") if a.strip()]
+        except ValueError:
+            raise ValueError(f"--alphas {self.alphas!r}: give comma-separated numbers such as 0,1,2,4,8.") from None
+        if not values or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"--alphas {self.alphas!r}: give finite comma-separated numbers such as 0,1,2,4,8.")
+        return values

@@ -273,25 +273,13 @@ class DPOTrainer:
         metrics = {f"eval/{key}": result.metrics[key] for key in EVAL_KEYS if result.metrics.get(key) is not None}
         return {**metrics, "time/eval": time.perf_counter() - clock}
 
-    def save_snapshot(self, out: Path) -> None:
-        """DPO writes no snapshots (``--snapshot-every`` is a policy trainer's)."""
-
-    def resume_state(self) -> dict:
-        """Everything the next step depends on: the optimiser and schedule, the shuffle generator, the current epoch's
-        remaining batches, the step and epoch counters and the history."""
-        return {"format": FORMAT_VERSION, "kind": self.kind, "phase": self.step, "epoch": self.epoch,
-                "config": to_jsonable(self.config), "reference": {"source": self.reference_source},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": {"generator": self.generator.get_state()}, "pending": self.pending,
-                "history": self.history, "elapsed_seconds": self.elapsed_seconds}
-
     def save_checkpoint(self, directory: Path) -> Path:
         """The policy in save_pretrained layout (safetensors) and ``resume_state()``, written atomically
         (``outputs.atomic_dir``): a model directory (``--model DIR``) that also continues the run (``--resume``)."""
         config = self.config
         meta = {"kind": "dpo", "step": self.step, "epochs": self.epoch, "base_model": config.model, "loss": config.loss,
                 "divergence": config.divergence, "alpha": config.alpha, "beta": config.beta}
-        state = self.resume_state()
+        state = dpo_resume_state(self)
         with distributed.shared_failures(f"DPO step {self.step}, writing the checkpoint"):
             if distributed.is_main():
                 with atomic_dir(directory) as staging:
@@ -301,29 +289,9 @@ class DPOTrainer:
 
     @classmethod
     def resume(cls, config: DPOConfig, pairs: list[PreferencePair] | None = None) -> DPOTrainer:
-        """A trainer that continues the run whose checkpoint is ``config.resume`` exactly where it stopped: the trained
-        policy from the checkpoint, the reference (and its log-probs) from the run's starting model."""
-        distributed.init_from_env(config.device)
-        checkpoint = find_checkpoint(config.resume)
-        state = read_resume_state(checkpoint)
-        if state["kind"] != cls.kind:
-            raise ValueError(f"{checkpoint} is a {state['kind']} checkpoint; resume it with "
-                             f"`rlhf-scratch {state['kind']} --resume {config.resume}`.")
-        config = resumed_config(config, state["config"], checkpoint)
-        source = state["reference"]["source"]
-        if source is None:
-            raise ValueError("This run started from an in-memory model (bridge=), so the checkpoint cannot reload its "
-                             "reference; start a new run from the checkpoint's weights with --model.")
-        device = distributed.rank_device(config.device)
-        trainer = cls(dataclasses.replace(config, resume=None), pairs=pairs,
-                      bridge=load_bridge(checkpoint, device=device), reference=load_bridge(source, device=device))
-        trainer.config = config
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(state["scheduler"])
-        trainer.generator.set_state(state["rng"]["generator"])
-        trainer.step, trainer.epoch, trainer.pending = state["phase"], state["epoch"], [list(b) for b in state["pending"]]
-        trainer.history, trainer.elapsed_seconds = list(state["history"]), state["elapsed_seconds"]
-        return trainer
+        """A trainer that continues the run whose checkpoint is ``config.resume`` exactly where it stopped
+        (``resume_dpo``)."""
+        return resume_dpo(cls, config, pairs)
 
     def evaluate_policy(self) -> list:
         """The reference and the trained policy on the same held-out prompts with the true reward: two ``EvalResult``s."""
@@ -389,6 +357,42 @@ class DPOTrainer:
             + f" ({summary['seconds']:.0f} s)"
         )
         return summary
+
+
+def dpo_resume_state(trainer: DPOTrainer) -> dict:
+    """Everything the next step depends on: the optimiser and schedule, the shuffle generator, the current epoch's
+    remaining batches, the step and epoch counters and the history."""
+    return {"format": FORMAT_VERSION, "kind": trainer.kind, "phase": trainer.step, "epoch": trainer.epoch,
+            "config": to_jsonable(trainer.config), "reference": {"source": trainer.reference_source},
+            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            "rng": {"generator": trainer.generator.get_state()}, "pending": trainer.pending,
+            "history": trainer.history, "elapsed_seconds": trainer.elapsed_seconds}
+
+
+def resume_dpo(cls, config: DPOConfig, pairs: list[PreferencePair] | None = None) -> DPOTrainer:
+    """A trainer that continues the run whose checkpoint is ``config.resume`` exactly where it stopped: the trained
+    policy from the checkpoint, the reference (and its log-probs) from the run's starting model."""
+    distributed.init_from_env(config.device)
+    checkpoint = find_checkpoint(config.resume)
+    state = read_resume_state(checkpoint)
+    if state["kind"] != cls.kind:
+        raise ValueError(f"{checkpoint} is a {state['kind']} checkpoint; resume it with "
+                         f"`rlhf-scratch {state['kind']} --resume {config.resume}`.")
+    config = resumed_config(config, state["config"], checkpoint)
+    source = state["reference"]["source"]
+    if source is None:
+        raise ValueError("This run started from an in-memory model (bridge=), so the checkpoint cannot reload its "
+                         "reference; start a new run from the checkpoint's weights with --model.")
+    device = distributed.rank_device(config.device)
+    trainer = cls(dataclasses.replace(config, resume=None), pairs=pairs,
+                  bridge=load_bridge(checkpoint, device=device), reference=load_bridge(source, device=device))
+    trainer.config = config
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.generator.set_state(state["rng"]["generator"])
+    trainer.step, trainer.epoch, trainer.pending = state["phase"], state["epoch"], [list(b) for b in state["pending"]]
+    trainer.history, trainer.elapsed_seconds = list(state["history"]), state["elapsed_seconds"]
+    return trainer
 
 
 EVAL_KEYS = ("reward_mean", "kl", "token_entropy", "distinct_1", "distinct_2", "length", "eos_rate")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_scratch.advantages import grpo_advantages, rloo_advantages
+from rlhf_scratch.advantages import constant_groups, grpo_advantages, rloo_advantages
 from rlhf_scratch.algorithm import (
     LearningPass,
     breakdown_means,
@@ -43,10 +43,12 @@ from rlhf_scratch.rollout import ScoredRollout
 def group_stats(rewards: Tensor, advantage: Tensor, group_size: int) -> dict[str, float]:
     """The group metrics: the mean within-group reward spread, the share of groups whose rewards are all equal (they
     teach nothing), and the advantages' spread."""
-    within = rewards.view(-1, group_size).std(dim=1)  # each group's spread: the signal there is
+    k = group_size
+    within = (rewards.view(-1, k) - rewards.view(-1, k)[:, :1]).std(dim=1)  # each group's spread: the signal
     return {
         "group/reward_std": within.mean().item(),
-        "group/zero_advantage_frac": (within == 0).float().mean().item(),  # groups that teach nothing
+        # groups that teach nothing: tested by equality (a float std of equal values can be a rounding-level > 0)
+        "group/zero_advantage_frac": constant_groups(rewards, k).float().mean().item(),
         "group/advantage_std": advantage.std().item(),
     }
 

@@ -84,7 +84,7 @@ class Learner:
         self.module = distributed.wrap_ddp(policy, [p for group in self.optimizer.param_groups for p in group["params"]])
         """The policy the learning passes run through: the policy itself, or wrapped in DDP (data-parallel)."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_decay_lambda(config.phases, config.warmup_phases, config.final_lr_scale))
+            self.optimizer, warmup_decay_lambda(config.phases, config.effective_warmup_phases, config.final_lr_scale))
 
     @property
     def lr(self) -> float:

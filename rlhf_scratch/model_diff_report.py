@@ -1,9 +1,10 @@
 """``rlhf-scratch diff``: what did RLHF change? The command, its report, tables and plots.
 
 ``run_diff(DiffConfig)`` reads the same sequences with both models (``model_diff.collect``), measures
-the residual stream, weights, log-probs and direct logit attribution (``model_diff.py``, formulas
-there), and writes ``report.md``, ``residual.png``, ``weight_change.png``, ``dla.png``,
-``summary.json`` and ``config.json``
+the residual stream, weights, log-probs, direct logit attribution (``model_diff.py``, formulas
+there) and update sparsity and rank (``update_sparsity.py``; with ``--second-policy`` the overlap of two
+runs' changed entries), and writes ``report.md``, ``residual.png``, ``weight_change.png``, ``dla.png``,
+``update_sparsity.png``, ``summary.json`` and ``config.json``
 (``rlhf-scratch diff --reference builtin --policy runs/ppo/checkpoint --out runs/diff``).
 """
 
@@ -42,6 +43,7 @@ from rlhf_scratch.models import (
 )
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
+from rlhf_scratch.update_sparsity import plot_update_sparsity, sparsity_markdown, update_sparsity
 from rlhf_scratch.command_configs import DiffConfig  # noqa: F401 (defined there: importable without torch)
 
 
@@ -132,6 +134,8 @@ def run_diff(config: DiffConfig) -> dict:
 
     console = Console()
     _check_policy_source(config.policy)
+    if config.second_policy:
+        _check_policy_source(config.second_policy)
     torch.manual_seed(config.seed)
     policy = load_bridge(config.policy, device=config.device)
     reference = load_bridge(config.reference, device=config.device)
@@ -150,6 +154,10 @@ def run_diff(config: DiffConfig) -> dict:
             notes.append(f"Note: the checkpoint says it was trained from {base!r}, but the reference here is {config.reference!r}.")
 
     tokens, mask, prompt_len = diff_sequences(config, policy)
+    if not config.from_samples and config.max_tokens > policy.cfg.n_ctx:
+        notes.append(f"Note: --max-tokens {config.max_tokens} is above the model's context of {policy.cfg.n_ctx} "
+                     f"tokens: texts were cut to {policy.cfg.n_ctx}.")
+        console.print(notes[-1])
     bool_mask = mask.bool()
     n_layers = policy.cfg.n_layers
     console.print(f"diff: {tokens.shape[0]} sequences of up to {tokens.shape[1]} tokens "
@@ -163,6 +171,8 @@ def run_diff(config: DiffConfig) -> dict:
 
     residual = residual_stream_change(ref_cache, pol_cache, bool_mask)
     weights = weight_change(reference, policy)
+    second = load_bridge(config.second_policy, device=config.device) if config.second_policy else None
+    sparsity = update_sparsity(reference, policy, second)
     columns = {"delta_logprob": delta.float(), "delta_prob": (pol_prob - ref_prob).float(),
                "ref_prob": ref_prob.float(), "pol_prob": pol_prob.float()}
     rose, fell = rose_and_fell(delta.float(), config.top_k, decode, columns)
@@ -188,6 +198,7 @@ def run_diff(config: DiffConfig) -> dict:
         "dla_check_max_error": max(dla[name]["check_error"] for name in dla),
         "dla_soft_cap": facts.logit_soft_cap,
         "anatomy": facts.describe(),
+        "update_sparsity": sparsity,
     }
     summary["interpretation"] = interpretation(summary)
     out = Path(config.out)
@@ -196,11 +207,13 @@ def run_diff(config: DiffConfig) -> dict:
     plot_residual(residual, out / "residual.png")
     plot_weight_change(weights, n_layers, facts.n_heads, out / "weight_change.png", facts.n_kv_heads)
     plot_dla(dla_rows, summary["dla_tokens"], out / "dla.png")
+    plot_update_sparsity(sparsity, out / "update_sparsity.png")
     write_diff_report(out, config, summary, notes)
     write_json(out / "summary.json", summary)
     print_diff_tables(console, summary)
     console.print(summary["interpretation"])
-    console.print(f"outputs in {out} (report.md, residual.png, weight_change.png, dla.png, summary.json)")
+    console.print(sparsity_markdown(sparsity)[4])  # the one-sentence summary of the update-sparsity section
+    console.print(f"outputs in {out} (report.md, residual.png, weight_change.png, dla.png, update_sparsity.png, summary.json)")
     return summary
 
 
@@ -298,6 +311,7 @@ def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[
         markdown_table(["component", "reference", "policy", "change"],
                   [[r["component"], f"{r['reference']:+.3f}", f"{r['policy']:+.3f}", f"{r['change']:+.3f}"] for r in summary["dla"]]), "",
         "![direct logit attribution](dla.png)", "",
+        *sparsity_markdown(summary["update_sparsity"]),
     ]
     path = out / "report.md"
     path.write_text("\n".join(text))

@@ -17,7 +17,6 @@ Where a model can come from (``load_bridge(source)``):
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -31,16 +30,19 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from rlhf_scratch import pretrain
-from rlhf_scratch.anatomy import (  # noqa: F401 (EMBED_HOOK, FINAL_RESIDUAL_HOOK re-exported)
+from rlhf_scratch.anatomy import (  # noqa: F401 (re-exported: hook names and their check live there)
     EMBED_HOOK,
     FINAL_RESIDUAL_HOOK,
+    check_fwd_hooks,
     family_name,
     hooks_that_do_not_run,
 )
 from rlhf_scratch.model_loading import (  # noqa: F401 (re-exported: the loaders live there, below pretrain)
     BUILTIN_NAMES,
     CHECKPOINT_META_FILE,
+    TOKENIZER_FILES,
     WEIGHT_FILES,
+    brief,
     ModelLoadError,
     check_device,
     check_model_source,
@@ -268,39 +270,3 @@ def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithVal
         except (OSError, RuntimeError, SafetensorError) as error:
             raise ModelLoadError(corrupted_model_message(head_file.parent, error, VALUE_HEAD_FILE)) from error
     return PolicyWithValueHead(bridge, value_head.to(device))
-
-
-def check_fwd_hooks(bridge, fwd_hooks) -> list:
-    """``fwd_hooks`` as a list, after checking each is a ``(name, fn)`` pair whose name exists on ``bridge``.
-
-    TransformerLens would raise a bare KeyError for a misspelt name, and only at the first forward
-    pass; this says so at once and lists the closest names. A name may also be a filter function
-    ``name -> bool`` (TransformerLens convention). Some names exist in ``bridge.hook_dict`` but do nothing on
-    this model (``hook_pos_embed`` on a rotary model, ``blocks.L.attn.hook_hidden_states`` on Llama, GPT-2's
-    ``attn.qkv.hook_in``; ``hook_result`` is refused while ``use_attn_result`` is off): one probe forward pass
-    (``anatomy.hooks_that_do_not_run``) finds them, and they are refused too, since a hook there would silently
-    do nothing.
-    """
-    hooks = list(fwd_hooks)
-    known = bridge.hook_dict
-    for item in hooks:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and callable(item[1])):
-            raise ValueError(f"Each forward hook must be a (name, function) pair, got {item!r}.")
-        name = item[0]
-        if isinstance(name, str) and name not in known:
-            close = difflib.get_close_matches(name, list(known), n=6, cutoff=0.6)
-            suggestion = f" Closest names: {', '.join(close)}." if close else ""
-            raise ValueError(
-                f"No hook named {name!r} on this model.{suggestion} "
-                "See every name with sorted(bridge.hook_dict), e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] "
-                "or blocks.0.hook_mlp_out [batch, pos, d_model]."
-            )
-        if not isinstance(name, str) and not callable(name):
-            raise ValueError(f"A hook's name must be a string or a filter function name -> bool, got {name!r}.")
-    silent = hooks_that_do_not_run(bridge, [name for name, _ in hooks if isinstance(name, str)])
-    if silent:
-        name, why = next(iter(silent.items()))
-        raise ValueError(f"The hook {name!r} exists on this {family_name(bridge)} model but {why.rstrip('.')}. "
-                         "Hook a point that runs, e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] or "
-                         "blocks.0.hook_resid_post [batch, pos, d_model].")
-    return hooks

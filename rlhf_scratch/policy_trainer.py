@@ -361,5 +361,8 @@ class PolicyTrainer:
 def run_trainer(trainer_class: type[PolicyTrainer], config: PolicyTrainingConfig) -> dict:
     """The command: a new run, or the continuation of ``config.resume``."""
     trainer = trainer_class.resume(config) if config.resume is not None else trainer_class(config)
-    return trainer.train()
-
+    summary = trainer.train(stop_after=config.stop_after_phase)
+    if trainer.phase < trainer.config.phases and distributed.is_main():  # --stop-after-phase: say how to go on
+        print(f"Stopped after phase {trainer.phase} of {trainer.config.phases} (--stop-after-phase). Continue with: "
+              f"{resume_command(trainer.kind, trainer.config.out) if trainer.config.out else 'nothing was saved without --out'}")
+    return summary

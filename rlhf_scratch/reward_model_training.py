@@ -44,6 +44,7 @@ from rlhf_scratch.reward_model import (
 from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.algorithm_configs import RewardModelConfig  # noqa: F401 (defined there: importable without torch)
 from rlhf_scratch.command_configs import ScoreConfig  # noqa: F401 (defined there: importable without torch)
+from rlhf_scratch.ties import decided_wins
 
 
 def split_pairs(pairs: list[PreferencePair], heldout_fraction: float, seed: int) -> tuple[list, list]:
@@ -168,7 +169,7 @@ class RewardModelTrainer:
             clipped_step(self.optimizer, loss, config.max_grad_norm, "Lower --lr, or check the pair file for extreme texts or margins.")
             self.scheduler.step()
             # The whole batch's loss and correct pairs (one all-reduce; the values themselves in one process).
-            totals = distributed.all_reduce_sum(torch.stack([loss.detach().double(), (r_w > r_l).sum().double()]))
+            totals = distributed.all_reduce_sum(torch.stack([loss.detach().double(), decided_wins(r_w, r_l).sum().double()]))
             losses.append(totals[0].item() / W)
             self.initial_loss = losses[0] if self.initial_loss is None else self.initial_loss
             correct += int(totals[1].item())
@@ -190,9 +191,6 @@ class RewardModelTrainer:
         if accuracy is not None:
             self.console.print(f"epoch {self.epoch}: held-out accuracy {accuracy:.3f}")
         return {"heldout_accuracy": accuracy}
-
-    def save_snapshot(self, out: Path) -> None:
-        """The reward model writes no snapshots (``--snapshot-every`` is a policy trainer's)."""
 
     def save_checkpoint(self, directory: Path) -> Path:
         """The reward model (``save_reward_model``: trunk, head, metadata) with ``resume_state``, written atomically."""
@@ -291,7 +289,7 @@ def run_score(config: ScoreConfig) -> dict:
     """Score ``prompt + chosen`` and ``prompt + rejected`` of every pair with the reward; write summary.json.
 
     Summary: reward, pairs, n_pairs, pairwise_accuracy (share with score(chosen) > score(rejected), ties
-    wrong), ties (share of exact ties), chosen_mean, rejected_mean, seconds.
+    wrong), ties (share of ties, exact or within float rounding: ``ties.decided_wins``), chosen_mean, rejected_mean, seconds.
     """
 
 
@@ -304,7 +302,7 @@ def run_score(config: ScoreConfig) -> dict:
         "pairs": str(config.pairs),
         "n_pairs": len(pairs),
         "pairwise_accuracy": pairwise_accuracy(chosen, rejected),
-        "ties": (chosen == rejected).double().mean().item(),
+        "ties": (~decided_wins(chosen, rejected) & ~decided_wins(rejected, chosen)).double().mean().item(),
         "chosen_mean": chosen.mean().item(),
         "rejected_mean": rejected.mean().item(),
         "seconds": time.time() - start,

@@ -27,16 +27,18 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_scratch.data import HUB_ID_PATTERN, hub_is_reachable, hub_offline_var
-from rlhf_scratch.models import ModelLoadError
+from rlhf_scratch.models import ModelLoadError, brief
 from rlhf_scratch.python_rewards import PythonFunctionReward, _check_python_file
 from rlhf_scratch.reward_model import find_reward_model_dir, load_reward_model
 from rlhf_scratch.reward_protocol import Reward, RewardError  # noqa: F401 (re-exported)
 from rlhf_scratch.typecheck import typechecker
+from rlhf_scratch.word_reward import WordReward, parse_word_spec
 
 REWARD_SPECS = """\
 Reward specs (--reward):
   vader                      VADER sentiment, compound score in [-1, 1]
   chars[:C]                  count of the character (or substring) C per text; default "."
+  word:W[:presence|share|count]  pays for the word W (one token of the built-in tokenizer) in the response
   hf:PATH_OR_NAME:LABEL      a Hugging Face sequence classifier's logit for LABEL
   hf:PATH_OR_NAME:LABEL:prob ... its softmax probability for LABEL (":logit" is the default)
                              LABEL is a label name from config.id2label (any case) or an index;
@@ -200,7 +202,7 @@ def _load_classifier(name_or_path: str, device):
         except (OSError, ValueError) as error:
             raise RewardError(
                 f"{path} is not a loadable sequence-classification model directory "
-                f"({type(error).__name__}: {str(error)[:300]}). It needs config.json, the "
+                f"({type(error).__name__}: {brief(error, 300)}). It needs config.json, the "
                 "weights and the tokenizer files, as written by save_pretrained."
             ) from error
     check_classifier_source(name_or_path)
@@ -225,7 +227,7 @@ def _load_classifier(name_or_path: str, device):
             ) from error
         raise RewardError(
             f"Cannot load the reward classifier {name_or_path!r} from the Hugging Face hub "
-            f"({type(error).__name__}: {str(error)[:300]}). {how_to_fix}"
+            f"({type(error).__name__}: {brief(error, 300)}). {how_to_fix}"
         ) from error
 
 
@@ -262,7 +264,7 @@ class WeightedSumReward:
 # --------------------------------------------------------------------------- specs
 
 
-_KINDS = r"(?:vader|chars|hf:|rm:|py:)"
+_KINDS = r"(?:vader|chars|word:|hf:|rm:|py:)"
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _TERM_SEPARATOR = re.compile(rf"\s*\+\s*(?=(?:{_NUMBER}\s*\*\s*)?{_KINDS})")
 """A ``+`` that starts a new term: followed by an optional ``WEIGHT*`` and a reward kind (so ``chars:+`` stays one)."""
@@ -271,7 +273,7 @@ _WEIGHTED = re.compile(rf"^\s*({_NUMBER})\s*\*\s*(.*)$", re.DOTALL)
 
 def parse_reward_spec(spec: str) -> tuple[str, tuple]:
     """``(kind, arguments)`` of a command-line reward spec (see ``REWARD_SPECS``), without loading anything:
-    ``("vader", ())``, ``("chars", (char,))``, ``("hf", (path_or_name, label, output))``, ``("rm", (directory,))``,
+    ``("vader", ())``, ``("chars", (char,))``, ``("word", (word, mode))``, ``("hf", (path_or_name, label, output))``, ``("rm", (directory,))``,
     ``("py", (file_or_module, function))``, or ``("sum", ((weight, spec), ...))`` for a weighted sum.
 
     ``hf:`` specs are split from the right, so a path may contain colons (a Windows
@@ -297,6 +299,8 @@ def parse_reward_spec(spec: str) -> tuple[str, tuple]:
         return "chars", (".",)
     if spec.startswith("chars:"):
         return "chars", (spec[len("chars:") :],)  # everything after it: "chars::" counts ":"
+    if spec.startswith("word:"):
+        return "word", parse_word_spec(spec[len("word:") :])
     if spec.startswith("hf:"):
         rest, output = spec[len("hf:") :], "logit"
         head, _, last = rest.rpartition(":")
@@ -330,6 +334,8 @@ def make_reward(spec: str) -> Reward:
         return VaderReward()
     if kind == "chars":
         return CharCountReward(*arguments)
+    if kind == "word":
+        return WordReward(*arguments)
     if kind == "hf":
         path, label, output = arguments
         return HFClassifierReward(path, label, output=output)

@@ -17,7 +17,8 @@ evaluating, snapshotting, checkpointing and resuming work the same way for every
 
 The trainer supplies: ``kind``, ``title``, ``unit`` ("phase", or DPO's "step"), ``config`` (``out``, ``wandb``, ``checkpoint_every``,
 ``checkpoint_minutes``, ``snapshot_every``, ``eval_every``), ``completed`` and ``total`` (units), ``history``,
-``elapsed_seconds``, ``progress_text`` and ``progress_fields(rows)``, and the methods named above plus ``summary()``.
+``elapsed_seconds``, ``progress_text`` and ``progress_fields(rows)``, and the methods named above plus ``summary()``
+(``save_snapshot`` is optional).
 A checkpoint is everything the next unit depends on, as one dict of the pieces' ``state_dict``s (the trainer's
 ``resume_state``); ``Trainer.resume(config)`` rebuilds the trainer from it, and this loop continues where it stopped.
 """
@@ -108,7 +109,7 @@ def run_loop(trainer, console=None, stop_after: int | None = None) -> dict:
                 for index, row in enumerate(rows):
                     outputs.log(row, samples if index == len(rows) - 1 else (), step=trainer.completed)
             trainer.elapsed_seconds = elapsed_before + time.time() - clock
-            if out is not None and main:
+            if out is not None and main and hasattr(trainer, "save_snapshot"):  # --snapshot-every (policy trainers)
                 trainer.save_snapshot(out)
             if out is not None and checkpoints.due(trainer.completed):
                 trainer.save_checkpoint(out / "checkpoint")

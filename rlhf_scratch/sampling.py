@@ -26,6 +26,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from rlhf_scratch import compat
+from rlhf_scratch.anatomy import check_fwd_hooks
 from rlhf_scratch.compat import cache_kwarg_name
 from rlhf_scratch.typecheck import typechecker
 from rlhf_scratch.config import SamplingConfig  # noqa: F401 (defined there: importable without torch)
@@ -252,7 +253,8 @@ def generate(
     The first step runs the whole left-padded prompt; each later step feeds only the
     newest token and the grown attention mask, reusing the keys and values of all
     earlier positions (``decode_step``). ``fwd_hooks`` are TransformerLens hooks applied
-    to every forward pass of this generation. The first call on a bridge checks that
+    to every forward pass of this generation; a name that never runs on this model is refused
+    (``anatomy.check_fwd_hooks``, one probe per new name). The first call on a bridge checks that
     cached decoding equals a full forward pass (``ensure_generation_checked``).
     """
     tokenizer = bridge.tokenizer
@@ -267,6 +269,8 @@ def generate(
             "for prompts cut from --data) or fewer new tokens (--max-new-tokens)."
         )
     ensure_generation_checked(bridge)
+    if fwd_hooks:
+        fwd_hooks = check_fwd_hooks(bridge, fwd_hooks)
     device = next(bridge.parameters()).device
     tokens, attention_mask = tokens.to(device), attention_mask.to(device)
     batch, prompt_len = tokens.shape
