@@ -92,6 +92,13 @@ def cpu_seconds() -> tuple[float, float]:
         return float("nan"), own
 
 
+def others_cpu_share(busy: float, own: float, wall: float) -> float:
+    """The share of the usable CPUs that other processes used over ``wall`` seconds (``cpu_seconds`` differences):
+    near 0 on a quiet machine."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0.0, busy - own) / (wall * cpus) if wall > 0 else float("nan")
+
+
 class MemoryMark:
     """Peak memory of a stretch of work: CUDA peak allocated, or the process's peak RSS on CPU."""
 
