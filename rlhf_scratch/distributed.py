@@ -171,6 +171,13 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_max(torch.tensor([int(flag)], device=collective_device())).item())
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (``value`` itself in a single-process run); a collective."""
+    if not is_distributed():
+        return value
+    return int(all_reduce_max(torch.tensor([value], device=collective_device())).item())
+
+
 def all_gather_objects(value) -> list:
     """``[value of rank 0, value of rank 1, ...]`` (picklable values; ``[value]`` in a single-process run).
 

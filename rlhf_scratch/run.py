@@ -126,7 +126,9 @@ def run_loop(trainer, console=None, stop_after: int | None = None) -> dict:
         trainer.save_checkpoint(out / "checkpoint")  # before the sample table: the state is the unit's end
     if interrupted:
         outputs.close()
-        raise TrainingInterrupted(interrupted_message(trainer, out, stop.signal_name), signal_name=stop.signal_name)
+        # The signal every rank reports: SIGTERM if it reached any rank (a scheduler may signal only some), else Ctrl-C.
+        by = "SIGTERM" if distributed.max_over_ranks(int(stop.signal_name == "SIGTERM" and stop.requested)) else "Ctrl-C"
+        raise TrainingInterrupted(interrupted_message(trainer, out, by), signal_name=by)
     return trainer.finish(console, outputs, start)
 
 
