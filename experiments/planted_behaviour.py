@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-control", action="store_true", help="skip the negative control")
     parser.add_argument("--seed-overlap", action="store_true",
                         help="train PPO at seed+1 too; diff's update-sparsity section then gives the two seeds' overlap")
+    parser.add_argument("--mode", default="presence", choices=("presence", "share", "count"),
+                        help="word:W:MODE reward: presence (1 if said, default), share (occurrences / words), count")
     parser.add_argument("--n-prompts", type=int, default=128, help="held-out prompts for the checks (default 128)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached policies")
     return parser.parse_args(argv)
@@ -114,8 +116,10 @@ def trained(run_dir: Path, settings: dict, retrain: bool) -> bool:
 def train_policy(algorithm: str, reward: str, seed: int, run_dir: Path, args) -> tuple[Path, float]:
     """Train (or find cached) one policy from the built-in model: ``(checkpoint dir, seconds spent now)``."""
     start = time.time()
+    # A share or count above 0 wins a pair (presence: 1 wins, 0 loses; the 0.5 threshold of the first runs is kept).
+    pairs = {**SETTINGS["pairs"], **({"threshold": 0.0} if reward.endswith((":share", ":count")) else {})}
     settings = {"algorithm": algorithm, "reward": reward, "seed": seed, "phases": PHASES, **SETTINGS[algorithm],
-                **({"pairs": SETTINGS["pairs"]} if algorithm == "dpo" else {})}
+                **({"pairs": pairs} if algorithm == "dpo" else {})}
     if not trained(run_dir, settings, args.retrain):
         with quiet(run_dir.parent / f"{run_dir.name}.log"):
             if algorithm == "ppo":
@@ -129,7 +133,7 @@ def train_policy(algorithm: str, reward: str, seed: int, run_dir: Path, args) ->
             else:
                 pairs_dir = run_dir.parent / f"pairs_seed{seed}"
                 if args.retrain or not (pairs_dir / "pairs.jsonl").is_file():
-                    run_pairs(PairsConfig(reward=reward, seed=seed, out=pairs_dir, **SETTINGS["pairs"]))
+                    run_pairs(PairsConfig(reward=reward, seed=seed, out=pairs_dir, **pairs))
                 config = DPOConfig(pairs=pairs_dir / "pairs.jsonl", reward=reward, seed=seed, out=run_dir,
                                    n_eval_prompts=64, **SETTINGS["dpo"])
                 DPOTrainer(config).train()
@@ -196,7 +200,8 @@ def cell(check: dict, control: bool) -> str:
 
 def run_word(word: str, args, reference, control_runs: dict) -> dict:
     clock = time.time()
-    out = args.out / word
+    out = args.out / (word if args.mode == "presence" else f"{word}_{args.mode}")
+    spec = f"word:{word}" + ("" if args.mode == "presence" else f":{args.mode}")
     reward = WordReward(word, tokenizer=reference.tokenizer)
     token = reference.tokenizer.decode([reward.token_id])
     prompts = heldout_prompts(reference.tokenizer, args.n_prompts, args.seed)
@@ -209,11 +214,11 @@ def run_word(word: str, args, reference, control_runs: dict) -> dict:
     columns, times = {}, {}
     second = None
     if args.seed_overlap:
-        second, seconds = train_policy("ppo", f"word:{word}", args.seed + 1, out / f"ppo_seed{args.seed + 1}", args)
+        second, seconds = train_policy("ppo", spec, args.seed + 1, out / f"ppo_seed{args.seed + 1}", args)
         times[f"train ppo seed {args.seed + 1}"] = seconds
         say(f"  ppo seed {args.seed + 1} (for the seed overlap): {'trained' if seconds > 5 else 'cached'} in {seconds:.0f} s")
     for algorithm in args.algorithms:
-        checkpoint, seconds = train_policy(algorithm, f"word:{word}", args.seed, out / f"{algorithm}_seed{args.seed}", args)
+        checkpoint, seconds = train_policy(algorithm, spec, args.seed, out / f"{algorithm}_seed{args.seed}", args)
         times[f"train {algorithm}"] = seconds
         columns[algorithm] = (checkpoint, False, second if algorithm == "ppo" else None)
         say(f"  {algorithm}: {'trained' if seconds > 5 else 'cached'} in {seconds:.0f} s -> {checkpoint}")
