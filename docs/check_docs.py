@@ -101,7 +101,8 @@ class Snippet:
 def reading_order() -> list[Path]:
     """README.md, the pages its Documentation table links in that order, then the other docs/*.md."""
     readme = (ROOT / "README.md").read_text()
-    linked = [ROOT / p for p in dict.fromkeys(re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme)) if (ROOT / p).is_file()]
+    table = readme.split("## Documentation", 1)[-1]
+    linked = [ROOT / p for p in dict.fromkeys(re.findall(r"\]\((docs/[\w.-]+\.md)\)", table)) if (ROOT / p).is_file()]
     rest = sorted(p for p in (ROOT / "docs").glob("*.md") if p not in linked)
     return [ROOT / "README.md", *linked, *rest]
 
