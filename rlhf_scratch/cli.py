@@ -27,6 +27,7 @@ from rlhf_scratch.checkpoint import find_checkpoint
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
 from rlhf_scratch.config import config_errors_raised
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, names_local_file, prompts_from_texts
+from rlhf_scratch.diff_lens_report import LensConfig, run_lens
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
 from rlhf_scratch.entry import INTERRUPTED_EXIT
 from rlhf_scratch.group_baselines import GRPOConfig, RLOOConfig, run_grpo, run_rloo
@@ -35,6 +36,7 @@ from rlhf_scratch.model_diff_report import DiffConfig
 from rlhf_scratch.model_diff_timeline import run_diff_command
 from rlhf_scratch.models import ModelLoadError, check_device, check_model_source, load_bridge
 from rlhf_scratch.optimization import NonFiniteLossError
+from rlhf_scratch.patching_report import PatchConfig, run_patch
 from rlhf_scratch.outputs import append_jsonl, claim_run_dir, write_json
 from rlhf_scratch.policy_trainer import resume_command
 from rlhf_scratch.ppo import PPOConfig, preset_configs, run_ppo
@@ -154,6 +156,12 @@ def _commands() -> dict:
         "diff": (DiffConfig, {}, run_diff_command,
                  "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA; "
                  "--timeline RUN: the same over the phases of a run trained with --snapshot-every."),
+        "patch": (PatchConfig, {}, run_patch,
+                  "Activation patching policy <-> reference on the policy's samples: the fraction of the KL, reward gap and "
+                  "token-set log-prob each head, MLP and layer recovers (report.md, heatmaps)."),
+        "lens": (LensConfig, {}, run_lens,
+                 "Activation Difference Lens: the policy's mean residual difference on held-out text, its top tokens per "
+                 "layer, and steering the reference with it over a sweep of alpha (reward, token log-prob)."),
         "inspect": (InspectConfig, {}, run_inspect,
                     "One sample of a PPO checkpoint: value, reward, advantage per token, and the value lens per layer."),
     }

@@ -1,0 +1,106 @@
+"""The Activation Difference Lens and steering (Minder, Dumas et al., ICLR 2026, arXiv 2510.13900).
+
+Fine-tuning leaves a trace in the residual stream even on text that has nothing to do with the objective. On
+held-out text x (N sequences, first k real positions of each; L layers, D d_model):
+
+    Δ_l = mean over sequences n and the first k real positions i of  h_pol,l(x_n)_i − h_ref,l(x_n)_i     [L, D]
+
+with h_l = ``blocks.l.hook_resid_post``. Its *lens reading* is the model's own final norm and unembedding applied
+to Δ_l as if it were a residual stream (``anatomy.logit_lens``: LayerNorm or RMSNorm with the family's γ, β, ε,
+then W_U, b_U and Gemma's soft-cap): the top tokens of logit_lens(Δ_l) [V] name what the fine-tuning pushed
+towards. *Steering* adds α·Δ_l to the reference's residual stream after block l at every position and asks
+whether the reference now behaves like the policy: the change in reward of its samples and in the log-prob of
+the lens's top tokens, over a sweep of α (α = 0 is the plain forward pass).
+
+    activation_difference(reference, policy, tokens, attention_mask, first_k=5) -> Δ [L, D]
+    lens_top_tokens(bridge, delta [L, D], k=10) -> [[token id, ...] per layer]
+    steered_logits(bridge, tokens, attention_mask, layer, vector [D], alpha) -> logits [N, S, V]
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int, jaxtyped
+from torch import Tensor
+
+from rlhf_scratch.anatomy import logit_lens
+from rlhf_scratch.typecheck import typechecker
+
+
+def resid_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+@jaxtyped(typechecker=typechecker)
+def first_positions(attention_mask: Int[Tensor, "batch seq"], first_k: int) -> Int[Tensor, "batch seq"]:
+    """1 at the first ``first_k`` real positions of each row (left or right padding), else 0. [N, S] -> [N, S]"""
+    if first_k < 1:
+        raise ValueError(f"first_k must be >= 1, got {first_k}.")
+    real = attention_mask.long()
+    return (real * (real.cumsum(dim=1) <= first_k)).long()
+
+
+@torch.no_grad()
+def activation_difference(reference, policy, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"],
+                          first_k: int = 5, batch_size: int = 32) -> Float[Tensor, "layer d_model"]:
+    """Δ [L, D]: mean over the first ``first_k`` real positions of every sequence of the policy's resid_post minus the
+    reference's, per layer (both models read the same tokens [N, S]). Use text the policy never trained on."""
+    if tokens.shape != attention_mask.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and attention_mask {tuple(attention_mask.shape)} differ in shape.")
+    if reference.cfg.n_layers != policy.cfg.n_layers or reference.cfg.d_model != policy.cfg.d_model:
+        raise ValueError("reference and policy have different shapes (layers or d_model); pass the model the policy "
+                         "was trained from as the reference.")
+    keep = first_positions(attention_mask, first_k).bool()
+    if not keep.any():
+        raise ValueError("attention_mask has no real position; pass non-empty sequences.")
+    names = [resid_hook(layer) for layer in range(reference.cfg.n_layers)]
+    total = torch.zeros(len(names), reference.cfg.d_model, dtype=torch.float64)
+    for start in range(0, tokens.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        caches = []
+        for bridge in (reference, policy):
+            device = next(bridge.parameters()).device
+            _, cache = bridge.run_with_cache(tokens[rows].to(device), attention_mask=attention_mask[rows].to(device),
+                                             names_filter=lambda name: name in names)
+            caches.append(torch.stack([cache[name].double().cpu() for name in names]))  # [L, n, S, D]
+        total += (caches[1] - caches[0])[:, keep[rows]].sum(dim=1)
+    return (total / keep.sum()).float()
+
+
+@torch.no_grad()
+def lens_logits(bridge, delta: Float[Tensor, "layer d_model"]) -> Float[Tensor, "layer vocab"]:
+    """logit_lens(Δ_l) per layer, through the bridge's own final norm and unembedding (``anatomy.logit_lens``)."""
+    device = bridge.W_U.device
+    return logit_lens(bridge, delta.to(device)).float().cpu()
+
+
+@torch.no_grad()
+def lens_top_tokens(bridge, delta: Float[Tensor, "layer d_model"], k: int = 10) -> list[list[int]]:
+    """The ``k`` tokens with the largest lens logit of each layer's Δ_l, largest first: [[id, ...] per layer]."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    logits = lens_logits(bridge, delta)
+    return torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices.tolist()
+
+
+def steering_hook(layer: int, vector: Tensor, alpha: float):
+    """(hook name, hook) that adds alpha·vector to ``blocks.{layer}.hook_resid_post`` at every position."""
+
+    def add(resid, hook):
+        return resid + (alpha * vector).to(resid.device, resid.dtype)
+
+    return resid_hook(layer), add
+
+
+@torch.no_grad()
+def steered_logits(bridge, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], layer: int,
+                   vector: Float[Tensor, "d_model"], alpha: float) -> Float[Tensor, "batch seq vocab"]:
+    """The bridge's logits [N, S, V] with α·vector [D] added at every position of ``blocks.{layer}.hook_resid_post``."""
+    if not 0 <= layer < bridge.cfg.n_layers:
+        raise ValueError(f"layer {layer}: the model has {bridge.cfg.n_layers} layers (0..{bridge.cfg.n_layers - 1}).")
+    if vector.shape != (bridge.cfg.d_model,):
+        raise ValueError(f"the steering vector has shape {tuple(vector.shape)}; expected [d_model] = [{bridge.cfg.d_model}] "
+                         "(one row of activation_difference's [layer, d_model]).")
+    device = next(bridge.parameters()).device
+    return bridge.run_with_hooks(tokens.to(device), attention_mask=attention_mask.to(device),
+                                 fwd_hooks=[steering_hook(layer, vector, alpha)])

@@ -1,0 +1,282 @@
+"""``rlhf-scratch lens``: the Activation Difference Lens of a policy against its reference, and steering with it.
+
+``run_lens(LensConfig)`` measures Δ_l (``diff_lens.activation_difference``: policy − reference resid_post, mean over
+the first k positions of held-out text), reads each Δ_l through the model's own final norm and unembedding (top
+tokens per layer), then steers the reference by α·Δ_l at one layer for a sweep of α and reports the mean reward of
+its samples and the log-prob of the lens's top tokens against α = 0. Writes ``report.md``, ``steering.png``,
+``summary.json`` and ``config.json`` (``rlhf-scratch lens --policy runs/ppo/checkpoint --out runs/lens``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from rlhf_scratch.anatomy import require_supported
+from rlhf_scratch.data import load_texts, prompts_from_texts
+from rlhf_scratch.diff_lens import (
+    activation_difference,
+    lens_logits,
+    resid_hook,
+    steered_logits,
+    steering_hook,
+)
+from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
+from rlhf_scratch.model_diff import check_same_architecture, parse_token_set
+from rlhf_scratch.models import load_bridge
+from rlhf_scratch.outputs import write_json
+from rlhf_scratch.patching import token_set_logprob
+from rlhf_scratch.rewards import make_reward, score_texts
+from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
+
+
+@dataclass
+class LensConfig:
+    """Activation Difference Lens and steering: what does the policy's mean residual difference on unrelated text say?"""
+
+    policy: str = ""
+    """The trained policy: a run's checkpoint directory (e.g. runs/ppo/checkpoint), or any model source."""
+    reference: str = "builtin"
+    """The model the policy was trained from: "builtin", a model directory, or a hub name."""
+    texts: str = "builtin"
+    """Held-out text the policy never trained on: "builtin" held-out reviews, a .txt/.jsonl/.csv file, or a datasets name."""
+    column: str = "text"
+    """Text column for .jsonl/.csv/datasets sources."""
+    n_texts: int = 64
+    """Number of texts Δ is averaged over."""
+    first_k: int = 5
+    """Δ averages the first k real positions of each text (BOS included when prepended)."""
+    top_k: int = 10
+    """Top tokens of the lens per layer."""
+    layer: int | None = None
+    """Steer at blocks.{layer}.hook_resid_post; default: the middle layer (n_layers // 2)."""
+    alphas: str = "0,1,2,4,8"
+    """Steering strengths α (comma-separated); α = 0 is the unsteered reference."""
+    tokens: str | None = None
+    """Token set whose log-prob the steering sweep reports; default: the lens's top_k tokens at the steering layer."""
+    reward: str | None = "vader"
+    """Reward of the steered reference's samples (vader, chars:., hf:..., rm:DIR); "none" skips sampling."""
+    n_prompts: int = 32
+    """Held-out prompts the steered reference answers (for the reward)."""
+    max_new_tokens: int = 16
+    """Response length of the steered samples."""
+    max_tokens: int = 32
+    """Texts are cut to this many tokens."""
+    prepend_bos: bool = True
+    """Put BOS in front of each text (as the built-in model was trained)."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+    seed: int = 0
+    """Seed of the texts, prompts and sampling."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
+    out: Path = Path("runs/lens")
+    """Output directory: report.md, steering.png, summary.json, config.json."""
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.policy), "--policy is required: the trained checkpoint directory, e.g. runs/ppo/checkpoint."),
+            (self.n_texts >= 1 and self.first_k >= 1 and self.top_k >= 1, "n_texts, first_k and top_k must be >= 1."),
+            (self.n_prompts >= 1 and self.max_new_tokens >= 1 and self.max_tokens >= 2,
+             "n_prompts and max_new_tokens must be >= 1, max_tokens >= 2."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.alpha_values  # noqa: B018 (refuses bad --alphas now)
+        if self.reward is not None and self.reward.lower() == "none":
+            self.reward = None
+
+
+    @property
+    def alpha_values(self) -> list[float]:
+        try:
+            values = [float(a) for a in self.alphas.split(",") if a.strip()]
+        except ValueError:
+            raise ValueError(f"--alphas {self.alphas!r}: give comma-separated numbers such as 0,1,2,4,8.") from None
+        if not values or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"--alphas {self.alphas!r}: give finite comma-separated numbers such as 0,1,2,4,8.")
+        return values
+
+
+@torch.no_grad()
+def steering_sweep(reference, vector, layer: int, alphas: list[float], texts, text_mask, token_ids: list[int],
+                   prompts, reward, config: LensConfig) -> list[dict]:
+    """Per α: mean log Σ_T p and mean Σ_T p over the texts' real positions (teacher-forced) under steering, and the mean
+    reward (± SE) of samples from the steered reference on ``prompts`` (the same random numbers for every α)."""
+    rows = []
+    keep = text_mask.bool()
+    for alpha in alphas:
+        logp_sum, p_sum = 0.0, 0.0
+        for start in range(0, texts.shape[0], config.batch_size):
+            rows_ = slice(start, start + config.batch_size)
+            logits = steered_logits(reference, texts[rows_], text_mask[rows_], layer, vector, alpha)
+            logp = token_set_logprob(torch.log_softmax(logits.double().cpu(), -1), token_ids)[keep[rows_]]
+            logp_sum += logp.sum().item()
+            p_sum += logp.exp().sum().item()
+        row = {"alpha": alpha, "token_logprob": logp_sum / keep.sum().item(), "token_prob": p_sum / keep.sum().item()}
+        if reward is not None:
+            generation = generate(reference, prompts, SamplingConfig(max_new_tokens=config.max_new_tokens),
+                                  generator=torch.Generator().manual_seed(config.seed),
+                                  fwd_hooks=[steering_hook(layer, vector, alpha)])
+            scores = score_texts(reward, generation.texts, generation.prompts)
+            row.update(reward=scores.mean().item(),
+                       reward_se=scores.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan"),
+                       sample=generation.responses[0])
+        rows.append(row)
+    base = next((r for r in rows if r["alpha"] == 0), None)
+    for row in rows:
+        row["delta_token_logprob"] = None if base is None else row["token_logprob"] - base["token_logprob"]
+        row["token_prob_ratio"] = None if base is None or base["token_prob"] == 0 else row["token_prob"] / base["token_prob"]
+        row["delta_reward"] = None if base is None or "reward" not in row else row["reward"] - base["reward"]
+    return rows
+
+
+def run_lens(config: LensConfig) -> dict:
+    """Δ per layer, its lens reading, the steering sweep; write report.md, steering.png, summary.json."""
+    console = Console()
+    torch.manual_seed(config.seed)
+    policy = load_bridge(config.policy, device=config.device)
+    reference = load_bridge(config.reference, device=config.device)
+    check_same_architecture(reference, policy, f"reference {config.reference!r}", f"policy {config.policy!r}")
+    facts = require_supported(reference, "lens")
+    n_layers = reference.cfg.n_layers
+    layer = n_layers // 2 if config.layer is None else config.layer
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"--layer {layer}: the model has {n_layers} layers (0..{n_layers - 1}).")
+    given = parse_token_set(config.tokens, policy.tokenizer) if config.tokens else None
+    reward = make_reward(config.reward) if config.reward else None
+
+    def encode_text(text: str) -> list[int]:
+        return encode(policy.tokenizer, text, prepend_bos=config.prepend_bos)
+
+    heldout = load_texts(config.texts, column=config.column, seed=config.seed + HELDOUT_SEED_OFFSET)
+    width = min(config.max_tokens, reference.cfg.n_ctx)
+    texts, text_mask = left_pad([encode_text(t)[:width] for t in heldout[: config.n_texts]], padding_id(policy.tokenizer))
+    prompts = prompts_from_texts(heldout, encode_text, config.n_prompts, seed=config.seed + HELDOUT_SEED_OFFSET + 1,
+                                 decode=policy.tokenizer.decode)
+
+    delta = activation_difference(reference, policy, texts, text_mask, config.first_k, config.batch_size)
+    with torch.no_grad():
+        _, cache = reference.run_with_cache(texts[: config.batch_size].to(config.device),
+                                            attention_mask=text_mask[: config.batch_size].to(config.device),
+                                            names_filter=lambda name: name.endswith("hook_resid_post"))
+    keep = text_mask[: config.batch_size].bool()
+    ref_norms = [cache[resid_hook(l)].float().cpu()[keep].norm(dim=-1).mean().item() for l in range(n_layers)]
+    logits = lens_logits(reference, delta)  # [L, V]
+    top = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1)
+    decode = lambda t: policy.tokenizer.decode([t])  # noqa: E731
+    lens_rows = [{"layer": l, "delta_norm": delta[l].norm().item(), "relative_norm": delta[l].norm().item() / max(ref_norms[l], 1e-12),
+                  "top_token_ids": top.indices[l].tolist(), "top_tokens": [decode(t) for t in top.indices[l].tolist()],
+                  "top_logits": top.values[l].tolist()} for l in range(n_layers)]
+    token_ids = given or lens_rows[layer]["top_token_ids"]
+    console.print(f"lens: Δ over the first {config.first_k} positions of {texts.shape[0]} held-out texts; steering at "
+                  f"layer {layer} with α in {config.alpha_values}")
+    sweep = steering_sweep(reference, delta[layer], layer, config.alpha_values, texts, text_mask, token_ids, prompts,
+                           reward, config)
+    policy_reward = None
+    if reward is not None:
+        generation = generate(policy, prompts, SamplingConfig(max_new_tokens=config.max_new_tokens),
+                              generator=torch.Generator().manual_seed(config.seed))
+        policy_reward = score_texts(reward, generation.texts, generation.prompts).mean().item()
+    summary = {"reference": config.reference, "policy": config.policy, "anatomy": facts.describe(), "layer": layer,
+               "first_k": config.first_k, "n_texts": int(texts.shape[0]), "lens": lens_rows,
+               "steer_tokens": [decode(t) for t in token_ids], "steer_token_ids": token_ids,
+               "token_source": "--tokens" if given else "lens", "reward": config.reward, "policy_reward": policy_reward,
+               "sweep": sweep}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config)
+    plot_steering(sweep, summary, out / "steering.png")
+    write_lens_report(out, config, summary)
+    write_json(out / "summary.json", summary)
+    print_lens_tables(console, summary)
+    console.print(f"outputs in {out} (report.md, steering.png, summary.json)")
+    return summary
+
+
+def _tokens_cell(tokens: list[str], n: int = 10) -> str:
+    return " ".join("`" + repr(t)[1:-1].replace("|", "\\|").replace("`", "'") + "`" for t in tokens[:n])
+
+
+def _number(value, digits: int = 3, sign: str = "") -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{sign}.{digits}f}"
+
+
+def write_lens_report(out: Path, config: LensConfig, summary: dict) -> Path:
+    """report.md: definitions, the lens's top tokens per layer, the steering sweep."""
+    has_reward = summary["reward"] is not None
+    text = [
+        f"# Activation Difference Lens: `{config.policy}` − `{config.reference}`", "",
+        f"Δ_l = mean over the first {config.first_k} real positions of {summary['n_texts']} held-out texts "
+        f"({config.texts}) of h_pol,l − h_ref,l (``blocks.l.hook_resid_post``). Its lens reading is the reference's "
+        f"own final norm and unembedding applied to Δ_l (logit_lens). Model: {summary['anatomy']}.", "",
+        "## Top tokens of the lens per layer", "",
+        markdown_table(["layer", "‖Δ_l‖", "‖Δ_l‖ / mean ‖h_ref,l‖", "top tokens (largest lens logit first)"],
+                       [[f"L{r['layer']}", f"{r['delta_norm']:.4f}", f"{r['relative_norm']:.4f}",
+                         _tokens_cell(r["top_tokens"], config.top_k)] for r in summary["lens"]]), "",
+        f"## Steering the reference with α·Δ_{summary['layer']}", "",
+        f"α·Δ_{summary['layer']} is added at every position of blocks.{summary['layer']}.hook_resid_post. Token set "
+        f"T = {_tokens_cell(summary['steer_tokens'])} ({'from --tokens' if summary['token_source'] == '--tokens' else 'the lens top tokens at that layer'}); "
+        "log Σ_T p and Σ_T p are means over the held-out texts' real positions (teacher-forced); the ratio is Σ_T p "
+        "against α = 0." + (f" Reward: {summary['reward']} of {config.n_prompts} samples ({config.max_new_tokens} new "
+                             f"tokens) per α, the same random numbers for every α; the policy itself scores "
+                             f"{_number(summary['policy_reward'])} on the same prompts." if has_reward else ""), "",
+        markdown_table(["α", "log Σ_T p", "Δ vs α=0", "Σ_T p ratio", *(["reward ± SE", "Δ reward", "first sample"] if has_reward else [])],
+                       [[f"{r['alpha']:g}", _number(r["token_logprob"]), _number(r["delta_token_logprob"], sign="+"),
+                         _number(r["token_prob_ratio"], 2),
+                         *([f"{_number(r['reward'])} ± {_number(r['reward_se'])}", _number(r["delta_reward"], sign="+"),
+                            "`" + repr(r["sample"])[1:-1].replace("|", "\\|").replace("`", "'")[:60] + "`"] if has_reward else [])]
+                        for r in summary["sweep"]]), "",
+        "![steering sweep](steering.png)", "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(text))
+    return path
+
+
+def print_lens_tables(console, summary: dict) -> None:
+    table = Table(title="Activation Difference Lens: top tokens per layer")
+    table.add_column("layer")
+    table.add_column("‖Δ‖/‖h‖", justify="right")
+    table.add_column("top tokens")
+    for r in summary["lens"]:
+        table.add_row(f"L{r['layer']}", f"{r['relative_norm']:.4f}", " ".join(repr(t) for t in r["top_tokens"][:8]))
+    console.print(table)
+    table = Table(title=f"Steering the reference at layer {summary['layer']}")
+    for header in ("α", "Δ log Σ_T p", "Σ_T p ratio", "reward"):
+        table.add_column(header, justify="right")
+    for r in summary["sweep"]:
+        table.add_row(f"{r['alpha']:g}", _number(r["delta_token_logprob"], sign="+"), _number(r["token_prob_ratio"], 2),
+                      _number(r.get("reward")))
+    console.print(table)
+
+
+def plot_steering(sweep: list[dict], summary: dict, path: Path) -> Path:
+    """Two panels over α: the change in log Σ_T p, and the mean reward of the steered samples (± SE)."""
+    plt = pyplot()
+    alphas = [r["alpha"] for r in sweep]
+    panels = 2 if summary["reward"] is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.5), squeeze=False)
+    axes[0][0].plot(alphas, [r["token_logprob"] for r in sweep], "o-")
+    axes[0][0].set_ylabel("mean log Σ_T p (lens tokens)")
+    if panels == 2:
+        axes[0][1].errorbar(alphas, [r["reward"] for r in sweep], yerr=[r["reward_se"] for r in sweep], fmt="o-",
+                            color="tab:green", label="steered reference")
+        if summary["policy_reward"] is not None:
+            axes[0][1].axhline(summary["policy_reward"], color="tab:red", ls="--", label="policy")
+        axes[0][1].set_ylabel(f"mean reward ({summary['reward']})")
+        axes[0][1].legend(fontsize=8)
+    for ax in axes[0]:
+        ax.set_xlabel("α")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Steering the reference with α·Δ at layer {summary['layer']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

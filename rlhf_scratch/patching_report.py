@@ -1,0 +1,272 @@
+"""``rlhf-scratch patch``: which heads, MLPs and layers carry what RL changed? The command, its report and plots.
+
+``run_patch(PatchConfig)`` samples the policy's responses to held-out prompts, then patches every component
+(``patching.components``: each attention head's output, each MLP's output, each layer's residual stream) from the
+policy into the reference and from the reference into the policy (``patching.patch_scan``; definitions of the
+recovered fractions there), and writes ``report.md``, ``patch_<direction>.png`` (layer × head heatmaps of the
+recovered fraction, with the MLP and residual columns), ``summary.json`` and ``config.json``
+(``rlhf-scratch patch --policy runs/ppo/checkpoint --out runs/patch``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from rlhf_scratch.anatomy import require_supported
+from rlhf_scratch.data import load_texts, prompts_from_texts
+from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
+from rlhf_scratch.model_diff import check_same_architecture, mean_probs, parse_token_set
+from rlhf_scratch.models import load_bridge
+from rlhf_scratch.outputs import write_json
+from rlhf_scratch.patching import DIRECTIONS, METRICS, PatchScan, components, patch_scan, scored_positions
+from rlhf_scratch.rewards import make_reward
+from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
+
+METRIC_TITLES = {"kl": "sequence KL(policy‖reference)", "reward": "reward gap", "tokens": "log-prob of the token set"}
+
+
+@dataclass
+class PatchConfig:
+    """Activation patching between a trained policy and its reference, on the policy's own samples."""
+
+    policy: str = ""
+    """The trained policy: a run's checkpoint directory (e.g. runs/ppo/checkpoint), or any model source."""
+    reference: str = "builtin"
+    """The model the policy was trained from: "builtin", a model directory, or a hub name."""
+    prompts: str = "builtin"
+    """Prompt texts: "builtin" held-out reviews, a .txt/.jsonl/.csv file, or a datasets name."""
+    column: str = "text"
+    """Text column for .jsonl/.csv/datasets sources."""
+    n_texts: int = 16
+    """Number of prompts; each gets one sampled policy response (the sequences both models read)."""
+    max_new_tokens: int = 16
+    """Response length."""
+    reward: str | None = "vader"
+    """Reward whose gap is patched (vader, chars:., hf:..., rm:DIR); "none" skips it (it samples anew for each
+    component, the slowest measure)."""
+    tokens: str | None = None
+    """Token set, comma-separated words (single tokens); default: the top_k tokens whose mean probability rose most
+    at response positions."""
+    top_k: int = 5
+    """Size of the default token set."""
+    direction: str = "both"
+    """policy_into_reference, reference_into_policy, or both."""
+    prepend_bos: bool = True
+    """Put BOS in front of each prompt (as the built-in model was trained)."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    seed: int = 0
+    """Seed of the prompts and of every sampling (the same seed gives the same run)."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
+    out: Path = Path("runs/patch")
+    """Output directory: report.md, patch_<direction>.png, summary.json, config.json."""
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.policy), "--policy is required: the trained checkpoint directory, e.g. runs/ppo/checkpoint."),
+            (self.n_texts >= 1 and self.max_new_tokens >= 1, "n_texts and max_new_tokens must be >= 1."),
+            (self.top_k >= 1 and self.batch_size >= 1, "top_k and batch_size must be >= 1."),
+            (self.direction in (*DIRECTIONS, "both"), f"--direction {self.direction!r}: choose from {', '.join(DIRECTIONS)} or both."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.reward is not None and self.reward.lower() == "none":
+            self.reward = None
+
+
+def policy_samples(policy, prompts: list[list[int]], max_new_tokens: int, batch_size: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The policy's responses to ``prompts``: (tokens [N, S], attention_mask [N, S], response_mask [N, S]), each
+    row's real tokens (prompt then response) left-padded to one width; response_mask is True at response tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, lengths = [], []
+    for start in range(0, len(prompts), batch_size):
+        g = generate(policy, prompts[start : start + batch_size], SamplingConfig(max_new_tokens=max_new_tokens), generator=generator)
+        for r in range(len(g.prompts)):
+            rows.append(g.sequences[r][g.attention_mask[r].bool()].tolist())
+            lengths.append(int(g.gen_mask[r].sum()))
+    tokens, mask = left_pad(rows, padding_id(policy.tokenizer))
+    width = tokens.shape[1]
+    response = torch.zeros_like(mask, dtype=torch.bool)
+    for r, length in enumerate(lengths):
+        response[r, width - length :] = True
+    return tokens, mask, response
+
+
+@torch.no_grad()
+def risen_tokens(reference, policy, tokens: Tensor, mask: Tensor, response: Tensor, k: int) -> list[int]:
+    """The k tokens whose mean probability rose most (policy − reference) at the positions predicting responses."""
+    scored = scored_positions(response) & mask.bool()
+    device = next(policy.parameters()).device
+    rise = (mean_probs(policy(tokens.to(device), attention_mask=mask.to(device)).float().cpu(), scored)
+            - mean_probs(reference(tokens.to(device), attention_mask=mask.to(device)).float().cpu(), scored))
+    return torch.topk(rise, k).indices.tolist()
+
+
+def run_patch(config: PatchConfig) -> dict:
+    """Sample, scan both directions, write report.md, plots, summary.json; return the summary."""
+    console = Console()
+    torch.manual_seed(config.seed)
+    policy = load_bridge(config.policy, device=config.device)
+    reference = load_bridge(config.reference, device=config.device)
+    check_same_architecture(reference, policy, f"reference {config.reference!r}", f"policy {config.policy!r}")
+    facts = require_supported(reference, "patch")
+    require_supported(policy, "patch")
+    if reference.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+        raise ValueError(f"reference {config.reference!r} and policy {config.policy!r} use different tokenizers; "
+                         "pass as --reference the model the policy was trained from.")
+    given = parse_token_set(config.tokens, policy.tokenizer) if config.tokens else None
+    reward = make_reward(config.reward) if config.reward else None
+
+    def encode_text(text: str) -> list[int]:
+        return encode(policy.tokenizer, text, prepend_bos=config.prepend_bos)
+
+    texts = load_texts(config.prompts, column=config.column, seed=config.seed + HELDOUT_SEED_OFFSET)
+    prompts = prompts_from_texts(texts, encode_text, config.n_texts, seed=config.seed + HELDOUT_SEED_OFFSET,
+                                 decode=policy.tokenizer.decode)
+    tokens, mask, response = policy_samples(policy, prompts, config.max_new_tokens, config.batch_size, config.seed)
+    token_ids = given or risen_tokens(reference, policy, tokens, mask, response, config.top_k)
+    directions = DIRECTIONS if config.direction == "both" else (config.direction,)
+    console.print(f"patch: {tokens.shape[0]} policy samples, {len(components(reference))} components, "
+                  f"directions {', '.join(directions)}{', reward ' + config.reward if reward else ''}")
+    scans, seconds = {}, {}
+    for direction in directions:
+        started = time.perf_counter()
+        scans[direction] = patch_scan(reference, policy, tokens, mask, response, token_ids=token_ids, rewards_fn=reward,
+                                      direction=direction, batch_size=config.batch_size, seed=config.seed)
+        seconds[direction] = time.perf_counter() - started
+    decode = lambda t: policy.tokenizer.decode([t])  # noqa: E731
+    summary = {
+        "reference": config.reference, "policy": config.policy, "anatomy": facts.describe(),
+        "n_sequences": int(tokens.shape[0]), "n_components": len(components(reference)),
+        "token_ids": token_ids, "tokens": [decode(t) for t in token_ids], "token_source": "--tokens" if given else "risen",
+        "reward": config.reward, "seconds": seconds,
+        "scans": {d: {"baselines": s.baselines, "rows": s.rows,
+                      "top": {m: top_components(s, m) for m in METRICS}} for d, s in scans.items()},
+    }
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config)
+    for direction, scan in scans.items():
+        plot_patch_heatmaps(scan, out / f"patch_{direction}.png")
+    write_patch_report(out, config, summary)
+    write_json(out / "summary.json", summary)
+    print_patch_tables(console, summary)
+    console.print(f"outputs in {out} (report.md, {', '.join(f'patch_{d}.png' for d in scans)}, summary.json)")
+    return summary
+
+
+def top_components(scan: PatchScan, metric: str, n: int = 10) -> list[dict]:
+    """The n heads and MLPs (residual streams left out: the last one is nearly complete by construction) that recover the
+    most of ``metric``, as rows {"component", "recovered"}; empty when the measure has no gap."""
+    ranked = scan.ranked(metric, kinds=("head", "mlp"))[:n]
+    return [{"component": c, "recovered": scan.value(c, metric)} for c in ranked if scan.value(c, metric) is not None]
+
+
+def _fraction(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _baseline_lines(baselines: dict, tokens: list[str]) -> list[str]:
+    lines = [f"- mean sequence KL(policy‖reference) over response positions: {baselines['kl_gap']:.4f} nats"]
+    if "tokens_ref" in baselines:
+        lines.append(f"- mean log Σ_T p of the token set: reference {baselines['tokens_ref']:.3f}, policy "
+                     f"{baselines['tokens_pol']:.3f}")
+    if "reward_ref" in baselines:
+        lines.append(f"- mean reward of fresh samples: reference {baselines['reward_ref']:.3f}, policy "
+                     f"{baselines['reward_pol']:.3f} (gap SE {baselines['reward_gap_se']:.3f}; a gap within 2 SE "
+                     "is noise and its fractions are –)")
+    return lines
+
+
+def write_patch_report(out: Path, config: PatchConfig, summary: dict) -> Path:
+    """report.md: setup, definitions, baselines, heatmaps and top components per direction."""
+    tokens = ", ".join(f"`{t!r}`" for t in summary["tokens"])
+    text = [
+        f"# Activation patching: `{config.policy}` ↔ `{config.reference}`", "",
+        f"{summary['n_sequences']} policy samples (held-out prompts from {config.prompts}, {config.max_new_tokens} new "
+        f"tokens); {summary['n_components']} components (each head's output z_h·W_O[h], each MLP's output, each "
+        f"layer's residual stream). Model: {summary['anatomy']}. Token set T = {tokens} "
+        f"({'from --tokens' if summary['token_source'] == '--tokens' else 'the tokens whose probability rose most'}).", "",
+        "**Recovered fraction** (receiver r runs with one component taken from donor d on the same tokens; P = patched): "
+        "policy → reference: KL 1 − KL(π_pol‖π_P)/KL(π_pol‖π_ref), tokens and reward (M(P) − M(ref))/(M(pol) − M(ref)); "
+        "reference → policy (the mirror: how much of the change is lost): KL 1 − KL(π_P‖π_ref)/KL(π_pol‖π_ref), "
+        "tokens and reward (M(pol) − M(P))/(M(pol) − M(ref)). 100 % = behaves like the donor, 0 % = like the "
+        "receiver; – = no gap to recover (never a division by noise). The reward is measured on responses "
+        "sampled anew from each patched model (same random numbers for every model). The last layer's residual "
+        "stream is complete by construction except for what the final norm and unembedding changed (the receiver "
+        "applies its own): its shortfall from 100 % is their share.", "",
+    ]
+    for direction, scan in summary["scans"].items():
+        text += [f"## {direction.replace('_', ' ')}", "", *_baseline_lines(scan["baselines"], summary["tokens"]),
+                 f"- time: {summary['seconds'][direction]:.1f} s", "", f"![heatmaps](patch_{direction}.png)", ""]
+        ranked = scan["top"]["kl"] or scan["top"]["tokens"] or scan["top"]["reward"]
+        rows = {row["component"]: row for row in scan["rows"]}
+        if ranked:
+            text += ["Heads and MLPs that recover the most (by KL; all rows in summary.json):", "",
+                     markdown_table(["component", "KL", "reward", "token set"],
+                                    [[r["component"], _fraction(rows[r["component"]]["kl"]),
+                                      _fraction(rows[r["component"]]["reward"]),
+                                      _fraction(rows[r["component"]]["tokens"])] for r in ranked]), ""]
+        layers = sorted({row["layer"] for row in scan["rows"]})
+        text += ["Per layer (MLP output and residual stream after the block):", "",
+                 markdown_table(["layer", "mlp KL", "mlp reward", "mlp tokens", "resid KL", "resid reward", "resid tokens"],
+                                [[f"L{l}", *[_fraction(rows[f"L{l}.{kind}"][m]) for kind in ("mlp", "resid") for m in METRICS]]
+                                 for l in layers]), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(text))
+    return path
+
+
+def print_patch_tables(console, summary: dict) -> None:
+    for direction, scan in summary["scans"].items():
+        table = Table(title=f"{direction}: top heads and MLPs (recovered fraction)")
+        for header in ("component", "KL", "reward", "token set"):
+            table.add_column(header, justify="right")
+        rows = {row["component"]: row for row in scan["rows"]}
+        for entry in (scan["top"]["kl"] or scan["top"]["tokens"])[:8]:
+            row = rows[entry["component"]]
+            table.add_row(row["component"], _fraction(row["kl"]), _fraction(row["reward"]), _fraction(row["tokens"]))
+        console.print(table)
+
+
+def patch_grid(scan: PatchScan, metric: str) -> Tensor:
+    """[L, H + 2]: each head's recovered fraction, then the layer's MLP and residual stream (NaN where None)."""
+    extra = torch.tensor([[math.nan if v is None else v for v in scan.layer_values(kind, metric)]
+                          for kind in ("mlp", "resid")]).T
+    return torch.cat([scan.head_grid(metric), extra], dim=1)
+
+
+def plot_patch_heatmaps(scan: PatchScan, path: Path) -> Path:
+    """One heatmap per measure: layers × (heads, mlp, resid), cells = recovered fraction in %."""
+    plt = pyplot()
+    metrics = [m for m in METRICS if any(row[m] is not None for row in scan.rows)] or ["kl"]
+    n_layers, n_heads = scan.n_layers, scan.n_heads
+    fig, axes = plt.subplots(1, len(metrics), figsize=(0.6 * (n_heads + 2) * len(metrics) + 2.5, 0.5 * n_layers + 2.2),
+                             squeeze=False)
+    image = None
+    for ax, metric in zip(axes[0], metrics):
+        grid = patch_grid(scan, metric)
+        image = ax.imshow(grid.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        ax.set_title(METRIC_TITLES[metric], fontsize=9)
+        ax.set_xticks(range(n_heads + 2), [f"H{h}" for h in range(n_heads)] + ["mlp", "resid"], fontsize=7)
+        ax.set_yticks(range(n_layers), [f"L{l}" for l in range(n_layers)], fontsize=7)
+        if n_layers * (n_heads + 2) <= 120:
+            for i in range(n_layers):
+                for j in range(n_heads + 2):
+                    value = grid[i, j].item()
+                    ax.text(j, i, "–" if math.isnan(value) else f"{100 * value:.0f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="recovered fraction")
+    fig.suptitle(f"Activation patching, {scan.direction.replace('_', ' ')} (cells: %)", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
