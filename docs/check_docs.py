@@ -75,7 +75,7 @@ QUICK_FLAGS = {
 QUICK_SCRIPT_FLAGS = {
     "bon_vs_rlhf.py": ["--phases", "1", "--n-prompts", "8"],
     "reinforce_vs_ppo.py": ["--phases", "1", "--batch-size", "16", "--n-prompts", "8"],
-    "reward_model_levels.py": ["--n", "200", "--rm-epochs", "1", "--phases", "1", "--batch-size", "8", "--n-prompts", "8"],
+    "reward_model_levels.py": ["--n", "200", "--rm-epochs", "1", "--phases", "1", "--batch-size", "16", "--n-prompts", "8"],
     "fdpo_tradeoff.py": ["--n-samples", "400", "--epochs", "1", "--alphas", "0.5", "--batch-size", "8", "--n-prompts", "8"],
 }
 """Flags appended to `python experiments/NAME ...` with --quick (a script's own --quick, where the page passes it,
