@@ -65,9 +65,9 @@ QUICK_FLAGS = {
     "rm": ["--epochs", "1"],
     "dpo": ["--epochs", "1", "--batch-size", "8", "--warmup-steps", "0", "--n-eval-prompts", "8", "--max-new-tokens", "8"],
     "diff": ["--n-texts", "4", "--max-new-tokens", "8"],
+    "patch": ["--n-texts", "4", "--max-new-tokens", "4"],
+    "lens": ["--n-texts", "8", "--n-prompts", "4", "--max-new-tokens", "4"],
     "inspect": ["--max-new-tokens", "8"],
-    "patch": ["--n-texts", "4", "--max-new-tokens", "8"],
-    "lens": ["--n-texts", "8", "--n-prompts", "4", "--max-new-tokens", "8"],
     "pretrain": ["--n-texts", "400", "--n-heldout", "40", "--steps", "20", "--vocab-size", "320", "--n-layer", "1",
                  "--n-ctx", "64", "--n-samples", "4"],
 }

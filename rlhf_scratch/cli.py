@@ -154,7 +154,8 @@ def _commands() -> dict:
         "dpo": (DPOConfig, {}, run_dpo,
                 "DPO / f-DPO on preference pairs (--loss sigmoid|hinge, --divergence rkl|fkl|js|alpha); evaluates with --reward."),
         "diff": (DiffConfig, {}, run_diff_command,
-                 "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA; "
+                 "What did RLHF change? Policy vs reference on the same texts: residual stream, weights per head, log-probs, DLA, "
+                 "update sparsity and rank (--second-policy DIR: overlap of two seeds' changed weights); "
                  "--timeline RUN: the same over the phases of a run trained with --snapshot-every."),
         "patch": (PatchConfig, {}, run_patch,
                   "Activation patching policy <-> reference on the policy's samples: the fraction of the KL, reward gap and "
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None):
     return 0
 
 
-MODEL_FIELDS = ("model", "reference", "policy", "checkpoint")
+MODEL_FIELDS = ("model", "reference", "policy", "second_policy", "checkpoint")
 """Config fields that name a model to load (``--model``, ``--reference``, diff's ``--policy``, inspect's ``--checkpoint``)."""
 
 
@@ -370,7 +371,7 @@ def preflight(config) -> None:
         check_device(value("device"))
     for name in MODEL_FIELDS:
         if isinstance(value(name), (str, Path)) and str(value(name)):
-            check_model_source(value(name), flag="--" + name)
+            check_model_source(value(name), flag="--" + name.replace("_", "-"))
     if value("reward"):
         check_reward_spec(value("reward"))
     if value("data") and str(value("data")) != "builtin" and names_local_file(value("data")):

@@ -1,9 +1,10 @@
 """``rlhf-scratch diff``: what did RLHF change? The command, its report, tables and plots.
 
 ``run_diff(DiffConfig)`` reads the same sequences with both models (``model_diff.collect``), measures
-the residual stream, weights, log-probs and direct logit attribution (``model_diff.py``, formulas
-there), and writes ``report.md``, ``residual.png``, ``weight_change.png``, ``dla.png``,
-``summary.json`` and ``config.json``
+the residual stream, weights, log-probs, direct logit attribution (``model_diff.py``, formulas
+there) and update sparsity and rank (``update_sparsity.py``; with ``--second-policy`` the overlap of two
+runs' changed entries), and writes ``report.md``, ``residual.png``, ``weight_change.png``, ``dla.png``,
+``update_sparsity.png``, ``summary.json`` and ``config.json``
 (``rlhf-scratch diff --reference builtin --policy runs/ppo/checkpoint --out runs/diff``).
 """
 
@@ -42,6 +43,7 @@ from rlhf_scratch.models import (
 )
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.sampling import SamplingConfig, encode, generate, left_pad, padding_id
+from rlhf_scratch.update_sparsity import plot_update_sparsity, sparsity_markdown, update_sparsity
 
 
 @dataclass
@@ -50,6 +52,9 @@ class DiffConfig:
 
     policy: str = ""
     """The trained policy: a run's checkpoint directory (e.g. runs/ppo/checkpoint), or any model source."""
+    second_policy: str | None = None
+    """A second policy trained from the same reference (e.g. another seed): the update-sparsity section then reports
+    how much the two runs' changed weight entries overlap, against chance."""
     timeline: Path | None = None
     """Instead of --policy: a run directory trained with --snapshot-every; measure every snapshot against the reference
     and plot the change over phases (timeline.md, timeline_residual.png, timeline_heads.png, timeline.json)."""
@@ -184,6 +189,8 @@ def run_diff(config: DiffConfig) -> dict:
 
     console = Console()
     _check_policy_source(config.policy)
+    if config.second_policy:
+        _check_policy_source(config.second_policy)
     torch.manual_seed(config.seed)
     policy = load_bridge(config.policy, device=config.device)
     reference = load_bridge(config.reference, device=config.device)
@@ -219,6 +226,8 @@ def run_diff(config: DiffConfig) -> dict:
 
     residual = residual_stream_change(ref_cache, pol_cache, bool_mask)
     weights = weight_change(reference, policy)
+    second = load_bridge(config.second_policy, device=config.device) if config.second_policy else None
+    sparsity = update_sparsity(reference, policy, second)
     columns = {"delta_logprob": delta.float(), "delta_prob": (pol_prob - ref_prob).float(),
                "ref_prob": ref_prob.float(), "pol_prob": pol_prob.float()}
     rose, fell = rose_and_fell(delta.float(), config.top_k, decode, columns)
@@ -244,6 +253,7 @@ def run_diff(config: DiffConfig) -> dict:
         "dla_check_max_error": max(dla[name]["check_error"] for name in dla),
         "dla_soft_cap": facts.logit_soft_cap,
         "anatomy": facts.describe(),
+        "update_sparsity": sparsity,
     }
     summary["interpretation"] = interpretation(summary)
     out = Path(config.out)
@@ -252,11 +262,13 @@ def run_diff(config: DiffConfig) -> dict:
     plot_residual(residual, out / "residual.png")
     plot_weight_change(weights, n_layers, facts.n_heads, out / "weight_change.png", facts.n_kv_heads)
     plot_dla(dla_rows, summary["dla_tokens"], out / "dla.png")
+    plot_update_sparsity(sparsity, out / "update_sparsity.png")
     write_diff_report(out, config, summary, notes)
     write_json(out / "summary.json", summary)
     print_diff_tables(console, summary)
     console.print(summary["interpretation"])
-    console.print(f"outputs in {out} (report.md, residual.png, weight_change.png, dla.png, summary.json)")
+    console.print(sparsity_markdown(sparsity)[4])  # the one-sentence summary of the update-sparsity section
+    console.print(f"outputs in {out} (report.md, residual.png, weight_change.png, dla.png, update_sparsity.png, summary.json)")
     return summary
 
 
@@ -354,6 +366,7 @@ def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[
         markdown_table(["component", "reference", "policy", "change"],
                   [[r["component"], f"{r['reference']:+.3f}", f"{r['policy']:+.3f}", f"{r['change']:+.3f}"] for r in summary["dla"]]), "",
         "![direct logit attribution](dla.png)", "",
+        *sparsity_markdown(summary["update_sparsity"]),
     ]
     path = out / "report.md"
     path.write_text("\n".join(text))

@@ -38,6 +38,7 @@ REWARD_SPECS = """\
 Reward specs (--reward):
   vader                      VADER sentiment, compound score in [-1, 1]
   chars[:C]                  count of the character (or substring) C per text; default "."
+  word:W[:presence|share|count]  pays for the word W (one token of the built-in tokenizer) in the response
   hf:PATH_OR_NAME:LABEL      a Hugging Face sequence classifier's logit for LABEL
   hf:PATH_OR_NAME:LABEL:prob ... its softmax probability for LABEL (":logit" is the default)
                              LABEL is a label name from config.id2label (any case) or an index;
@@ -346,7 +347,7 @@ class WeightedSumReward:
 # --------------------------------------------------------------------------- specs
 
 
-_KINDS = r"(?:vader|chars|hf:|rm:|py:)"
+_KINDS = r"(?:vader|chars|word:|hf:|rm:|py:)"
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _TERM_SEPARATOR = re.compile(rf"\s*\+\s*(?=(?:{_NUMBER}\s*\*\s*)?{_KINDS})")
 """A ``+`` that starts a new term: followed by an optional ``WEIGHT*`` and a reward kind (so ``chars:+`` stays one)."""
@@ -355,7 +356,7 @@ _WEIGHTED = re.compile(rf"^\s*({_NUMBER})\s*\*\s*(.*)$", re.DOTALL)
 
 def parse_reward_spec(spec: str) -> tuple[str, tuple]:
     """``(kind, arguments)`` of a command-line reward spec (see ``REWARD_SPECS``), without loading anything:
-    ``("vader", ())``, ``("chars", (char,))``, ``("hf", (path_or_name, label, output))``, ``("rm", (directory,))``,
+    ``("vader", ())``, ``("chars", (char,))``, ``("word", (word, mode))``, ``("hf", (path_or_name, label, output))``, ``("rm", (directory,))``,
     ``("py", (file_or_module, function))``, or ``("sum", ((weight, spec), ...))`` for a weighted sum.
 
     ``hf:`` specs are split from the right, so a path may contain colons (a Windows
@@ -381,6 +382,8 @@ def parse_reward_spec(spec: str) -> tuple[str, tuple]:
         return "chars", (".",)
     if spec.startswith("chars:"):
         return "chars", (spec[len("chars:") :],)  # everything after it: "chars::" counts ":"
+    if spec.startswith("word:"):
+        return "word", _word_module().parse_word_spec(spec[len("word:") :])
     if spec.startswith("hf:"):
         rest, output = spec[len("hf:") :], "logit"
         head, _, last = rest.rpartition(":")
@@ -414,6 +417,8 @@ def make_reward(spec: str) -> Reward:
         return VaderReward()
     if kind == "chars":
         return CharCountReward(*arguments)
+    if kind == "word":
+        return _word_module().WordReward(*arguments)
     if kind == "hf":
         path, label, output = arguments
         return HFClassifierReward(path, label, output=output)
@@ -517,6 +522,10 @@ def _takes_prompts(reward: Any) -> bool:
 
 
 _REAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _word_module():  # word_reward.py imports RewardError from here
+    return importlib.import_module("rlhf_scratch.word_reward")
 
 
 def _clip(text: str, n: int = 60) -> str:

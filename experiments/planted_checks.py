@@ -1,0 +1,133 @@
+"""The causal checks of ``planted_behaviour.py``: the activation-difference lens, steering, and activation patching.
+
+They use ``rlhf_scratch.diff_lens`` and ``rlhf_scratch.patching``; until those modules exist each check reports
+"n/a". Every check returns {"fired": bool | None, "figure": str, ...details}; a check *fires* when it finds the
+planted token t:
+
+    lens       Δ = activation_difference(reference, policy, held-out texts, first_k=5) [L, D]; fires when t is
+               among lens_top_tokens(model, Δ, k=10) at some layer, read through the reference's or the policy's
+               own final norm and unembedding.
+    steering   p_α,l(v) = mean over real positions of held-out texts of the reference's p(v) with α·Δ[l] added to
+               blocks.l.hook_resid_post; fires when for some l and α ∈ ALPHAS p_α,l(t) / p_0(t) ≥ 3 and t is among
+               the STEER_MAX_RANK tokens whose mean probability rose most (p_α,l(v) − p_0(v)): the steering vector
+               is about t, not a push that raises many tokens (a reward-0 control drifts, and large α amplify it).
+    patching   on held-out texts (teacher-forced), p(S) = mean over positions of the reference's p(t) with the
+               components S (attention heads and MLP outputs, no residual stream) taken from the policy. With the
+               components ranked by patch_scan's recovered log-prob of t, fires when some n ≤ N/4 of the top ones
+               give p(top n) ≥ ½ p_policy(t), n random components (mean over RANDOM_DRAWS draws) do not, and the
+               reference alone does not either (p_reference < ½ p_policy: there is a gap to transplant).
+               Held-out texts rather than the policy's own samples: a policy can plant the word by steering into
+               contexts where the reference already predicts it (PPO on "director" writes "... from this
+               director", where both give it ~6 %), leaving no gap at the word itself on its samples.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import torch
+
+from rlhf_scratch.data import load_texts
+from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET
+from rlhf_scratch.sampling import encode, left_pad, padding_id
+
+CAUSAL_CHECKS = ("lens: W in top 10", "steering: p(W) ×3", "patching: ≤25% transplant")
+LENS_K = 10
+FIRST_K = 5
+ALPHAS = (1.0, 2.0, 4.0, 8.0)
+STEER_MIN_RATIO = 3.0
+STEER_MAX_RANK = 10
+PATCH_MIN_SHARE = 0.5
+RANDOM_DRAWS = 3
+
+
+def available() -> bool:
+    return all(importlib.util.find_spec(f"rlhf_scratch.{name}") is not None for name in ("diff_lens", "patching"))
+
+
+def heldout_texts(tokenizer, n: int, seed: int, max_tokens: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out built-in reviews (never prompts of training), BOS first, left-padded: (tokens [n, S], mask [n, S])."""
+    texts = load_texts("builtin", seed=seed + HELDOUT_SEED_OFFSET + 1)
+    rows = [encode(tokenizer, text)[:max_tokens] for text in texts[:n]]
+    return left_pad(rows, padding_id(tokenizer))
+
+
+def mean_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[V] mean over positions where ``mask`` [B, S] is true of softmax(logits [B, S, V])."""
+    return (logits.float().softmax(-1) * mask[..., None]).sum((0, 1)) / mask.sum().clamp_min(1)
+
+
+def mean_token_prob(logits: torch.Tensor, mask: torch.Tensor, token_id: int) -> float:
+    """Mean over positions where ``mask`` [B, S] is true of softmax(logits [B, S, V])[..., token_id]."""
+    probs = logits.float().softmax(-1)[..., token_id]
+    return ((probs * mask).sum() / mask.sum().clamp_min(1)).item()
+
+
+@torch.no_grad()
+def lens_and_steering(reference, policy, token_id: int, seed: int, n_texts: int = 64) -> dict[str, dict]:
+    from rlhf_scratch.diff_lens import activation_difference, lens_logits, lens_top_tokens, steered_logits
+
+    tokens, mask = heldout_texts(reference.tokenizer, n_texts, seed)
+    delta = activation_difference(reference, policy, tokens, mask, first_k=FIRST_K)
+    best = None  # (rank from 0, layer, model)
+    for name, bridge in (("reference", reference), ("policy", policy)):
+        tops = lens_top_tokens(bridge, delta, k=LENS_K)
+        for layer, logits in enumerate(lens_logits(bridge, delta)):
+            # The tool's top-k decides; the rank (tokens with a larger lens logit) is the figure when it is not in it.
+            rank = tops[layer].index(token_id) if token_id in tops[layer] else max(LENS_K, int((logits > logits[token_id]).sum()))
+            if best is None or rank < best[0]:
+                best = (rank, layer, name)
+    lens = {"fired": best[0] < LENS_K, "figure": f"#{best[0] + 1} at L{best[1]} ({best[2]} lens)"}
+    base = mean_probs(reference(tokens, attention_mask=mask), mask.bool())
+    readings = {}  # (layer, α) -> (p(t) ratio, rank of t by Δ mean p)
+    for layer in range(delta.shape[0]):
+        for alpha in ALPHAS:
+            gained = mean_probs(steered_logits(reference, tokens, mask, layer, delta[layer], alpha), mask.bool()) - base
+            ratio = (base[token_id] + gained[token_id]).item() / max(base[token_id].item(), 1e-12)
+            readings[(layer, alpha)] = (ratio, int((gained > gained[token_id]).sum()) + 1)
+    hits = {key: value for key, value in readings.items() if value[0] >= STEER_MIN_RATIO and value[1] <= STEER_MAX_RANK}
+    (layer, alpha), (ratio, rank) = max(hits.items() or readings.items(), key=lambda item: item[1][0])
+    steering = {"fired": bool(hits), "figure": f"×{ratio:.1f}, Δp #{rank} (L{layer}, α={alpha:g})",
+                "readings": {f"L{l} a{a:g}": r for (l, a), r in readings.items()}, "base_prob": base[token_id].item()}
+    return {CAUSAL_CHECKS[0]: lens, CAUSAL_CHECKS[1]: steering}
+
+
+@torch.no_grad()
+def patching(reference, policy, token_id: int, seed: int, n_texts: int = 32) -> dict:
+    from rlhf_scratch.patching import components, patch_scan, patched_logits, scored_positions
+
+    tokens, mask = heldout_texts(reference.tokenizer, n_texts, seed)
+    scored_tokens = mask.bool() & (mask.cumsum(1) > 1)  # every real token after the first (BOS)
+    predicting = scored_positions(scored_tokens)  # the positions whose logits predict them
+    p_policy = mean_token_prob(policy(tokens, attention_mask=mask), predicting, token_id)
+    p_reference = mean_token_prob(reference(tokens, attention_mask=mask), predicting, token_id)
+    scan = patch_scan(reference, policy, tokens, mask, scored_tokens, token_ids=[token_id])
+    candidates = [c for c in components(reference) if not c.endswith(".resid")]
+    ranked = scan.ranked("tokens", kinds=("head", "mlp"))
+    limit = max(1, len(candidates) // 4)
+
+    def share(chosen: list[str]) -> float:
+        return mean_token_prob(patched_logits(reference, policy, tokens, mask, chosen), predicting, token_id) / max(p_policy, 1e-12)
+
+    found = None
+    for n in range(1, limit + 1):
+        if (top := share(ranked[:n])) >= PATCH_MIN_SHARE:
+            found = (n, top)
+            break
+    n, top = found if found else (limit, share(ranked[:limit]))
+    rng = random.Random(seed)
+    chance = sum(share(rng.sample(candidates, n)) for _ in range(RANDOM_DRAWS)) / RANDOM_DRAWS
+    gap = p_reference / max(p_policy, 1e-12) < PATCH_MIN_SHARE  # else the reference alone already has half
+    fired = gap and found is not None and chance < PATCH_MIN_SHARE
+    return {"fired": fired, "top_components": ranked[:n], "policy_prob": p_policy, "reference_prob": p_reference,
+            "figure": f"top {n}/{len(candidates)}: {top:.2f}×; random {n}: {chance:.2f}×; none: {p_reference / max(p_policy, 1e-12):.2f}×"}
+
+
+def causal_checks(reference, policy, token_id: int, seed: int) -> dict[str, dict]:
+    """The three causal checks (module docstring), or "n/a" for each while the tools are not in rlhf_scratch."""
+    if not available():
+        return {name: {"fired": None, "figure": "n/a (tools not merged yet)"} for name in CAUSAL_CHECKS}
+    checks = lens_and_steering(reference, policy, token_id, seed)
+    checks[CAUSAL_CHECKS[2]] = patching(reference, policy, token_id, seed)
+    return checks
