@@ -192,9 +192,9 @@ def rloo_advantages(rewards: Float[Tensor, "batch"], group_size: int) -> Float[T
 
     Leaving the sample out keeps the baseline independent of r_i, so the gradient stays unbiased.
     """
-    groups = _groups(rewards, group_size)
-    # The right-hand form: a group of equal rewards gives exactly 0 (the sum-minus-self form leaves rounding).
-    return (group_size / (group_size - 1) * (groups - groups.mean(dim=1, keepdim=True))).reshape(-1)
+    centred = _centred_groups(rewards, group_size)
+    # The right-hand form on centred groups: a group of equal rewards gives exactly 0 in any dtype.
+    return (group_size / (group_size - 1) * centred).reshape(-1)
 
 
 @jaxtyped(typechecker=typechecker)
@@ -206,10 +206,29 @@ def grpo_advantages(
     A_i = (r_i − mean_group(r)) / (std_group(r) + eps)     (std with Bessel's correction, as TRL)      [B] -> [B]
     Dr. GRPO (Liu et al. 2025), ``scale_by_std=False``: A_i = r_i − mean_group(r); dividing by the std
     weighs prompts whose samples barely differ (too easy or too hard) as much as informative ones.
-    A group of identical rewards gets A = 0 either way.
+    A group of identical rewards gets A = 0 exactly, in float32 and bfloat16 (see ``_centred_groups``: a float
+    mean of k equal values is often not that value, and dividing the leftover by std + eps ≈ 1e-4 would magnify
+    it 10,000×, pushing every sample of the group the same way).
     """
-    groups = _groups(rewards, group_size)
-    centred = groups - groups.mean(dim=1, keepdim=True)
+    centred = _centred_groups(rewards, group_size)
     if scale_by_std:
-        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+        centred = centred / (centred.std(dim=1, keepdim=True) + eps)  # std is shift-invariant: that of the rewards
     return centred.reshape(-1)
+
+
+def _centred_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """rewards [B] as [B / k, k] minus each group's mean, computed as (r − r_0) − mean(r − r_0), r_0 the group's
+    first member. Equal to r − mean(r) in exact arithmetic; a group of equal rewards gives exactly 0 (r − r_0 is
+    exactly 0, and so is the mean of zeros), where r − mean(r) leaves a rounding-level rest in float32 and bfloat16."""
+    groups = _groups(rewards, group_size)
+    shifted = groups - groups[:, :1]
+    return shifted - shifted.mean(dim=1, keepdim=True)
+
+
+@jaxtyped(typechecker=typechecker)
+def constant_groups(rewards: Float[Tensor, "batch"], group_size: int) -> Bool[Tensor, "groups"]:
+    """Which groups hold k exactly equal rewards (they get A = 0 from GRPO and RLOO, teaching nothing).    [B] -> [B/k]
+
+    Tested by equality, not by std == 0: the float std of equal values is often a rounding-level non-zero."""
+    groups = _groups(rewards, group_size)
+    return (groups == groups[:, :1]).all(dim=1)

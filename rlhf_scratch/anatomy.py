@@ -287,9 +287,33 @@ def kv_head_of(query_head: int, facts: Anatomy) -> int:
 
 
 def hooks_that_do_not_run(bridge, names: list[str]) -> dict[str, str]:
-    """{name: why} for each hook name that exists on ``bridge`` but does nothing on a forward pass: it is refused
-    when added (TransformerLens: e.g. ``hook_result`` while ``use_attn_result`` is off), or it never fires
-    (e.g. ``hook_pos_embed`` on a rotary model). Runs one 2-token forward pass with recorders on ``names``."""
+    """{name: why} for each hook name that exists on ``bridge`` but does nothing on a forward pass, found by one
+    2-token forward pass with recorders on ``names``. The reasons, each in words that name the hook:
+
+    - TransformerLens refuses it when added (e.g. ``hook_result`` while ``use_attn_result`` is off);
+    - the model's forward pass never calls it: the bridge lists the hook for every model of its kind, but this
+      architecture computes that step elsewhere (GPT-2's fused ``attn.qkv``, split into q, k and v; Llama's
+      ``attn.hook_hidden_states``; ``rotary_emb.hook_out`` where the rotary angles are computed outside the
+      hooked module);
+    - it is an alias (``hook_pos_embed`` for ``rotary_emb.hook_out``, ``blocks.L.hook_q_input`` for
+      ``blocks.L.attn.hook_q_input``) of a hook point that does one of the above; the reason names both.
+
+    Results are remembered per bridge and name (a check in a loop costs one probe per new name).
+    """
+    flags = tuple(sorted((k, v) for k, v in vars(bridge.cfg).items() if k.startswith("use_") and isinstance(v, bool)))
+    memo = _probe_memo.setdefault(bridge, {}).setdefault(flags, {})  # use_attn_result etc. change what is refused
+    candidates = [name for name in dict.fromkeys(names) if name in bridge.hook_dict and name not in memo]
+    if candidates:
+        memo.update(_probe(bridge, candidates))
+    return {name: memo[name] for name in dict.fromkeys(names) if memo.get(name)}
+
+
+_probe_memo: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""bridge -> {its cfg's use_* flags -> {hook name: why it does not run, or "" when it runs}}."""
+
+
+def _probe(bridge, candidates: list[str]) -> dict[str, str]:
+    """{name: why, or "" when it fires} for each of ``candidates`` (names in ``bridge.hook_dict``)."""
     fired: set[str] = set()
     why: dict[str, str] = {}
 
@@ -301,7 +325,6 @@ def hooks_that_do_not_run(bridge, names: list[str]) -> dict[str, str]:
 
     device = next(bridge.parameters()).device
     tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
-    candidates = [name for name in dict.fromkeys(names) if name in bridge.hook_dict]
     while True:
         hooks = [(name, recorder(name)) for name in candidates if name not in why]
         try:
@@ -312,11 +335,20 @@ def hooks_that_do_not_run(bridge, names: list[str]) -> dict[str, str]:
             refused = next((name for name, _ in hooks if f"hook {name} " in str(error)), None)
             if refused is None:
                 raise
-            why[refused] = "TransformerLens refuses it: " + str(error).split("\n")[0]
+            why[refused] = _alias_note(bridge, refused) + "TransformerLens refuses it: " + str(error).split("\n")[0]
+    family = family_name(bridge)
     for name in candidates:
         if name not in why and name not in fired:
-            why[name] = "it never fires on a forward pass, so a hook there would silently do nothing"
-    return why
+            why[name] = (_alias_note(bridge, name) + "its forward pass never calls it (the bridge lists the hook for "
+                         f"every model it wraps, but {family} computes that step elsewhere), so a hook there would "
+                         "silently do nothing")
+    return {name: why.get(name, "") for name in candidates}
+
+
+def _alias_note(bridge, name: str) -> str:
+    """"it is an alias of X, and " when ``name`` is another name for hook point X, else ""."""
+    target = getattr(bridge.hook_dict[name], "name", name)
+    return f"it is an alias of {target}, and " if isinstance(target, str) and target != name else ""
 
 
 def research_hooks(n_layers: int) -> list[str]:

@@ -38,8 +38,10 @@ from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.evaluation import EvalSamples
+from rlhf_scratch.models import check_fwd_hooks
 from rlhf_scratch.rewards import score_texts
 from rlhf_scratch.sampling import SamplingConfig, generate
+from rlhf_scratch.ties import merge_near_ties
 from rlhf_scratch.typecheck import typechecker
 
 
@@ -136,7 +138,7 @@ class BestOfNSampler:
         self.sampling = sampling
         self.pool_size = pool_size
         self.name = name or f"best-of-{n}"
-        self.fwd_hooks = list(fwd_hooks)
+        self.fwd_hooks = check_fwd_hooks(reference, fwd_hooks) if fwd_hooks else []  # names that run, or a clear error
         self.rows_per_prompt = pool_size
         self.kl_bound = best_of_n_kl_bound(n)
 
@@ -147,9 +149,10 @@ class BestOfNSampler:
         expanded = [prompt for prompt in prompts for _ in range(m)]
         generation = generate(self.reference, expanded, self.sampling, generator=generator, fwd_hooks=self.fwd_hooks)
         pool = score_texts(reward, generation.texts, generation.prompts).view(len(prompts), m)
-        best = select_best(pool[:, : self.n])
+        tied = merge_near_ties(pool.double())  # rounding-level differences are ties: the same choice on every CPU
+        best = select_best(tied[:, : self.n])
         rows = (torch.arange(len(prompts)) * m + best.cpu()).tolist()
-        kl_terms = torch.stack([plugin_best_of_n_kl(pool[i].double(), self.n) for i in range(len(prompts))]).float()
+        kl_terms = torch.stack([plugin_best_of_n_kl(tied[i], self.n) for i in range(len(prompts))]).float()
         return EvalSamples.from_generation(generation, pool.flatten(), kl_terms=kl_terms, rows=rows)
 
 

@@ -40,9 +40,11 @@ RESUME_STATE_TENSORS = "resume_state.safetensors"
 FORMAT_VERSION = 1
 
 RUN_FIELDS = ("out", "device", "wandb", "wandb_project", "samples_per_phase", "table_rows", "checkpoint_every",
-              "snapshot_every", "eval_every", "eval_prompts", "resume", "debug", "debug_max_approx_kl")
+              "snapshot_every", "eval_every", "eval_prompts", "resume", "debug", "debug_max_approx_kl", "stop_after_phase")
 """Config fields a resumed run may change: where and how it writes and checks, not what it computes.
 (``device`` does change float rounding: resume on the device you trained on for exact equality.)"""
+PER_CALL_FIELDS = ("stop_after_phase",)
+"""Run fields that belong to one call and are never carried over from the run's saved config."""
 
 
 # ---------------------------------------------------------------- state <-> (JSON, tensors)
@@ -182,6 +184,7 @@ def resumed_config(given, saved: dict, checkpoint: Path):
         )
     overrides = {name: getattr(given, name) for name in RUN_FIELDS
                  if hasattr(given, name) and flat_given.get(name) != flat_default.get(name)}
+    overrides.update({name: getattr(given, name) for name in PER_CALL_FIELDS if hasattr(given, name)})
     overrides.setdefault("out", checkpoint.parent)
     overrides["resume"] = given.resume
     return dataclasses.replace(run_config, **overrides)

@@ -25,6 +25,7 @@ from rich.table import Table
 from rlhf_scratch import distributed
 from rlhf_scratch.checkpoint import find_checkpoint
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
+from rlhf_scratch.config import config_errors_raised
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, names_local_file, prompts_from_texts
 from rlhf_scratch.diff_lens_report import LensConfig, run_lens
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
@@ -314,11 +315,13 @@ def main(argv: list[str] | None = None):
         default = presets[preset]()
         description += f" Presets (--preset NAME): {', '.join(presets)}; current: {preset}."
     try:
-        config = tyro.cli(config_class, args=args, default=default, prog=f"rlhf-scratch {name}", description=description, config=TYRO_CONFIG)
-    except ValueError as error:  # config validation in __post_init__
+        with config_errors_raised():  # a refused value: one line, not tyro's box
+            config = tyro.cli(config_class, args=args, default=default, prog=f"rlhf-scratch {name}", description=description, config=TYRO_CONFIG)
+    except ValueError as error:  # config validation in __post_init__: one line, exit status 2 (as tyro's own)
         print(f"rlhf-scratch {name}: invalid configuration: {error}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     set_threads(threads)
+    started = False
     try:
         preflight(config)
         distributed.init_from_env(getattr(config, "device", "cpu"))
@@ -329,6 +332,7 @@ def main(argv: list[str] | None = None):
             claim = claim_run_dir(config.out, name, overwrite=overwrite, resuming=_resumes_into_out(config),
                                   inputs=_input_paths(config), clean_on=USER_ERRORS, kept_on=(TrainingInterrupted,))
         with claim:
+            started = True  # past the --out check: a failure from here on may leave a checkpoint worth continuing
             runner(config)
     except USER_ERRORS as error:
         # Every rank raises the same RankFailedError; rank 0 says it once.
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None):
             where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""
             print(f"rlhf-scratch {name}{where}: error: {error}", file=sys.stderr)
             checkpoint = Path(config.out) / "checkpoint" if getattr(config, "out", None) is not None else None
-            if hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
+            if started and hasattr(config, "resume") and checkpoint is not None and checkpoint.is_dir():
                 print(f"The run's last checkpoint is kept in {checkpoint}: once the cause is fixed, continue with "
                       f"`{resume_command(name, config.out)}`.", file=sys.stderr)
         return 1

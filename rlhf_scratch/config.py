@@ -7,6 +7,7 @@ rejects bad values with a message that says how to fix them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -14,6 +15,34 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf_scratch.sampling import SamplingConfig
+
+
+class ConfigError(ValueError):
+    """A config value was refused (by a config's ``__post_init__``); the message says how to fix it."""
+
+
+@contextlib.contextmanager
+def config_errors_raised():
+    """Within, a config that ``tyro.cli`` fails to build raises ``ConfigError`` with the one-line message of its
+    ``__post_init__``, instead of tyro drawing a multi-line box and exiting (its parse-error hook, tyro >= 1.0;
+    on a tyro without it the box stays)."""
+    try:
+        import tyro._errors as errors  # private in tyro 1.0: absent elsewhere, then the box stays
+    except ImportError:
+        errors = None
+    hook = getattr(errors, "on_parse_error", None)
+    failure = getattr(errors, "InstantiationFailure", None)
+    if hook is None or failure is None:
+        yield
+        return
+
+    def raise_it(event) -> None:
+        if isinstance(event, failure):
+            flags = getattr(getattr(getattr(event, "argument", None), "lowered", None), "name_or_flags", None)
+            raise ConfigError(f"{'/'.join(flags)}: {event.message}" if flags else event.message)
+
+    with hook(raise_it):
+        yield
 
 
 def finite_float_checks(config) -> list[tuple[bool, str]]:
@@ -82,8 +111,9 @@ class PolicyTrainingConfig(TaskConfig):
     """AdamW weight decay (decoupled, on every optimised parameter)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm of every optimised parameter (trunk, and value head for PPO) to this value."""
-    warmup_phases: int = 2
-    """Linear warmup length in phases (the schedule steps once per phase)."""
+    warmup_phases: int | None = None
+    """Linear warmup length in phases (the schedule steps once per phase); None: 2, or phases − 1 when a run has
+    fewer than 3 phases (so a quick `--phases 1` or `--phases 2` trial runs). 0: no warmup."""
     final_lr_scale: float = 0.1
     """Learning-rate multiplier reached at the last phase (linear decay after warmup)."""
 
@@ -135,6 +165,9 @@ class PolicyTrainingConfig(TaskConfig):
     """W&B project name (with --wandb)."""
     checkpoint_every: int = 0
     """Write OUT/checkpoint every this many phases as well as at the end (0: only at the end)."""
+    stop_after_phase: int | None = None
+    """Stop after this phase with the checkpoint written, as a Ctrl-C would (exit status 0): to cut a long run into
+    jobs, or to try --resume. Continue with --resume OUT (this flag is not carried over). None: run every phase."""
     snapshot_every: int = 0
     """Save the policy's weights every this many phases in OUT/snapshots/phase_NNNN/ (a model directory, not a resume
     checkpoint) for `rlhf-scratch diff --timeline OUT`; 0: off. Each costs the model's size on disk."""
@@ -155,14 +188,20 @@ class PolicyTrainingConfig(TaskConfig):
     debug_max_approx_kl: float = 1.0
     """With --debug: the largest approx-KL(π_old ‖ π) a minibatch may reach (default-task runs peak near 0.01)."""
 
+    @property
+    def effective_warmup_phases(self) -> int:
+        """The warmup the schedule uses: warmup_phases, or by default min(2, phases − 1)."""
+        return min(2, self.phases - 1) if self.warmup_phases is None else self.warmup_phases
+
     def _checks(self) -> list[tuple[bool, str]]:
         return [
             *super()._checks(),
             (self.phases >= 1, f"phases must be >= 1, got {self.phases}."),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
             (self.lr > 0, f"lr must be > 0, got {self.lr}."),
-            (0 <= self.warmup_phases < self.phases,
-             f"warmup_phases must be in [0, phases={self.phases}), got {self.warmup_phases}."),
+            (self.warmup_phases is None or 0 <= self.warmup_phases < self.phases,
+             f"warmup_phases must be in [0, phases={self.phases}), got {self.warmup_phases}: pass --warmup-phases 0 "
+             f"(no warmup) or at most {self.phases - 1}, or leave it out (2, fewer in a short run)."),
             (0 <= self.final_lr_scale <= 1, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}."),
             (self.kl_coef >= 0, f"kl_coef must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}."),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
@@ -171,6 +210,8 @@ class PolicyTrainingConfig(TaskConfig):
             (self.samples_per_phase >= 0, f"samples_per_phase must be >= 0, got {self.samples_per_phase}."),
             (self.table_rows >= 1, f"table_rows must be >= 1 (rows of the before/after table), got {self.table_rows}."),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}."),
+            (self.stop_after_phase is None or self.stop_after_phase >= 1,
+             f"stop_after_phase must be >= 1 (or left out), got {self.stop_after_phase}."),
             (self.eval_every >= 0, f"eval_every must be >= 0 (0: off), got {self.eval_every}."),
             (self.snapshot_every >= 0, f"snapshot_every must be >= 0 (0: off), got {self.snapshot_every}."),
             (self.eval_prompts >= 1, f"eval_prompts must be >= 1, got {self.eval_prompts}."),

@@ -24,6 +24,7 @@ import random
 import re
 import socket
 import threading
+import unicodedata
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,6 +89,18 @@ def hub_is_reachable(timeout: float = 3.0) -> bool:
 # --------------------------------------------------------------------------- texts
 
 
+INVISIBLE = frozenset("\u115f\u1160\u2800\u3164\uffa0")
+"""Characters that are neither whitespace nor a format/control character but print as nothing (Hangul fillers,
+the blank Braille pattern)."""
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: every character is whitespace, a format character (zero-width space U+200B,
+    joiners, the byte-order mark U+FEFF, soft hyphen: Unicode category Cf), a control character (Cc) or one of
+    ``INVISIBLE``. ``str.strip()`` keeps the invisible ones, so a line of zero-width spaces would count as a text."""
+    return all(c.isspace() or c in INVISIBLE or unicodedata.category(c) in ("Cf", "Cc") for c in text)
+
+
 def load_texts(
     source: str,
     column: str = "text",
@@ -112,7 +125,7 @@ def load_texts(
         read (that also fails in milliseconds). Either way the message says to
         export the texts to a local file and pass its path.
 
-    Empty or whitespace-only texts (blank lines, empty fields) are dropped
+    Blank texts (``is_blank``: empty, whitespace or invisible characters only) are dropped
     everywhere. ``limit`` keeps the first ``limit`` texts in source order (no
     shuffle: ``prompts_from_texts`` does the seeded sampling). ``seed`` is only
     used by ``"builtin"``.
@@ -133,9 +146,9 @@ def load_texts(
             )
         else:
             texts = _load_hub_dataset(source, column, split, limit)
-    texts = [t for t in texts if t.strip()]
+    texts = [t for t in texts if not is_blank(t)]
     if not texts:
-        raise DataError(f"{source} holds no texts (it is empty or every text is blank).")
+        raise DataError(f"{source} holds no texts (it is empty or every text is blank or invisible characters).")
     return texts[:limit] if limit is not None else texts
 
 

@@ -39,6 +39,7 @@ from torch import Tensor
 from rlhf_scratch.objectives import masked_sequence_sum, taken_logprobs
 from rlhf_scratch.preferences import PreferencePair
 from rlhf_scratch.sampling import encode
+from rlhf_scratch.ties import decided_wins
 from rlhf_scratch.typecheck import typechecker
 
 Divergence = Literal["rkl", "fkl", "js", "alpha"]
@@ -170,20 +171,16 @@ def dpo_loss(
     )
 
 
-TIE_RTOL = 1e-5  # float32 rounding of a sum of ~100 token log-probs is ~1e-6 of its size; 10x margin
-
-
 def decided_accuracy(chosen: Float[Tensor, "batch"], rejected: Float[Tensor, "batch"],
                      scale: Float[Tensor, "..."]) -> Float[Tensor, ""]:
-    """Share of pairs with chosen − rejected > TIE_RTOL·max(1, max|scale|): ties count as not correct.
+    """Share of pairs with chosen − rejected > TIE_RTOL·max(1, |scale| of that pair): ties count as not correct.
 
     At a tie the sign of chosen − rejected is rounding noise that differs between CPUs, thread counts and batch
     layouts (at step 0 of DPO the policy equals the reference, so u_w = u_l = 0 up to rounding); a fixed rule
-    makes the metric the same everywhere. ``scale`` holds the numbers the two sides were computed from (their
-    rounding error is relative to those). inputs [B] -> [] (detached).
+    makes the metric the same everywhere (``ties.decided_wins``). ``scale`` [..., B] holds the numbers each pair's
+    two sides were computed from (their rounding error is relative to those). inputs [B] -> [] (detached).
     """
-    tolerance = TIE_RTOL * scale.detach().abs().max().clamp(min=1.0)
-    return ((chosen - rejected).detach() > tolerance).float().mean()
+    return decided_wins(chosen, rejected, scale).float().mean()
 
 
 # --------------------------------------------------------------------------- sequence log-probabilities

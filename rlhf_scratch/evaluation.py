@@ -41,6 +41,7 @@ from torch import Tensor
 
 from rlhf_scratch.config import TaskConfig
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, prompts_from_texts
+from rlhf_scratch.models import check_fwd_hooks
 from rlhf_scratch.objectives import generated_logits, masked_sequence_sum
 from rlhf_scratch.rewards import score_texts
 from rlhf_scratch.sampling import Generation, SamplingConfig, encode, filter_logits, generate
@@ -238,7 +239,7 @@ class ModelSampler:
         self.bridge = bridge
         self.reference = reference
         self.sampling = sampling
-        self.fwd_hooks = list(fwd_hooks)
+        self.fwd_hooks = check_fwd_hooks(bridge, fwd_hooks) if fwd_hooks else []  # names that run, or a clear error
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], reward, generator: torch.Generator) -> EvalSamples:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from rlhf_scratch import distributed
-from rlhf_scratch.advantages import grpo_advantages, rloo_advantages
+from rlhf_scratch.advantages import constant_groups, grpo_advantages, rloo_advantages
 from rlhf_scratch.config import PolicyTrainingConfig
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import (
@@ -79,10 +79,12 @@ class GroupSampling:
                              "on one rank.")
 
     def group_stats(self, rewards: Tensor, advantage: Tensor) -> dict[str, float]:
-        within = rewards.view(-1, self.config.group_size).std(dim=1)  # each group's spread: the signal there is
+        k = self.config.group_size
+        within = (rewards.view(-1, k) - rewards.view(-1, k)[:, :1]).std(dim=1)  # each group's spread: the signal
         return {
             "group/reward_std": within.mean().item(),
-            "group/zero_advantage_frac": (within == 0).float().mean().item(),  # groups that teach nothing
+            # groups that teach nothing: tested by equality (a float std of equal values can be a rounding-level > 0)
+            "group/zero_advantage_frac": constant_groups(rewards, k).float().mean().item(),
             "group/advantage_std": advantage.std().item(),
         }
 

@@ -72,7 +72,7 @@ class DiffConfig:
     max_new_tokens: int = 24
     """Response length with --from-samples."""
     max_tokens: int = 64
-    """Texts are cut to this many tokens with --no-from-samples."""
+    """Texts are cut to this many tokens with --no-from-samples (and to the model's context, with a note, if smaller)."""
     tokens: str | None = None
     """DLA token set, comma-separated words (e.g. "great,loved,wonderful"); default: the top-k tokens whose log-prob rose most."""
     top_k: int = 15
@@ -209,6 +209,10 @@ def run_diff(config: DiffConfig) -> dict:
             notes.append(f"Note: the checkpoint says it was trained from {base!r}, but the reference here is {config.reference!r}.")
 
     tokens, mask, prompt_len = diff_sequences(config, policy)
+    if not config.from_samples and config.max_tokens > policy.cfg.n_ctx:
+        notes.append(f"Note: --max-tokens {config.max_tokens} is above the model's context of {policy.cfg.n_ctx} "
+                     f"tokens: texts were cut to {policy.cfg.n_ctx}.")
+        console.print(notes[-1])
     bool_mask = mask.bool()
     n_layers = policy.cfg.n_layers
     console.print(f"diff: {tokens.shape[0]} sequences of up to {tokens.shape[1]} tokens "

@@ -54,6 +54,8 @@ def residual_hooks(n_layers: int) -> list[tuple[str, str]]:
     return [("embed", EMBED_HOOK)] + [(f"L{layer}", f"blocks.{layer}.hook_resid_post") for layer in range(n_layers)]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+"""A local model directory holds at least one of these (fast tokenizer, sentencepiece, BPE vocabulary, WordPiece)."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -139,6 +141,12 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
                 "Pass a directory written by `save_pretrained` (config.json, weights, "
                 "tokenizer files) or by `rlhf-scratch` (a run's checkpoint/ folder)."
             )
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}): the model was saved without it. "
+                "Save it next to the weights (`tokenizer.save_pretrained(DIR)`), or copy tokenizer.json and "
+                "tokenizer_config.json from the model it came from."
+            )
         try:
             bridge = TransformerBridge.boot_transformers(str(path), device=device)
         except (OSError, ValueError, KeyError, SafetensorError) as error:
@@ -161,7 +169,7 @@ def load_bridge(source: str | os.PathLike, device: str = "cpu"):
         except (OSError, ValueError) as error:
             raise ModelLoadError(
                 f"Could not load {source!r} from the Hugging Face hub ({type(error).__name__}: "
-                f"{str(error)[:200]}). If the hub is unreachable, download the model on a "
+                f"{brief(error)}). If the hub is unreachable, download the model on a "
                 "machine with network, save it to a directory and pass --model DIR; "
                 "or use --model builtin for the offline model."
             ) from error
@@ -381,11 +389,19 @@ def read_checkpoint_meta(meta_file: Path) -> dict:
                              "(a run's checkpoint.old).") from error
 
 
+def brief(error: Exception, limit: int = 200) -> str:
+    """A library's error message on one line, cut at a word (with "…") when longer than ``limit`` characters."""
+    text = " ".join(str(error).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+
+
 def corrupted_model_message(path: Path, error: Exception, file: str | None = None) -> str:
     """What to say when a model directory exists but cannot be read (a truncated or garbled file, named if known)."""
     which = f"{file} in it is" if file else "A file in it is"
     return (
-        f"Could not load the model in {path} ({type(error).__name__}: {str(error)[:200]}). {which} missing, "
+        f"Could not load the model in {path} ({type(error).__name__}: {brief(error)}). {which} missing, "
         "truncated or not what its name says (an interrupted copy or download?). Copy or save the model again; for "
         "a run's checkpoint, the previous complete one may be at checkpoint.old."
     )
@@ -418,10 +434,18 @@ def check_fwd_hooks(bridge, fwd_hooks) -> list:
             )
         if not isinstance(name, str) and not callable(name):
             raise ValueError(f"A hook's name must be a string or a filter function name -> bool, got {name!r}.")
+    runs = "Hook a point that runs, e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] or blocks.0.hook_resid_post "
+    runs += "[batch, pos, d_model]."
     silent = hooks_that_do_not_run(bridge, [name for name, _ in hooks if isinstance(name, str)])
     if silent:
         name, why = next(iter(silent.items()))
-        raise ValueError(f"The hook {name!r} exists on this {family_name(bridge)} model but {why.rstrip('.')}. "
-                         "Hook a point that runs, e.g. blocks.0.attn.hook_z [batch, pos, head, d_head] or "
-                         "blocks.0.hook_resid_post [batch, pos, d_model].")
+        raise ValueError(f"The hook {name!r} exists on this {family_name(bridge)} model but {why.rstrip('.')}. {runs}")
+    for name, _ in hooks:
+        if callable(name):  # a filter: it must select at least one hook point that runs
+            chosen = [point for point in known if name(point)]
+            silent = hooks_that_do_not_run(bridge, chosen)
+            if len(silent) == len(chosen):
+                what = (f"selects only hooks that never run ({', '.join(list(silent)[:4])}: "
+                        f"{next(iter(silent.values())).rstrip('.')})" if chosen else "selects no hook on this model")
+                raise ValueError(f"The hook filter {getattr(name, '__name__', name)!r} {what}. {runs}")
     return hooks

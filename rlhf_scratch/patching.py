@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +65,7 @@ DIRECTIONS = ("policy_into_reference", "reference_into_policy")
 METRICS = ("kl", "reward", "tokens")
 """Measures of ``PatchScan``: sequence KL, reward gap, log-prob of the token set."""
 KINDS = ("head", "mlp", "resid")
+"""Row kinds of a per-component scan ("set" for the rows of ``patch_scan(sets=...)``)."""
 _COMPONENT = re.compile(r"^L(\d+)\.(?:H(\d+)|(mlp)|(resid))$")
 
 
@@ -321,7 +322,11 @@ class PatchScan:
         return [row["component"] for row in known] + [row["component"] for row in rows if row[metric] is None]
 
     def value(self, component: str, metric: str = "kl") -> float | None:
-        return next(row[metric] for row in self.rows if row["component"] == component)
+        """The recovered fraction of ``metric`` for one component (None where there is no gap)."""
+        for row in self.rows:
+            if row["component"] == component:
+                return row[metric]
+        raise ValueError(f"component {component!r} is not in this scan; it has {[r['component'] for r in self.rows][:6]} ...")
 
     def head_grid(self, metric: str = "kl") -> Tensor:
         """[L, H] recovered fraction of every head (NaN where None), for the heatmap."""
@@ -348,6 +353,7 @@ def patch_scan(
     rewards_fn=None,
     direction: str = "policy_into_reference",
     names: Sequence[str] | None = None,
+    sets: Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 16,
     min_gap: float = 1e-6,
     seed: int = 0,
@@ -355,6 +361,9 @@ def patch_scan(
     """Patch each component (``names``, default ``components(reference)``) on its own from the donor into the
     receiver and measure the recovered fraction of the sequence KL, the token-set log-prob (``token_ids``) and the
     reward (``rewards_fn``; sampling, so the slowest measure); formulas in the module docstring.
+
+    ``sets`` {label: [component, ...]} instead: one row per labelled set, its components patched together
+    (row kind "set", with "members"), e.g. the top-ranked heads and MLPs of an earlier scan against random ones.
 
     tokens, attention_mask [N, S] (the policy's samples), response_mask [N, S] (True at response tokens).
     """
@@ -372,13 +381,21 @@ def patch_scan(
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if not token_ids or bad:
             raise ValueError(f"token_ids {token_ids}: need at least one id, all in [0, {vocab}).")
-    names = list(names) if names is not None else components(reference)
+    if sets is not None and names is not None:
+        raise ValueError("pass either names (one row per component) or sets (one row per set of components), not both.")
+    if sets is not None:
+        items = {str(label): list(members) for label, members in sets.items()}
+        if not items or any(not members for members in items.values()):
+            raise ValueError("sets must name at least one non-empty set of components, e.g. {'top2': ['L0.mlp', 'L1.H0']}.")
+    else:
+        items = {name: [name] for name in (list(names) if names is not None else components(reference))}
+    names = list(dict.fromkeys(member for members in items.values() for member in members))
     _parsed(reference, names)
     receiver, donor = (reference, policy) if direction == "policy_into_reference" else (policy, reference)
     n = tokens.shape[0]
     sums = {"kl_gap": torch.zeros(n, dtype=torch.float64), "tokens_ref": 0.0, "tokens_pol": 0.0}
-    patched_kl = {name: torch.zeros(n, dtype=torch.float64) for name in names}
-    patched_tokens = {name: 0.0 for name in names}
+    patched_kl = {label: torch.zeros(n, dtype=torch.float64) for label in items}
+    patched_tokens = {label: 0.0 for label in items}
     count = scored.sum().item()
     for start in range(0, n, batch_size):
         rows = slice(start, start + batch_size)
@@ -392,12 +409,12 @@ def patch_scan(
         if token_ids is not None:
             sums["tokens_ref"] += token_set_logprob(logp_ref, token_ids)[keep].sum().item()
             sums["tokens_pol"] += token_set_logprob(logp_pol, token_ids)[keep].sum().item()
-        for name in names:
-            logp = F.log_softmax(run_patched(receiver, batch, mask, acts, [name]).double().cpu(), -1)
+        for label, members in items.items():
+            logp = F.log_softmax(run_patched(receiver, batch, mask, acts, members).double().cpu(), -1)
             kl = sequence_kl(logp_pol, logp, keep) if receiver is reference else sequence_kl(logp, logp_ref, keep)
-            patched_kl[name][rows] = kl
+            patched_kl[label][rows] = kl
             if token_ids is not None:
-                patched_tokens[name] += token_set_logprob(logp, token_ids)[keep].sum().item()
+                patched_tokens[label] += token_set_logprob(logp, token_ids)[keep].sum().item()
     kl_gap = sums["kl_gap"].mean().item()
     baselines = {"direction": direction, "kl_gap": kl_gap, "n_sequences": n, "n_positions": int(count)}
     m_ref = m_pol = None
@@ -417,17 +434,17 @@ def patch_scan(
     r_receiver, r_donor = (r_ref, r_pol) if receiver is reference else (r_pol, r_ref)
 
     result_rows = []
-    for name in names:
-        kind, layer, head = parse_component(name)
+    for name, members in items.items():
+        kind, layer, head = ("set", None, None) if sets is not None else parse_component(name)
         kl_patched = patched_kl[name].mean().item()
-        row = {"component": name, "kind": kind, "layer": layer, "head": head,
+        row = {"component": name, "kind": kind, "layer": layer, "head": head, **({"members": members} if sets else {}),
                "kl": None if kl_gap <= min_gap else 1 - kl_patched / kl_gap, "kl_patched": kl_patched,
                "tokens": None, "tokens_patched": None, "reward": None, "reward_patched": None}
         if token_ids is not None:
             row["tokens_patched"] = patched_tokens[name] / count
             row["tokens"] = recovered_fraction(row["tokens_patched"], m_receiver, m_donor, min_gap)
         if rewards_fn is not None:
-            rewards = sampled_rewards(receiver, donor, tokens, attention_mask, response_mask, [name], rewards_fn, seed)
+            rewards = sampled_rewards(receiver, donor, tokens, attention_mask, response_mask, members, rewards_fn, seed)
             row["reward_patched"] = rewards.mean().item()
             row["reward"] = recovered_fraction(row["reward_patched"], r_receiver, r_donor, reward_floor)
         result_rows.append(row)

@@ -45,7 +45,7 @@ class PatchConfig:
     """Prompt texts: "builtin" held-out reviews, a .txt/.jsonl/.csv file, or a datasets name."""
     column: str = "text"
     """Text column for .jsonl/.csv/datasets sources."""
-    n_texts: int = 16
+    n_texts: int = 32
     """Number of prompts; each gets one sampled policy response (the sequences both models read)."""
     max_new_tokens: int = 16
     """Response length."""
@@ -144,6 +144,15 @@ def run_patch(config: PatchConfig) -> dict:
         scans[direction] = patch_scan(reference, policy, tokens, mask, response, token_ids=token_ids, rewards_fn=reward,
                                       direction=direction, batch_size=config.batch_size, seed=config.seed)
         seconds[direction] = time.perf_counter() - started
+    transplant = None
+    if "policy_into_reference" in scans:
+        sets = transplant_sets(scans["policy_into_reference"], config.seed)
+        if sets:
+            started = time.perf_counter()
+            scan = patch_scan(reference, policy, tokens, mask, response, token_ids=token_ids, rewards_fn=reward,
+                              sets=sets, batch_size=config.batch_size, seed=config.seed)
+            transplant = scan.rows
+            seconds["transplant"] = time.perf_counter() - started
     decode = lambda t: policy.tokenizer.decode([t])  # noqa: E731
     summary = {
         "reference": config.reference, "policy": config.policy, "anatomy": facts.describe(),
@@ -152,6 +161,7 @@ def run_patch(config: PatchConfig) -> dict:
         "reward": config.reward, "seconds": seconds,
         "scans": {d: {"baselines": s.baselines, "rows": s.rows,
                       "top": {m: top_components(s, m) for m in METRICS}} for d, s in scans.items()},
+        "transplant": transplant,
     }
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +180,23 @@ def top_components(scan: PatchScan, metric: str, n: int = 10) -> list[dict]:
     most of ``metric``, as rows {"component", "recovered"}; empty when the measure has no gap."""
     ranked = scan.ranked(metric, kinds=("head", "mlp"))[:n]
     return [{"component": c, "recovered": scan.value(c, metric)} for c in ranked if scan.value(c, metric) is not None]
+
+
+def transplant_sets(scan: PatchScan, seed: int) -> dict[str, list[str]]:
+    """{label: components}: the top n heads and MLPs by KL recovered (n = 1, 2, 4, ... up to a quarter of them),
+    each beside n chosen at random (seeded) as a control. Empty when the KL has no gap."""
+    pool = [row["component"] for row in scan.rows if row["kind"] in ("head", "mlp")]
+    if scan.rows and all(row["kl"] is None for row in scan.rows):
+        return {}
+    ranked = scan.ranked("kl", kinds=("head", "mlp"))
+    quarter = max(1, len(pool) // 4)
+    sizes = sorted({2**i for i in range(quarter.bit_length()) if 2**i <= quarter} | {quarter})
+    generator = torch.Generator().manual_seed(seed)
+    sets = {}
+    for n in sizes:
+        sets[f"top {n}"] = ranked[:n]
+        sets[f"random {n}"] = [pool[i] for i in torch.randperm(len(pool), generator=generator)[:n].tolist()]
+    return sets
 
 
 def _fraction(value) -> str:
@@ -222,6 +249,14 @@ def write_patch_report(out: Path, config: PatchConfig, summary: dict) -> Path:
                  markdown_table(["layer", "mlp KL", "mlp reward", "mlp tokens", "resid KL", "resid reward", "resid tokens"],
                                 [[f"L{l}", *[_fraction(rows[f"L{l}.{kind}"][m]) for kind in ("mlp", "resid") for m in METRICS]]
                                  for l in layers]), ""]
+    if summary.get("transplant"):
+        text += ["## Transplant: the top components together", "",
+                 "The n heads and MLPs that recover the most KL (policy → reference), patched together into the "
+                 "reference, beside n chosen at random (seeded), n up to a quarter of all heads and MLPs. A behaviour "
+                 "that lives in few components moves with the top set and not with the random one.", "",
+                 markdown_table(["set", "KL", "reward", "token set", "components"],
+                                [[r["component"], _fraction(r["kl"]), _fraction(r["reward"]), _fraction(r["tokens"]),
+                                  " ".join(r["members"])] for r in summary["transplant"]]), ""]
     path = out / "report.md"
     path.write_text("\n".join(text))
     return path

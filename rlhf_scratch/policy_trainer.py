@@ -257,7 +257,7 @@ class PolicyTrainer(ABC):
         self.learner = distributed.wrap_ddp(self.policy, [p for group in self.optimizer.param_groups for p in group["params"]])
         """The policy the learning passes run through: ``self.policy`` itself, or wrapped in DDP (data-parallel)."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_decay_lambda(config.phases, config.warmup_phases, config.final_lr_scale)
+            self.optimizer, warmup_decay_lambda(config.phases, config.effective_warmup_phases, config.final_lr_scale)
         )
         self.kl_controller = (
             AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
@@ -980,4 +980,8 @@ def start_wandb(config: PolicyTrainingConfig):
 def run_trainer(trainer_class: type[PolicyTrainer], config: PolicyTrainingConfig) -> dict:
     """The command: a new run, or the continuation of ``config.resume``."""
     trainer = trainer_class.resume(config) if config.resume is not None else trainer_class(config)
-    return trainer.train()
+    summary = trainer.train(stop_after=config.stop_after_phase)
+    if trainer.phase < trainer.config.phases and distributed.is_main():  # --stop-after-phase: say how to go on
+        print(f"Stopped after phase {trainer.phase} of {trainer.config.phases} (--stop-after-phase). Continue with: "
+              f"{resume_command(trainer.kind, trainer.config.out) if trainer.config.out else 'nothing was saved without --out'}")
+    return summary

@@ -41,6 +41,7 @@ from rlhf_scratch.data import (
     csv_errors,
     csv_rows,
     fixed_prefix_prompts,
+    is_blank,
     load_texts,
     names_local_file,
     open_hub_dataset,
@@ -252,8 +253,8 @@ def _pair_from_row(row: dict) -> PreferencePair:
         value = _message_content(row[field], field, "user" if field == "prompt" else "assistant")
         if not isinstance(value, str):
             raise _RowError(f"{field!r} is a {type(value).__name__}, not a string")
-        if field != "prompt" and not value.strip():
-            raise _RowError(f"{field!r} is empty")
+        if field != "prompt" and is_blank(value):
+            raise _RowError(f"{field!r} is empty" + (" (only invisible characters)" if value.strip() else ""))
         texts[field] = value
     numbers = {field: _number(row, field) for field in NUMBER_FIELDS}
     if numbers["margin"] is not None and numbers["margin"] < 0:
@@ -393,7 +394,7 @@ def build_pairs(
             raise PairDataError(f"prompt {k}: {len(group)} responses but {len(group_scores)} scores.")
         if any(not math.isfinite(s) for s in group_scores):
             raise PairDataError(f"prompt {k}: a score is not finite ({group_scores}); check the reward.")
-        scored = [(float(s), r) for r, s in zip(group, group_scores) if r.strip()]
+        scored = [(float(s), r) for r, s in zip(group, group_scores) if not is_blank(r)]
         winners = sorted((x for x in scored if x[0] > threshold), key=lambda x: -x[0])
         losers = sorted((x for x in scored if x[0] <= threshold), key=lambda x: x[0])
         pairs += [
@@ -442,7 +443,8 @@ class PairsConfig(TaskConfig):
 def run_pairs(config: PairsConfig) -> dict:
     """Sample ``config.n`` responses, score them, build pairs; write pairs.jsonl, config.json, summary.json.
 
-    Returns the summary: n_prompts, n_samples, n_pairs, n_empty (empty responses, never paired),
+    Returns the summary: n_prompts, n_samples, n_pairs (distinct pairs written), n_duplicates_dropped (copies of an
+    earlier pair, not written), n_empty (empty responses, never paired),
     sample_score_mean, frac_above_threshold, chosen_score_mean, rejected_score_mean, threshold,
     pairs_file, seconds.
     """
@@ -490,6 +492,12 @@ def run_pairs(config: PairsConfig) -> dict:
             f"samples scored above it, mean score {sum(scores) / len(scores):+.3f}). Move --threshold towards the "
             "median score or raise --samples-per-prompt; nothing was written."
         )
+    # Prompts repeat (always with --prompt) and so do short responses: a pair may come out twice. Written once, so
+    # that n_pairs is what rm and dpo will train on (they would drop the copies anyway).
+    n_built = len(pairs)
+    pairs, n_duplicates = drop_duplicate_pairs(pairs)
+    if n_duplicates:
+        console.print(f"note: {duplicates_note(n_duplicates, n_built, 'the pairs built')}")
     out = Path(config.out)
     write_json(out / "config.json", config)
     write_pairs(out / "pairs.jsonl", pairs)
@@ -502,7 +510,8 @@ def run_pairs(config: PairsConfig) -> dict:
         "n_prompts": n_prompts,
         "n_samples": len(rows),
         "n_pairs": len(pairs),
-        "n_empty": sum(not r.strip() for r in responses),
+        "n_duplicates_dropped": n_duplicates,
+        "n_empty": sum(is_blank(r) for r in responses),
         "sample_score_mean": mean(scores),
         "frac_above_threshold": mean([float(s > config.threshold) for s in scores]),
         "chosen_score_mean": mean([p.chosen_score for p in pairs]),

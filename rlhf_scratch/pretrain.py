@@ -71,7 +71,8 @@ class PretrainConfig:
     n_texts: int = 24000
     """Number of generated reviews to train on (built-in corpus only)."""
     n_heldout: int = 1000
-    """Texts kept apart to measure perplexity."""
+    """Texts kept apart to measure perplexity: at most a tenth of all texts (fewer with a small --data file; the run
+    then says how many it held out)."""
     vocab_size: int = 2048
     """BPE vocabulary size (including the special token)."""
     n_layer: int = 4
@@ -283,7 +284,8 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
                       f"replace the built-in model at {builtin_model_dir(config.cache_dir)}, and every --model builtin "
                       "command will use it. `rlhf-scratch pretrain` with the defaults restores the usual one.")
     # Said now, before minutes of training, and again in the summary.
-    data_warnings = few_texts_warnings(config, len(train_texts), len(heldout_texts))
+    data_warnings = heldout_warnings(config, len(train_texts), len(heldout_texts))
+    data_warnings += few_texts_warnings(config, len(train_texts), len(heldout_texts))
     for warning in data_warnings:
         console.print(f"[bold yellow]warning:[/] {warning}")
     tokenizer = train_tokenizer(train_texts, config.vocab_size, model_dir)
@@ -395,6 +397,16 @@ def pretrain(config: PretrainConfig, console=None) -> dict:
 
 FEW_TEXTS = 1000
 """Fewer training texts than this get a warning: a model pretrained on so few memorises them (the built-in corpus has 24,000)."""
+
+
+def heldout_warnings(config: PretrainConfig, n_train: int, n_heldout: int) -> list[str]:
+    """A warning when fewer texts are held out than --n-heldout asks (at most a tenth of all texts are)."""
+    if n_heldout >= config.n_heldout:
+        return []
+    source = "the built-in corpus" if config.data is None else f"--data {config.data}"
+    return [f"--n-heldout {config.n_heldout} is more than a tenth of the {n_train + n_heldout} texts of {source}: "
+            f"{n_heldout} {'is' if n_heldout == 1 else 'are'} held out for perplexity instead, so that most texts "
+            f"train. Pass --n-heldout {n_heldout} or less to silence this."]
 
 
 def few_texts_warnings(config: PretrainConfig, n_train: int, n_heldout: int) -> list[str]:

@@ -48,6 +48,7 @@ from rlhf_scratch.models import (
 )
 from rlhf_scratch.outputs import atomic_dir
 from rlhf_scratch.sampling import left_pad, padding_id
+from rlhf_scratch.ties import decided_wins
 from rlhf_scratch.typecheck import typechecker
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
@@ -127,10 +128,12 @@ def rating_entropy(logits: Float[Tensor, "batch K"]) -> Float[Tensor, "batch"]:
 
 @jaxtyped(typechecker=typechecker)
 def pairwise_accuracy(r_chosen: Float[Tensor, "batch"], r_rejected: Float[Tensor, "batch"]) -> float:
-    """Share of pairs with r_w > r_l, strictly: a tie counts as wrong (a constant reward scores 0, not ½)."""
+    """Share of pairs with r_w > r_l by more than rounding: a tie, exact or within float rounding
+    (``ties.decided_wins``: r_w − r_l <= 1e-5·max(1, |r_w|, |r_l|)), counts as wrong (a constant reward scores 0,
+    not ½), so the share is the same on every CPU, thread count and batch layout."""
     if r_chosen.numel() == 0:
         raise ValueError("pairwise_accuracy needs at least one pair.")
-    return (r_chosen > r_rejected).double().mean().item()
+    return decided_wins(r_chosen, r_rejected).double().mean().item()
 
 
 # --------------------------------------------------------------------------- the model

@@ -43,6 +43,7 @@ from rlhf_scratch.reward_model import (
     save_reward_model,
 )
 from rlhf_scratch.rewards import make_reward, score_texts
+from rlhf_scratch.ties import decided_wins
 
 
 @dataclass
@@ -219,7 +220,7 @@ def fit_reward_model(config: RewardModelConfig) -> tuple[RewardModel, dict]:
                 clipped_step(optimizer, loss, config.max_grad_norm, "Lower --lr, or check the pair file for extreme texts or margins.")
                 scheduler.step()
                 # The whole batch's loss and correct pairs (one all-reduce; the values themselves in one process).
-                totals = distributed.all_reduce_sum(torch.stack([loss.detach().double(), (r_w > r_l).sum().double()]))
+                totals = distributed.all_reduce_sum(torch.stack([loss.detach().double(), decided_wins(r_w, r_l).sum().double()]))
                 losses.append(totals[0].item() / W)
                 initial_loss = losses[0] if initial_loss is None else initial_loss
                 correct += int(totals[1].item())
@@ -300,7 +301,7 @@ def run_score(config: ScoreConfig) -> dict:
     """Score ``prompt + chosen`` and ``prompt + rejected`` of every pair with the reward; write summary.json.
 
     Summary: reward, pairs, n_pairs, pairwise_accuracy (share with score(chosen) > score(rejected), ties
-    wrong), ties (share of exact ties), chosen_mean, rejected_mean, seconds.
+    wrong), ties (share of ties, exact or within float rounding: ``ties.decided_wins``), chosen_mean, rejected_mean, seconds.
     """
 
 
@@ -313,7 +314,7 @@ def run_score(config: ScoreConfig) -> dict:
         "pairs": str(config.pairs),
         "n_pairs": len(pairs),
         "pairwise_accuracy": pairwise_accuracy(chosen, rejected),
-        "ties": (chosen == rejected).double().mean().item(),
+        "ties": (~decided_wins(chosen, rejected) & ~decided_wins(rejected, chosen)).double().mean().item(),
         "chosen_mean": chosen.mean().item(),
         "rejected_mean": rejected.mean().item(),
         "seconds": time.time() - start,

@@ -30,7 +30,7 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_scratch.data import HUB_ID_PATTERN, hub_is_reachable, hub_offline_var
-from rlhf_scratch.models import ModelLoadError
+from rlhf_scratch.models import ModelLoadError, brief
 from rlhf_scratch.reward_model import find_reward_model_dir, load_reward_model
 from rlhf_scratch.typecheck import typechecker
 
@@ -215,7 +215,7 @@ def _load_classifier(name_or_path: str, device):
         except (OSError, ValueError) as error:
             raise RewardError(
                 f"{path} is not a loadable sequence-classification model directory "
-                f"({type(error).__name__}: {str(error)[:300]}). It needs config.json, the "
+                f"({type(error).__name__}: {brief(error, 300)}). It needs config.json, the "
                 "weights and the tokenizer files, as written by save_pretrained."
             ) from error
     check_classifier_source(name_or_path)
@@ -240,7 +240,7 @@ def _load_classifier(name_or_path: str, device):
             ) from error
         raise RewardError(
             f"Cannot load the reward classifier {name_or_path!r} from the Hugging Face hub "
-            f"({type(error).__name__}: {str(error)[:300]}). {how_to_fix}"
+            f"({type(error).__name__}: {brief(error, 300)}). {how_to_fix}"
         ) from error
 
 

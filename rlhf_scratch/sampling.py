@@ -280,7 +280,8 @@ def generate(
     The first step runs the whole left-padded prompt; each later step feeds only the
     newest token and the grown attention mask, reusing the keys and values of all
     earlier positions (``decode_step``). ``fwd_hooks`` are TransformerLens hooks applied
-    to every forward pass of this generation. The first call on a bridge checks that
+    to every forward pass of this generation; a name that never runs on this model is refused
+    (``models.check_fwd_hooks``, one probe per new name). The first call on a bridge checks that
     cached decoding equals a full forward pass (``ensure_generation_checked``).
     """
     tokenizer = bridge.tokenizer
@@ -295,6 +296,10 @@ def generate(
             "for prompts cut from --data) or fewer new tokens (--max-new-tokens)."
         )
     ensure_generation_checked(bridge)
+    if fwd_hooks:
+        from rlhf_scratch.models import check_fwd_hooks  # models imports the sampler's users: import here
+
+        fwd_hooks = check_fwd_hooks(bridge, fwd_hooks)
     device = next(bridge.parameters()).device
     tokens, attention_mask = tokens.to(device), attention_mask.to(device)
     batch, prompt_len = tokens.shape

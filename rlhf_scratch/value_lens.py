@@ -53,6 +53,7 @@ from rlhf_scratch.models import (
     BUILTIN_NAMES,
     CHECKPOINT_META_FILE,
     VALUE_HEAD_FILE,
+    WEIGHT_FILES,
     complete_checkpoint_dir,
     load_bridge,
     load_policy,
@@ -165,15 +166,30 @@ def check_ppo_checkpoint(checkpoint: str) -> Path:
             "(`rlhf-scratch ppo --out runs/ppo` writes runs/ppo/checkpoint)."
         )
     if not (path / VALUE_HEAD_FILE).is_file():
-        meta = path / CHECKPOINT_META_FILE
-        kind = read_checkpoint_meta(meta).get("kind") if meta.is_file() else None
-        what = f"a {kind} checkpoint" if kind else "a model without a value head"
-        raise ValueError(
-            f"{checkpoint} is {what} (no {VALUE_HEAD_FILE}): inspect needs a PPO checkpoint, whose value head it reads. "
-            "REINFORCE and DPO checkpoints and base models have no value head; pass the checkpoint/ folder of an "
-            "`rlhf-scratch ppo` run."
-        )
+        raise ValueError(f"{checkpoint} {_why_no_value_head(path)}")
     return path
+
+
+def _why_no_value_head(path: Path) -> str:
+    """The rest of the sentence "CHECKPOINT ...", for a directory without a value head: what it is, and what to pass."""
+    has_weights = any((path / name).is_file() for name in WEIGHT_FILES)
+    meta = path / CHECKPOINT_META_FILE
+    kind = read_checkpoint_meta(meta).get("kind") if meta.is_file() else None
+    ppo_run = "pass the checkpoint/ folder (or the --out folder) of an `rlhf-scratch ppo` run"
+    if not has_weights and (path / "config.json").is_file() and not (path / "checkpoint").exists() and kind is None:
+        return (f"is a run directory without a checkpoint/: that run stopped before writing one (a trainer writes it at "
+                f"the end, and every --checkpoint-every phases). There is nothing to inspect in it; {ppo_run} that "
+                "finished or wrote a checkpoint.")
+    if kind == "ppo":
+        missing = VALUE_HEAD_FILE if has_weights else f"{VALUE_HEAD_FILE} and the model weights"
+        return (f"is an incomplete PPO checkpoint: {missing} missing (an interrupted save or copy?). Use an intact "
+                "copy (the run's checkpoint.old, if there is one) or train again.")
+    if kind is not None:
+        return (f"is a {kind} checkpoint, which has no value head: inspect needs a PPO checkpoint, whose value head "
+                f"it reads; {ppo_run}.")
+    if not has_weights:
+        return f"holds no model (no {WEIGHT_FILES[0]}) and no value head; {ppo_run}."
+    return f"is a model without a value head ({VALUE_HEAD_FILE}), not a PPO checkpoint; {ppo_run}."
 
 
 def run_inspect(config: InspectConfig) -> dict:

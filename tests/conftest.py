@@ -81,3 +81,19 @@ def sigint_default():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+ARGMAX_ATOL = 1e-4
+"""Logits closer than this are a tie for greedy decoding: a KV-cached step and a full forward pass (or two batch
+layouts, CPUs, thread counts) round differently, and at such a tie either token is the argmax."""
+
+
+def greedy_up_to_rounding(logits: torch.Tensor, tokens: torch.Tensor, atol: float = ARGMAX_ATOL) -> torch.Tensor:
+    """[..., V] logits, [...] tokens -> [...] bool: the token is the argmax, or within ``atol`` of the maximum."""
+    logits = logits.float()
+    return logits.gather(-1, tokens[..., None])[..., 0] >= logits.max(-1).values - atol
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where two token lists differ; None if equal."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)

@@ -152,3 +152,17 @@ def test_sampler_validation(tiny_bridge):
         BestOfNSampler(tiny_bridge, n=4, pool_size=2)
     with pytest.raises(ValueError, match="n must be >= 1"):
         BestOfNSampler(tiny_bridge, n=0)
+
+
+def test_rewards_within_rounding_are_ties_for_the_choice_and_the_kl():
+    """Two samples with the same text can get rewards that differ by rounding (another batch position, CPU or thread
+    count). Merged, the first of them is chosen on every machine and the plug-in KL counts them as one reward."""
+    from rlhf_scratch.ties import merge_near_ties
+
+    pool = torch.tensor([[0.5 - 3e-8, 0.2, 0.5, 0.5 + 2e-8], [3.0, 1.0, 2.0, 2.0 + 1e-3]], dtype=torch.float64)
+    merged = merge_near_ties(pool)
+    assert merged.tolist() == [[0.5 - 3e-8, 0.2, 0.5 - 3e-8, 0.5 - 3e-8], [3.0, 1.0, 2.0, 2.0 + 1e-3]]
+    assert select_best(merged).tolist() == [0, 0]  # the first of the tied best; a real margin (1e-3) stays one
+    exact_ties = torch.tensor([0.5, 0.2, 0.5, 0.5], dtype=torch.float64)
+    assert plugin_best_of_n_kl(merged[0], 2).item() == pytest.approx(plugin_best_of_n_kl(exact_ties, 2).item(), abs=1e-12)
+    assert plugin_best_of_n_kl(pool[0], 2).item() > plugin_best_of_n_kl(exact_ties, 2).item() + 0.05  # unmerged: wrong

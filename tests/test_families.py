@@ -154,7 +154,7 @@ def test_an_attention_ablation_hook_changes_the_logits_and_silent_hooks_are_refu
         ablated = bridge.run_with_hooks(TOKENS, attention_mask=MASK, fwd_hooks=hooks)
     assert (ablated - logits)[MASK.bool()].abs().max() > 1e-3
     if not anatomy(bridge).positional_embedding and "hook_pos_embed" in bridge.hook_dict:
-        with pytest.raises(ValueError, match="'hook_pos_embed' exists on this .* but it never fires"):
+        with pytest.raises(ValueError, match="'hook_pos_embed' exists on this .* but it is an alias of .* never calls it"):
             check_fwd_hooks(bridge, [("hook_pos_embed", ablate)])
     if "blocks.0.attn.hook_result" in bridge.hook_dict:  # refused by TransformerLens while use_attn_result is off
         with pytest.raises(ValueError, match="hook_result' exists on this .* but TransformerLens refuses it"):

@@ -11,6 +11,7 @@ lengths, with and without hooks. Each fails on the unpatched stack (see the READ
 
 import pytest
 import torch
+from conftest import greedy_up_to_rounding
 
 from rlhf_scratch import sampling
 from rlhf_scratch.models import load_bridge
@@ -85,9 +86,12 @@ def full_forward_logits(bridge, generation, fwd_hooks=()):
 
 def test_greedy_generation_is_the_argmax_of_a_full_forward_pass(bridge):
     generation = generate(bridge, encoded(bridge), SamplingConfig(max_new_tokens=12, top_k=1, stop_at_eos=False))
-    argmax = full_forward_logits(bridge, generation).argmax(-1)
+    full = full_forward_logits(bridge, generation)
     assert generation.gen_mask.all()
-    assert torch.equal(generation.response_tokens, argmax)
+    # Each token is the full pass's argmax, or (where two logits tie within rounding, which a cached step and a
+    # full pass break differently on different CPUs) within ARGMAX_ATOL of it; most are the exact argmax.
+    assert greedy_up_to_rounding(full, generation.response_tokens).all()
+    assert (generation.response_tokens == full.argmax(-1)).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("with_hooks", [False, True], ids=["no_hooks", "ablated_head"])

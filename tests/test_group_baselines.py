@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_TEXTS
 
-from rlhf_scratch.advantages import grpo_advantages, rloo_advantages
+from rlhf_scratch.advantages import constant_groups, grpo_advantages, rloo_advantages
 from rlhf_scratch.cli import main
 from rlhf_scratch.group_baselines import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from rlhf_scratch.objectives import aggregate_tokens, clipped_surrogate_per_token
@@ -36,6 +36,31 @@ def test_grpo_advantages_by_hand():
     same = torch.tensor([0.7, 0.7, 0.7, 2.0, 1.0, 0.0])
     assert grpo_advantages(same, 3)[:3].tolist() == [0.0, 0.0, 0.0]
     assert rloo_advantages(same, 3)[:3].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8, 16, 64])
+def test_a_constant_group_gets_exactly_zero_advantage(dtype, k):
+    # In float32 the mean of 8 copies of 0.8734 is not 0.8734; divided by std + 1e-4 the rest became +0.00119 for
+    # every sample (issue 22). Any constant, any k, both dtypes: exactly 0, and the group counted as teaching nothing.
+    torch.manual_seed(k)
+    constants = torch.cat([torch.rand(200) * 10 - 5, torch.randn(100) * 1e3, torch.tensor([0.8734, 1 / 3, 0.1])])
+    for c in constants.tolist():
+        same = torch.full((k,), c, dtype=dtype)
+        for fn in (rloo_advantages, grpo_advantages, lambda r, k: grpo_advantages(r, k, scale_by_std=False)):
+            assert (fn(same, k) == 0).all(), (c, k, dtype, fn(same, k))
+        assert constant_groups(same, k).tolist() == [True]
+
+
+def test_zero_advantage_fraction_counts_equal_groups_in_any_layout():
+    # Three groups of four: the first and third constant (0.8734 and 1/3: float means that miss the value), the
+    # second not. One group per batch, or all three together, in any order: the same verdict per group.
+    groups = [torch.full((4,), 0.8734), torch.tensor([0.1, 0.2, 0.2, 0.2]), torch.full((4,), 1 / 3)]
+    assert constant_groups(torch.cat(groups), 4).tolist() == [True, False, True]
+    assert constant_groups(torch.cat(groups[::-1]), 4).tolist() == [True, False, True]
+    assert [constant_groups(g, 4).item() for g in groups] == [True, False, True]
+    advantages = grpo_advantages(torch.cat(groups), 4)
+    assert (advantages[:4] == 0).all() and (advantages[8:] == 0).all() and (advantages[4:8] != 0).all()
 
 
 @pytest.mark.parametrize("fn", [rloo_advantages, grpo_advantages])

@@ -437,9 +437,10 @@ def test_one_log_softmax_gives_the_rollout_quantities_bit_for_bit():
     assert torch.isfinite(entropy_from_logprobs(logp)).all()
 
 
-def test_blockwise_p_times_gives_the_one_pass_values_bit_for_bit(monkeypatch):
+def test_blockwise_p_times_gives_the_one_pass_values(monkeypatch):
     """``_p_times`` (entropy, exact KL) runs over blocks of rows to keep its temporaries in the cache; the values and
-    gradients must be those of one pass over the whole tensor, and both must equal torch.distributions' closed forms."""
+    gradients must be those of one pass over the whole tensor (to rounding: another CPU may round a block layout
+    differently), and both must equal torch.distributions' closed forms."""
     import torch.nn.functional as F
 
     from rlhf_scratch import objectives
@@ -459,8 +460,8 @@ def test_blockwise_p_times_gives_the_one_pass_values_bit_for_bit(monkeypatch):
     one_pass = entropy_and_kl_with_grad()
     for block_elements in (64, 3 * 64, 1):  # one row per block, 3 rows, and fewer elements than a row
         monkeypatch.setattr(objectives, "_BLOCK_ELEMENTS", block_elements)
-        for got, expected in zip(entropy_and_kl_with_grad(), one_pass):
-            assert torch.equal(got, expected)
+        for got, expected in zip(entropy_and_kl_with_grad(), one_pass):  # the same maths; a block layout may round
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)  # differently on another CPU
     policy = torch.distributions.Categorical(logits=logits.detach())
     reference = torch.distributions.Categorical(logits=ref_logits)
     torch.testing.assert_close(one_pass[0], policy.entropy(), rtol=1e-5, atol=1e-5)

@@ -152,6 +152,21 @@ def test_the_one_changed_head_recovers_all_and_the_other_heads_none(family, tiny
     assert scan.ranked("kl", kinds=("head",))[0] == "L1.H2"
 
 
+def test_a_set_patched_together_recovers_what_its_members_carry(tiny_model_dir):
+    reference, policy = load_bridge(tiny_model_dir), with_head_w_o_moved(tiny_model_dir, layer=1, head=2)
+    heads = [f"L{layer}.H{head}" for layer in range(2) for head in range(4)]
+    scan = patch_scan(reference, policy, TOKENS, MASK, RESPONSE, sets={
+        "changed head": ["L1.H2"], "changed head + mlp": ["L1.H2", "L1.mlp"], "other heads": [h for h in heads if h != "L1.H2"],
+    })
+    values = {row["component"]: row["kl"] for row in scan.rows}
+    assert values["changed head"] == pytest.approx(1.0, abs=1e-4) and values["other heads"] == pytest.approx(0.0, abs=1e-5)
+    # the MLP after the head, taken from the policy on top of the policy's head: still exactly the policy
+    assert values["changed head + mlp"] == pytest.approx(1.0, abs=1e-4)
+    assert scan.ranked("kl", kinds=("set",))[-1] == "other heads" and scan.rows[1]["members"] == ["L1.H2", "L1.mlp"]
+    with pytest.raises(ValueError, match="either names"):
+        patch_scan(reference, policy, TOKENS, MASK, RESPONSE, names=["L0.mlp"], sets={"a": ["L0.mlp"]})
+
+
 def test_no_gap_gives_none_never_a_division(tiny_bridge):
     scan = patch_scan(tiny_bridge, tiny_bridge, TOKENS, MASK, RESPONSE, token_ids=[3])
     assert all(row["kl"] is None and row["tokens"] is None for row in scan.rows)

@@ -271,3 +271,12 @@ def test_duplicate_pairs_are_dropped_before_the_split(tiny_model_dir, tmp_path, 
     printed = " ".join(capsys.readouterr().out.split())
     assert f"dropped 10 duplicate pairs (same prompt, chosen and rejected as an earlier row) of 20 in {tmp_path / 'doubled.jsonl'}" \
         in printed and "10 remain" in printed
+
+
+def test_pairwise_accuracy_counts_a_rounding_level_tie_as_wrong_on_every_layout():
+    # Rewards that differ by float32 rounding (what two CPUs or batch layouts give the same text) are a tie: wrong.
+    # The tolerance is per pair, so a pair's verdict does not depend on the other pairs in its batch.
+    chosen = torch.tensor([0.5, 40.0, 0.5, 3.0])
+    rejected = torch.tensor([0.5 - 4e-8, 40.0 - 3e-6, 0.4, 3.0 - 1e-3])  # tie, tie (rel. 1e-7), win, win
+    assert pairwise_accuracy(chosen, rejected) == 0.5
+    assert [pairwise_accuracy(chosen[i : i + 1], rejected[i : i + 1]) for i in range(4)] == [0.0, 0.0, 1.0, 1.0]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import first_difference, greedy_up_to_rounding
 
 from rlhf_scratch.sampling import SamplingConfig, encode, filter_logits, generate, left_pad
 
@@ -83,7 +84,12 @@ def test_greedy_batched_equals_each_prompt_alone(tiny_bridge):
     batched = generate(tiny_bridge, prompts, config)
     for row, ids in enumerate(prompts):
         alone = generate(tiny_bridge, [ids], config)
-        assert batched.response_tokens[row].tolist() == alone.response_tokens[0].tolist()
+        # The same tokens; the two layouts (left padding in a batch, or none) round differently, so they may part
+        # only where the alone run's two best logits tie within rounding (and every token after that differs).
+        split = first_difference(batched.response_tokens[row].tolist(), alone.response_tokens[0].tolist())
+        if split is not None:
+            logits = tiny_bridge(alone.sequences)[0, alone.prompt_len - 1 + split]
+            assert greedy_up_to_rounding(logits, batched.response_tokens[row, split]), (row, split)
         assert batched.prompts[row] == texts[row]
 
 
@@ -94,8 +100,7 @@ def test_kv_cache_matches_full_recompute(tiny_bridge):
     generation = generate(tiny_bridge, prompts, SamplingConfig(max_new_tokens=6, top_k=1, stop_at_eos=False))
     logits = tiny_bridge(generation.sequences, attention_mask=generation.attention_mask)
     p = generation.prompt_len
-    greedy = logits[:, p - 1 : -1].argmax(-1)
-    assert torch.equal(greedy, generation.response_tokens)
+    assert greedy_up_to_rounding(logits[:, p - 1 : -1], generation.response_tokens).all()  # argmax up to a tie
 
 
 def test_filter_logits_top_k_and_top_p_by_hand():

@@ -55,3 +55,23 @@ def test_in_a_real_lambda_lr():
 def test_bad_arguments_are_rejected_with_a_message(args, message):
     with pytest.raises(ValueError, match=message):
         warmup_decay_lambda(*args)
+
+
+@pytest.mark.parametrize("phases, warmup", [(1, 0), (2, 1), (3, 2), (40, 2)])
+def test_the_default_warmup_fits_short_runs(phases, warmup):
+    # `--phases 2` used to fail: "warmup_phases must be in [0, phases=2), got 2" (issue 22). The default now fits.
+    from rlhf_scratch.ppo import PPOConfig
+
+    config = PPOConfig(phases=phases)
+    assert config.warmup_phases is None and config.effective_warmup_phases == warmup
+    assert PPOConfig(phases=phases, warmup_phases=0).effective_warmup_phases == 0
+
+
+def test_a_warmup_as_long_as_the_run_names_the_fix(tiny_model_dir, tmp_path, capsys):
+    from rlhf_scratch.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["ppo", "--model", str(tiny_model_dir), "--phases", "2", "--warmup-phases", "2", "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "got 2: pass --warmup-phases 0" in err and "at most 1" in err  # one line, no box

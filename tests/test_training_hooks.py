@@ -106,3 +106,44 @@ def test_misspelt_hook_name_lists_close_names(tiny_bridge):
         make_trainer(tiny_bridge, fwd_hooks=[("blocks.0.hook_mlp_ot", lambda x, hook: x)])
     with pytest.raises(ValueError, match=r"\(name, function\) pair"):
         make_trainer(tiny_bridge, fwd_hooks=[ablate_head])
+
+
+def keep(x, hook):
+    return x
+
+
+@pytest.mark.parametrize("trainer_class", [PPOTrainer, REINFORCETrainer])
+def test_a_hook_that_never_fires_stops_the_run_with_its_name_and_reason(tiny_bridge, trainer_class):
+    """Issue 22: GPT-2's fused attn.qkv hook points exist in hook_dict but never run (q, k, v are computed apart), so an
+    ablation there silently did nothing for a whole run. Now the trainer stops before its first phase, saying why."""
+    never_called = r"'blocks.0.attn.qkv.hook_in' exists on this gpt2 .* its forward pass never calls it"
+    with pytest.raises(ValueError, match=never_called):
+        make_trainer(tiny_bridge, trainer_class, fwd_hooks=[("blocks.0.attn.qkv.hook_in", keep)])
+    # An alias names what it stands for; a filter that selects only such hooks is refused too.
+    alias = r"'blocks.0.hook_q_input' exists .* an alias of blocks.0.attn.hook_q_input, and TransformerLens refuses it"
+    with pytest.raises(ValueError, match=alias):
+        make_trainer(tiny_bridge, trainer_class, fwd_hooks=[("blocks.0.hook_q_input", keep)])
+    with pytest.raises(ValueError, match=r"filter 'only_qkv' selects only hooks that never run \(blocks.0.attn.qkv"):
+        def only_qkv(name):
+            return ".qkv." in name
+        make_trainer(tiny_bridge, trainer_class, fwd_hooks=[(only_qkv, keep)])
+    with pytest.raises(ValueError, match="selects no hook on this model"):
+        make_trainer(tiny_bridge, trainer_class, fwd_hooks=[(lambda name: False, keep)])
+    assert no_hooks_left(tiny_bridge)
+    # A filter that selects hooks that run is accepted (TransformerLens adds it where it runs).
+    make_trainer(tiny_bridge, trainer_class, fwd_hooks=[(lambda name: name.endswith("hook_z"), keep)])
+
+
+def test_sampling_and_evaluation_refuse_a_hook_that_never_fires(tiny_bridge):
+    from rlhf_scratch.bon import BestOfNSampler
+    from rlhf_scratch.evaluation import ModelSampler
+    from rlhf_scratch.sampling import generate
+
+    silent = [("blocks.1.attn.qkv.hook_out", keep)]
+    message = "'blocks.1.attn.qkv.hook_out' exists on this gpt2 .* never calls it"
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_bridge, [[0, 5]], SamplingConfig(max_new_tokens=2), fwd_hooks=silent)
+    with pytest.raises(ValueError, match=message):
+        ModelSampler("policy", tiny_bridge, tiny_bridge, fwd_hooks=silent)
+    with pytest.raises(ValueError, match=message):
+        BestOfNSampler(tiny_bridge, 2, fwd_hooks=silent)
