@@ -269,7 +269,6 @@ def main(argv=None) -> list[dict]:
     args.n_texts = QUICK["n_texts"] if args.quick else 64
     if args.quick:
         args.n_prompts = min(args.n_prompts, QUICK["n_prompts"])
-    torch.set_num_threads(1)
     start = time.time()
     reference = load_bridge("builtin")
     control_runs = {}
