@@ -77,6 +77,7 @@ QUICK_SCRIPT_FLAGS = {
     "reinforce_vs_ppo.py": ["--phases", "1", "--batch-size", "16", "--n-prompts", "8"],
     "reward_model_levels.py": ["--n", "200", "--rm-epochs", "1", "--phases", "1", "--batch-size", "16", "--n-prompts", "8"],
     "fdpo_tradeoff.py": ["--n-samples", "400", "--epochs", "1", "--alphas", "0.5", "--batch-size", "8", "--n-prompts", "8"],
+    "planted_behaviour.py": ["--quick"],
 }
 """Flags appended to `python experiments/NAME ...` with --quick (a script's own --quick, where the page passes it,
 sets its smoke-run sizes after these)."""

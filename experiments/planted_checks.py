@@ -124,10 +124,10 @@ def patching(reference, policy, token_id: int, seed: int, n_texts: int = 32) -> 
             "figure": f"top {n}/{len(candidates)}: {top:.2f}×; random {n}: {chance:.2f}×; none: {p_reference / max(p_policy, 1e-12):.2f}×"}
 
 
-def causal_checks(reference, policy, token_id: int, seed: int) -> dict[str, dict]:
+def causal_checks(reference, policy, token_id: int, seed: int, n_texts: int = 64) -> dict[str, dict]:
     """The three causal checks (module docstring), or "n/a" for each while the tools are not in rlhf_scratch."""
     if not available():
         return {name: {"fired": None, "figure": "n/a (tools not merged yet)"} for name in CAUSAL_CHECKS}
-    checks = lens_and_steering(reference, policy, token_id, seed)
-    checks[CAUSAL_CHECKS[2]] = patching(reference, policy, token_id, seed)
+    checks = lens_and_steering(reference, policy, token_id, seed, n_texts=n_texts)
+    checks[CAUSAL_CHECKS[2]] = patching(reference, policy, token_id, seed, n_texts=max(1, n_texts // 2))
     return checks
