@@ -347,6 +347,13 @@ def make_trl_venv(directory: Path, console) -> str:
     return str(python)
 
 
+def check_trl_python(python: str) -> None:
+    """One line, before any work, when --trl-python names no Python (instead of a FileNotFoundError traceback)."""
+    if shutil.which(python) is None:
+        raise SystemExit(f"--trl-python {python}: no such Python. Give the python of a virtualenv with trl 1.12.0, or "
+                         "make one with --make-trl-venv DIR (needs network once).")
+
+
 def trl_versions(python: str) -> dict:
     code = ("import json, importlib.metadata as m; print(json.dumps({n: m.version(n) for n in "
             "('torch', 'transformers', 'trl', 'accelerate', 'datasets')}))")
@@ -407,6 +414,8 @@ def main(argv=None) -> dict | None:
 
         run_worker_main(args.worker, args.worker_input, args.worker_output)
         return None
+    if args.trl_python is not None:
+        check_trl_python(args.trl_python)
     from bench_common import cpu_seconds, machine_info, others_cpu_share
     from bench_models import build_model_dir, default_specs
     from rich.console import Console
