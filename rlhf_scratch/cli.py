@@ -27,6 +27,7 @@ from rlhf_scratch.checkpoint import find_checkpoint
 from rlhf_scratch.compare import BonConfig, CompareConfig, run_bon, run_compare
 from rlhf_scratch.config import config_errors_raised
 from rlhf_scratch.data import fixed_prefix_prompts, load_texts, names_local_file, prompts_from_texts
+from rlhf_scratch.crosscoder_report import CrosscodeConfig, run_crosscode
 from rlhf_scratch.diff_lens_report import LensConfig, run_lens
 from rlhf_scratch.dpo_trainer import DPOConfig, run_dpo
 from rlhf_scratch.entry import INTERRUPTED_EXIT
@@ -163,6 +164,9 @@ def _commands() -> dict:
         "lens": (LensConfig, {}, run_lens,
                  "Activation Difference Lens: the policy's mean residual difference on held-out text, its top tokens per "
                  "layer, and steering the reference with it over a sweep of alpha (reward, token log-prob)."),
+        "crosscode": (CrosscodeConfig, {}, run_crosscode,
+                      "A BatchTopK crosscoder on paired policy/reference activations at one hook: explained variance, "
+                      "policy-only latents (relative decoder norm, Latent Scaling), their contexts and logit effects."),
         "inspect": (InspectConfig, {}, run_inspect,
                     "One sample of a PPO checkpoint: value, reward, advantage per token, and the value lens per layer."),
     }

@@ -159,12 +159,13 @@ def activation_scales(x: Tensor) -> Tensor:
 
 
 def initial_crosscoder(x: Tensor, settings: CrosscoderSettings, generator: torch.Generator) -> Crosscoder:
-    """Decoder rows of norm ``init_norm`` per model in random directions, W_enc = W_decᵀ, b_dec = mean x̃, b_enc = 0."""
+    """Every latent starts shared: the same random direction of norm ``init_norm`` in each model's decoder row (so two
+    identical models give r = 0.5 exactly), W_enc = W_decᵀ, b_dec = mean x̃, b_enc = 0."""
     n, n_models, d_model = x.shape
     model = Crosscoder(d_model, settings.n_latents, settings.k, n_models)
     with torch.no_grad():
         model.scale.copy_(activation_scales(x))
-        directions = torch.randn(settings.n_latents, n_models, d_model, generator=generator)
+        directions = torch.randn(settings.n_latents, 1, d_model, generator=generator).expand(-1, n_models, -1)
         model.W_dec.copy_(directions / directions.norm(dim=-1, keepdim=True) * settings.init_norm)
         model.W_enc.copy_(model.W_dec.permute(1, 2, 0))
         model.b_dec.copy_(model.normalise(x).mean(dim=0))
