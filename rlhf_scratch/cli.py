@@ -46,6 +46,7 @@ from rlhf_scratch.pretrain import PretrainConfig, pretrain
 from rlhf_scratch.reinforce import REINFORCEConfig, run_reinforce
 from rlhf_scratch.reward_model_training import RewardModelConfig, ScoreConfig, run_score, train_reward_model
 from rlhf_scratch.rewards import check_reward_spec, make_reward, score_texts
+from rlhf_scratch.sae_report import SAEConfig, run_sae
 from rlhf_scratch.sampling import GenerationStackError, SamplingConfig, encode, generate
 from rlhf_scratch.value_lens import InspectConfig, run_inspect
 
@@ -167,6 +168,9 @@ def _commands() -> dict:
         "crosscode": (CrosscodeConfig, {}, run_crosscode,
                       "A BatchTopK crosscoder on paired policy/reference activations at one hook: explained variance, "
                       "policy-only latents (relative decoder norm, Latent Scaling), their contexts and logit effects."),
+        "sae": (SAEConfig, {}, run_sae,
+                "A sparse autoencoder in sae-lens's layout (--sae DIR, or one trained here) spliced into both models with "
+                "the error term: the features whose activation changed most, with their contexts."),
         "inspect": (InspectConfig, {}, run_inspect,
                     "One sample of a PPO checkpoint: value, reward, advantage per token, and the value lens per layer."),
     }
