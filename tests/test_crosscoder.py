@@ -136,3 +136,32 @@ def test_bad_settings_and_inputs_are_refused_in_one_line():
         CrosscoderSettings(n_latents=4, k=8)
     with pytest.raises(ValueError, match="tokens >= 2, models, d_model"):
         train_crosscoder(torch.zeros(5, 8), CrosscoderSettings(n_latents=4, k=1))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_crosscode_command_on_identical_models_finds_only_shared_latents(family, tmp_path):
+    """Reference = policy: both halves of every latent see the same data and start from the same direction, so every
+    decoder norm is the same in both models (r = 0.5 exactly) and no latent is policy- or reference-only."""
+    import json
+
+    from model_families import build_family_model
+
+    from rlhf_scratch.cli import main
+
+    directory = build_family_model(family, tmp_path / family)
+    (tmp_path / "texts.txt").write_text("The movie was great and I loved it.\nThe acting was not bad at all.\n"
+                                        "The plot was dull.\nA slow drama.\n")
+    assert main(["crosscode", "--policy", str(directory), "--reference", str(directory), "--texts",
+                 str(tmp_path / "texts.txt"), "--n-texts", "4", "--n-samples", "2", "--max-new-tokens", "3",
+                 "--n-latents", "32", "--k", "2", "--steps", "20", "--train-batch", "16", "--n-show", "2",
+                 "--threads", "1", "--out", str(tmp_path / "cc")]) == 0
+    summary = json.loads((tmp_path / "cc" / "summary.json").read_text())
+    assert summary["hook"] == "blocks.1.hook_resid_post" and summary["n_samples"] == 2
+    assert summary["class_counts"]["policy-only"] == 0 and summary["class_counts"]["reference-only"] == 0
+    assert all(r == pytest.approx(0.5, abs=1e-6) for r in summary["relative_norms_alive"])
+    assert summary["explained_variance"]["reference"] == pytest.approx(summary["explained_variance"]["policy"], abs=1e-6)
+    row = summary["latents"][0]
+    assert row["logit_tokens_policy"] == row["logit_tokens_reference"] and row["contexts"]
+    assert (tmp_path / "cc" / "report.md").read_text().startswith("# Crosscoder")
+    assert main(["crosscode", "--policy", str(directory), "--reference", str(directory), "--layer", "7",
+                 "--threads", "1", "--out", str(tmp_path / "bad")]) == 1
