@@ -49,21 +49,29 @@ class SAEConfig:
     texts: str = "builtin"
     """Held-out text both models read."""
     column: str = "text"
+    """Text column for .jsonl/.csv/datasets sources."""
     n_texts: int = 256
+    """Held-out texts compared (the SAE trained here reads the next n_texts)."""
     max_tokens: int = 32
+    """Texts are cut to this many tokens."""
     n_features: int = 512
     """F of the SAE trained when --sae is not given."""
     k: int = 16
     """Mean active features per token of the trained SAE."""
     steps: int = 2000
+    """Adam steps of the SAE trained when --sae is not given."""
     top_n: int = 10
     """Features listed per direction (risen, fallen)."""
     top_k: int = 6
     """Contexts per feature."""
     prepend_bos: bool = True
+    """Put BOS in front of each text; its position is never read."""
     batch_size: int = 32
+    """Sequences per forward pass."""
     seed: int = 0
+    """Seed of the texts and of the SAE trained here."""
     device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or mps."""
     out: Path = Path("runs/sae")
     """Output directory: report.md, feature_changes.png, summary.json (and sae/ when one is trained)."""
 
