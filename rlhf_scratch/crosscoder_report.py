@@ -13,7 +13,7 @@ and the logit effect through each model's own final norm and unembedding:
 where d_j^m = W_dec[j, m] / s_m is the latent's decoder row in model m's raw units and N_lin is the final norm's
 linear part (centring for LayerNorm, then γ; no division by the scale, no β, no soft-cap): the direct effect of
 adding the latent to the residual stream if nothing downstream changed. Writes report.md, relative_norms.png,
-summary.json, crosscoder.pt and config.json.
+summary.json, crosscoder.pt, features.html (the listed latents as a static page) and config.json.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from rlhf_scratch.crosscoder import (
 )
 from rlhf_scratch.data import load_texts, prompts_from_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
+from rlhf_scratch.feature_html import write_feature_page
 from rlhf_scratch.model_diff import check_same_architecture
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.outputs import write_json
@@ -129,6 +130,8 @@ class PairedActivations:
     """[N] its column."""
     source: list[str]
     """Per row: "text" or "sample"."""
+    mask: Tensor | None = None
+    """[R, S] attention mask of ``tokens`` (1 at real tokens)."""
 
 
 @torch.no_grad()
@@ -156,7 +159,7 @@ def paired_activations(reference, policy, hook: str, tokens: Tensor, mask: Tenso
             parts[m].append(acts.float().cpu()[keep[rows]])
     where = keep.nonzero()
     x = torch.stack([torch.cat(parts[0]), torch.cat(parts[1])], dim=1)
-    return PairedActivations(x=x, tokens=tokens, row=where[:, 0], position=where[:, 1], source=sources)
+    return PairedActivations(x=x, tokens=tokens, row=where[:, 0], position=where[:, 1], source=sources, mask=mask)
 
 
 def logit_effects(bridge, directions: Tensor) -> Tensor:
@@ -176,6 +179,17 @@ def context_of(paired: PairedActivations, index: int, decode, width: int = 8) ->
     return decode(before) + "[[" + decode([int(paired.tokens[row, pos])]) + "]]"
 
 
+def context_tokens(paired: PairedActivations, index: int, activations: Tensor, decode, width: int = 12) -> list:
+    """[(token text, activation)] for the up to ``width`` real tokens ending at position ``index`` (activations [N]
+    of one feature over the paired positions; 0 at positions that were not read, e.g. BOS)."""
+    row, pos = int(paired.row[index]), int(paired.position[index])
+    in_row = paired.row == row
+    by_position = dict(zip(paired.position[in_row].tolist(), activations[in_row].tolist()))
+    start = max(0, pos - width + 1)
+    real = paired.mask[row].bool() if paired.mask is not None else torch.ones(paired.tokens.shape[1], dtype=torch.bool)
+    return [(decode([int(paired.tokens[row, p])]), by_position.get(p, 0.0)) for p in range(start, pos + 1) if real[p]]
+
+
 def latent_rows(model, paired: PairedActivations, latents: list[int], effects: list[Tensor], decode, top_k: int) -> list[dict]:
     """Per latent: r, class, firing frequency, Latent Scaling, logit-effect top tokens per model, top contexts."""
     f, _ = encode_all(model, paired.x)
@@ -191,6 +205,7 @@ def latent_rows(model, paired: PairedActivations, latents: list[int], effects: l
         for i in top:
             ref_half, pol_half = halves[0][i, j].item(), halves[1][i, j].item()
             contexts.append({"context": context_of(paired, i, decode), "activation": f[i, j].item(),
+                             "tokens": context_tokens(paired, i, f[:, j], decode),
                              "source": paired.source[int(paired.row[i])],
                              "policy_share": pol_half / (abs(ref_half) + abs(pol_half)) if ref_half or pol_half else float("nan")})
         row = {"latent": j, "relative_norm": r[j].item(), "class": latent_class(r[j].item()),
@@ -281,11 +296,23 @@ def run_crosscode(config: CrosscodeConfig) -> dict:
     torch.save({**state(model), "hook": hook}, out / "crosscoder.pt")
     plot_relative_norms(summary, out / "relative_norms.png")
     write_crosscode_report(out, config, summary)
+    write_feature_page(out / "features.html", f"Crosscoder latents at {hook}",
+                       f"{config.policy} vs {config.reference}: the listed latents, their logit effects and top "
+                       "contexts (shade: the latent's activation at each token).", [html_feature(row) for row in latents])
     write_json(out / "summary.json", summary)
     console.print(f"explained variance {ev['both']:.3f} (reference {ev['reference']:.3f}, policy {ev['policy']:.3f}); "
                   f"dead {dead:.1%}; classes {summary['class_counts']}; train {trained:.0f} s")
     console.print(f"outputs in {out} (report.md, relative_norms.png, summary.json, crosscoder.pt)")
     return summary
+
+
+def html_feature(row: dict) -> dict:
+    """One latent as a card of ``feature_html``."""
+    return {"title": f"Latent {row['latent']} ({row['group']}, {row['class']})",
+            "facts": {"r": f"{row['relative_norm']:.3f}", "frequency": f"{row['frequency']:.4f}",
+                      "ν^ε": _number(row["nu_error"]), "ν^r": _number(row["nu_recon"])},
+            "tokens": {f"{name} logit effect": row[f"logit_tokens_{name}"] for name in MODELS},
+            "contexts": [{"label": f"{c['source']} {c['activation']:.2f}", "tokens": c["tokens"]} for c in row["contexts"]]}
 
 
 def _code(text: str) -> str:
@@ -317,6 +344,8 @@ def write_crosscode_report(out: Path, config: CrosscodeConfig, summary: dict) ->
         "reconstruction (latent decoupling)). Logit effect: the decoder row through each model's own final norm "
         "(linear part) and unembedding. freq: share of positions where it fires.", "",
         "![relative decoder norms](relative_norms.png)", "",
+        "The listed latents with their contexts shaded by activation: [features.html](features.html) (offline, no "
+        "scripts).", "",
     ]
     titles = {"policy-leaning": "The most policy-leaning latents (highest r)",
               "reference-leaning": "The most reference-leaning latents (lowest r)",

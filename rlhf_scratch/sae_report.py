@@ -10,7 +10,7 @@ and ranks the features by the change of their mean activation
 
 with the top contexts of each in the model where it is larger. The SAE's own quality on each model is reported
 as the fraction of variance it explains and the rise in next-token loss when x̂ replaces x (no error term).
-Writes report.md, feature_changes.png, summary.json, config.json.
+Writes report.md, feature_changes.png, features.html, summary.json, config.json.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from rich.console import Console
 from torch import Tensor
 
 from rlhf_scratch.crosscoder import CrosscoderSettings, train_crosscoder
-from rlhf_scratch.crosscoder_report import PairedActivations, context_of, paired_activations
+from rlhf_scratch.crosscoder_report import PairedActivations, context_of, context_tokens, paired_activations
 from rlhf_scratch.data import load_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
+from rlhf_scratch.feature_html import write_feature_page
 from rlhf_scratch.model_diff import check_same_architecture
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.outputs import write_json
@@ -181,7 +182,7 @@ def run_sae(config: SAEConfig) -> dict:
     changes = feature_changes(results["reference"]["f"], results["policy"]["f"])
     where = keep.nonzero()
     view = PairedActivations(x=torch.empty(0), tokens=tokens, row=where[:, 0], position=where[:, 1],
-                             source=["text"] * tokens.shape[0])
+                             source=["text"] * tokens.shape[0], mask=mask)
     decode = policy.tokenizer.decode
     risen = [row for row in changes if row["delta"] > 0][: config.top_n]
     fallen = [row for row in changes if row["delta"] < 0][: config.top_n]
@@ -189,8 +190,8 @@ def run_sae(config: SAEConfig) -> dict:
         f = results["policy" if row["delta"] > 0 else "reference"]["f"][:, row["feature"]]
         other = results["reference" if row["delta"] > 0 else "policy"]["f"][:, row["feature"]]
         top = torch.topk(f, min(config.top_k, int((f > 0).sum()))).indices.tolist() if (f > 0).any() else []
-        row["contexts"] = [{"context": context_of(view, i, decode), "activation": f[i].item(), "other": other[i].item()}
-                           for i in top]
+        row["contexts"] = [{"context": context_of(view, i, decode), "activation": f[i].item(), "other": other[i].item(),
+                            "tokens": context_tokens(view, i, f, decode)} for i in top]
     quality = {name: {k: v for k, v in result.items() if k != "f"} for name, result in results.items()}
     summary = {"reference": config.reference, "policy": config.policy, "sae": config.sae or str(out / "sae"),
                "hook": hook, "architecture": sae.architecture, "d_sae": sae.d_sae, "n_positions": int(keep.sum()),
@@ -201,6 +202,13 @@ def run_sae(config: SAEConfig) -> dict:
     write_json(out / "config.json", config)
     plot_feature_changes(summary, out / "feature_changes.png")
     write_sae_report(out, summary)
+    write_feature_page(out / "features.html", f"SAE features that changed at {hook}",
+                       f"{config.policy} vs {config.reference}; shade: the feature's activation in the model where it "
+                       "is larger.", [{"title": f"Feature {r['feature']} (Δ = {r['delta']:+.4f})",
+                                       "facts": {"mean ref": f"{r['mean_reference']:.4f}", "mean pol": f"{r['mean_policy']:.4f}",
+                                                 "freq ref": f"{r['freq_reference']:.3f}", "freq pol": f"{r['freq_policy']:.3f}"},
+                                       "contexts": [{"label": f"{c['activation']:.2f} / {c['other']:.2f}", "tokens": c["tokens"]}
+                                                    for c in r["contexts"]]} for r in risen + fallen])
     write_json(out / "summary.json", summary)
     drift = max(q["max_logit_drift"] for q in quality.values())
     console.print(f"sae at {hook}: logits with the error term differ from the plain model's by at most {drift:.1e}; "
@@ -224,7 +232,8 @@ def write_sae_report(out: Path, summary: dict) -> Path:
                            [[name, f"{v['max_logit_drift']:.1e}", f"{v['explained_variance']:.3f}",
                              f"{v['loss_plain']:.4f}", f"{v['loss_spliced']:.4f}"] for name, v in q.items()]), "",
             "Δ = mean over positions of f_pol − f_ref (the same tokens in both models).", "",
-            "![feature changes](feature_changes.png)", ""]
+            "![feature changes](feature_changes.png)", "",
+            "The listed features with their contexts shaded by activation: [features.html](features.html).", ""]
     for title, rows, where in (("Features the policy uses more", summary["risen"], "policy"),
                                ("Features the policy uses less", summary["fallen"], "reference")):
         text += [f"## {title}", ""]

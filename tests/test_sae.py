@@ -163,3 +163,17 @@ def test_sae_command_trains_and_saves_one_when_none_is_given_and_refuses_a_wrong
     save_sae(SAE(W_enc=torch.zeros(32, 2), b_enc=torch.zeros(2), W_dec=torch.zeros(2, 32), b_dec=torch.zeros(32),
                  hook_name="blocks.9.hook_resid_post"), tmp_path / "wrong")
     assert main(["sae", *common, "--sae", str(tmp_path / "wrong"), "--out", str(tmp_path / "refused")]) == 1
+
+
+def test_feature_page_is_self_contained_and_escapes_text(tmp_path):
+    from rlhf_scratch.feature_html import write_feature_page
+
+    page = write_feature_page(tmp_path / "f.html", "T <1>", "intro & more",
+                              [{"title": "Feature 3", "facts": {"Δ": "+0.5"}, "tokens": {"logit": [" <b>"]},
+                                "contexts": [{"label": "text 2.0", "tokens": [("The", 0.0), (" <x>", 2.0), (" end", 1.0)]}]}])
+    text = page.read_text()
+    assert "http" not in text and "<script" not in text  # no CDN, nothing to fetch
+    assert "T &lt;1&gt;" in text and "&lt;x&gt;" in text and "intro &amp; more" in text
+    assert 'rgba(220, 60, 30, 1.00)">  &lt;x&gt;' not in text  # the activation shades, the text stays as written
+    assert 'title="2.000" style="background: rgba(220, 60, 30, 1.00)"> &lt;x&gt;</span>' in text
+    assert 'title="1.000" style="background: rgba(220, 60, 30, 0.50)"> end</span>' in text
