@@ -15,6 +15,8 @@ word W (token id t):
    - ρ = Spearman correlation, over the policy's samples, between the latent's largest activation on the
      sample's response positions and the sample's reward (word:W, 1 if the response says W);
    - its Latent Scaling ratios ν^ε, ν^r (other model / policy).
+   The table also gives, without the policy-only requirement, the latent with W in its top 10 whose ρ is largest:
+   RL may turn up a feature both models have rather than add one.
 3. The check *fires* when some policy-only latent ranks t in its top 10 and has ρ ≥ 0.3. A trained policy passes
    when it fires, the control when it does not. Writes OUT/table.md and OUT/results.json.
 
@@ -92,33 +94,44 @@ def feature_check(reference, policy, word: str, seed: int = 0, layer: int | None
     f, _ = encode_all(model, paired.x)
     r_norm = model.relative_norms()
     alive = (f > 0).any(dim=0)
-    candidates = [j for j in range(model.n_latents) if alive[j] and r_norm[j] > POLICY_ONLY]
     effect = logit_effects(policy, decoder_directions(model, 1))  # [F, V]
-    latents = []
-    for j in candidates:
-        rank = int((effect[j] > effect[j, reward.token_id]).sum()) + 1
-        per_sample = torch.zeros(len(prompts))
-        for s in range(len(prompts)):
-            on = sample_of == s
-            per_sample[s] = f[on, j].max() if on.any() else 0.0
-        latents.append({"latent": j, "relative_norm": r_norm[j].item(), "token_rank": rank,
-                        "rho": spearman(per_sample, rewards), "frequency": (f[:, j] > 0).float().mean().item()})
-    scaling = {row["latent"]: row for row in latent_scaling(model, paired.x, [row["latent"] for row in latents])}
-    for row in latents:
-        row.update(nu_error=scaling[row["latent"]]["nu_error"], nu_recon=scaling[row["latent"]]["nu_recon"])
-    hits = [row for row in latents if row["token_rank"] <= MAX_RANK and row["rho"] >= MIN_RHO]
-    best = min(hits or latents, key=lambda row: (row["token_rank"], -row["rho"]), default=None)
-    return {"word": word, "hook": hook, "fired": bool(hits), "n_policy_only": len(candidates), "best": best,
-            "hits": hits, "says": rewards.mean().item(), "n_positions": int(paired.x.shape[0]),
-            "dead_fraction": 1 - alive.float().mean().item()}
+    ranks = (effect > effect[:, reward.token_id : reward.token_id + 1]).sum(dim=1) + 1  # [F], 1 = largest
+    on = sample_of >= 0
+    per_sample = torch.zeros(len(prompts), model.n_latents).scatter_reduce(  # max activation on each response [n, F]
+        0, sample_of[on][:, None].expand(-1, model.n_latents), f[on], reduce="amax", include_self=True)
+    rows = {}
+    for j in range(model.n_latents):
+        if alive[j] and (r_norm[j] > POLICY_ONLY or ranks[j] <= MAX_RANK):
+            rows[j] = {"latent": j, "relative_norm": r_norm[j].item(), "token_rank": int(ranks[j]),
+                       "rho": spearman(per_sample[:, j], rewards), "frequency": (f[:, j] > 0).float().mean().item(),
+                       "sample_frequency": (per_sample[:, j] > 0).float().mean().item()}
+    for row in latent_scaling(model, paired.x, list(rows)):
+        rows[row["latent"]].update(nu_error=row["nu_error"], nu_recon=row["nu_recon"])
+    policy_only = [row for row in rows.values() if row["relative_norm"] > POLICY_ONLY]
+    hits = [row for row in policy_only if row["token_rank"] <= MAX_RANK and row["rho"] >= MIN_RHO]
+    best = min(hits or policy_only, key=lambda row: (row["token_rank"], -row["rho"]), default=None)
+    # the same criterion without the policy-only requirement: is the word carried by a shared latent instead?
+    says_word = [row for row in rows.values() if row["token_rank"] <= MAX_RANK]
+    best_any = max(says_word, key=lambda row: row["rho"] if row["rho"] == row["rho"] else -2, default=None)
+    return {"word": word, "hook": hook, "fired": bool(hits), "n_policy_only": len(policy_only), "best": best,
+            "best_any": best_any, "hits": hits, "says": rewards.mean().item(), "n_positions": int(paired.x.shape[0]),
+            "dead_fraction": 1 - alive.float().mean().item(), "r_max": r_norm[alive].max().item()}
 
 
 def figure(result: dict) -> str:
     best = result["best"]
     if best is None:
-        return f"no policy-only latent (0 of {result['n_policy_only']})"
+        return f"no policy-only latent (largest r {result['r_max']:.2f})"
     return (f"latent {best['latent']}: W #{best['token_rank']} in its logit effect, ρ = {best['rho']:.2f}, "
             f"ν^ε = {best['nu_error']:.2f}, r = {best['relative_norm']:.2f} ({result['n_policy_only']} policy-only)")
+
+
+def figure_any(result: dict) -> str:
+    best = result["best_any"]
+    if best is None:
+        return "no latent ranks W in its top 10"
+    return (f"latent {best['latent']}: W #{best['token_rank']}, ρ = {best['rho']:.2f}, r = {best['relative_norm']:.2f}, "
+            f"ν^ε = {best['nu_error']:.2f}, fires on {best['sample_frequency']:.0%} of responses")
 
 
 def main(argv=None) -> list[dict]:
@@ -144,14 +157,14 @@ def main(argv=None) -> list[dict]:
             result = feature_check(reference, load_bridge(str(checkpoint)), word, seed=args.seed, layer=args.layer)
             result.update(policy=name, checkpoint=str(checkpoint), seconds=time.time() - start,
                           passed=result["fired"] != (name == "control"))
-            print(f"{word} {name}: {'PASS' if result['passed'] else 'FAIL'} {figure(result)} ({result['seconds']:.0f} s)",
-                  flush=True)
+            print(f"{word} {name}: {'PASS' if result['passed'] else 'FAIL'} {figure(result)}; any r: {figure_any(result)} "
+                  f"({result['seconds']:.0f} s)", flush=True)
             results.append(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    table = markdown_table(["word", "policy", "says W", "check", "best policy-only latent"],
-                           [[r["word"], r["policy"], f"{r['says']:.0%}", "PASS" if r["passed"] else "FAIL", figure(r)]
-                            for r in results])
+    table = markdown_table(["word", "policy", "says W", "check", "best policy-only latent", "best latent with W in its top 10 (any r)"],
+                           [[r["word"], r["policy"], f"{r['says']:.0%}", "PASS" if r["passed"] else "FAIL", figure(r),
+                             figure_any(r)] for r in results])
     (args.out / "table.md").write_text(f"# Planted word as a crosscoder latent ({results[0]['hook']})\n\n{table}\n")
     print(table)
     return results
