@@ -99,10 +99,12 @@ def feature_check(reference, policy, word: str, seed: int = 0, layer: int | None
     on = sample_of >= 0
     per_sample = torch.zeros(len(prompts), model.n_latents).scatter_reduce(  # max activation on each response [n, F]
         0, sample_of[on][:, None].expand(-1, model.n_latents), f[on], reduce="amax", include_self=True)
+    alive_ids = [j for j in range(model.n_latents) if alive[j]]
+    r_rank = {j: rank + 1 for rank, j in enumerate(sorted(alive_ids, key=lambda j: -r_norm[j].item()))}
     rows = {}
     for j in range(model.n_latents):
         if alive[j] and (r_norm[j] > POLICY_ONLY or ranks[j] <= MAX_RANK):
-            rows[j] = {"latent": j, "relative_norm": r_norm[j].item(), "token_rank": int(ranks[j]),
+            rows[j] = {"latent": j, "relative_norm": r_norm[j].item(), "r_rank": r_rank[j], "token_rank": int(ranks[j]),
                        "rho": spearman(per_sample[:, j], rewards), "frequency": (f[:, j] > 0).float().mean().item(),
                        "sample_frequency": (per_sample[:, j] > 0).float().mean().item()}
     for row in latent_scaling(model, paired.x, list(rows)):
@@ -115,7 +117,7 @@ def feature_check(reference, policy, word: str, seed: int = 0, layer: int | None
     best_any = max(says_word, key=lambda row: row["rho"] if row["rho"] == row["rho"] else -2, default=None)
     return {"word": word, "hook": hook, "fired": bool(hits), "n_policy_only": len(policy_only), "best": best,
             "best_any": best_any, "hits": hits, "says": rewards.mean().item(), "n_positions": int(paired.x.shape[0]),
-            "dead_fraction": 1 - alive.float().mean().item(), "r_max": r_norm[alive].max().item()}
+            "dead_fraction": 1 - alive.float().mean().item(), "r_max": r_norm[alive].max().item(), "n_alive": len(alive_ids)}
 
 
 def figure(result: dict) -> str:
@@ -130,7 +132,8 @@ def figure_any(result: dict) -> str:
     best = result["best_any"]
     if best is None:
         return "no latent ranks W in its top 10"
-    return (f"latent {best['latent']}: W #{best['token_rank']}, ρ = {best['rho']:.2f}, r = {best['relative_norm']:.2f}, "
+    return (f"latent {best['latent']}: W #{best['token_rank']}, ρ = {best['rho']:.2f}, r = {best['relative_norm']:.2f} "
+            f"(#{best['r_rank']} of {result['n_alive']} by r), "
             f"ν^ε = {best['nu_error']:.2f}, fires on {best['sample_frequency']:.0%} of responses")
 
 
