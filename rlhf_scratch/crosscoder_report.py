@@ -173,10 +173,13 @@ def logit_effects(bridge, directions: Tensor) -> Tensor:
 
 
 def context_of(paired: PairedActivations, index: int, decode, width: int = 8) -> str:
-    """The up to ``width`` tokens ending at position ``index``, the read token in [[ ]]."""
+    """The up to ``width`` real tokens ending at position ``index``, the read token in [[ ]]."""
     row, pos = int(paired.row[index]), int(paired.position[index])
-    before = paired.tokens[row, max(0, pos - width + 1) : pos].tolist()
-    return decode(before) + "[[" + decode([int(paired.tokens[row, pos])]) + "]]"
+    start = max(0, pos - width + 1)
+    before = paired.tokens[row, start:pos]
+    if paired.mask is not None:
+        before = before[paired.mask[row, start:pos].bool()]  # no left padding
+    return decode(before.tolist()) + "[[" + decode([int(paired.tokens[row, pos])]) + "]]"
 
 
 def context_tokens(paired: PairedActivations, index: int, activations: Tensor, decode, width: int = 12) -> list:
@@ -380,7 +383,7 @@ def plot_relative_norms(summary: dict, path: Path) -> Path:
     axes[0].set_yscale("log")
     axes[0].set_xlabel("relative decoder norm r (0 reference-only, 1 policy-only)")
     axes[0].set_ylabel("alive latents")
-    colours = {"policy-only": "tab:red", "reference-only": "tab:blue", "shared": "tab:gray"}
+    colours = {"policy-only": "tab:red", "reference-only": "tab:blue", "shared": "tab:gray", "mixed": "tab:orange"}
     for name, colour in colours.items():
         rows = [row for row in summary["latents"] if row["class"] == name]
         axes[1].scatter([row["nu_error"] for row in rows], [row["nu_recon"] for row in rows], color=colour, label=name, s=14)

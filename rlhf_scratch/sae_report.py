@@ -254,13 +254,13 @@ def write_sae_report(out: Path, summary: dict) -> Path:
 
 
 def plot_feature_changes(summary: dict, path: Path) -> Path:
-    """Δ_j of every feature, sorted by |Δ| (the head of the list is what the report tabulates)."""
+    """Δ_j of every feature, sorted from the largest rise to the largest fall."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    deltas = summary["deltas"]
+    deltas = sorted(summary["deltas"], reverse=True)
     ax.bar(range(len(deltas)), deltas, width=1.0, color=["tab:red" if d > 0 else "tab:blue" for d in deltas])
-    ax.set_xscale("symlog" if len(deltas) > 50 else "linear")
-    ax.set_xlabel("feature rank by |Δ|")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("features, sorted by Δ")
     ax.set_ylabel("Δ mean activation (policy − reference)")
     ax.grid(alpha=0.3)
     ax.set_title(f"SAE at {summary['hook']}", fontsize=10)
@@ -268,4 +268,3 @@ def plot_feature_changes(summary: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
