@@ -636,6 +636,13 @@ def make_trl_venv(directory: Path, console) -> str:
     return str(python)
 
 
+def check_trl_python(python: str) -> None:
+    """One line, before any work, when --trl-python names no Python (instead of a FileNotFoundError traceback)."""
+    if shutil.which(python) is None:
+        raise SystemExit(f"--trl-python {python}: no such Python. Give the python of a virtualenv with trl 1.12.0, or "
+                         "make one with --make-trl-venv DIR (needs network once).")
+
+
 def trl_versions(python: str) -> dict:
     code = ("import json, importlib.metadata as m; print(json.dumps({n: m.version(n) for n in "
             "('torch', 'transformers', 'trl', 'accelerate', 'datasets')}))")
@@ -692,6 +699,8 @@ def main(argv=None) -> dict | None:
     if args.worker:
         run_worker_main(args)
         return None
+    if args.trl_python is not None:
+        check_trl_python(args.trl_python)
     from ppo_throughput import build_model_dir, cpu_seconds, default_specs, machine_info
     from rich.console import Console
 

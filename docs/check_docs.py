@@ -61,7 +61,7 @@ QUICK_FLAGS = {
     "grpo": [*TRAINER_QUICK, "--group-size", "4", "--minibatch-size", "8"],
     "bon": ["--n-prompts", "8", "--max-new-tokens", "8"],
     "compare": ["--n-prompts", "8", "--max-new-tokens", "8"],
-    "pairs": ["--n", "64", "--max-new-tokens", "8"],
+    "pairs": ["--n", "400", "--max-new-tokens", "8"],  # enough pairs for the DPO snippet's defaults (warmup 5 steps)
     "rm": ["--epochs", "1"],
     "dpo": ["--epochs", "1", "--batch-size", "8", "--warmup-steps", "0", "--n-eval-prompts", "8", "--max-new-tokens", "8"],
     "diff": ["--n-texts", "4", "--max-new-tokens", "8"],
@@ -77,11 +77,13 @@ QUICK_FLAGS = {
 """Sizes appended to each `rlhf-scratch COMMAND` with --quick (later flags win)."""
 QUICK_SCRIPT_FLAGS = {
     "bon_vs_rlhf.py": ["--phases", "1", "--n-prompts", "8"],
-    "reinforce_vs_ppo.py": ["--phases", "1", "--batch-size", "8", "--n-prompts", "8"],
-    "reward_model_levels.py": ["--quick"],
-    "fdpo_tradeoff.py": ["--quick"],
+    "reinforce_vs_ppo.py": ["--phases", "1", "--batch-size", "16", "--n-prompts", "8"],
+    "reward_model_levels.py": ["--n", "200", "--rm-epochs", "1", "--phases", "1", "--batch-size", "16", "--n-prompts", "8"],
+    "fdpo_tradeoff.py": ["--n-samples", "400", "--epochs", "1", "--alphas", "0.5", "--batch-size", "8", "--n-prompts", "8"],
+    "planted_behaviour.py": ["--quick"],
 }
-"""Flags appended to `python experiments/NAME ...` with --quick."""
+"""Flags appended to `python experiments/NAME ...` with --quick (a script's own --quick, where the page passes it,
+sets its smoke-run sizes after these)."""
 PHASE_FLAGS = ("--snapshot-every", "--checkpoint-every", "--stop-after-phase")
 """With --quick these become 1, so that a 2-phase run still snapshots, checkpoints or stops where the page expects."""
 
@@ -106,7 +108,8 @@ class Snippet:
 def reading_order() -> list[Path]:
     """README.md, the pages its Documentation table links in that order, then the other docs/*.md."""
     readme = (ROOT / "README.md").read_text()
-    linked = [ROOT / p for p in dict.fromkeys(re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme)) if (ROOT / p).is_file()]
+    table = readme.split("## Documentation", 1)[-1]
+    linked = [ROOT / p for p in dict.fromkeys(re.findall(r"\]\((docs/[\w.-]+\.md)\)", table)) if (ROOT / p).is_file()]
     rest = sorted(p for p in (ROOT / "docs").glob("*.md") if p not in linked)
     return [ROOT / "README.md", *linked, *rest]
 
@@ -125,7 +128,8 @@ def snippets(path: Path) -> list[Snippet]:
         fence = FENCE.match(line)
         if fence:
             end = next((j for j in range(index + 1, len(lines)) if lines[j].strip() == "```"), len(lines))
-            body, language = lines[index + 1 : end], fence.group(2)
+            indent = len(fence.group(1))  # a block inside a list item is indented: read it as written at column 0
+            body, language = [line[indent:] for line in lines[index + 1 : end]], fence.group(2)
             if language in ("bash", "sh", "shell"):
                 found += [Snippet(f"{name}:{index + 2 + offset}", "bash", command, options)
                           for offset, command in shell_commands(body)]

@@ -119,6 +119,9 @@ def plot_tradeoff(rows: list[dict], path: Path) -> Path:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.pairs is not None and not args.pairs.is_file():  # before anything is written or loaded
+        raise SystemExit(f"fdpo_tradeoff.py: --pairs {args.pairs}: no such file. Give a pair file (.jsonl or .csv, e.g. "
+                         "OUT/pairs/pairs.jsonl of an earlier run), or leave --pairs out to build one.")
     if args.quick:
         args.n_samples, args.epochs, args.n_prompts, args.alphas, args.batch_size = 400, 1, 32, [0.5], 8
     console = Console()

@@ -60,6 +60,9 @@ REFERENCE_MAX_PROB = 0.01
 SAYS_MIN_SHARE = 0.5
 DIFF_MAX_RANK = 2
 PHASES = 20
+BATCH_SIZE = 64
+QUICK = {"phases": 2, "batch_size": 16, "pairs_n": 512, "dpo_epochs": 1, "n_prompts": 8, "n_texts": 8}
+"""--quick: a smoke run of every stage in about a minute (docs/check_docs.py --quick); its figures mean nothing."""
 SETTINGS = {
     # Chosen on word:director (2026-12-07, seed 0, 20 phases): GRPO at 1e-4 says it in ~45 % of responses, at 3e-4
     # in ~95 %. PPO at 1e-4 says it in ~85 %, but by writing "... from this director", where the reference gives it
@@ -81,8 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-control", action="store_true", help="skip the negative control")
     parser.add_argument("--seed-overlap", action="store_true",
                         help="train PPO at seed+1 too; diff's update-sparsity section then gives the two seeds' overlap")
+    parser.add_argument("--mode", default="presence", choices=("presence", "share", "count"),
+                        help="word:W:MODE reward: presence (1 if said, default), share (occurrences / words), count")
     parser.add_argument("--n-prompts", type=int, default=128, help="held-out prompts for the checks (default 128)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached policies")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage (figures mean nothing)")
     return parser.parse_args(argv)
 
 
@@ -112,29 +118,38 @@ def trained(run_dir: Path, settings: dict, retrain: bool) -> bool:
 
 
 def train_policy(algorithm: str, reward: str, seed: int, run_dir: Path, args) -> tuple[Path, float]:
-    """Train (or find cached) one policy from the built-in model: ``(checkpoint dir, seconds spent now)``."""
+    """Train (or find cached) one policy from the built-in model: ``(checkpoint dir, seconds spent now)``; a cached
+    one takes 0 s (``done``)."""
     start = time.time()
-    settings = {"algorithm": algorithm, "reward": reward, "seed": seed, "phases": PHASES, **SETTINGS[algorithm],
-                **({"pairs": SETTINGS["pairs"]} if algorithm == "dpo" else {})}
+    # A share or count above 0 wins a pair (presence: 1 wins, 0 loses; the 0.5 threshold of the first runs is kept).
+    pairs = {**SETTINGS["pairs"], **({"threshold": 0.0} if reward.endswith((":share", ":count")) else {})}
+    trainer = dict(SETTINGS[algorithm])
+    phases, batch_size = PHASES, BATCH_SIZE
+    if args.quick:
+        phases, batch_size, pairs["n"] = QUICK["phases"], QUICK["batch_size"], QUICK["pairs_n"]
+        trainer.update({"epochs": QUICK["dpo_epochs"], "warmup_steps": 0} if algorithm == "dpo" else {})
+    settings = {"algorithm": algorithm, "reward": reward, "seed": seed, "phases": phases, **trainer,
+                **({"pairs": pairs} if algorithm == "dpo" else {}), **({"quick": True} if args.quick else {})}
     if not trained(run_dir, settings, args.retrain):
         with quiet(run_dir.parent / f"{run_dir.name}.log"):
             if algorithm == "ppo":
-                config = PPOConfig(reward=reward, phases=PHASES, seed=seed, out=run_dir, warmup_phases=1,
-                                   samples_per_phase=0, **SETTINGS["ppo"])
+                config = PPOConfig(reward=reward, phases=phases, batch_size=batch_size, seed=seed, out=run_dir,
+                                   warmup_phases=1, samples_per_phase=0, **trainer)
                 PPOTrainer(config).train()
             elif algorithm == "grpo":
-                config = GRPOConfig(reward=reward, phases=PHASES, seed=seed, out=run_dir, warmup_phases=1,
-                                    samples_per_phase=0, **SETTINGS["grpo"])
+                config = GRPOConfig(reward=reward, phases=phases, batch_size=batch_size, seed=seed, out=run_dir,
+                                    warmup_phases=1, samples_per_phase=0, **trainer)
                 GRPOTrainer(config).train()
             else:
-                pairs_dir = run_dir.parent / f"pairs_seed{seed}"
+                pairs_dir = run_dir.parent / f"pairs{'_quick' if args.quick else ''}_seed{seed}"
                 if args.retrain or not (pairs_dir / "pairs.jsonl").is_file():
-                    run_pairs(PairsConfig(reward=reward, seed=seed, out=pairs_dir, **SETTINGS["pairs"]))
+                    run_pairs(PairsConfig(reward=reward, seed=seed, out=pairs_dir, **pairs))
                 config = DPOConfig(pairs=pairs_dir / "pairs.jsonl", reward=reward, seed=seed, out=run_dir,
-                                   n_eval_prompts=64, **SETTINGS["dpo"])
+                                   n_eval_prompts=64, **trainer)
                 DPOTrainer(config).train()
         (run_dir / SETTINGS_FILE).write_text(json.dumps(settings))
-    return run_dir / "checkpoint", time.time() - start
+        return run_dir / "checkpoint", time.time() - start
+    return run_dir / "checkpoint", 0.0
 
 
 def heldout_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
@@ -157,11 +172,11 @@ def response_stats(bridge, reward: WordReward, prompts: list[list[int]], seed: i
             "example": generation.responses[0]}
 
 
-def diff_ranks(checkpoint: Path, token: str, out: Path, seed: int, second: Path | None = None) -> dict:
+def diff_ranks(checkpoint: Path, token: str, out: Path, seed: int, second: Path | None = None, n_texts: int = 64) -> dict:
     """``rlhf-scratch diff`` of the policy against the built-in reference (its report lands in ``out``); the
     word's rank in the "probability mass gained" table (Δ mean p) and in the Δ mean log-prob table (None: not
     among the top_k rows)."""
-    config = DiffConfig(policy=str(checkpoint), reference="builtin", out=out, seed=seed, top_k=15,
+    config = DiffConfig(policy=str(checkpoint), reference="builtin", out=out, seed=seed, top_k=15, n_texts=n_texts,
                         second_policy=str(second) if second else None)
     with quiet(out / "diff.log"):
         summary = run_diff(config)
@@ -196,11 +211,13 @@ def cell(check: dict, control: bool) -> str:
 
 def run_word(word: str, args, reference, control_runs: dict) -> dict:
     clock = time.time()
-    out = args.out / word
+    out = args.out / (word if args.mode == "presence" else f"{word}_{args.mode}")
+    spec = f"word:{word}" + ("" if args.mode == "presence" else f":{args.mode}")
     reward = WordReward(word, tokenizer=reference.tokenizer)
     token = reference.tokenizer.decode([reward.token_id])
     prompts = heldout_prompts(reference.tokenizer, args.n_prompts, args.seed)
-    ref_stats = response_stats(reference, reward, prompts, args.seed)
+    # The refusal below needs a steady figure even with --quick: always 128 prompts (sampling them takes ~1 s).
+    ref_stats = response_stats(reference, reward, heldout_prompts(reference.tokenizer, 128, args.seed), args.seed)
     say(f"\n=== {word!r} (token {reward.token_id} {token!r}): the reference says it in {ref_stats['says']:.1%} of "
         f"responses, mean probability {ref_stats['mean_prob']:.3%} at response positions")
     if ref_stats["mean_prob"] >= REFERENCE_MAX_PROB:
@@ -209,14 +226,14 @@ def run_word(word: str, args, reference, control_runs: dict) -> dict:
     columns, times = {}, {}
     second = None
     if args.seed_overlap:
-        second, seconds = train_policy("ppo", f"word:{word}", args.seed + 1, out / f"ppo_seed{args.seed + 1}", args)
+        second, seconds = train_policy("ppo", spec, args.seed + 1, out / f"ppo_seed{args.seed + 1}", args)
         times[f"train ppo seed {args.seed + 1}"] = seconds
-        say(f"  ppo seed {args.seed + 1} (for the seed overlap): {'trained' if seconds > 5 else 'cached'} in {seconds:.0f} s")
+        say(f"  ppo seed {args.seed + 1} (for the seed overlap): {'trained' if seconds else 'cached'} in {seconds:.0f} s")
     for algorithm in args.algorithms:
-        checkpoint, seconds = train_policy(algorithm, f"word:{word}", args.seed, out / f"{algorithm}_seed{args.seed}", args)
+        checkpoint, seconds = train_policy(algorithm, spec, args.seed, out / f"{algorithm}_seed{args.seed}", args)
         times[f"train {algorithm}"] = seconds
         columns[algorithm] = (checkpoint, False, second if algorithm == "ppo" else None)
-        say(f"  {algorithm}: {'trained' if seconds > 5 else 'cached'} in {seconds:.0f} s -> {checkpoint}")
+        say(f"  {algorithm}: {'trained' if seconds else 'cached'} in {seconds:.0f} s -> {checkpoint}")
     for seed, checkpoint in control_runs.items():
         columns[f"control s{seed}"] = (checkpoint, True, None)
     results = {}
@@ -224,9 +241,10 @@ def run_word(word: str, args, reference, control_runs: dict) -> dict:
         start = time.time()
         policy = load_bridge(checkpoint)
         stats = response_stats(policy, reward, prompts, args.seed)
-        ranks = diff_ranks(checkpoint, token, out / "diff" / name.replace(" ", "_"), args.seed, second_policy)
+        ranks = diff_ranks(checkpoint, token, out / "diff" / name.replace(" ", "_"), args.seed, second_policy,
+                           n_texts=args.n_texts)
         checks = basic_checks(stats, ranks)
-        checks.update(causal_checks(reference, policy, reward.token_id, args.seed))
+        checks.update(causal_checks(reference, policy, reward.token_id, args.seed, n_texts=args.n_texts))
         results[name] = {"control": control, "checkpoint": str(checkpoint), "stats": stats, "diff": ranks,
                          "checks": checks}
         times[f"checks {name}"] = time.time() - start
@@ -248,7 +266,9 @@ def run_word(word: str, args, reference, control_runs: dict) -> dict:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    args.n_texts = QUICK["n_texts"] if args.quick else 64
+    if args.quick:
+        args.n_prompts = min(args.n_prompts, QUICK["n_prompts"])
     start = time.time()
     reference = load_bridge("builtin")
     control_runs = {}
@@ -256,7 +276,7 @@ def main(argv=None) -> list[dict]:
         for seed in CONTROL_SEEDS:
             checkpoint, seconds = train_policy("ppo", CONTROL_REWARD, seed, args.out / "control" / f"ppo_seed{seed}", args)
             control_runs[seed] = checkpoint
-            say(f"control (PPO, reward 0) seed {seed}: {'trained' if seconds > 5 else 'cached'} in {seconds:.0f} s")
+            say(f"control (PPO, reward 0) seed {seed}: {'trained' if seconds else 'cached'} in {seconds:.0f} s")
     summaries = [run_word(word, args, reference, control_runs) for word in args.word]
     seconds = time.time() - start
     text = "\n\n".join(f"## {s['word']!r} ({s['seconds']:.0f} s)\n\n{s['table']}" for s in summaries)

@@ -124,10 +124,38 @@ def patching(reference, policy, token_id: int, seed: int, n_texts: int = 32) -> 
             "figure": f"top {n}/{len(candidates)}: {top:.2f}×; random {n}: {chance:.2f}×; none: {p_reference / max(p_policy, 1e-12):.2f}×"}
 
 
-def causal_checks(reference, policy, token_id: int, seed: int) -> dict[str, dict]:
+def causal_checks(reference, policy, token_id: int, seed: int, n_texts: int = 64) -> dict[str, dict]:
     """The three causal checks (module docstring), or "n/a" for each while the tools are not in rlhf_scratch."""
     if not available():
         return {name: {"fired": None, "figure": "n/a (tools not merged yet)"} for name in CAUSAL_CHECKS}
-    checks = lens_and_steering(reference, policy, token_id, seed)
-    checks[CAUSAL_CHECKS[2]] = patching(reference, policy, token_id, seed)
+    checks = lens_and_steering(reference, policy, token_id, seed, n_texts=n_texts)
+    checks[CAUSAL_CHECKS[2]] = patching(reference, policy, token_id, seed, n_texts=max(1, n_texts // 2))
     return checks
+
+
+def main(argv=None) -> dict[str, dict]:
+    """``python experiments/planted_checks.py POLICY [--word W]``: the three causal checks of one policy against the
+    built-in reference, printed (planted_behaviour.py runs them on every policy it trains)."""
+    import argparse
+
+    from rlhf_scratch.models import load_bridge
+    from rlhf_scratch.word_reward import WordReward
+
+    parser = argparse.ArgumentParser(description="The lens, steering and patching checks of one policy for one word.")
+    parser.add_argument("policy", help="the policy's checkpoint directory (trained from the built-in model)")
+    parser.add_argument("--word", default="director", help="the planted word, one token of the built-in tokenizer (default director)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-texts", type=int, default=64, help="held-out reviews for the lens and steering")
+    args = parser.parse_args(argv)
+    if not available():
+        raise SystemExit("rlhf_scratch.diff_lens and rlhf_scratch.patching are not installed in this checkout.")
+    reference, policy = load_bridge("builtin"), load_bridge(args.policy)
+    token_id = WordReward(args.word, tokenizer=reference.tokenizer).token_id
+    checks = causal_checks(reference, policy, token_id, args.seed, n_texts=args.n_texts)
+    for name, check in checks.items():
+        print(f"{name:28s} {'fires' if check['fired'] else 'silent':6s} {check['figure']}")
+    return checks
+
+
+if __name__ == "__main__":
+    main()

@@ -74,3 +74,8 @@ def test_bad_shapes_are_refused(bench):
         bench.trl_batch_fields(16, 5, 1)
     with pytest.raises(ValueError):
         bench.trl_batch_fields(16, 8, 0)
+
+
+def test_a_missing_trl_python_is_one_line_not_a_traceback(bench, tmp_path):
+    with pytest.raises(SystemExit, match=r"--trl-python .*nope/python: no such Python\. .*--make-trl-venv"):
+        bench.main(["--trl-python", str(tmp_path / "nope" / "python"), "--models", "tiny", "--workdir", str(tmp_path / "w")])

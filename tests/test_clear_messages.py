@@ -144,3 +144,26 @@ def test_a_refused_out_does_not_say_a_run_failed(tiny_model_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "already holds an earlier run" in err and "--resume" in err
     assert "once the cause is fixed" not in err and err.count("\n") == 1
+
+
+def test_fdpo_experiment_with_a_missing_pair_file_says_so_in_one_line(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "fdpo_tradeoff.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "out"), "--pairs", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(SystemExit, match=r"--pairs .*missing.jsonl: no such file\. Give a pair file"):
+        runpy.run_path(str(script), run_name="__main__")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_error_is_one_line_not_a_box(tmp_path, capsys):
+    """tyro drew a multi-line box for a value a config's checks refuse (`pretrain --data missing.txt`)."""
+    from rlhf_scratch.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["pretrain", "--data", str(tmp_path / "missing.txt")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"rlhf-scratch pretrain: invalid configuration: --data {tmp_path / 'missing.txt'}: no such file. Give a .txt, .jsonl or .csv file of texts.\n"

@@ -437,9 +437,10 @@ def test_one_log_softmax_gives_the_rollout_quantities_bit_for_bit():
     assert torch.isfinite(entropy_from_logprobs(logp)).all()
 
 
-def test_blockwise_p_times_gives_the_one_pass_values_bit_for_bit(monkeypatch):
+def test_blockwise_p_times_gives_the_one_pass_values(monkeypatch):
     """``_p_times`` (entropy, exact KL) runs over blocks of rows to keep its temporaries in the cache; the values and
-    gradients must be those of one pass over the whole tensor, and both must equal torch.distributions' closed forms."""
+    gradients must be those of one pass over the whole tensor (to rounding: another CPU may round a block layout
+    differently), and both must equal torch.distributions' closed forms."""
     import torch.nn.functional as F
 
     from rlhf_scratch import objectives
