@@ -165,3 +165,22 @@ def test_crosscode_command_on_identical_models_finds_only_shared_latents(family,
     assert (tmp_path / "cc" / "report.md").read_text().startswith("# Crosscoder")
     assert main(["crosscode", "--policy", str(directory), "--reference", str(directory), "--layer", "7",
                  "--threads", "1", "--out", str(tmp_path / "bad")]) == 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_logit_effect_is_the_logit_lens_of_the_direction_without_the_scale_and_the_offset(family, tmp_path):
+    """effect(d) = N_lin(d)·W_U, and the lens gives N(d)·W_U + b_U = N_lin(d)·W_U / s(d) + (β·W_U + b_U), with
+    (β·W_U + b_U) = lens(0) (pre-cap). So effect(d) / s(d) = lens(d) − lens(0), for LayerNorm and RMSNorm alike."""
+    from model_families import build_family_model
+
+    from rlhf_scratch.anatomy import final_norm_parameters, logit_lens
+    from rlhf_scratch.crosscoder_report import logit_effects
+    from rlhf_scratch.models import load_bridge
+
+    bridge = load_bridge(build_family_model(family, tmp_path / family))
+    d = torch.randn(3, bridge.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    effect = logit_effects(bridge, d)
+    scale = final_norm_parameters(bridge).scale(d)
+    with torch.no_grad():
+        lens = logit_lens(bridge, d, capped=False) - logit_lens(bridge, torch.zeros(1, bridge.cfg.d_model), capped=False)
+    assert torch.allclose(effect / scale, lens, atol=1e-4)
