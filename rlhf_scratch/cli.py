@@ -44,6 +44,7 @@ from rlhf_scratch.command_configs import (
 )
 from rlhf_scratch.config import config_errors_raised
 from rlhf_scratch.interrupts import INTERRUPTED_EXIT, TrainingInterrupted
+from rlhf_scratch.research_configs import CrosscodeConfig, SAEConfig
 
 TYRO_CONFIG = (tyro.conf.OmitArgPrefixes,)
 DATA_PARALLEL_COMMANDS = ("ppo", "reinforce", "rloo", "grpo", "dpo", "rm")
@@ -101,6 +102,12 @@ def _commands() -> dict:
         "lens": (LensConfig, {}, "rlhf_scratch.diff_lens_report:run_lens",
                  "Activation Difference Lens: the policy's mean residual difference on held-out text, its top tokens per "
                  "layer, and steering the reference with it over a sweep of alpha (reward, token log-prob)."),
+        "crosscode": (CrosscodeConfig, {}, "rlhf_scratch.crosscoder_report:run_crosscode",
+                      "A BatchTopK crosscoder on paired policy/reference activations at one hook: explained variance, "
+                      "policy-only latents (relative decoder norm, Latent Scaling), their contexts and logit effects."),
+        "sae": (SAEConfig, {}, "rlhf_scratch.sae_report:run_sae",
+                "A sparse autoencoder in sae-lens's layout (--sae DIR, or one trained here) spliced into both models with "
+                "the error term: the features whose activation changed most, with their contexts."),
         "inspect": (InspectConfig, {}, "rlhf_scratch.value_lens:run_inspect",
                     "One sample of a PPO checkpoint: value, reward, advantage per token, and the value lens per layer."),
     }

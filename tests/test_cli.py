@@ -317,7 +317,7 @@ def test_help_and_a_config_error_import_no_heavy_library():
     probe = ("import sys\nfrom rlhf_scratch.cli import main\nfor argv in {argv!r}:\n    try:\n        main(argv)\n"
              "    except SystemExit:\n        pass\n"
              "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules))")
-    for argv in ([["--help"]], [["ppo", "--help"]], [["ppo", "--phases", "0"]], [["dpo", "--beta", "0"]], [["diff", "--help"]], [["patch", "--help"]], [["lens", "--help"]]):
+    for argv in ([["--help"]], [["ppo", "--help"]], [["ppo", "--phases", "0"]], [["dpo", "--beta", "0"]], [["diff", "--help"]], [["patch", "--help"]], [["lens", "--help"]], [["crosscode", "--help"]], [["sae", "--help"]]):
         child = subprocess.run([sys.executable, "-c", probe.format(argv=argv)], capture_output=True, text=True, timeout=120)
         assert "HEAVY []" in child.stdout, (argv, child.stdout[-500:], child.stderr[-2000:])
     child = subprocess.run([sys.executable, "-m", "rlhf_scratch", "ppo", "--phases", "0"], capture_output=True, text=True,
