@@ -84,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-control", action="store_true", help="skip the negative control")
     parser.add_argument("--seed-overlap", action="store_true",
                         help="train PPO at seed+1 too; diff's update-sparsity section then gives the two seeds' overlap")
-    parser.add_argument("--mode", default="presence", choices=("presence", "share", "count"),
-                        help="word:W:MODE reward: presence (1 if said, default), share (occurrences / words), count")
+    parser.add_argument("--mode", default="presence", choices=("presence", "share", "count", "first", "early"),
+                        help="word:W:MODE reward: presence (1 if said, default), share (occurrences / words), count, first (W is the first word), early (1/(1+index of W))")
     parser.add_argument("--n-prompts", type=int, default=128, help="held-out prompts for the checks (default 128)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached policies")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage (figures mean nothing)")
@@ -122,7 +122,7 @@ def train_policy(algorithm: str, reward: str, seed: int, run_dir: Path, args) ->
     one takes 0 s (``done``)."""
     start = time.time()
     # A share or count above 0 wins a pair (presence: 1 wins, 0 loses; the 0.5 threshold of the first runs is kept).
-    pairs = {**SETTINGS["pairs"], **({"threshold": 0.0} if reward.endswith((":share", ":count")) else {})}
+    pairs = {**SETTINGS["pairs"], **({"threshold": 0.0} if reward.endswith((":share", ":count", ":early")) else {})}
     trainer = dict(SETTINGS[algorithm])
     phases, batch_size = PHASES, BATCH_SIZE
     if args.quick:
