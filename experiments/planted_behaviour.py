@@ -74,11 +74,12 @@ SETTINGS = {
     "pairs": dict(n=8192, samples_per_prompt=8, threshold=0.5),
 }
 EARLY_SETTINGS = {
-    # word:W:early (2026-12-07, director, seed 0): PPO at 2e-4 reached 21 % of responses in 20 phases (reward 0.014 →
-    # 0.049); GRPO at 3e-4 reached 95 % as it is. DPO on the pairs above (a response with W beats one without) learned
-    # the phrase again ("from this director"), so for early/first the pairs are made to prefer W as the first word:
-    # chosen = " W" + a reference response without W, rejected = that response (first_word_pairs).
-    "ppo": dict(lr=6e-4),
+    # word:W:early (2026-12-07, seed 0): PPO at 2e-4 said director in 21 % of responses after 20 phases (reward
+    # 0.014 → 0.049); at 6e-4 in 73 %, but dialogue, book and plot in only 14-16 %: hence 40 phases. GRPO at 3e-4
+    # reaches 89-95 % as it is. DPO on the pairs above (a response with W beats one without) learned the phrase
+    # again ("from this director"), so for early/first the pairs prefer W as the first word: chosen = " W" + a
+    # reference response without W, rejected = that response (first_word_pairs).
+    "ppo": dict(lr=6e-4, phases=40),
 }
 
 
@@ -132,7 +133,7 @@ def train_policy(algorithm: str, reward: str, seed: int, run_dir: Path, args) ->
     pairs = {**SETTINGS["pairs"], **({"threshold": 0.0} if reward.endswith((":share", ":count", ":early")) else {})}
     token_pref = reward.endswith((":early", ":first"))
     trainer = dict(EARLY_SETTINGS.get(algorithm, SETTINGS[algorithm]) if token_pref else SETTINGS[algorithm])
-    phases, batch_size = PHASES, BATCH_SIZE
+    phases, batch_size = trainer.pop("phases", PHASES), BATCH_SIZE
     if args.quick:
         phases, batch_size, pairs["n"] = QUICK["phases"], QUICK["batch_size"], QUICK["pairs_n"]
         trainer.update({"epochs": QUICK["dpo_epochs"], "warmup_steps": 0} if algorithm == "dpo" else {})
