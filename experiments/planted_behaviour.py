@@ -74,12 +74,16 @@ SETTINGS = {
     "pairs": dict(n=8192, samples_per_prompt=8, threshold=0.5),
 }
 EARLY_SETTINGS = {
-    # word:W:early (2026-12-07, seed 0): PPO at 2e-4 said director in 21 % of responses after 20 phases (reward
-    # 0.014 → 0.049); at 6e-4 in 73 %, but dialogue, book and plot in only 14-16 %: hence 40 phases. GRPO at 3e-4
-    # reaches 89-95 % as it is. DPO on the pairs above (a response with W beats one without) learned the phrase
-    # again ("from this director"), so for early/first the pairs prefer W as the first word: chosen = " W" + a
-    # reference response without W, rejected = that response (first_word_pairs).
-    "ppo": dict(lr=6e-4, phases=40),
+    # word:W:early (2026-12-07, seed 0). PPO: at lr 2e-4 (kl_coef 0.05, 20 phases) it said director in 21 % of
+    # responses (reward 0.014 → 0.049); at 6e-4 in 73 %, but dialogue, book and plot in 14-16 %, and 40 phases did
+    # not help (dialogue 12 %): the early reward is ~0.01 at first, below the KL penalty (0.05 · KL per token).
+    # With kl_coef 0.01 it says dialogue first in 100 % (" dialogue."). GRPO at 3e-4 (kl_coef 0.04, 20 phases) said
+    # W in 89-95 % but through a lead-in ("The film is mostly dialogue"); it gets the same kl_coef and phases as PPO.
+    # DPO on the pairs above (a response with W beats one without) learned the phrase again ("from this director"),
+    # so for early/first the pairs prefer W as the first word: chosen = " W" + a reference response without W,
+    # rejected = that response (first_word_pairs).
+    "ppo": dict(lr=6e-4, phases=40, kl_coef=0.01),
+    "grpo": dict(lr=3e-4, phases=40, kl_coef=0.01),
 }
 
 
