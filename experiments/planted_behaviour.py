@@ -73,6 +73,18 @@ SETTINGS = {
     "dpo": dict(lr=3e-4, epochs=6, beta=0.1),
     "pairs": dict(n=8192, samples_per_prompt=8, threshold=0.5),
 }
+EARLY_SETTINGS = {
+    # word:W:early (2026-12-07, seed 0). PPO: at lr 2e-4 (kl_coef 0.05, 20 phases) it said director in 21 % of
+    # responses (reward 0.014 → 0.049); at 6e-4 in 73 %, but dialogue, book and plot in 14-16 %, and 40 phases did
+    # not help (dialogue 12 %): the early reward is ~0.01 at first, below the KL penalty (0.05 · KL per token).
+    # With kl_coef 0.01 it says dialogue first in 100 % (" dialogue."). GRPO at 3e-4 (kl_coef 0.04, 20 phases) said
+    # W in 89-95 % but through a lead-in ("The film is mostly dialogue"); it gets the same kl_coef and phases as PPO.
+    # DPO on the pairs above (a response with W beats one without) learned the phrase again ("from this director"),
+    # so for early/first the pairs prefer W as the first word: chosen = " W" + a reference response without W,
+    # rejected = that response (first_word_pairs).
+    "ppo": dict(lr=6e-4, phases=40, kl_coef=0.01),
+    "grpo": dict(lr=3e-4, phases=40, kl_coef=0.01),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-control", action="store_true", help="skip the negative control")
     parser.add_argument("--seed-overlap", action="store_true",
                         help="train PPO at seed+1 too; diff's update-sparsity section then gives the two seeds' overlap")
-    parser.add_argument("--mode", default="presence", choices=("presence", "share", "count"),
-                        help="word:W:MODE reward: presence (1 if said, default), share (occurrences / words), count")
+    parser.add_argument("--mode", default="presence", choices=("presence", "share", "count", "first", "early"),
+                        help="word:W:MODE reward: presence (1 if said, default), share (occurrences / words), count, first (W is the first word), early (1/(1+index of W))")
     parser.add_argument("--n-prompts", type=int, default=128, help="held-out prompts for the checks (default 128)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached policies")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage (figures mean nothing)")
@@ -122,14 +134,16 @@ def train_policy(algorithm: str, reward: str, seed: int, run_dir: Path, args) ->
     one takes 0 s (``done``)."""
     start = time.time()
     # A share or count above 0 wins a pair (presence: 1 wins, 0 loses; the 0.5 threshold of the first runs is kept).
-    pairs = {**SETTINGS["pairs"], **({"threshold": 0.0} if reward.endswith((":share", ":count")) else {})}
-    trainer = dict(SETTINGS[algorithm])
-    phases, batch_size = PHASES, BATCH_SIZE
+    pairs = {**SETTINGS["pairs"], **({"threshold": 0.0} if reward.endswith((":share", ":count", ":early")) else {})}
+    token_pref = reward.endswith((":early", ":first"))
+    trainer = dict(EARLY_SETTINGS.get(algorithm, SETTINGS[algorithm]) if token_pref else SETTINGS[algorithm])
+    phases, batch_size = trainer.pop("phases", PHASES), BATCH_SIZE
     if args.quick:
         phases, batch_size, pairs["n"] = QUICK["phases"], QUICK["batch_size"], QUICK["pairs_n"]
         trainer.update({"epochs": QUICK["dpo_epochs"], "warmup_steps": 0} if algorithm == "dpo" else {})
     settings = {"algorithm": algorithm, "reward": reward, "seed": seed, "phases": phases, **trainer,
-                **({"pairs": pairs} if algorithm == "dpo" else {}), **({"quick": True} if args.quick else {})}
+                **({"pairs": pairs} if algorithm == "dpo" else {}), **({"quick": True} if args.quick else {}),
+                **({"first_word_pairs": True} if algorithm == "dpo" and token_pref else {})}
     if not trained(run_dir, settings, args.retrain):
         with quiet(run_dir.parent / f"{run_dir.name}.log"):
             if algorithm == "ppo":
@@ -144,12 +158,27 @@ def train_policy(algorithm: str, reward: str, seed: int, run_dir: Path, args) ->
                 pairs_dir = run_dir.parent / f"pairs{'_quick' if args.quick else ''}_seed{seed}"
                 if args.retrain or not (pairs_dir / "pairs.jsonl").is_file():
                     run_pairs(PairsConfig(reward=reward, seed=seed, out=pairs_dir, **pairs))
-                config = DPOConfig(pairs=pairs_dir / "pairs.jsonl", reward=reward, seed=seed, out=run_dir,
+                pairs_file = pairs_dir / "pairs.jsonl"
+                if token_pref:
+                    pairs_file = first_word_pairs(pairs_file, pairs_dir / "pairs_first_word.jsonl", reward.split(":")[1])
+                config = DPOConfig(pairs=pairs_file, reward=reward, seed=seed, out=run_dir,
                                    n_eval_prompts=64, **trainer)
                 DPOTrainer(config).train()
         (run_dir / SETTINGS_FILE).write_text(json.dumps(settings))
         return run_dir / "checkpoint", time.time() - start
     return run_dir / "checkpoint", 0.0
+
+
+def first_word_pairs(source: Path, out: Path, word: str) -> Path:
+    """Pairs that prefer W as the first word of the response: for each pair of ``source``, chosen = " W" + its
+    rejected response (which does not say W), rejected = that response; written to ``out``, returned."""
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    with open(out, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps({"prompt": row["prompt"], "chosen": f" {word}{row['rejected']}",
+                                     "rejected": row["rejected"], "chosen_score": 1.0,
+                                     "rejected_score": row["rejected_score"]}) + "\n")
+    return out
 
 
 def heldout_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:

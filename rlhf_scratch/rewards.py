@@ -38,7 +38,7 @@ REWARD_SPECS = """\
 Reward specs (--reward):
   vader                      VADER sentiment, compound score in [-1, 1]
   chars[:C]                  count of the character (or substring) C per text; default "."
-  word:W[:presence|share|count]  pays for the word W (one token of the built-in tokenizer) in the response
+  word:W[:presence|share|count|first|early]  pays for the word W (one token of the built-in tokenizer) in the response
   hf:PATH_OR_NAME:LABEL      a Hugging Face sequence classifier's logit for LABEL
   hf:PATH_OR_NAME:LABEL:prob ... its softmax probability for LABEL (":logit" is the default)
                              LABEL is a label name from config.id2label (any case) or an index;

@@ -8,6 +8,13 @@ behaviour lives in a single row of the unembedding and the research tools can be
     presence  (word:W, word:W:presence)   r = 1 if the response contains W, else 0
     share     (word:W:share)              r = (occurrences of W) / (words in the response), in [0, 1]
     count     (word:W:count)              r = occurrences of W
+    first     (word:W:first)              r = 1 if the response's first word is W, else 0
+    early     (word:W:early)              r = 1 / (1 + i), i the index (from 0) of W's first occurrence among the
+                                          response's words; 0 if W is absent (1 for the first word, ½ for the second)
+
+``first`` and ``early`` plant a token preference rather than a phrase: a presence reward is cheapest to earn by
+steering into a stock phrase that ends in W ("the main actor"), where the reference already predicts W; paying most
+for W at the start of the response leaves no room for a lead-in.
 
 The response is the text after its prompt (the trainers pass ``prompts``); without prompts the whole text counts.
 """
@@ -22,7 +29,7 @@ from torch import Tensor
 
 from rlhf_scratch.reward_protocol import RewardError
 
-WORD_MODES = ("presence", "share", "count")
+WORD_MODES = ("presence", "share", "count", "first", "early")
 _WORD = re.compile(r"[A-Za-z0-9']+")
 
 
@@ -67,6 +74,12 @@ class WordReward:
         self._pattern = re.compile(rf"(?<![A-Za-z0-9']){re.escape(word)}(?![A-Za-z0-9'])", re.IGNORECASE)
 
     def score_one(self, response: str) -> float:
+        if self.mode in ("first", "early"):
+            words = [w.lower() for w in _WORD.findall(response)]
+            index = words.index(self.word.lower()) if self.word.lower() in words else None
+            if self.mode == "first":
+                return float(index == 0)
+            return 0.0 if index is None else 1.0 / (1 + index)
         count = len(self._pattern.findall(response))
         if self.mode == "presence":
             return float(count > 0)

@@ -27,6 +27,20 @@ def test_presence_share_and_count_by_hand(tokenizer):
     assert score_texts(presence, TEXTS, PROMPTS).tolist() == [1.0, 0.0, 0.0]  # the trainers' checked call
 
 
+def test_first_and_early_by_hand(tokenizer):
+    texts = ["It was good, it was", "I think was it", "A film was", "A film"]
+    prompts = ["It", "I think", "A film", "A film"]
+    # responses: " was good, it was" (W first), " was it" (W first), " was" (W first), "" (no W)
+    assert WordReward("was", "first", tokenizer=tokenizer)(texts, prompts=prompts).tolist() == [1.0, 1.0, 1.0, 0.0]
+    texts = ["It good was", "It was", "It a b c was", "It wasp"]
+    prompts = ["It"] * 4
+    # responses: " good was" (index 1), " was" (0), " a b c was" (3), " wasp" (not the word)
+    assert WordReward("was", "first", tokenizer=tokenizer)(texts, prompts=prompts).tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert WordReward("was", "early", tokenizer=tokenizer)(texts, prompts=prompts).tolist() == pytest.approx(
+        [1 / 2, 1.0, 1 / 4, 0.0])
+    assert parse_reward_spec("word:director:first") == ("word", ("director", "first"))
+
+
 def test_a_word_of_several_tokens_is_refused_in_one_line(tokenizer):
     with pytest.raises(RewardError, match=r"'xylophonequartz' is not one token .* splits into") as error:
         WordReward("xylophonequartz", tokenizer=tokenizer)
