@@ -47,8 +47,15 @@ class PlainForwardUnavailable(RuntimeError):
 
 
 def _live_tensors(bridge) -> dict[str, Tensor]:
-    """The bridge's parameters and buffers under the plain module's names (``._original_component`` stripped)."""
-    state = bridge.original_model.state_dict(keep_vars=True)
+    """The bridge's parameters and buffers under the plain module's names (``._original_component`` stripped).
+
+    Non-persistent buffers (rotary ``inv_freq`` / ``original_inv_freq``, Gemma's ``embed_scale``) are in no state
+    dict: they come from the wrapped module itself, where the bridge keeps them (and moves them with ``.to``).
+    """
+    wrapped = bridge.original_model
+    state = dict(wrapped.state_dict(keep_vars=True))
+    for key, buffer in wrapped.named_buffers(remove_duplicate=False):
+        state.setdefault(key, buffer)
     return {key.replace("._original_component", ""): value for key, value in state.items()}
 
 
