@@ -14,6 +14,9 @@ instead:
   parameters, so the optimiser, DDP and checkpoints see no difference.
 * GPT-2 fuses q, k and v into one ``c_attn`` weight; the bridge trains them as three split weights, so
   ``c_attn`` is rebuilt from them (``torch.cat``, differentiable) on every call.
+* Non-persistent buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) are in no state dict: they are taken from
+  the wrapped module, so rotary and RMSNorm families (Llama, Mistral, Qwen, Gemma, OLMo 2, Phi-3, GPT-NeoX) run
+  plain too.
 * Position ids come from the attention mask, as the bridge derives them (left padding is skipped).
 * ``final_resid`` is the last hidden state, after the final LayerNorm: the bridge's ``ln_final.hook_out``,
   where the value head reads.
