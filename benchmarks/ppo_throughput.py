@@ -9,7 +9,7 @@ random weights built from a local ``GPT2Config``: no download) this script
    seconds per phase split into generation, old-policy forward, reference forward,
    scoring (the task reward, ``chars:.``), the rest of the rollout (KL, GAE, ...) and
    learning; episodes/s, generated tokens/s and peak memory;
-2. times the same weights as a plain ``GPT2LMHeadModel`` (loaded separately from the
+2. times the same weights as a plain ``AutoModelForCausalLM`` (``GPT2LMHeadModel`` here) (loaded separately from the
    same saved directory, so the bridge's in-place changes to ``bridge.original_model``
    do not matter), without the engine around it:
    * KV-cached sampling with a hand-written loop (``past_key_values``, softmax,
@@ -68,10 +68,10 @@ import torch  # noqa: E402
 
 def bench_raw(spec: ModelSpec, model_dir: Path, keep: dict, args) -> dict:
     """The plain Hugging Face module on the same work, without the engine around it."""
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     device, repeats, warmup = args.device, spec.phases, args.warmup
-    model = GPT2LMHeadModel.from_pretrained(model_dir).to(device).eval()  # eval: dropout off, as in the engine
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()  # eval: dropout off, as in the engine
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     B, G = spec.batch_size, spec.new_tokens
     prompt = torch.tensor([keep["prompt_ids"]] * B, dtype=torch.long, device=device)
