@@ -70,6 +70,39 @@ def build_family_dir(family: str, spec: ModelSpec, directory: Path, texts: list[
     return sum(p.numel() for p in model.parameters())
 
 
+def micro(directory: Path, keep: dict, repeats: int) -> dict:
+    """Min and median seconds of one forward (no grad) and one forward + backward of the rollout batch through
+    the raw module (with the bridge's attention implementation, eager: ``bench_raw`` loads the default, sdpa), the
+    plain path and the bridge, the three interleaved in each repetition (min: the least
+    disturbed by other processes)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_scratch.models import load_bridge
+    from rlhf_scratch.plain_forward import PlainForward
+
+    bridge = load_bridge(directory)  # the raw module with the same attention kernels as the bridge's (eager)
+    raw = AutoModelForCausalLM.from_pretrained(directory, attn_implementation=bridge.original_model.config._attn_implementation).eval()
+    plain = PlainForward(bridge)
+    plain.check_against_bridge()
+    tokens, mask = keep["sequences"], keep["attention_mask"]
+    runs = {"raw": lambda: raw(input_ids=tokens, attention_mask=mask).logits,
+            "plain": lambda: plain(tokens, mask)[0],
+            "bridge": lambda: bridge(tokens, attention_mask=mask)}
+    times = {f"{name}_{kind}": [] for name in runs for kind in ("forward", "backward")}
+    for index in range(repeats + 1):  # the first repetition is warmup
+        for name, run in runs.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                run()
+            middle = time.perf_counter()
+            run().log_softmax(-1).mean().backward()
+            end = time.perf_counter()
+            if index:
+                times[f"{name}_forward"].append(middle - start)
+                times[f"{name}_backward"].append(end - middle)
+    return {key: {"min": min(values), "median": statistics.median(values)} for key, values in times.items()}
+
+
 def git_commit() -> str:
     try:
         here = Path(__file__).resolve().parent
@@ -87,6 +120,8 @@ def parse_args(argv=None):
     parser.add_argument("--phases", type=int, default=2, help="timed PPO phases per round and family (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed phases (and raw repetitions) first (default: %(default)s)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--micro", type=int, default=15,
+                        help="repetitions of the forward / forward+backward micro-benchmark per family, 0: none (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     args.families = args.families.split(",")
@@ -109,7 +144,7 @@ def main(argv=None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="fastpath_families_"))
     texts = generate_reviews(3000, seed=args.seed)
     rounds: dict[str, list[dict]] = {family: [] for family in args.families}
-    fallbacks = {}
+    fallbacks, micros = {}, {}
     try:
         parameters = {f: build_family_dir(f, spec, workdir / f, texts, spec.vocab or 2048, args.seed) for f in args.families}
         for index in range(args.rounds):
@@ -124,6 +159,8 @@ def main(argv=None) -> dict:
                           "learning": engine["learning"] / raw["learning"]}
                 rounds[family].append({"engine": {k: engine[k] for k in PARTS}, "raw": {k: raw[k] for k in ("forward", "learning")},
                                        "ratios": ratios})
+                if args.micro and index == args.rounds - 1:
+                    micros[family] = micro(workdir / family, keep, args.micro)
                 print(f"round {index + 1} {family}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
                       + f" (raw forward {raw['forward'] * 1e3:.1f} ms, raw learning {raw['learning']:.3f} s)", flush=True)
     finally:
@@ -145,7 +182,19 @@ def main(argv=None) -> dict:
         path = "bridge (fallback)" if fallbacks[family] else "plain module"
         print(f"| {family} | {parameters[family] / 1e6:.2f} M | {path} | " + " | ".join(
             f"{summary[family][part]:.2f}x" for part in PARTS) + " |")
-    report = {"machine": info, "spec": spec.__dict__, "parameters": parameters, "fallbacks": fallbacks,
+    if micros:
+        print("\none pass of the rollout batch, min over the repetitions (median in brackets), ÷ the raw module:")
+        print("| family | raw forward | plain ÷ raw | bridge ÷ raw | raw forward+backward | plain ÷ raw | bridge ÷ raw |")
+        print("|---|---|---|---|---|---|---|")
+        for family, m in micros.items():
+            cells = []
+            for kind in ("forward", "backward"):
+                raw_time = m[f"raw_{kind}"]
+                cells.append(f"{raw_time['min'] * 1e3:.1f} ms")
+                cells += [f"{m[f'{name}_{kind}']['min'] / raw_time['min']:.2f}x "
+                          f"({m[f'{name}_{kind}']['median'] / raw_time['median']:.2f}x)" for name in ("plain", "bridge")]
+            print(f"| {family} | " + " | ".join(cells) + " |")
+    report = {"machine": info, "micro": micros, "spec": spec.__dict__, "parameters": parameters, "fallbacks": fallbacks,
               "rounds": rounds, "median_ratios": summary}
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))

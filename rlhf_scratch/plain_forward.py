@@ -104,10 +104,12 @@ class PlainForward:
                           for prefix in self.fused_qkv}
 
     def _parameter_ids(self) -> tuple[int, ...]:
-        return tuple(id(p) for p in self.bridge.parameters())
+        # Buffers too: ``.to(device)`` / ``.to(dtype)`` moves parameters in place but replaces buffers (inv_freq).
+        return tuple(id(t) for t in (*self.bridge.parameters(), *self.bridge.original_model.buffers()))
 
     def still_current(self) -> bool:
-        """False once the bridge's parameters were replaced (``load_state_dict(assign=True)``): rebuild then."""
+        """False once the bridge's parameters or buffers were replaced (``load_state_dict(assign=True)``,
+        ``.to(device)`` for buffers): rebuild then."""
         return self._parameter_ids() == self.parameter_ids
 
     def weights(self) -> dict[str, Tensor]:

@@ -188,3 +188,18 @@ def test_a_hook_sends_a_rotary_familys_pass_through_the_bridge(family_bridges, f
             assert plain_forward_if_unhooked(bridge) is None
             torch.testing.assert_close(reference_logits(bridge, tokens, mask), hooked)
         assert len(seen) == 2 and plain_forward_if_unhooked(bridge) is not None
+
+
+def test_a_replaced_rotary_buffer_is_followed_by_the_plain_module(family_bridges):
+    # ``.to(device)`` or ``.to(dtype)`` gives a module new buffer tensors (parameters keep theirs): the plain path
+    # must notice. Halving the rotary frequencies (a different model) shows which buffer each path read.
+    bridge = copy.deepcopy(family_bridges["llama"])
+    tokens, mask = left_padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        before = reference_logits(bridge, tokens, mask)  # builds and caches the plain module
+        (rotary,) = [m for m in bridge.original_model.modules() if "inv_freq" in m._buffers]
+        rotary._buffers["inv_freq"] = rotary._buffers["inv_freq"] / 2
+        after, hooked = reference_logits(bridge, tokens, mask), bridge(tokens, attention_mask=mask)
+    assert (hooked[real] - before[real]).abs().max() > 1e-3
+    torch.testing.assert_close(after[real], hooked[real], rtol=0, atol=1e-5)
