@@ -70,7 +70,7 @@ def build_family_dir(family: str, spec: ModelSpec, directory: Path, texts: list[
     return sum(p.numel() for p in model.parameters())
 
 
-def micro(directory: Path, keep: dict, repeats: int) -> dict:
+def micro(directory: Path, keep: dict, repeats: int, rows: int = 0) -> dict:
     """Min and median seconds of one forward (no grad) and one forward + backward of the rollout batch through
     the raw module (with the bridge's attention implementation, eager: ``bench_raw`` loads the default, sdpa), the
     plain path and the bridge, the three interleaved in each repetition (min: the least
@@ -85,6 +85,8 @@ def micro(directory: Path, keep: dict, repeats: int) -> dict:
     plain = PlainForward(bridge)
     plain.check_against_bridge()
     tokens, mask = keep["sequences"], keep["attention_mask"]
+    if rows:  # the first rows only: a small batch, where the hook points' Python overhead weighs most
+        tokens, mask = tokens[:rows], mask[:rows]
     runs = {"raw": lambda: raw(input_ids=tokens, attention_mask=mask).logits,
             "plain": lambda: plain(tokens, mask)[0],
             "bridge": lambda: bridge(tokens, attention_mask=mask)}
@@ -122,6 +124,8 @@ def parse_args(argv=None):
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: %(default)s)")
     parser.add_argument("--micro", type=int, default=15,
                         help="repetitions of the forward / forward+backward micro-benchmark per family, 0: none (default: %(default)s)")
+    parser.add_argument("--micro-rows", type=int, default=0,
+                        help="rows of the rollout batch the micro-benchmark takes, 0: all (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     args.families = args.families.split(",")
@@ -160,7 +164,7 @@ def main(argv=None) -> dict:
                 rounds[family].append({"engine": {k: engine[k] for k in PARTS}, "raw": {k: raw[k] for k in ("forward", "learning")},
                                        "ratios": ratios})
                 if args.micro and index == args.rounds - 1:
-                    micros[family] = micro(workdir / family, keep, args.micro)
+                    micros[family] = micro(workdir / family, keep, args.micro, args.micro_rows)
                 print(f"round {index + 1} {family}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
                       + f" (raw forward {raw['forward'] * 1e3:.1f} ms, raw learning {raw['learning']:.3f} s)", flush=True)
     finally:
@@ -183,7 +187,7 @@ def main(argv=None) -> dict:
         print(f"| {family} | {parameters[family] / 1e6:.2f} M | {path} | " + " | ".join(
             f"{summary[family][part]:.2f}x" for part in PARTS) + " |")
     if micros:
-        print("\none pass of the rollout batch, min over the repetitions (median in brackets), ÷ the raw module:")
+        print(f"\none pass of {args.micro_rows or 'all'} rows of the rollout batch, min over the repetitions (median in brackets), ÷ the raw module:")
         print("| family | raw forward | plain ÷ raw | bridge ÷ raw | raw forward+backward | plain ÷ raw | bridge ÷ raw |")
         print("|---|---|---|---|---|---|---|")
         for family, m in micros.items():
