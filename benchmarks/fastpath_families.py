@@ -6,7 +6,7 @@ families as well as GPT-2?
 Each family is a random model of the built-in tiny architecture (``PretrainConfig``: layers, heads, d_model,
 n_ctx; MLP 4·d_model; Llama and Gemma 2 with as many key/value heads as query heads) with one BPE tokenizer,
 built locally. Per round and family, ``ppo_throughput.bench_engine`` runs the real ``PPOTrainer`` (its
-``time/policy_forward``, ``time/reference_forward`` and learning phase) and ``ppo_throughput.bench_raw`` times
+``time/policy_forward``, ``time/reference_forward`` and learning phase) and ``bench_models.bench_raw`` times
 the plain Hugging Face module (``AutoModelForCausalLM``) on the same batch: one no-grad forward + log-softmax
 gather, and forward + backward + clip + fused AdamW over the same minibatches. The families are interleaved
 within each round, so slow drift of a shared machine's load hits all of them alike; the ratios are per round,
@@ -30,8 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench_common import add_threads_argument, cpu_seconds, machine_info, others_cpu_share, prepare_process
-from bench_models import ModelSpec, bench_engine, default_specs
-from ppo_throughput import bench_raw
+from bench_models import ModelSpec, bench_engine, bench_raw, default_specs
 
 import torch  # noqa: E402
 
