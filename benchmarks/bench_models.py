@@ -1,7 +1,8 @@
 """The benchmarked models and the engine's timed phases, shared by ``ppo_throughput.py``, ``ddp_scaling.py`` and
 ``trl_side_by_side.py``: ``ModelSpec`` (an architecture with random weights and a PPO phase shape), ``default_specs``
 (the built-in tiny model's shape and GPT-2 small's), ``build_model_dir`` (a local model directory, no download) and
-``bench_engine`` (the real ``PPOTrainer`` for warmup + timed phases, each split into its parts)."""
+``bench_engine`` (the real ``PPOTrainer`` for warmup + timed phases, each split into its parts) and ``bench_raw``
+(the plain Hugging Face module of any family on the same work)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bench_common  # noqa: F401 (the offline environment and this checkout on sys.path, before rlhf_scratch)
-from bench_common import mean, sync
+from bench_common import mean, sync, timed
 
 import torch  # noqa: E402 (after bench_common: the offline environment is set first)
 
@@ -167,3 +168,86 @@ def bench_engine(spec: ModelSpec, model_dir: Path, args) -> tuple[dict, dict]:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return result, keep
+
+
+def bench_raw(spec: ModelSpec, model_dir: Path, keep: dict, args) -> dict:
+    """The plain Hugging Face module on the same work, without the engine around it."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    device, repeats, warmup = args.device, spec.phases, args.warmup
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()  # eval: dropout off, as in the engine
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    B, G = spec.batch_size, spec.new_tokens
+    prompt = torch.tensor([keep["prompt_ids"]] * B, dtype=torch.long, device=device)
+    prompt_mask = torch.ones_like(prompt)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    result = {}
+
+    @torch.no_grad()
+    def hand_loop_generate():
+        step_input, mask, past, new = prompt, prompt_mask, None, []
+        for _ in range(G):
+            out = model(input_ids=step_input, attention_mask=mask, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator)
+            new.append(token)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            step_input = token
+        gen = torch.cat(new, dim=1).cpu()
+        tokenizer.batch_decode(gen, skip_special_tokens=True)
+
+    result["generate"] = mean(timed(hand_loop_generate, repeats, warmup, device))
+
+    if args.hf_generate:
+        @torch.no_grad()
+        def hf_generate():
+            gen = model.generate(
+                input_ids=prompt, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                max_new_tokens=G, min_new_tokens=G, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+            )
+            assert gen.shape[1] == prompt.shape[1] + G
+            tokenizer.batch_decode(gen[:, prompt.shape[1]:].cpu(), skip_special_tokens=True)
+
+        result["hf_generate"] = mean(timed(hf_generate, repeats, warmup, device))
+
+    sequences = keep["sequences"].to(device)
+    attention_mask = keep["attention_mask"].to(device)
+    gen_mask = keep["gen_mask"].to(device)
+    P = keep["prompt_len"]
+
+    def taken_logprobs(logits, seqs):
+        logp = torch.log_softmax(logits[:, P - 1 : -1].float(), dim=-1)
+        return logp.gather(-1, seqs[:, P:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def forward_only():
+        taken_logprobs(model(input_ids=sequences, attention_mask=attention_mask).logits, sequences)
+
+    # A forward is short and noisy: more repetitions than the other parts.
+    result["forward"] = mean(timed(forward_only, max(3, 2 * repeats), warmup, device))
+
+    # Fused, as the engine's trainers use it (the plain HF module's parameters are contiguous already).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.split(':')[0] in ('cpu', 'cuda') or None)
+    params = list(model.parameters())
+    shuffle = torch.Generator().manual_seed(args.seed)
+
+    def learning():
+        for _ in range(spec.ppo_epochs):
+            order = torch.randperm(B, generator=shuffle).to(device)
+            for start in range(0, B, spec.minibatch_size):
+                rows = order[start : start + spec.minibatch_size]
+                seqs, mask = sequences[rows], gen_mask[rows]
+                logits = model(input_ids=seqs, attention_mask=attention_mask[rows]).logits
+                loss = -(taken_logprobs(logits, seqs) * mask).sum() / mask.sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+
+    result["learning"] = mean(timed(learning, repeats, warmup, device))
+    del model, optimizer, params
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result

@@ -9,7 +9,7 @@ random weights built from a local ``GPT2Config``: no download) this script
    seconds per phase split into generation, old-policy forward, reference forward,
    scoring (the task reward, ``chars:.``), the rest of the rollout (KL, GAE, ...) and
    learning; episodes/s, generated tokens/s and peak memory;
-2. times the same weights as a plain ``GPT2LMHeadModel`` (loaded separately from the
+2. times the same weights as a plain ``AutoModelForCausalLM`` (``GPT2LMHeadModel`` here) (loaded separately from the
    same saved directory, so the bridge's in-place changes to ``bridge.original_model``
    do not matter), without the engine around it:
    * KV-cached sampling with a hand-written loop (``past_key_values``, softmax,
@@ -39,7 +39,6 @@ See benchmarks/README.md for the meaning of every column and measured figures.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -48,8 +47,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench_common import MemoryMark, add_threads_argument, cpu_seconds, machine_info, mean, peak_rss_mib, prepare_process, timed
-from bench_models import GPT2_SMALL_VOCAB, ModelSpec, bench_engine, build_model_dir, default_specs
+from bench_common import MemoryMark, add_threads_argument, cpu_seconds, machine_info, peak_rss_mib, prepare_process
+from bench_models import GPT2_SMALL_VOCAB, ModelSpec, bench_engine, bench_raw, build_model_dir, default_specs
 
 import torch  # noqa: E402
 
@@ -64,89 +63,6 @@ import torch  # noqa: E402
 
 
 # --------------------------------------------------------------------------- raw baselines
-
-
-def bench_raw(spec: ModelSpec, model_dir: Path, keep: dict, args) -> dict:
-    """The plain Hugging Face module on the same work, without the engine around it."""
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    device, repeats, warmup = args.device, spec.phases, args.warmup
-    model = GPT2LMHeadModel.from_pretrained(model_dir).to(device).eval()  # eval: dropout off, as in the engine
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    B, G = spec.batch_size, spec.new_tokens
-    prompt = torch.tensor([keep["prompt_ids"]] * B, dtype=torch.long, device=device)
-    prompt_mask = torch.ones_like(prompt)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    result = {}
-
-    @torch.no_grad()
-    def hand_loop_generate():
-        step_input, mask, past, new = prompt, prompt_mask, None, []
-        for _ in range(G):
-            out = model(input_ids=step_input, attention_mask=mask, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator)
-            new.append(token)
-            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            step_input = token
-        gen = torch.cat(new, dim=1).cpu()
-        tokenizer.batch_decode(gen, skip_special_tokens=True)
-
-    result["generate"] = mean(timed(hand_loop_generate, repeats, warmup, device))
-
-    if args.hf_generate:
-        @torch.no_grad()
-        def hf_generate():
-            gen = model.generate(
-                input_ids=prompt, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                max_new_tokens=G, min_new_tokens=G, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-            )
-            assert gen.shape[1] == prompt.shape[1] + G
-            tokenizer.batch_decode(gen[:, prompt.shape[1]:].cpu(), skip_special_tokens=True)
-
-        result["hf_generate"] = mean(timed(hf_generate, repeats, warmup, device))
-
-    sequences = keep["sequences"].to(device)
-    attention_mask = keep["attention_mask"].to(device)
-    gen_mask = keep["gen_mask"].to(device)
-    P = keep["prompt_len"]
-
-    def taken_logprobs(logits, seqs):
-        logp = torch.log_softmax(logits[:, P - 1 : -1].float(), dim=-1)
-        return logp.gather(-1, seqs[:, P:, None]).squeeze(-1)
-
-    @torch.no_grad()
-    def forward_only():
-        taken_logprobs(model(input_ids=sequences, attention_mask=attention_mask).logits, sequences)
-
-    # A forward is short and noisy: more repetitions than the other parts.
-    result["forward"] = mean(timed(forward_only, max(3, 2 * repeats), warmup, device))
-
-    # Fused, as the engine's trainers use it (the plain HF module's parameters are contiguous already).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.split(':')[0] in ('cpu', 'cuda') or None)
-    params = list(model.parameters())
-    shuffle = torch.Generator().manual_seed(args.seed)
-
-    def learning():
-        for _ in range(spec.ppo_epochs):
-            order = torch.randperm(B, generator=shuffle).to(device)
-            for start in range(0, B, spec.minibatch_size):
-                rows = order[start : start + spec.minibatch_size]
-                seqs, mask = sequences[rows], gen_mask[rows]
-                logits = model(input_ids=seqs, attention_mask=attention_mask[rows]).logits
-                loss = -(taken_logprobs(logits, seqs) * mask).sum() / mask.sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-
-    result["learning"] = mean(timed(learning, repeats, warmup, device))
-    del model, optimizer, params
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return result
 
 
 # --------------------------------------------------------------------------- one model

@@ -14,6 +14,9 @@ instead:
   parameters, so the optimiser, DDP and checkpoints see no difference.
 * GPT-2 fuses q, k and v into one ``c_attn`` weight; the bridge trains them as three split weights, so
   ``c_attn`` is rebuilt from them (``torch.cat``, differentiable) on every call.
+* Non-persistent buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) are in no state dict: they are taken from
+  the wrapped module, so rotary and RMSNorm families (Llama, Mistral, Qwen, Gemma, OLMo 2, Phi-3, GPT-NeoX) run
+  plain too.
 * Position ids come from the attention mask, as the bridge derives them (left padding is skipped).
 * ``final_resid`` is the last hidden state, after the final LayerNorm: the bridge's ``ln_final.hook_out``,
   where the value head reads.
@@ -47,8 +50,15 @@ class PlainForwardUnavailable(RuntimeError):
 
 
 def _live_tensors(bridge) -> dict[str, Tensor]:
-    """The bridge's parameters and buffers under the plain module's names (``._original_component`` stripped)."""
-    state = bridge.original_model.state_dict(keep_vars=True)
+    """The bridge's parameters and buffers under the plain module's names (``._original_component`` stripped).
+
+    Non-persistent buffers (rotary ``inv_freq`` / ``original_inv_freq``, Gemma's ``embed_scale``) are in no state
+    dict: they come from the wrapped module itself, where the bridge keeps them (and moves them with ``.to``).
+    """
+    wrapped = bridge.original_model
+    state = dict(wrapped.state_dict(keep_vars=True))
+    for key, buffer in wrapped.named_buffers(remove_duplicate=False):
+        state.setdefault(key, buffer)
     return {key.replace("._original_component", ""): value for key, value in state.items()}
 
 
@@ -94,10 +104,12 @@ class PlainForward:
                           for prefix in self.fused_qkv}
 
     def _parameter_ids(self) -> tuple[int, ...]:
-        return tuple(id(p) for p in self.bridge.parameters())
+        # Buffers too: ``.to(device)`` / ``.to(dtype)`` moves parameters in place but replaces buffers (inv_freq).
+        return tuple(id(t) for t in (*self.bridge.parameters(), *self.bridge.original_model.buffers()))
 
     def still_current(self) -> bool:
-        """False once the bridge's parameters were replaced (``load_state_dict(assign=True)``): rebuild then."""
+        """False once the bridge's parameters or buffers were replaced (``load_state_dict(assign=True)``,
+        ``.to(device)`` for buffers): rebuild then."""
         return self._parameter_ids() == self.parameter_ids
 
     def weights(self) -> dict[str, Tensor]:

@@ -1,6 +1,7 @@
 """The hook-free forward pass (``rlhf_scratch.plain_forward``) against the TransformerLens bridge it stands in for."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -113,3 +114,92 @@ def test_a_ppo_phase_logs_the_same_figures_with_and_without_the_plain_module(tin
     torch.testing.assert_close(plain_rollout.ref_logprobs, hooked_rollout.ref_logprobs, rtol=0, atol=1e-5)
     for name, value in hooked_metrics.items():
         assert plain_metrics[name] == pytest.approx(value, rel=1e-3, abs=1e-6), name
+
+
+# Every family of tests/model_families.py: rotary positions (inv_freq buffers), RMSNorm, grouped-query attention,
+# Gemma's embedding scale and soft-capping. Their non-persistent buffers have no bridge tensor: the plain module
+# takes them from the wrapped Hugging Face module.
+
+@pytest.fixture(scope="module")
+def family_bridges(tmp_path_factory):
+    from model_families import FAMILIES, build_family_model
+
+    from rlhf_scratch.models import load_bridge
+
+    return {family: load_bridge(build_family_model(family, tmp_path_factory.mktemp(family))) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3",
+                                    "olmo2", "phi3"])
+def test_every_family_runs_the_plain_module_with_the_bridges_logits_and_no_warning(family_bridges, family):
+    bridge = family_bridges[family]
+    tokens, mask = left_padded_batch()
+    real = mask.bool()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*go through the TransformerLens bridge.*")
+        runner = plain_forward_if_unhooked(bridge)
+    assert runner is not None
+    with torch.no_grad():
+        logits, resid = runner(tokens, mask)
+        hooked = bridge(tokens, attention_mask=mask)
+    assert logits.shape == hooked.shape == (3, 9, bridge.cfg.d_vocab) and resid.shape == (3, 9, bridge.cfg.d_model)
+    torch.testing.assert_close(logits[real], hooked[real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_an_optimizer_step_is_seen_by_the_plain_module_on_a_rotary_family(family_bridges, family):
+    bridge = copy.deepcopy(family_bridges[family])
+    policy = policy_with_a_trained_looking_head(bridge)
+    tokens, mask = left_padded_batch()
+    real = mask.bool()
+    runner = plain_forward_for(bridge)
+    assert runner is not None
+    with torch.no_grad():
+        before = runner(tokens, mask)[0]
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    output = policy(tokens, mask)  # the plain path: the gradients must land on the bridge's own parameters
+    (output.logits.log_softmax(-1)[real].mean() + output.values[real].square().mean()).backward()
+    trunk_grads = [p.grad for p in bridge.parameters()]
+    assert all(grad is not None for grad in trunk_grads) and sum(grad.abs().sum() for grad in trunk_grads) > 0
+    optimizer.step()
+    with torch.no_grad():
+        after = runner(tokens, mask)[0]  # the same PlainForward object, built before the step: live weights
+        hooked_after = bridge(tokens, attention_mask=mask)
+    assert (after[real] - before[real]).abs().max() > 1e-2
+    torch.testing.assert_close(after[real], hooked_after[real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_hook_sends_a_rotary_familys_pass_through_the_bridge(family_bridges, family):
+    bridge = family_bridges[family]
+    policy = PolicyWithValueHead(bridge)
+    tokens, mask = left_padded_batch()
+    seen = []
+
+    def zero_the_mlp(x, hook):
+        seen.append(hook.name)
+        return torch.zeros_like(x)
+
+    with torch.no_grad():
+        plain = policy(tokens, mask).logits
+        hooked = policy(tokens, mask, fwd_hooks=[("blocks.0.hook_mlp_out", zero_the_mlp)]).logits
+        assert len(seen) == 1 and not torch.allclose(hooked, plain, atol=1e-3)
+        with bridge.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", zero_the_mlp)]):
+            assert plain_forward_if_unhooked(bridge) is None
+            torch.testing.assert_close(reference_logits(bridge, tokens, mask), hooked)
+        assert len(seen) == 2 and plain_forward_if_unhooked(bridge) is not None
+
+
+def test_a_replaced_rotary_buffer_is_followed_by_the_plain_module(family_bridges):
+    # ``.to(device)`` or ``.to(dtype)`` gives a module new buffer tensors (parameters keep theirs): the plain path
+    # must notice. Halving the rotary frequencies (a different model) shows which buffer each path read.
+    bridge = copy.deepcopy(family_bridges["llama"])
+    tokens, mask = left_padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        before = reference_logits(bridge, tokens, mask)  # builds and caches the plain module
+        (rotary,) = [m for m in bridge.original_model.modules() if "inv_freq" in m._buffers]
+        rotary._buffers["inv_freq"] = rotary._buffers["inv_freq"] / 2
+        after, hooked = reference_logits(bridge, tokens, mask), bridge(tokens, attention_mask=mask)
+    assert (hooked[real] - before[real]).abs().max() > 1e-3
+    torch.testing.assert_close(after[real], hooked[real], rtol=0, atol=1e-5)
