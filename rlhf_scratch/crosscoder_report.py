@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
-from rlhf_scratch.anatomy import final_norm_parameters, require_supported, unembedding
+from rlhf_scratch.anatomy import final_norm_parameters, unembedding
 from rlhf_scratch.crosscoder import (
     MODELS,
     dead_fraction,
@@ -42,8 +42,7 @@ from rlhf_scratch.crosscoder import (
 from rlhf_scratch.data import load_texts, prompts_from_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
 from rlhf_scratch.feature_html import write_feature_page
-from rlhf_scratch.model_diff import check_same_architecture
-from rlhf_scratch.models import load_bridge
+from rlhf_scratch.model_diff import load_pair
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.patching_report import policy_samples
 from rlhf_scratch.sampling import encode, left_pad, padding_id
@@ -161,10 +160,7 @@ def run_crosscode(config: CrosscodeConfig) -> dict:
     """Collect paired activations, train, analyse; write report.md, relative_norms.png, summary.json, crosscoder.pt."""
     console = Console()
     torch.manual_seed(config.seed)
-    policy = load_bridge(config.policy, device=config.device)
-    reference = load_bridge(config.reference, device=config.device)
-    check_same_architecture(reference, policy, f"reference {config.reference!r}", f"policy {config.policy!r}")
-    facts = require_supported(reference, "crosscode")
+    reference, policy, facts = load_pair(config.reference, config.policy, config.device, "crosscode")
     n_layers = reference.cfg.n_layers
     layer = n_layers // 2 if config.layer is None else config.layer
     if not 0 <= layer < n_layers:

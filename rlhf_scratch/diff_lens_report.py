@@ -16,7 +16,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rlhf_scratch.anatomy import require_supported
 from rlhf_scratch.data import load_texts, prompts_from_texts
 from rlhf_scratch.diff_lens import (
     activation_difference,
@@ -26,8 +25,7 @@ from rlhf_scratch.diff_lens import (
     steering_hook,
 )
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
-from rlhf_scratch.model_diff import check_same_architecture, parse_token_set
-from rlhf_scratch.models import load_bridge
+from rlhf_scratch.model_diff import load_pair, parse_token_set
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.patching import token_set_logprob
 from rlhf_scratch.rewards import make_reward, score_texts
@@ -72,10 +70,7 @@ def run_lens(config: LensConfig) -> dict:
     """Δ per layer, its lens reading, the steering sweep; write report.md, steering.png, summary.json."""
     console = Console()
     torch.manual_seed(config.seed)
-    policy = load_bridge(config.policy, device=config.device)
-    reference = load_bridge(config.reference, device=config.device)
-    check_same_architecture(reference, policy, f"reference {config.reference!r}", f"policy {config.policy!r}")
-    facts = require_supported(reference, "lens")
+    reference, policy, facts = load_pair(config.reference, config.policy, config.device, "lens")
     n_layers = reference.cfg.n_layers
     layer = n_layers // 2 if config.layer is None else config.layer
     if not 0 <= layer < n_layers:

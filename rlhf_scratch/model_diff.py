@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
-from rlhf_scratch.anatomy import FinalNorm, anatomy, final_norm_parameters, unembedding
-from rlhf_scratch.models import EMBED_HOOK, FINAL_RESIDUAL_HOOK, residual_hooks
+from rlhf_scratch.anatomy import Anatomy, FinalNorm, anatomy, final_norm_parameters, require_supported, unembedding
+from rlhf_scratch.models import EMBED_HOOK, FINAL_RESIDUAL_HOOK, load_bridge, residual_hooks
 from rlhf_scratch.typecheck import typechecker
 
 
@@ -143,6 +143,23 @@ def check_same_architecture(ref_bridge, policy_bridge, ref_name: str = "referenc
             "compared layer by layer. Pass as --reference the model the policy was trained from "
             "(its checkpoint's rlhf_scratch.json names it as base_model)."
         )
+
+
+def load_pair(reference_source: str, policy_source: str, device: str, tool: str):
+    """Load the reference and the policy a research tool compares: ``(reference, policy, facts)``.
+
+    Refuses (ValueError, one line each) two models of different shapes, a family ``tool`` cannot read
+    (``anatomy.require_supported``) and two different tokenizers; ``facts`` is the reference's ``Anatomy``.
+    """
+    policy = load_bridge(policy_source, device=device)
+    reference = load_bridge(reference_source, device=device)
+    check_same_architecture(reference, policy, f"reference {reference_source!r}", f"policy {policy_source!r}")
+    facts: Anatomy = require_supported(reference, tool)
+    require_supported(policy, tool)
+    if reference.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+        raise ValueError(f"reference {reference_source!r} and policy {policy_source!r} use different tokenizers; "
+                         "pass as --reference the model the policy was trained from.")
+    return reference, policy, facts
 
 
 def weight_change(ref_bridge, policy_bridge) -> list[dict]:

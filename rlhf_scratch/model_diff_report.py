@@ -18,14 +18,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from rlhf_scratch.anatomy import require_supported
 from rlhf_scratch.data import load_texts, prompts_from_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
 from rlhf_scratch.model_diff import (
     cached_hook_names,
-    check_same_architecture,
     collect,
     head_change_grid,
+    load_pair,
     logprob_change_by_token,
     mean_probs,
     model_dla,
@@ -137,14 +136,7 @@ def run_diff(config: DiffConfig) -> dict:
     if config.second_policy:
         _check_policy_source(config.second_policy)
     torch.manual_seed(config.seed)
-    policy = load_bridge(config.policy, device=config.device)
-    reference = load_bridge(config.reference, device=config.device)
-    check_same_architecture(reference, policy, f"reference {config.reference!r}", f"policy {config.policy!r}")
-    facts = require_supported(reference, "diff")
-    require_supported(policy, "diff")
-    if reference.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
-        raise ValueError(f"reference {config.reference!r} and policy {config.policy!r} use different tokenizers; "
-                         "pass as --reference the model the policy was trained from.")
+    reference, policy, facts = load_pair(config.reference, config.policy, config.device, "diff")
     given_tokens = parse_token_set(config.tokens, policy.tokenizer) if config.tokens else None  # fail before the work
     notes = []
     meta_file = complete_checkpoint_dir(config.policy) / CHECKPOINT_META_FILE

@@ -19,11 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from rlhf_scratch.anatomy import require_supported
 from rlhf_scratch.data import load_texts, prompts_from_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
-from rlhf_scratch.model_diff import check_same_architecture, mean_probs, parse_token_set
-from rlhf_scratch.models import load_bridge
+from rlhf_scratch.model_diff import load_pair, mean_probs, parse_token_set
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.patching import DIRECTIONS, METRICS, PatchScan, components, patch_scan, scored_positions
 from rlhf_scratch.rewards import make_reward
@@ -65,14 +63,7 @@ def run_patch(config: PatchConfig) -> dict:
     """Sample, scan both directions, write report.md, plots, summary.json; return the summary."""
     console = Console()
     torch.manual_seed(config.seed)
-    policy = load_bridge(config.policy, device=config.device)
-    reference = load_bridge(config.reference, device=config.device)
-    check_same_architecture(reference, policy, f"reference {config.reference!r}", f"policy {config.policy!r}")
-    facts = require_supported(reference, "patch")
-    require_supported(policy, "patch")
-    if reference.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
-        raise ValueError(f"reference {config.reference!r} and policy {config.policy!r} use different tokenizers; "
-                         "pass as --reference the model the policy was trained from.")
+    reference, policy, facts = load_pair(config.reference, config.policy, config.device, "patch")
     given = parse_token_set(config.tokens, policy.tokenizer) if config.tokens else None
     reward = make_reward(config.reward) if config.reward else None
 
