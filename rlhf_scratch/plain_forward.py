@@ -18,6 +18,8 @@ instead:
   the wrapped module, so rotary and RMSNorm families (Llama, Mistral, Qwen, Gemma, OLMo 2, Phi-3, GPT-NeoX) run
   plain too.
 * Position ids come from the attention mask, as the bridge derives them (left padding is skipped).
+* Attention runs as torch's ``scaled_dot_product_attention`` (``sdpa``, the plain module's default) where that
+  is the same function as the bridge's eager attention (``_fast_attention``).
 * ``final_resid`` is the last hidden state, after the final LayerNorm: the bridge's ``ln_final.hook_out``,
   where the value head reads.
 
