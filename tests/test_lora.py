@@ -233,3 +233,37 @@ def test_bad_lora_input_is_a_one_line_error(tiny_model_dir):
     with pytest.raises(ValueError, match="unknown target"):
         PPOConfig(lora_rank=8, lora_targets="attn,ffn")
     assert parse_lora_targets("v,q,mlp") == ("attn.q", "attn.v", "mlp.in", "mlp.out", "mlp.gate")
+
+
+def test_export_command_writes_merged_weights_plain_transformers_loads(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_scratch.cli import main
+
+    policy = PolicyWithValueHead(load_bridge(tiny_model_dir))
+    apply_lora(policy, RANK, targets="q,v,out")
+    nudge_adapters(policy)
+    with torch.no_grad():
+        adapted = policy(TOKENS, MASK).logits
+    save_model_dir(policy.bridge, tmp_path / "ckpt", value_head=policy.value_head)
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")]) == 0
+    assert not (tmp_path / "merged" / ADAPTER_FILE).exists() and (tmp_path / "merged" / "value_head.safetensors").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # no rlhf_scratch needed to read it
+    with torch.no_grad():
+        positions = (MASK.cumsum(-1) - 1).clamp(min=0)  # as the bridge counts them: left padding skipped
+        exported = plain(TOKENS, attention_mask=MASK, position_ids=positions).logits
+    torch.testing.assert_close(real(exported), real(adapted), rtol=0, atol=1e-4)
+
+
+def test_lora_errors_on_the_command_line_are_one_line(tiny_model_dir, tmp_path, capsys):
+    from rlhf_scratch.cli import main
+
+    args = ["ppo", "--model", str(tiny_model_dir), "--prompt", "The", "--phases", "1", "--batch-size", "2", "--minibatch-size", "2"]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--lora-rank", "4", "--lora-targets", "q,ffn", "--out", str(tmp_path / "a")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'ffn'" in err and err.count("\n") == 1
+    assert main([*args, "--lora-rank", "4", "--lora-targets", "gate", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "mlp.gate: GPT2LMHeadModel has no such matrix" in err and "Traceback" not in err
