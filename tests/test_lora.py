@@ -107,6 +107,18 @@ def test_hooks_see_the_adapted_activations(tiny_model_dir):
     torch.testing.assert_close(adapted - off, delta.reshape(adapted.shape), rtol=1e-4, atol=1e-5)
 
 
+def test_kv_cached_generation_samples_from_the_adapted_policy(tiny_model_dir):
+    """With B ≠ 0: the cached decoding's log-probs equal the (plain, adapted) rollout forward's (``--debug`` checks it
+    and would raise), and they differ from the reference's."""
+    trainer = lora_trainer(tiny_model_dir, debug=True)
+    nudge_adapters(trainer.policy)
+    rollout = trainer.sample_and_score()
+    gap = (rollout.logprobs - rollout.ref_logprobs)[rollout.gen_mask]
+    assert gap.abs().max() > 0.05
+    torch.testing.assert_close(rollout.generation.sampled_logprobs[rollout.gen_mask], rollout.logprobs[rollout.gen_mask],
+                               rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("targets", ["all", "q,k,o,in"])
 def test_plain_forward_applies_the_adapters(tiny_model_dir, targets):
     """The fast path (GPT-2's fused c_attn gets the q|k|v deltas) equals the hooked bridge with B ≠ 0."""
@@ -267,3 +279,33 @@ def test_lora_errors_on_the_command_line_are_one_line(tiny_model_dir, tmp_path, 
     assert main([*args, "--lora-rank", "4", "--lora-targets", "gate", "--out", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
     assert "mlp.gate: GPT2LMHeadModel has no such matrix" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox", "phi3"])
+def test_lora_on_other_families(family, tmp_path):
+    """Rotary/RMSNorm families: every matrix adapted (the gated MLP's gate too), hooked = plain = merged with B ≠ 0,
+    off = base. GPT-NeoX and Phi-3 fuse q/k/v in their own layout: their LoRA passes go through the bridge, saying so."""
+    import warnings
+
+    from model_families import build_family_model
+
+    directory = build_family_model(family, tmp_path / family)
+    base = logits_of(load_bridge(directory))
+    policy = PolicyWithValueHead(load_bridge(directory))
+    apply_lora(policy, RANK)
+    assert ("mlp.gate" in lora_of(policy).targets) == (family in ("llama", "gemma2", "phi3"))
+    nudge_adapters(policy)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        fast = policy(TOKENS, MASK).logits
+        policy.plain_forward = False
+        hooked = policy(TOKENS, MASK).logits
+        with adapters_disabled(policy):
+            off = policy(TOKENS, MASK).logits
+    fused = family in ("gpt_neox", "phi3")
+    assert (plain_forward_for(policy.bridge) is None) == fused
+    assert any("no plain-module matrix for the LoRA adapter" in str(w.message) for w in caught) == fused
+    torch.testing.assert_close(real(fast), real(hooked), rtol=0, atol=1e-4)
+    torch.testing.assert_close(real(off), real(base), rtol=0, atol=1e-5)
+    torch.testing.assert_close(real(logits_of(merged_copy(policy.bridge))), real(hooked), rtol=0, atol=1e-4)
+    assert (real(hooked) - real(base)).abs().max() > 1e-2
