@@ -309,3 +309,11 @@ def test_lora_on_other_families(family, tmp_path):
     torch.testing.assert_close(real(off), real(base), rtol=0, atol=1e-5)
     torch.testing.assert_close(real(logits_of(merged_copy(policy.bridge))), real(hooked), rtol=0, atol=1e-4)
     assert (real(hooked) - real(base)).abs().max() > 1e-2
+
+
+def test_a_group_takes_what_the_family_has_a_named_target_must_exist(tiny_model_dir):
+    policy = PolicyWithValueHead(load_bridge(tiny_model_dir))
+    with pytest.raises(LoRAError, match="mlp.gate"):
+        apply_lora(policy, RANK, targets="attn,gate")  # gate named on its own: GPT-2 has none
+    apply_lora(policy, RANK, targets="attn,mlp")
+    assert lora_of(policy).targets == ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out")
