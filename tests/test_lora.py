@@ -317,3 +317,25 @@ def test_a_group_takes_what_the_family_has_a_named_target_must_exist(tiny_model_
         apply_lora(policy, RANK, targets="attn,gate")  # gate named on its own: GPT-2 has none
     apply_lora(policy, RANK, targets="attn,mlp")
     assert lora_of(policy).targets == ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out")
+
+
+@pytest.mark.parametrize("kind", ["reinforce", "rloo"])
+def test_reinforce_and_rloo_train_only_the_adapters(tiny_model_dir, kind):
+    from rlhf_scratch.algorithm_configs import REINFORCEConfig, RLOOConfig
+    from rlhf_scratch.group_baselines import RLOOTrainer
+    from rlhf_scratch.reinforce import REINFORCETrainer
+
+    fields = dict(prompt="The movie", reward="chars:e", phases=2, batch_size=8, minibatch_size=8, warmup_phases=0,
+                  lr=3e-2, lora_rank=RANK, sampling=SamplingConfig(max_new_tokens=6))
+    config = REINFORCEConfig(**fields) if kind == "reinforce" else RLOOConfig(**fields, group_size=2)
+    trainer = (REINFORCETrainer if kind == "reinforce" else RLOOTrainer)(config,
+                                                                          policy=PolicyWithValueHead(load_bridge(tiny_model_dir)))
+    optimised = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in optimised} == {id(p) for p in trainer.policy.lora.parameters()}  # no value head here
+    start = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    trainer.learning_phase(trainer.rollout_phase())
+    after = trainer.policy.state_dict()
+    assert all(torch.equal(after[k], start[k]) for k in start if k.startswith("bridge."))
+    assert max((after[k] - start[k]).abs().max().item() for k in start if k.startswith("lora.")) > 1e-3
+    torch.testing.assert_close(real(logits_of(trainer.reference)), real(logits_of(load_bridge(tiny_model_dir))),
+                               rtol=0, atol=1e-5)
