@@ -195,6 +195,10 @@ class PolicyTrainingConfig(TaskConfig):
     the plain Hugging Face module on the bridge's own weights: the same function to float rounding, without the
     TransformerLens hook points' overhead (rlhf_scratch/plain_forward.py). Passes with hooks always go through the
     bridge. False: every pass through the bridge."""
+    separate_rollout_forward: bool = False
+    """Read the old policy's log-probs and values with a separate forward pass over the sampled batch. By default
+    they are taken from the generation's own decoding steps when that is exact (float32, no hooks, dropout off: the
+    same function, to float rounding), and this pass runs only where it is not (--dtype bfloat16, hooks)."""
 
     # --- KL to the reference ---
     kl_coef: float = 0.05
