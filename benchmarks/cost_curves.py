@@ -78,6 +78,7 @@ def plot(length_rows: list[dict], batch_rows: list[dict], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -100,6 +101,7 @@ def plot(length_rows: list[dict], batch_rows: list[dict], path: Path) -> bool:
         ax.set_xlabel(title.format(other))
         ax.set_ylabel("seconds per phase")
         ax.set_xticks(xs, [str(x) for x in xs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle("Cost of one PPO phase, tiny model (1 thread): engine (solid) vs raw module (dashed); k = fitted exponent")
@@ -121,8 +123,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "figures" / "cost_curves.png")
+    parser.add_argument("--replot", type=Path, default=None, help="only redraw --plot from a --json file of an earlier run")
     add_threads_argument(parser)
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        report = json.loads(args.replot.read_text())
+        plot(report["length_sweep"], report["batch_sweep"], args.plot)
+        return report
     args.device, args.prompt, args.vader, args.verbose, args.hf_generate = "cpu", "The movie", False, False, False
     prepare_process(args)
     from rlhf_scratch.corpus import generate_reviews
