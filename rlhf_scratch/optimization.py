@@ -85,6 +85,10 @@ def fused_where_contiguous(groups: list[dict], device: str) -> list[dict]:
     return split
 
 
+_STRIDED_VIEW = "_rlhf_scratch_strided_view"
+"""The attribute under which a parameter made contiguous by ``fuse_strided_groups`` keeps the strided view it had."""
+
+
 def fuse_strided_groups(groups: list[dict], device: str) -> tuple[list[dict], list[tuple[Tensor, Tensor]]]:
     """``fused_where_contiguous``'s groups with their strided parameters made contiguous, in place, so that every
     group runs the fused AdamW: the same groups in the same order (a checkpoint's optimizer state still fits).
@@ -103,9 +107,12 @@ def fuse_strided_groups(groups: list[dict], device: str) -> tuple[list[dict], li
     for group in groups:
         if "fused" in group and not group["fused"]:  # a group of fused_where_contiguous that kept the for-loop
             for param in group["params"]:
-                views.append((param, param.data))
+                setattr(param, _STRIDED_VIEW, param.data)
                 param.data = param.data.contiguous()
             group["fused"] = True
+        # Also parameters an earlier optimiser made contiguous (a second trainer on the same model): their view is
+        # kept on the parameter itself.
+        views += [(param, getattr(param, _STRIDED_VIEW)) for param in group["params"] if hasattr(param, _STRIDED_VIEW)]
     return groups, views
 
 
