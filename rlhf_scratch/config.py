@@ -156,6 +156,13 @@ class PolicyTrainingConfig(TaskConfig):
     the plain Hugging Face module on the bridge's own weights: the same function to float rounding, without the
     TransformerLens hook points' overhead (rlhf_scratch/plain_forward.py). Passes with hooks always go through the
     bridge. False: every pass through the bridge."""
+    gradient_checkpointing: bool = False
+    """Keep only each transformer block's input for the backward pass of the learning forward and recompute the rest
+    then (rlhf_scratch/checkpointing.py): the same gradients, much less activation memory, ~1/3 more learning time.
+    Applies to the plain forward (a learning pass with hooks goes through the bridge and keeps every activation)."""
+    reference_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the frozen reference's weights: bfloat16 or float16 halve its memory; its log-probs then differ
+    from float32 ones by rounding, which adds to the measured KL (docs/memory.md gives the figures)."""
 
     # --- KL to the reference ---
     kl_coef: float = 0.05
@@ -236,6 +243,8 @@ class PolicyTrainingConfig(TaskConfig):
             (self.kl_coef >= 0, f"kl_coef must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}."),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
             (self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}."),
+            (self.plain_forward or not self.gradient_checkpointing,
+             "gradient_checkpointing needs the plain forward: drop --no-plain-forward, or --gradient-checkpointing."),
             (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
             (self.samples_per_phase >= 0, f"samples_per_phase must be >= 0, got {self.samples_per_phase}."),
             (self.table_rows >= 1, f"table_rows must be >= 1 (rows of the before/after table), got {self.table_rows}."),

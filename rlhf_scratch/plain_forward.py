@@ -40,6 +40,7 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
 from rlhf_scratch.anatomy import FINAL_RESIDUAL_HOOK
+from rlhf_scratch.checkpointing import BlockCheckpointing
 
 TOLERANCE = 1e-4
 """Largest |difference| allowed between the plain and the bridge's logits or final residual (float32) at build time."""
@@ -88,6 +89,8 @@ class PlainForward:
         with torch.device("meta"):
             self.module = AutoModelForCausalLM.from_config(config)
         self.module.eval()
+        self.checkpointing: BlockCheckpointing | None = None
+        """The blocks' checkpointing (``rlhf_scratch.checkpointing``), built on the first checkpointed call."""
         self.parameter_ids = self._parameter_ids()
         self.hook_points = list(bridge.hook_dict.values())  # where a user's hook is attached (checked every pass)
         live = _live_tensors(bridge)
@@ -120,14 +123,24 @@ class PlainForward:
             weights[prefix + "c_attn.bias"] = torch.cat(split["bias"])
         return weights
 
-    def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``tokens [B, S]`` (``attention_mask [B, S]``, 1 = real) → ``(logits [B, S, V], final_resid [B, S, D])``."""
+    def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None,
+                 gradient_checkpointing: bool = False) -> tuple[Tensor, Tensor]:
+        """``tokens [B, S]`` (``attention_mask [B, S]``, 1 = real) → ``(logits [B, S, V], final_resid [B, S, D])``.
+
+        ``gradient_checkpointing``: with gradients enabled, keep only each block's inputs for the backward pass
+        and recompute the rest then (``rlhf_scratch.checkpointing``); the same values and gradients."""
         kwargs = {"output_hidden_states": True, "use_cache": False}
         if attention_mask is not None:
             # As the bridge derives them: each real token's position counts only real tokens; padding gets 1.
             kwargs["attention_mask"] = attention_mask
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        output = functional_call(self.module, self.weights(), (tokens,), kwargs)
+        if gradient_checkpointing and torch.is_grad_enabled():
+            if self.checkpointing is None:
+                self.checkpointing = BlockCheckpointing(self.module)
+            with self.checkpointing.active():
+                output = functional_call(self.module, self.weights(), (tokens,), kwargs)
+        else:
+            output = functional_call(self.module, self.weights(), (tokens,), kwargs)
         return output.logits, output.hidden_states[-1]
 
     @torch.no_grad()

@@ -104,8 +104,9 @@ class PolicyTrainer:
             reference_bridge, self.reference_source = load_bridge(config.reference, device=config.device), config.reference
         else:  # a copy of the starting policy; reloadable by name only if it was loaded by name
             reference_bridge, self.reference_source = self.policy.bridge, (config.model if policy is None else None)
-        reference_model = make_reference(reference_bridge)
+        reference_model = make_reference(reference_bridge, config.reference_dtype)
         self.policy.plain_forward = config.plain_forward
+        self.policy.gradient_checkpointing = config.gradient_checkpointing
         self.reference_fingerprint = weights_fingerprint(reference_model)
         reward = reward or make_reward(config.reward)
         fwd_hooks = check_fwd_hooks(self.policy.bridge, fwd_hooks)
