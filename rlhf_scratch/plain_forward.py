@@ -23,7 +23,8 @@ instead:
 
 The two paths compute the same function with different kernels (the bridge's Python LayerNorm and attention
 against the module's own), so they agree to float rounding, not bit for bit. ``PlainForward`` checks this when
-it is built, on a fixed left-padded batch: logits and final residual within ``TOLERANCE`` of the bridge's, or
+it is built, on a fixed left-padded batch: logits and final residual within ``TOLERANCE`` of the bridge's (in
+float32; a few units of rounding for a bfloat16 / float16 reference, ``tolerance``), or
 ``plain_forward_for`` returns None and every pass goes through the bridge (with a warning saying why). A hook
 attached to any of the bridge's hook points (``run_with_hooks``, ``bridge.hooks()``, ``add_hook``) sends the
 pass through the bridge, so hooks never miss a pass.
@@ -44,6 +45,16 @@ from rlhf_scratch.checkpointing import BlockCheckpointing
 
 TOLERANCE = 1e-4
 """Largest |difference| allowed between the plain and the bridge's logits or final residual (float32) at build time."""
+HALF_TOLERANCE_ULPS = 4
+"""For a model in bfloat16 / float16 (``--reference-dtype``): the difference allowed is this many units of the
+dtype's rounding (``finfo.eps``) times 1 + the largest |value| — both paths round every op, differently."""
+
+
+def tolerance(reference: Tensor, dtype: torch.dtype) -> float:
+    """The largest difference allowed from ``reference`` (the bridge's output) for a model whose weights are ``dtype``."""
+    if dtype == torch.float32 or not dtype.is_floating_point:
+        return TOLERANCE
+    return HALF_TOLERANCE_ULPS * torch.finfo(dtype).eps * (1 + reference.abs().max().item())
 
 
 class PlainForwardUnavailable(RuntimeError):
@@ -146,7 +157,7 @@ class PlainForward:
     @torch.no_grad()
     def check_against_bridge(self) -> float:
         """The largest difference between this path's and the bridge's logits and final residual on a fixed
-        left-padded batch (real positions only); raises ``PlainForwardUnavailable`` above ``TOLERANCE``."""
+        left-padded batch (real positions only); raises ``PlainForwardUnavailable`` above ``tolerance``."""
         bridge, captured = self.bridge, {}
         vocab, n_ctx = bridge.cfg.d_vocab, bridge.cfg.n_ctx
         length = max(1, min(6, n_ctx))
@@ -164,10 +175,16 @@ class PlainForward:
             hooked_logits = bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(FINAL_RESIDUAL_HOOK, capture)])
             logits, resid = self(tokens, mask)
         real = mask.bool()
-        difference = max((logits - hooked_logits)[real].abs().max().item(), (resid - captured["resid"])[real].abs().max().item())
-        if not difference <= TOLERANCE:
-            raise PlainForwardUnavailable(f"its logits or final residual differ from the bridge's by {difference:.3g}")
-        return difference
+        dtype = next(bridge.parameters()).dtype
+        worst = 0.0  # the largest difference as a share of what is allowed
+        for mine, theirs in ((logits, hooked_logits), (resid, captured["resid"])):
+            difference = (mine - theirs)[real].abs().max().item()
+            allowed = tolerance(theirs[real].float(), dtype)
+            if not difference <= allowed:
+                raise PlainForwardUnavailable(f"its logits or final residual differ from the bridge's by {difference:.3g} "
+                                              f"(allowed in {str(dtype).removeprefix('torch.')}: {allowed:.3g})")
+            worst = max(worst, difference)
+        return worst
 
 
 _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

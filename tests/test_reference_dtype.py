@@ -62,6 +62,20 @@ def test_a_half_precision_reference_has_half_the_bytes_and_log_probs_within_roun
             assert 0 < difference <= TOLERANCE[dtype], (plain, difference)
 
 
+def test_the_plain_module_check_allows_a_half_precision_model_a_few_units_of_its_rounding(tiny_bridge):
+    from rlhf_scratch.plain_forward import HALF_TOLERANCE_ULPS, TOLERANCE, plain_forward_for, tolerance
+
+    logits = torch.tensor([[-3.0, 15.0]])
+    assert tolerance(logits, torch.float32) == TOLERANCE
+    assert tolerance(logits, torch.bfloat16) == HALF_TOLERANCE_ULPS * 2**-7 * 16  # bfloat16's eps is 2^-7
+    assert tolerance(logits, torch.float16) == HALF_TOLERANCE_ULPS * 2**-10 * 16
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*go through the TransformerLens bridge.*")
+        assert plain_forward_for(make_reference(tiny_bridge, "bfloat16")) is not None
+
+
 def test_ppo_reads_the_bfloat16_reference_and_its_kl_at_the_start_is_rounding(tiny_bridge):
     config = PPOConfig(prompt="The movie", reward="chars:e", phases=2, batch_size=8, minibatch_size=4, ppo_epochs=1,
                        warmup_phases=0, sampling=SamplingConfig(max_new_tokens=6), reference_dtype="bfloat16",
