@@ -14,4 +14,4 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
 fi
 echo "No CUDA device: the CPU check with a tiny shape (what the test suite runs)."
 exec "$PYTHON" benchmarks/gpu_check.py --device cpu --shapes gpt2-tiny --threads 1 --batch-size 4 --minibatch-size 2 \
-    --new-tokens 8 --warmup 1 --phases 1 "$@"
+    --new-tokens 8 --warmup 0 --phases 1 "$@"
