@@ -73,17 +73,26 @@ def backward_pass(policy, checkpointing: bool) -> tuple[dict, dict]:
     return grads, saved
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_checkpointed_gradients_equal_the_plain_pass_and_nothing_inside_a_block_is_kept(family, tiny_bridge,
+def test_checkpointed_gradients_equal_the_plain_pass_and_nothing_inside_a_block_is_kept(family, lora, tiny_bridge,
                                                                                        llama_bridge):
+    from rlhf_scratch.lora import apply_lora
+
     bridge = copy.deepcopy(tiny_bridge if family == "gpt2" else llama_bridge)
     policy = PolicyWithValueHead(bridge)
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the head's output layer starts at 0: give it weights so the value loss reaches the trunk
-        policy.value_head.out.weight.normal_(generator=torch.Generator().manual_seed(1))
+        policy.value_head.out.weight.normal_(generator=generator)
+        if lora:  # adapters start at B = 0 (no gradient for A): move them off it
+            apply_lora(policy, rank=2)
+            for param in policy.lora.parameters():
+                param.normal_(0, 0.1, generator=generator)
     plain_grads, plain_saved = backward_pass(policy, checkpointing=False)
     grads, saved = backward_pass(policy, checkpointing=True)
-    trunk = [name for name in grads if name.startswith("bridge.")]
-    assert grads.keys() == plain_grads.keys() and len(trunk) >= 20  # every trained weight of the trunk
+    trained = [name for name in grads if name.startswith("lora." if lora else "bridge.")]
+    assert grads.keys() == plain_grads.keys() and len(trained) >= 8  # every trained weight (4+ per block)
+    assert lora == all(name.startswith(("lora.", "value_head.")) for name in grads)  # LoRA: the base is frozen
     for name, grad in grads.items():  # the same kernels run again: equal up to float rounding
         scale = plain_grads[name].abs().max().item()
         assert (grad - plain_grads[name]).abs().max().item() <= 1e-6 * scale + 1e-9, name
