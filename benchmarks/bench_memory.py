@@ -7,7 +7,10 @@ The peak of a PPO phase is the learning step's (the rollout's is smaller: no gra
          + w · N                                  the policy's weights (float32: 4 bytes/param)
          + r · N_ref                              the frozen reference: 4 (float32), 2 (bfloat16/float16), 0 (LoRA);
                                                   N_ref = N but for GPT-2's copy, which holds q/k/v twice
-         + (g + m) · N_trainable                  gradients (4) and AdamW's two moments (8)
+         + (g + m + t) · N_trainable              gradients (4), AdamW's two moments (8), and t: what the backward
+                                                  pass and the step hold for a while beside them (the tied
+                                                  embedding's two gradients being summed, GPT-2's fused q/k/v
+                                                  rebuilt with its gradient, ...)
          + a · T · L · D                          activations kept for backward: a without checkpointing,
                                                   a_ckpt with it (then ~ one block input per layer)
          + v · T · V                              full-vocabulary tensors of the loss: logits, log-softmax, ...
@@ -15,7 +18,7 @@ The peak of a PPO phase is the learning step's (the rollout's is smaller: no gra
 
 N parameters (N_trainable of them trained: all, or the adapters and the value head with LoRA), T tokens in a
 learning minibatch (rows × sequence length), L layers, D the model width, V the vocabulary. w, r, g, m are known
-(the dtype's bytes); a, a_ckpt, v and c are fitted by ``memory.py`` on measured CPU peaks and kept in
+(the dtype's bytes); t, a, a_ckpt, v and c are fitted by ``memory.py`` on measured CPU peaks and kept in
 ``memory_fit.json`` beside this file. On a GPU ``base`` is not part of the allocated peak (the CUDA context,
 ~0.5 GB, comes on top of it).
 
@@ -86,6 +89,7 @@ class Shape:
 SHAPES = {
     "gpt2-tiny": Shape("gpt2-tiny", "gpt2", 2, 64, 2, 2, 256, 2048, n_ctx=128),  # smoke tests, the CPU gpu_check
     "gpt2-small": Shape("gpt2-small", "gpt2", 12, 768, 12, 12, 3072, 50257),
+    "gpt2-small-v2k": Shape("gpt2-small-v2k", "gpt2", 12, 768, 12, 12, 3072, 2048),  # memory.py: apart from vocab
     "gpt2-medium": Shape("gpt2-medium", "gpt2", 24, 1024, 16, 16, 4096, 50257),
     # Llama-shaped models of the sizes interpretability work uses (the shapes of Qwen2.5-0.5B, Llama 3.2 1B / 3B and
     # Llama 3.1 8B; only the shape matters here).
@@ -101,6 +105,7 @@ class Fit:
     """The fitted coefficients (bytes) of the module docstring's model."""
 
     base: float  # the process after imports (CPU), measured
+    t: float  # per trainable parameter, beyond its gradient and moments
     a: float  # per token × layer × d_model, without checkpointing
     a_ckpt: float  # the same with checkpointing
     v: float  # per token × vocabulary entry
@@ -138,7 +143,7 @@ def terms(shape: Shape, tokens: int, lora_rank: int = 0, checkpointing: bool = F
         reference = BYTES[reference_dtype] * shape.reference_parameters
     return {
         "weights": float(weights), "reference": float(reference), "gradients": 4.0 * trainable,
-        "adam": 8.0 * trainable, "token_layer_width": float(tokens * shape.n_layers * shape.d_model),
+        "adam": 8.0 * trainable, "trainable": float(trainable), "token_layer_width": float(tokens * shape.n_layers * shape.d_model),
         "token_vocab": float(tokens * shape.vocab), "checkpointing": checkpointing,
     }
 
@@ -149,6 +154,7 @@ def predict(shape: Shape, tokens: int, fit: Fit, include_base: bool = True, **op
     parts = {
         "base": fit.base if include_base else 0.0,
         "weights": t["weights"], "reference": t["reference"], "gradients": t["gradients"], "adam": t["adam"],
+        "transients": fit.t * t["trainable"],
         "activations": (fit.a_ckpt if t["checkpointing"] else fit.a) * t["token_layer_width"],
         "logits": fit.v * t["token_vocab"], "other": fit.c,
     }

@@ -49,10 +49,13 @@ CONFIGS = {
 targets), only when this checkout's PPOConfig has ``lora_rank``."""
 
 PLAN = {
-    # shape: [(batch, new tokens), ...]: the token counts each configuration is measured at
-    "gpt2-small": [(4, 16), (8, 56)],
-    "gpt2-medium": [(4, 16)],
-    "gpt2-tiny": [(4, 8)],  # a smoke test (--shapes gpt2-tiny), not part of the fit
+    # shape: [(batch, new tokens, configurations or None: all), ...]
+    "gpt2-small": [(4, 16, None), (8, 56, None)],
+    # GPT-2-small's body with a 2048-token vocabulary: activations per token·layer·d_model apart from the
+    # full-vocabulary tensors (the two grow together with the tokens at one shape)
+    "gpt2-small-v2k": [(4, 16, ("full", "ckpt")), (8, 56, ("full", "ckpt"))],
+    "gpt2-medium": [(4, 16, None)],
+    "gpt2-tiny": [(4, 8, None)],  # a smoke test (--shapes gpt2-tiny), not part of the fit
 }
 PROMPT = "The movie"  # 3 tokens with BOS
 TOKENIZER_VOCAB = 2048
@@ -152,8 +155,8 @@ def measure_child(point: dict, directory: Path) -> dict:
     learning_seconds = time.perf_counter() - clock
     peak_learning = read_status("VmHWM")
     trainable = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    reference = trainer.reference
-    shares_policy = reference is trainer.policy.bridge
+    policy_storages = {p.untyped_storage().data_ptr() for p in trainer.policy.parameters()}
+    reference_own = [p for p in trainer.reference.parameters() if p.untyped_storage().data_ptr() not in policy_storages]
     return {
         **point,
         "base": base, "static": static, "peak_rollout": peak_rollout, "peak_learning": peak_learning,
@@ -161,7 +164,7 @@ def measure_child(point: dict, directory: Path) -> dict:
         "tokens": B * memory.sequences.shape[1],  # one learning minibatch: all B rows × S
         "sequence_length": memory.sequences.shape[1],
         "policy_storage_bytes": storage_bytes(trainer.policy.parameters()),
-        "reference_storage_bytes": 0 if shares_policy else storage_bytes(reference.parameters()),
+        "reference_storage_bytes": storage_bytes(reference_own),  # LoRA: none of its own (a view of the policy's)
         "trainable_parameters": sum(p.numel() for p in trainable),
         "setup_seconds": setup_seconds, "rollout_seconds": rollout_seconds, "learning_seconds": learning_seconds,
         "torch_threads": torch.get_num_threads(),
@@ -181,15 +184,16 @@ def run_child(args: list[str]) -> dict:
 
 
 def design_row(point: dict) -> tuple[list[float], float]:
-    """The fitted coefficients' regressors [T·L·D (no ckpt), T·L·D (ckpt), T·V, 1] and the measured peak less the
-    known terms (base and the state's bytes per parameter)."""
+    """The fitted coefficients' regressors [N_trainable, T·L·D (no ckpt), T·L·D (ckpt), T·V, 1] and the measured
+    peak less the known terms (base and the state's bytes per parameter)."""
     options = CONFIGS[point["config"]]
     t = terms(SHAPES[point["shape"]], point["tokens"], lora_rank=options.get("lora_rank", 0),
               checkpointing=options.get("gradient_checkpointing", False),
               reference_dtype=options.get("reference_dtype", "float32"))
     known = point["base"] + t["weights"] + t["reference"] + t["gradients"] + t["adam"]
     ckpt = t["checkpointing"]
-    x = [0.0 if ckpt else t["token_layer_width"], t["token_layer_width"] if ckpt else 0.0, t["token_vocab"], 1.0]
+    x = [t["trainable"], 0.0 if ckpt else t["token_layer_width"], t["token_layer_width"] if ckpt else 0.0,
+         t["token_vocab"], 1.0]
     return x, point["peak"] - known
 
 
@@ -201,12 +205,18 @@ def fit_points(points: list[dict], source: str) -> Fit:
     X = np.array([x for x, _ in rows])
     y = np.array([y for _, y in rows])
     weights = 1.0 / np.array([p["peak"] for p in points])  # minimise relative, not absolute, error
-    used = X.any(axis=0)  # a configuration not measured (no checkpointing point): its coefficient stays 0
-    solution = np.zeros(X.shape[1])
-    solution[used] = np.linalg.lstsq(X[:, used] * weights[:, None], y * weights, rcond=None)[0]
+    # Non-negative least squares by elimination: a coefficient the data would make negative (no such memory) is
+    # held at 0 and the rest refitted; one never measured (no checkpointing point) stays 0.
+    used = X.any(axis=0)
+    while True:
+        solution = np.zeros(X.shape[1])
+        solution[used] = np.linalg.lstsq(X[:, used] * weights[:, None], y * weights, rcond=None)[0]
+        if solution.min() >= 0:
+            break
+        used[np.argmin(solution)] = False
     base = float(np.median([p["base"] for p in points]))
-    return Fit(base=base, a=float(solution[0]), a_ckpt=float(solution[1]), v=float(solution[2]), c=float(solution[3]),
-               source=source)
+    return Fit(base=base, t=float(solution[0]), a=float(solution[1]), a_ckpt=float(solution[2]), v=float(solution[3]),
+               c=float(solution[4]), source=source)
 
 
 def point_prediction(point: dict, fit: Fit) -> float:
@@ -225,10 +235,13 @@ def measured_table(points: list[dict], fit: Fit) -> list[str]:
     for p in points:
         predicted = point_prediction(p, fit)
         error = (predicted - p["peak"]) / p["peak"]
+        # the copy's own storage (LoRA's adapter-free reference is a view of the policy's: none; points measured
+        # before 2026-12-07 16:00 counted its storage as if it were a copy)
+        reference = 0 if "lora" in p["config"] else p["reference_storage_bytes"]
         seconds = p["rollout_seconds"] + p["learning_seconds"]
         lines.append(f"| {p['shape']} | {p['config']} | {p['batch']} × {p['sequence_length']} ({p['tokens']}) | "
                      f"{p['peak'] / GB:.2f} | {predicted / GB:.2f} | {error:+.1%} | {p['trainable_parameters'] / 1e6:.1f} M | "
-                     f"{p['reference_storage_bytes'] / GB:.2f} | {seconds:.0f} |")
+                     f"{reference / GB:.2f} | {seconds:.0f} |")
     return lines
 
 
@@ -271,7 +284,8 @@ def fits_table(fit: Fit, tokens: int, budgets=(24, 80, 141)) -> list[str]:
 def report(points: list[dict], fit: Fit, tokens: int) -> str:
     worst = max(abs(point_prediction(p, fit) - p["peak"]) / p["peak"] for p in points)
     lines = [
-        f"Fit ({fit.source}): base {fit.base / GB:.2f} GB (the process after imports), activations "
+        f"Fit ({fit.source}): base {fit.base / GB:.2f} GB (the process after imports), {fit.t:.1f} B per trainable "
+        f"parameter beyond its gradient and moments, activations "
         f"{fit.a:.1f} B per token·layer·d_model without checkpointing, {fit.a_ckpt:.1f} with it, {fit.v:.1f} B per "
         f"token·vocab entry, constant {fit.c / GB:+.2f} GB.",
         "", "Measured on CPU (peak RSS of one PPO phase) and predicted:", "", *measured_table(points, fit), "",
@@ -288,11 +302,13 @@ def report(points: list[dict], fit: Fit, tokens: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="gpt2-small,gpt2-medium", help="comma-separated: " + ", ".join(PLAN))
+    parser.add_argument("--shapes", default="gpt2-small,gpt2-small-v2k,gpt2-medium",
+                        help="comma-separated: " + ", ".join(PLAN))
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rlhf_scratch_memory"),
                         help="where the random models are saved (kept for the next run; default: %(default)s)")
-    parser.add_argument("--json", type=Path, help="write the measured points here")
+    parser.add_argument("--json", type=Path, help="write the measured points here (points already in it are kept "
+                        "and not measured again: a cut-off run goes on where it stopped)")
     parser.add_argument("--fit-from", type=Path, help="refit and print from points a previous --json wrote")
     parser.add_argument("--no-save-fit", dest="save_fit", action="store_false",
                         help="do not write the fit to benchmarks/memory_fit.json")
@@ -321,7 +337,8 @@ def main() -> None:
     if args.fit_from:
         points = json.loads(args.fit_from.read_text())["points"]
     else:
-        points = []
+        points = json.loads(args.json.read_text())["points"] if args.json and args.json.is_file() else []
+        done = {(p["shape"], p["config"], p["batch"], p["new_tokens"]) for p in points}
         configs = [c for c in args.configs.split(",") if c]
         unknown = [c for c in configs if c not in CONFIGS] + [s for s in args.shapes.split(",") if s not in PLAN]
         if unknown:
@@ -336,8 +353,10 @@ def main() -> None:
             if not (args.workdir / shape / "config.json").is_file():
                 print(f"building a random {shape} in {args.workdir / shape} ...", flush=True)
                 run_child([*common, "--child", "build", "--point", json.dumps({"shape": shape})])
-            for batch, new_tokens in PLAN[shape]:
+            for batch, new_tokens, only in PLAN[shape]:
                 for config in configs:
+                    if (only is not None and config not in only) or (shape, config, batch, new_tokens) in done:
+                        continue
                     point = {"shape": shape, "config": config, "batch": batch, "new_tokens": new_tokens}
                     clock = time.perf_counter()
                     result = run_child([*common, "--child", "measure", "--point", json.dumps(point)])

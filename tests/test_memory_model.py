@@ -55,19 +55,21 @@ def test_a_gpt2_reference_copy_stores_q_k_v_twice_as_the_model_says(bench_memory
 
 def test_the_predicted_peak_adds_the_bytes_per_parameter_and_the_fitted_terms(bench_memory):
     shape = bench_memory.SHAPES["llama-8b"]
-    fit = bench_memory.Fit(base=1e9, a=100.0, a_ckpt=10.0, v=20.0, c=5e8)
+    fit = bench_memory.Fit(base=1e9, t=3.0, a=100.0, a_ckpt=10.0, v=20.0, c=5e8)
     N, head = shape.parameters, shape.value_head_parameters
     full = bench_memory.predict(shape, 1000, fit)
     assert full["weights"] == 4 * (N + head) and full["reference"] == 4 * N
     assert full["gradients"] == 4 * (N + head) and full["adam"] == 8 * (N + head)
     assert full["activations"] == 100.0 * 1000 * 32 * 4096 and full["logits"] == 20.0 * 1000 * 128256
-    assert full["total"] == pytest.approx(1e9 + 20 * (N + head) - 4 * head + 100.0 * 1000 * 32 * 4096
+    assert full["transients"] == 3.0 * (N + head)
+    assert full["total"] == pytest.approx(1e9 + 23 * (N + head) - 4 * head + 100.0 * 1000 * 32 * 4096
                                           + 20.0 * 1000 * 128256 + 5e8)
     lora = bench_memory.predict(shape, 1000, fit, lora_rank=16, checkpointing=True, include_base=False)
     adapters = 16 * 32 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 3)  # q, o; k, v; gate, up, down
     assert shape.lora_parameters(16) == adapters
     assert lora["reference"] == 0 and lora["base"] == 0 and lora["weights"] == 4 * (N + adapters + head)
     assert lora["adam"] == 8 * (adapters + head) and lora["activations"] == 10.0 * 1000 * 32 * 4096
+    assert lora["transients"] == 3.0 * (adapters + head)
 
 
 def test_gpu_check_runs_on_the_cpu_with_a_tiny_shape():
