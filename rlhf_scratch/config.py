@@ -195,9 +195,13 @@ class PolicyTrainingConfig(TaskConfig):
     the plain Hugging Face module on the bridge's own weights: the same function to float rounding, without the
     TransformerLens hook points' overhead (rlhf_scratch/plain_forward.py). Passes with hooks always go through the
     bridge. False: every pass through the bridge."""
+    separate_rollout_forward: bool = False
+    """Read the old policy's log-probs and values with a separate forward pass over the sampled batch. By default
+    they are taken from the generation's own decoding steps when that is exact (float32, no hooks, dropout off: the
+    same function, to float rounding), and this pass runs only where it is not (--dtype bfloat16, hooks)."""
     gradient_checkpointing: bool = False
     """Keep only each transformer block's input for the backward pass of the learning forward and recompute the rest
-    then (rlhf_scratch/checkpointing.py): the same gradients, much less activation memory, ~1/3 more learning time.
+    then (rlhf_scratch/checkpointing.py): the same gradients, much less activation memory, one more forward of each block (+12% learning-pass CPU time at GPT-2-small).
     Applies to the plain forward (a learning pass with hooks goes through the bridge and keeps every activation)."""
     reference_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the frozen reference's weights: bfloat16 or float16 halve its memory; its log-probs then differ
