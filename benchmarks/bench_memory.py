@@ -125,13 +125,17 @@ def save_fit(fit: Fit, path: Path = FIT_FILE) -> None:
 
 
 def terms(shape: Shape, tokens: int, lora_rank: int = 0, checkpointing: bool = False,
-          reference_dtype: str = "float32", base_dtype: str = "float32") -> dict[str, float]:
+          reference_dtype: str = "float32", base_dtype: str = "float32", qkv_copy: bool = True) -> dict[str, float]:
     """The model's terms without the fitted coefficients applied to activations: bytes of state, and the counts the
     activation coefficients multiply (``token_layer_width`` = T·L·D, ``token_vocab`` = T·V).
 
     ``lora_rank`` > 0: only the adapters and the value head train, the reference is the adapter-free model (no
     copy), and ``base_dtype`` is the frozen weights' dtype (float32 in this project; bfloat16 shows what a half-
-    precision frozen base would save)."""
+    precision frozen base would save).
+
+    ``qkv_copy``: in full-parameter training the learner gives GPT-2's q/k/v weights their own contiguous storage
+    beside the fused ``c_attn`` they were views of (for the fused AdamW; ``optimization.fuse_strided_groups``, since
+    main's 26754fa), so the policy too holds them twice. False: the code before that."""
     N = shape.parameters
     if lora_rank:
         trainable = shape.lora_parameters(lora_rank) + shape.value_head_parameters
@@ -139,7 +143,8 @@ def terms(shape: Shape, tokens: int, lora_rank: int = 0, checkpointing: bool = F
         reference = 0.0
     else:
         trainable = N + shape.value_head_parameters
-        weights = 4 * trainable
+        stored = shape.reference_parameters if qkv_copy else N
+        weights = 4 * (stored + shape.value_head_parameters)
         reference = BYTES[reference_dtype] * shape.reference_parameters
     return {
         "weights": float(weights), "reference": float(reference), "gradients": 4.0 * trainable,

@@ -183,13 +183,20 @@ def run_child(args: list[str]) -> dict:
 # --------------------------------------------------------------------------- fit
 
 
+def options_of(point: dict) -> dict:
+    """``bench_memory.terms`` options of a measured point: its configuration, and whether the policy held GPT-2's
+    q/k/v twice (measured: its storage; points from before main's 26754fa did not)."""
+    options, shape = CONFIGS[point["config"]], SHAPES[point["shape"]]
+    single = 4 * (shape.parameters + shape.value_head_parameters)
+    return {"lora_rank": options.get("lora_rank", 0), "checkpointing": options.get("gradient_checkpointing", False),
+            "reference_dtype": options.get("reference_dtype", "float32"),
+            "qkv_copy": point["policy_storage_bytes"] > 1.01 * single}
+
+
 def design_row(point: dict) -> tuple[list[float], float]:
     """The fitted coefficients' regressors [N_trainable, T·L·D (no ckpt), T·L·D (ckpt), T·V, 1] and the measured
     peak less the known terms (base and the state's bytes per parameter)."""
-    options = CONFIGS[point["config"]]
-    t = terms(SHAPES[point["shape"]], point["tokens"], lora_rank=options.get("lora_rank", 0),
-              checkpointing=options.get("gradient_checkpointing", False),
-              reference_dtype=options.get("reference_dtype", "float32"))
+    t = terms(SHAPES[point["shape"]], point["tokens"], **options_of(point))
     known = point["base"] + t["weights"] + t["reference"] + t["gradients"] + t["adam"]
     ckpt = t["checkpointing"]
     x = [t["trainable"], 0.0 if ckpt else t["token_layer_width"], t["token_layer_width"] if ckpt else 0.0,
@@ -220,10 +227,7 @@ def fit_points(points: list[dict], source: str) -> Fit:
 
 
 def point_prediction(point: dict, fit: Fit) -> float:
-    options = CONFIGS[point["config"]]
-    return predict(SHAPES[point["shape"]], point["tokens"], fit, lora_rank=options.get("lora_rank", 0),
-                   checkpointing=options.get("gradient_checkpointing", False),
-                   reference_dtype=options.get("reference_dtype", "float32"))["total"] - fit.base + point["base"]
+    return predict(SHAPES[point["shape"]], point["tokens"], fit, **options_of(point))["total"] - fit.base + point["base"]
 
 
 # --------------------------------------------------------------------------- tables
@@ -239,7 +243,8 @@ def measured_table(points: list[dict], fit: Fit) -> list[str]:
         # before 2026-12-07 16:00 counted its storage as if it were a copy)
         reference = 0 if "lora" in p["config"] else p["reference_storage_bytes"]
         seconds = p["rollout_seconds"] + p["learning_seconds"]
-        lines.append(f"| {p['shape']} | {p['config']} | {p['batch']} × {p['sequence_length']} ({p['tokens']}) | "
+        copy = " (q/k/v ×2)" if options_of(p)["qkv_copy"] else ""
+        lines.append(f"| {p['shape']} | {p['config']}{copy} | {p['batch']} × {p['sequence_length']} ({p['tokens']}) | "
                      f"{p['peak'] / GB:.2f} | {predicted / GB:.2f} | {error:+.1%} | {p['trainable_parameters'] / 1e6:.1f} M | "
                      f"{reference / GB:.2f} | {seconds:.0f} |")
     return lines

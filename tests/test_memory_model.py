@@ -1,6 +1,7 @@
 """benchmarks/bench_memory.py (the memory model) against counts of real modules, and benchmarks/gpu_check.sh on the
 CPU (its tiny shape), so the GPU script cannot rot."""
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -51,6 +52,16 @@ def test_a_gpt2_reference_copy_stores_q_k_v_twice_as_the_model_says(bench_memory
     assert storage_bytes(tiny_bridge) == 4 * shape.parameters  # the policy: q/k/v are views of c_attn
     assert storage_bytes(make_reference(tiny_bridge)) == 4 * shape.reference_parameters  # its deep copy: not
     assert storage_bytes(make_reference(tiny_bridge, "bfloat16")) == 2 * shape.reference_parameters
+    # Full-parameter training: the learner gives q/k/v their own storage for the fused AdamW (c_attn kept in step).
+    from rlhf_scratch.models import PolicyWithValueHead
+    from rlhf_scratch.ppo import PPOConfig, PPOTrainer
+
+    trainer = PPOTrainer(PPOConfig(prompt="The movie", reward="chars:e", phases=1, batch_size=4, minibatch_size=4),
+                         policy=PolicyWithValueHead(copy.deepcopy(tiny_bridge)))
+    weights = bench_memory.terms(shape, tokens=1)["weights"]
+    assert storage_bytes(trainer.policy) == weights == 4 * (shape.reference_parameters + shape.value_head_parameters)
+    assert bench_memory.terms(shape, tokens=1, qkv_copy=False)["weights"] == 4 * (shape.parameters
+                                                                                 + shape.value_head_parameters)
 
 
 def test_the_predicted_peak_adds_the_bytes_per_parameter_and_the_fitted_terms(bench_memory):
