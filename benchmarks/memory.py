@@ -188,9 +188,10 @@ def options_of(point: dict) -> dict:
     q/k/v twice (measured: its storage; points from before main's 26754fa did not)."""
     options, shape = CONFIGS[point["config"]], SHAPES[point["shape"]]
     single = 4 * (shape.parameters + shape.value_head_parameters)
-    return {"lora_rank": options.get("lora_rank", 0), "checkpointing": options.get("gradient_checkpointing", False),
+    lora_rank = options.get("lora_rank", 0)
+    return {"lora_rank": lora_rank, "checkpointing": options.get("gradient_checkpointing", False),
             "reference_dtype": options.get("reference_dtype", "float32"),
-            "qkv_copy": point["policy_storage_bytes"] > 1.01 * single}
+            "qkv_copy": lora_rank == 0 and point["policy_storage_bytes"] > 1.01 * single}
 
 
 def design_row(point: dict) -> tuple[list[float], float]:
