@@ -115,11 +115,12 @@ def test_checkpointing_does_nothing_without_gradients(tiny_bridge):
     assert torch.equal(checkpointed.logits, plain.logits) and torch.equal(checkpointed.values, plain.values)
 
 
-def test_a_ppo_phase_with_checkpointing_learns_the_same_weights(tiny_bridge):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the recompute runs under the same autocast
+def test_a_ppo_phase_with_checkpointing_learns_the_same_weights(tiny_bridge, dtype):
     def one_phase(checkpointing: bool):
         config = PPOConfig(prompt="The movie", reward="chars:e", phases=2, batch_size=8, minibatch_size=4,
                            ppo_epochs=2, warmup_phases=0, lr=1e-3, sampling=SamplingConfig(max_new_tokens=6),
-                           gradient_checkpointing=checkpointing)
+                           gradient_checkpointing=checkpointing, dtype=dtype)
         torch.manual_seed(0)  # the same value head in both runs
         trainer = PPOTrainer(config, policy=PolicyWithValueHead(copy.deepcopy(tiny_bridge)))
         assert trainer.policy.gradient_checkpointing is checkpointing
