@@ -99,9 +99,9 @@ class PolicyTrainer:
                                   else self.generator)
         self.prompt_rng = random.Random(distributed.rank_seed(config.seed))
         self.policy = (policy or load_policy(config.model, device=config.device)).to(config.device)
-        self.policy.eval()  # dropout off: log-probs must be reproducible between passes
         if config.lora_rank and self.policy.lora is None:  # (a resumed LoRA policy has its adapters already)
             apply_lora(self.policy, config.lora_rank, config.lora_alpha, config.lora_targets)
+        self.policy.eval()  # dropout off (adapters included): log-probs must be reproducible between passes
         if reference is not None:
             reference_bridge, self.reference_source = reference, None
         elif config.reference:
