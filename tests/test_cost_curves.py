@@ -1,31 +1,15 @@
 """benchmarks/cost_curves.py: the growth fit on known power laws, the sweep's points, the raw loop's parts and the
 flag on faster growth (no model is run; ``--quick`` is the end-to-end smoke run, ~1 min on a busy machine)."""
 
-import importlib.util
 import math
-import os
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_curves.py"
+from benchmark_scripts import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def curves():
-    """The script as a module; its import-time environment and sys.path changes are undone."""
-    environ, path = dict(os.environ), list(sys.path)
-    sys.path.insert(0, str(SCRIPT.parent))  # bench_common, as when the script runs
-    spec = importlib.util.spec_from_file_location("cost_curves", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
-        sys.path[:] = path
-    return module
+    return load_benchmark_script("cost_curves")
 
 
 def test_fit_recovers_a_known_power_law(curves):
