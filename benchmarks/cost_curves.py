@@ -61,6 +61,17 @@ def fit_power(xs: list[float], ts: list[float]) -> tuple[float, float]:
     return math.exp(mv - b * mu), b
 
 
+def point_key(B: int, G: int) -> str:
+    """A point's name in the report: ``"B16_G24"``."""
+    return f"B{B}_G{G}"
+
+
+def point_of(key: str) -> tuple[int, int]:
+    """(B, G) of a point's name."""
+    B, G = key[1:].split("_G")
+    return int(B), int(G)
+
+
 def sweep_points(lengths: list[int], batches: list[int], length_batch: int, batch_length: int) -> dict:
     """The points of each axis as (B, G) pairs, and the distinct points to measure (in order)."""
     axes = {"length": [(length_batch, g) for g in lengths], "batch": [(b, batch_length) for b in batches]}
@@ -137,12 +148,13 @@ def run_rounds(args, pythons: dict, points: list, model_dir: Path, n_ctx: int, h
 
 
 def growth(medians: dict, axes: dict) -> dict:
-    """{axis: {system: {part: (a, b) or None}}}: the fit of each part along each axis (None: too small to fit)."""
+    """{axis: {system: {part: (a, b) or None}}}: the fit of each part along each axis (None: too small to fit).
+    ``medians``: {system: {point name: {part: seconds}}}; ``axes``: {axis: [point names]}."""
     out = {}
     for axis, points in axes.items():
         if len(set(points)) < 2:
             continue
-        xs = [B if axis == "batch" else G for B, G in points]
+        xs = [point_of(p)[1 if axis == "length" else 0] for p in points]
         out[axis] = {}
         for system, by_point in medians.items():
             out[axis][system] = {}
@@ -167,36 +179,52 @@ def flags(fits: dict) -> list[str]:
     return out
 
 
-def print_tables(result: dict, axes: dict, fits: dict) -> None:
+def table_rows(report: dict, axis: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of one axis's table: system, part, seconds at each point, b, b − raw's b, engine ÷ raw
+    at the first and the last point."""
+    medians, points, fits = report["median"], report["axes"][axis], report["fits"][axis]
+    header = ["system", "part", *[("G=%d" if axis == "length" else "B=%d") % point_of(p)[axis == "length"]
+                                  for p in points], "b", "Δb vs raw", "÷ raw (first, last)"]
+    rows = []
+    for system in medians:
+        for part, label in PARTS.items():
+            ts = [medians[system][p].get(part) for p in points]
+            if all(t is None for t in ts):
+                continue
+            fitted, raw = fits[system][part], fits.get("raw", {}).get(part)
+            raw_ts = [medians.get("raw", {}).get(p, {}).get(part) for p in points]
+            ratio = (f"{ts[0] / raw_ts[0]:.2f}×, {ts[-1] / raw_ts[-1]:.2f}×"
+                     if system != "raw" and None not in (ts[0], ts[-1], raw_ts[0], raw_ts[-1]) else "")
+            rows.append([system, label, *["-" if t is None else f"{t:.4f}" for t in ts],
+                         f"{fitted[1]:.2f}" if fitted else "-",
+                         f"{fitted[1] - raw[1]:+.2f}" if fitted and raw and system != "raw" else "", ratio])
+    return header, rows
+
+
+def print_tables(report: dict, markdown: bool = False) -> None:
+    """Each axis's table: rich on the terminal, or Markdown (``--markdown``, for benchmarks/README.md)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 150)
-    medians = result["median"]
-    for axis, points in axes.items():
-        if axis not in fits:
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    for axis in report["fits"]:
+        B, G = point_of(report["axes"][axis][0])
+        title = (f"seconds per phase against {'response length G' if axis == 'length' else 'batch B'} "
+                 f"({f'batch {B}' if axis == 'length' else f'{G} tokens'}; median of {report['rounds']} round(s)); "
+                 "b: t = a·x^b fitted on log-log; Δb: b − the raw loop's b")
+        header, rows = table_rows(report, axis)
+        if markdown:
+            print(f"\n{title}\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+            for row in rows:
+                print("| " + " | ".join(row) + " |")
             continue
-        fixed = f"batch {points[0][0]}" if axis == "length" else f"{points[0][1]} tokens"
-        table = Table(title=f"seconds per phase against {'response length G' if axis == 'length' else 'batch B'} "
-                            f"({fixed}; median of {result['rounds']} round(s)); b: t = a·x^b; Δb: b − raw's b",
-                      title_justify="left")
-        table.add_column("system")
-        table.add_column("part")
-        for B, G in points:
-            table.add_column(f"G={G}" if axis == "length" else f"B={B}", justify="right")
-        table.add_column("b", justify="right")
-        table.add_column("Δb", justify="right")
-        for system in medians:
-            for part, label in PARTS.items():
-                ts = [medians[system][p].get(part) for p in points]
-                if all(t is None for t in ts):
-                    continue
-                fitted = fits[axis][system][part]
-                raw = fits[axis].get("raw", {}).get(part)
-                delta = f"{fitted[1] - raw[1]:+.2f}" if fitted and raw and system != "raw" else ""
-                table.add_row(system, label, *["-" if t is None else f"{t:.4f}" for t in ts],
-                              f"{fitted[1]:.2f}" if fitted else "-", delta)
-            table.add_section()
+        table = Table(title=title, title_justify="left")
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i < 2 else "right")
+        for i, row in enumerate(rows):
+            if i and row[0] != rows[i - 1][0]:
+                table.add_section()
+            table.add_row(*row)
         console.print(table)
 
 
@@ -215,7 +243,7 @@ def plot(medians: dict, axes: dict, fits: dict, path: Path) -> str:
     styles = {"engine": ("C0", "-o"), "raw": ("k", "--x"), "trl": ("C3", ":s")}
     for i, axis in enumerate(rows):
         points = axes[axis]
-        xs = [B if axis == "batch" else G for B, G in points]
+        xs = [point_of(p)[1 if axis == "length" else 0] for p in points]
         for j, part in enumerate(parts):
             ax = grid[i][j]
             for system, by_point in medians.items():
@@ -229,7 +257,8 @@ def plot(medians: dict, axes: dict, fits: dict, path: Path) -> str:
             ax.set_yscale("log")
             ax.set_xticks(xs, [str(x) for x in xs])
             ax.minorticks_off()
-            fixed = f"B={points[0][0]}" if axis == "length" else f"G={points[0][1]}"
+            B, G = point_of(points[0])
+            fixed = f"B={B}" if axis == "length" else f"G={G}"
             ax.set_title(f"{PARTS[part]} ({fixed})", fontsize=9)
             ax.set_xlabel("new tokens G" if axis == "length" else "batch B", fontsize=8)
             if j == 0:
@@ -281,7 +310,11 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default="The movie", help="the fixed prompt of every episode (default: %(default)r)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
-    parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "figures" / "cost_curves.png")
+    parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "figures" / "cost_curves.png",
+                        help="where to save the plot (default: %(default)s)")
+    parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
+                        help="measure nothing: print the tables and plot of a --json report")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--workdir", type=Path, default=None, help="model, jobs and worker logs (default: a temp dir)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -298,6 +331,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
+        report.setdefault("rounds", int(report["args"]["rounds"]))
+        report["fits"] = growth(report["median"], report["axes"])  # refitted: the fit as this version does it
+        report["flags"] = flags(report["fits"])
+        render(report, args)
+        return report
     from bench_common import cpu_seconds, machine_info, others_cpu_share
     from bench_models import ModelSpec, build_model_dir
 
@@ -329,26 +369,31 @@ def main(argv=None) -> dict:
     busy1, own1 = cpu_seconds()
     info["other_processes_cpu_share"] = others_cpu_share(busy1 - busy0, own1 - own0, info["wall_seconds"])
     info["load_end"] = list(os.getloadavg())
-    result["rounds"] = args.rounds
-    fits = growth(result["median"], sweep["axes"])
-    print_tables(result, sweep["axes"], fits)
-    flagged = flags(fits)
-    print("faster growth than the raw loop (b − raw b > %.2f): " % GROWTH_TOLERANCE + ("; ".join(flagged) or "none"))
-    print(f"machine: {info['cpu_model']}, {info['cpus_usable']} CPUs, 1 thread per process; torch {info['torch']}, "
-          f"transformers {info['transformers']}, transformer-lens {info['transformer_lens']}; {trl_note}; load average "
-          f"{info['load_start'][0]:.1f} at start, {info['load_end'][0]:.1f} at end; other processes took "
-          f"{100 * info['other_processes_cpu_share']:.0f}% of the CPUs; {info['wall_seconds']:.0f} s")
-    print(plot(result["median"], sweep["axes"], fits, args.plot))
-    key = lambda p: f"B{p[0]}_G{p[1]}"  # noqa: E731
+    axes = {a: [point_key(*p) for p in pts] for a, pts in sweep["axes"].items()}
+    medians = {s: {point_key(*p): v for p, v in by.items()} for s, by in result["median"].items()}
     report = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "n_ctx": n_ctx,
-              "axes": {a: [key(p) for p in pts] for a, pts in sweep["axes"].items()},
-              "median": {s: {key(p): v for p, v in by.items()} for s, by in result["median"].items()},
-              "per_round": {s: {key(p): v for p, v in by.items()} for s, by in result["per_round"].items()},
-              "fits": fits, "flags": flagged, "engine_policy_forward": result["engine_policy_forward"]}
+              "rounds": args.rounds, "axes": axes, "median": medians,
+              "per_round": {s: {point_key(*p): v for p, v in by.items()} for s, by in result["per_round"].items()},
+              "fits": growth(medians, axes), "engine_policy_forward": result["engine_policy_forward"]}
+    report["flags"] = flags(report["fits"])
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
+    render(report, args)
     return report
+
+
+def render(report: dict, args) -> None:
+    """The tables, the flagged parts, the machine line and the plot of a report (a run's, or ``--from-json``)."""
+    info = report["machine"]
+    print_tables(report, markdown=args.markdown)
+    print("faster growth than the raw loop (b − raw b > %.2f): " % GROWTH_TOLERANCE + ("; ".join(report["flags"]) or "none"))
+    print(f"machine: {info['cpu_model']}, {info['cpus_usable']} CPUs, 1 thread per process; torch {info['torch']}, "
+          f"transformers {info['transformers']}, transformer-lens {info['transformer_lens']}; {info['trl']}; load average "
+          f"{info['load_start'][0]:.1f} at start, {info['load_end'][0]:.1f} at end; other processes took "
+          f"{100 * info['other_processes_cpu_share']:.0f}% of the CPUs; {info['wall_seconds']:.0f} s")
+    if args.plot is not None:
+        print(plot(report["median"], report["axes"], report["fits"], args.plot))
 
 
 if __name__ == "__main__":

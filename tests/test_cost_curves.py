@@ -49,10 +49,12 @@ def test_raw_parts_count_the_passes_the_engine_makes(curves):
 
 
 def test_growth_and_flags(curves):
-    axes = {"length": [(16, 24), (16, 64), (16, 128)]}
+    assert curves.point_of(curves.point_key(16, 24)) == (16, 24)
+    axes = {"length": [curves.point_key(16, g) for g in (24, 64, 128)]}
     medians = {  # raw learning linear in G; the engine's quadratic: flagged. Generation alike: not flagged.
-        "raw": {(16, g): {"generation": g / 100, "learning": g / 10} for g in (24, 64, 128)},
-        "engine": {(16, g): {"generation": 1.1 * g / 100, "learning": g**2 / 1000, "reward": 1e-4} for g in (24, 64, 128)},
+        "raw": {f"B16_G{g}": {"generation": g / 100, "learning": g / 10} for g in (24, 64, 128)},
+        "engine": {f"B16_G{g}": {"generation": 1.1 * g / 100, "learning": g**2 / 1000, "reward": 1e-4}
+                   for g in (24, 64, 128)},
     }
     fits = curves.growth(medians, axes)
     assert fits["length"]["engine"]["learning"][1] == pytest.approx(2.0)
