@@ -16,8 +16,8 @@ Each round runs every system once over every point, one fresh process per system
 (``trl_workers.py points``): the engine (``bench_models.bench_engine``: the real ``PPOTrainer``), the raw module
 (``bench_models.bench_raw``: a KV-cached sampling loop, one no-grad forward with the taken log-probs, the same
 learning steps with fused AdamW) and, with ``--trl-python``, TRL's ``PPOTrainer`` (value and reward models of the
-policy's shape). The figure of a part at a point is the median over rounds of each process's median over its timed
-phases. The growth of a part along an axis is ``t = a · x^b`` fitted by least squares on log t against log x
+policy's shape), every other round with the points in reverse order. The figure of a part at a point is the median
+over rounds of each process's median over its timed phases. The growth of a part along an axis is ``t = a · x^b`` fitted by least squares on log t against log x
 (``fit_power``): cached decoding grows linearly in G (b ≈ 1); a part of the engine whose b exceeds the raw
 loop's is a bug. The table and, with matplotlib, a plot (``--plot``) are the report; see benchmarks/README.md.
 """
@@ -130,9 +130,12 @@ def run_rounds(args, pythons: dict, points: list, model_dir: Path, n_ctx: int, h
             if system != "engine" and prompt_ids is None:
                 raise RuntimeError("the engine runs first: it gives the prompt's token ids")
             t0, load = time.perf_counter(), os.getloadavg()[0]
-            job = worker_jobs(system, points, model_dir, n_ctx, args, prompt_ids, hp)
+            # Every other round backwards: a load that rises (or falls) through one process's sweep would otherwise
+            # tilt every fitted exponent of that round the same way.
+            order = points if r % 2 == 0 or prompt_ids is None else points[::-1]
+            job = worker_jobs(system, order, model_dir, n_ctx, args, prompt_ids, hp)
             out = run_worker(python, "points", job, workdir, f"r{r}_{system}", 1, None, project=system != "trl")
-            for point, res in zip(points, out["results"]):
+            for point, res in zip(order, out["results"]):
                 parts = process_medians(res)
                 if system == "engine":
                     prompt_ids = prompt_ids or res["prompt_ids"]
