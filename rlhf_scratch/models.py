@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,7 @@ from rlhf_scratch.model_loading import (  # noqa: F401 (re-exported: the loaders
     looks_like_path,
     read_checkpoint_meta,
 )
+from rlhf_scratch.lora import ADAPTER_FILE, detach_lora, load_adapters, lora_of, merge_into, save_adapters
 from rlhf_scratch.plain_forward import plain_forward_if_unhooked
 from rlhf_scratch.typecheck import typechecker
 
@@ -64,18 +67,27 @@ def residual_hooks(n_layers: int) -> list[tuple[str, str]]:
     return [("embed", EMBED_HOOK)] + [(f"L{layer}", f"blocks.{layer}.hook_resid_post") for layer in range(n_layers)]
 
 
-def load_bridge(source: str | os.PathLike, device: str = "cpu"):
+def load_bridge(source: str | os.PathLike, device: str = "cpu", merge_adapters: bool = True):
     """Load a ``TransformerBridge`` from ``"builtin"``, a local directory, or a hub name.
 
     ``"builtin"`` is built on first use (``pretrain.ensure_builtin_model``, minutes once, then cached); the rest is
     ``model_loading.load_bridge_from``. The model is returned in eval mode (dropout off): RLHF compares log-probs of
     the same tokens across forward passes, and dropout noise would make the PPO ratio differ from 1 even before any
     update.
+
+    A LoRA checkpoint (base weights plus ``lora_adapters.safetensors``) loads as the trained policy: ΔW = s·B A merged
+    into the weights, so ``diff``, ``inspect`` and ``--model`` see what the run trained. ``merge_adapters=False``:
+    the base weights only (resuming re-attaches the adapters instead).
     """
     if str(source) in BUILTIN_NAMES:
         check_device(device)
         source = pretrain.ensure_builtin_model()
-    return load_bridge_from(source, device)
+    bridge = load_bridge_from(source, device)
+    directory = complete_checkpoint_dir(source)
+    if merge_adapters and (directory / ADAPTER_FILE).is_file():
+        merge_into(bridge, load_adapters(bridge, directory))
+        detach_lora(bridge)
+    return bridge
 
 
 class ValueHead(nn.Module):
@@ -124,6 +136,11 @@ class PolicyWithValueHead(nn.Module):
         self.value_head = value_head if value_head is not None else ValueHead(bridge.cfg.d_model)
         self.plain_forward = True
         """Run a pass that no hook watches as the plain module on the bridge's weights (``rlhf_scratch.plain_forward``)."""
+        self.gradient_checkpointing = False
+        """Checkpoint the blocks of the plain module's passes with gradients (``rlhf_scratch.checkpointing``): a pass
+        through the bridge (hooks attached, or ``plain_forward`` off) keeps every activation, with a warning."""
+        self.lora = None
+        """The LoRA adapters (``rlhf_scratch.lora.apply_lora``), or None: full-parameter training."""
 
     @property
     def tokenizer(self):
@@ -152,8 +169,11 @@ class PolicyWithValueHead(nn.Module):
 
         plain = plain_forward_if_unhooked(self.bridge, fwd_hooks) if self.plain_forward else None
         if plain is not None:  # nothing is hooked: the same function without the hook points' overhead
-            logits, final_resid = plain(tokens, attention_mask)
+            logits, final_resid = plain(tokens, attention_mask, gradient_checkpointing=self.gradient_checkpointing)
             return PolicyOutput(logits=logits, values=self.value_head(final_resid))
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            warn_once(self, "Gradient checkpointing applies to the plain forward only: this pass runs through the "
+                            "TransformerLens bridge (hooks attached, or plain_forward off) and keeps every activation.")
         captured: dict[str, Tensor] = {}
 
         def capture_final_resid(resid, hook):
@@ -170,11 +190,24 @@ class PolicyWithValueHead(nn.Module):
         return PolicyOutput(logits=logits, values=values)
 
     def trunk_parameters(self) -> list[nn.Parameter]:
-        """The bridge's trainable parameters, each storage once (``bridge_parameters``)."""
+        """The trunk's trainable parameters: the LoRA adapters if any (the bridge is frozen then), else the bridge's
+        parameters, each storage once (``bridge_parameters``)."""
+        if self.lora is not None:
+            return list(self.lora.parameters())
         return bridge_parameters(self.bridge)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.value_head.parameters())
+
+
+_WARNED: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def warn_once(owner, message: str) -> None:
+    """``warnings.warn(message)`` the first time only for ``owner``."""
+    if owner not in _WARNED:
+        _WARNED.add(owner)
+        warnings.warn(message, stacklevel=3)
 
 
 def bridge_parameters(bridge) -> list[nn.Parameter]:
@@ -201,13 +234,32 @@ def drop_cached_activations(module: nn.Module) -> None:
                 setattr(submodule, name, None)
 
 
-def make_reference(bridge):
-    """A frozen deep copy of ``bridge`` for the KL penalty (no grads, eval mode)."""
+REFERENCE_DTYPES = ("float32", "bfloat16", "float16")
+"""The dtypes a frozen reference's weights may be kept in (``--reference-dtype``)."""
+
+
+def make_reference(bridge, dtype: str = "float32"):
+    """A frozen deep copy of ``bridge`` for the KL penalty (no grads, eval mode), its weights in ``dtype``.
+
+    ``bfloat16`` / ``float16`` keep the reference in 2 bytes per parameter instead of 4; its passes then run in
+    that dtype (their logits are cast to float32 before the log-softmax). Non-persistent buffers (rotary
+    ``inv_freq``, Gemma's ``embed_scale``) stay as they were, as Hugging Face loads them in a bf16 model: rounding
+    the rotary frequencies would change every position's angle, not just the weights. The reference's log-probs
+    then differ from the float32 ones by rounding (``docs/memory.md`` measures how much, and the KL it adds).
+    """
+    if dtype not in REFERENCE_DTYPES:
+        raise ValueError(f"Unknown reference dtype {dtype!r}: use one of {', '.join(REFERENCE_DTYPES)}.")
     drop_cached_activations(bridge)
     reference = copy.deepcopy(bridge)
     reference.eval()
     for param in reference.parameters():
         param.requires_grad_(False)
+    if dtype != "float32":
+        kept = [(module._buffers, key, module._buffers[key]) for module in reference.modules()
+                for key in module._non_persistent_buffers_set if module._buffers.get(key) is not None]
+        reference.to(dtype=getattr(torch, dtype), print_details=False)
+        for table, key, buffer in kept:
+            table[key] = buffer
     return reference
 
 
@@ -246,12 +298,16 @@ def save_model_dir(bridge, directory: str | os.PathLike, value_head: ValueHead |
 
     The result loads with ``load_bridge(directory)`` here and with plain
     ``AutoModelForCausalLM.from_pretrained(directory)`` elsewhere. Weights are
-    safetensors; nothing is pickled.
+    safetensors; nothing is pickled. A bridge with LoRA adapters writes its base
+    weights and ``lora_adapters.safetensors`` (``load_bridge`` merges them;
+    ``rlhf-scratch export`` writes the merged weights for other tools).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_module_from_bridge(bridge).save_pretrained(directory)
     bridge.tokenizer.save_pretrained(directory)
+    if lora_of(bridge) is not None:  # the base weights above (frozen), the adapters beside them
+        save_adapters(lora_of(bridge), directory)
     if value_head is not None:
         save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, directory / VALUE_HEAD_FILE)
     if meta is not None:
@@ -259,9 +315,13 @@ def save_model_dir(bridge, directory: str | os.PathLike, value_head: ValueHead |
     return directory
 
 
-def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithValueHead:
-    """A policy from any model source; a checkpoint's value head is restored if present."""
-    bridge = load_bridge(source, device=device)
+def load_policy(source: str | os.PathLike, device: str = "cpu", keep_adapters: bool = False) -> PolicyWithValueHead:
+    """A policy from any model source; a checkpoint's value head is restored if present. A LoRA checkpoint's
+    adapters are merged into the weights, or with ``keep_adapters`` re-attached as ``policy.lora`` over the frozen
+    base (how a LoRA run resumes)."""
+    directory = complete_checkpoint_dir(source)
+    keep = keep_adapters and (directory / ADAPTER_FILE).is_file()
+    bridge = load_bridge(source, device=device, merge_adapters=not keep)
     value_head = ValueHead(bridge.cfg.d_model)
     head_file = complete_checkpoint_dir(source) / VALUE_HEAD_FILE
     if head_file.is_file():
@@ -269,4 +329,9 @@ def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithVal
             value_head.load_state_dict(load_file(head_file))
         except (OSError, RuntimeError, SafetensorError) as error:
             raise ModelLoadError(corrupted_model_message(head_file.parent, error, VALUE_HEAD_FILE)) from error
-    return PolicyWithValueHead(bridge, value_head.to(device))
+    policy = PolicyWithValueHead(bridge, value_head.to(device))
+    if keep:
+        policy.lora = load_adapters(bridge, directory)
+        for param in bridge.parameters():
+            param.requires_grad_(False)
+    return policy
