@@ -111,8 +111,10 @@ class PolicyTrainer:
         # LoRA: the reference is the base model, i.e. the policy's own (frozen) weights without the adapters; a view
         # over the same tensors, not a copy. Otherwise a frozen deep copy.
         lora_reference = self.policy.lora is not None and reference_bridge is self.policy.bridge
-        reference_model = adapter_free_view(reference_bridge) if lora_reference else make_reference(reference_bridge)
+        reference_model = (adapter_free_view(reference_bridge) if lora_reference
+                           else make_reference(reference_bridge, config.reference_dtype))
         self.policy.plain_forward = config.plain_forward
+        self.policy.gradient_checkpointing = config.gradient_checkpointing
         self.reference_fingerprint = weights_fingerprint(reference_model)
         reward = reward or make_reward(config.reward)
         fwd_hooks = check_fwd_hooks(self.policy.bridge, fwd_hooks)
