@@ -35,20 +35,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("out", type=Path, help="output folder")
     parser.add_argument("--phases", type=int, default=20, help="phases of each trainer (default 20)")
     parser.add_argument("--batch-size", type=int, default=64, help="episodes per phase (default 64)")
+    parser.add_argument("--minibatch-size", type=int, default=None,
+                        help="PPO minibatch; must divide --batch-size (default: min(16, batch size))")
     parser.add_argument("--reinforce-lr", type=float, default=None, help="REINFORCE learning rate (default: REINFORCEConfig().lr)")
     parser.add_argument("--n-prompts", type=int, default=128, help="held-out evaluation prompts (default 128)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.minibatch_size is None:
+        args.minibatch_size = min(16, args.batch_size)
+    try:  # a bad size is refused here, before any training, with the config's own message
+        build_configs(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def build_configs(args) -> tuple[PPOConfig, REINFORCEConfig]:
+    shared = dict(phases=args.phases, batch_size=args.batch_size, seed=args.seed)
+    ppo_config = PPOConfig(out=args.out / "ppo", minibatch_size=args.minibatch_size, **shared)
+    reinforce_config = REINFORCEConfig(out=args.out / "reinforce", **shared,
+                                       **({} if args.reinforce_lr is None else {"lr": args.reinforce_lr}))
+    return ppo_config, reinforce_config
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     console = Console()
     start = time.time()
-    shared = dict(phases=args.phases, batch_size=args.batch_size, seed=args.seed)
-    ppo_config = PPOConfig(out=args.out / "ppo", **shared)
-    reinforce_config = REINFORCEConfig(out=args.out / "reinforce", **shared,
-                                       **({} if args.reinforce_lr is None else {"lr": args.reinforce_lr}))
+    ppo_config, reinforce_config = build_configs(args)
     summaries, seconds = {}, {}
     for name, trainer_class, config in (("ppo", PPOTrainer, ppo_config), ("reinforce", REINFORCETrainer, reinforce_config)):
         console.rule(f"{name}: {config.phases} phases × {config.batch_size} episodes")

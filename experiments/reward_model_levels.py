@@ -52,11 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--algo", choices=("ppo", "reinforce"), default="ppo", help="RL algorithm (default ppo)")
     parser.add_argument("--phases", type=int, default=20, help="RL phases per reward model (default 20)")
     parser.add_argument("--batch-size", type=int, default=64, help="RL episodes per phase (default 64)")
+    parser.add_argument("--minibatch-size", type=int, default=None,
+                        help="PPO minibatch; must divide --batch-size (default: min(16, batch size))")
     parser.add_argument("--n-prompts", type=int, default=256, help="held-out evaluation prompts (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.rm_epochs, args.phases, args.batch_size, args.n_prompts = 400, 1, 3, 16, 32
+    if args.minibatch_size is None:
+        args.minibatch_size = min(16, args.batch_size)
+    try:  # refuse a bad RL size now, not after the pairs and the reward models are built
+        rl_config(args, "vader", args.out / "check")
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -66,7 +74,7 @@ def rl_config(args, reward: str, out: Path):
     shared = dict(reward=reward, phases=args.phases, batch_size=args.batch_size, seed=args.seed, out=out,
                   warmup_phases=min(2, args.phases - 1), table_rows=4)
     if args.algo == "ppo":
-        return PPOConfig(normalize_rewards=True, **shared)
+        return PPOConfig(normalize_rewards=True, minibatch_size=args.minibatch_size, **shared)
     return REINFORCEConfig(**shared)
 
 

@@ -34,6 +34,7 @@ from rlhf_scratch.command_configs import (
     BonConfig,
     CompareConfig,
     DiffConfig,
+    ExportConfig,
     InspectConfig,
     LensConfig,
     PairsConfig,
@@ -110,6 +111,8 @@ def _commands() -> dict:
                 "the error term: the features whose activation changed most, with their contexts."),
         "inspect": (InspectConfig, {}, "rlhf_scratch.value_lens:run_inspect",
                     "One sample of a PPO checkpoint: value, reward, advantage per token, and the value lens per layer."),
+        "export": (ExportConfig, {}, "rlhf_scratch.export:run_export",
+                   "Write a model as a plain save_pretrained directory, a LoRA run's adapters merged into its weights."),
     }
 
 

@@ -476,3 +476,15 @@ class LensConfig:
         if not values or not all(math.isfinite(v) for v in values):
             raise ValueError(f"--alphas {self.alphas!r}: give finite comma-separated numbers such as 0,1,2,4,8.")
         return values
+
+
+@dataclass
+class ExportConfig:
+    """Write a model as a plain save_pretrained directory; a LoRA run's adapters merged into its weights (W + s·B A)."""
+
+    model: str
+    """What to export: a run's --out or checkpoint/ folder (LoRA: base weights + lora_adapters.safetensors), or any model."""
+    out: Path
+    """Where the merged model goes (config.json, model.safetensors, tokenizer; value_head.safetensors if it has one)."""
+    device: str = "cpu"
+    """Where the model is loaded and merged: cpu, cuda, cuda:N or mps."""

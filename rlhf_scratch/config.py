@@ -50,6 +50,35 @@ def finite_float_checks(config) -> list[tuple[bool, str]]:
             for f in dataclasses.fields(config) if isinstance(value := getattr(config, f.name), float)]
 
 
+LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out", "mlp.gate")
+"""The matrices LoRA can adapt, by their TransformerLens names (``blocks.L.attn.q``; ``mlp.gate``: gated MLPs only)."""
+LORA_GROUPS = {"attn": LORA_TARGETS[:4], "mlp": LORA_TARGETS[4:], "all": LORA_TARGETS}
+
+
+def parse_lora_targets(spec: str) -> tuple[str, ...]:
+    """``"q,v"`` / ``"attn.q,mlp.in"`` / ``"attn"`` / ``"all"`` → the target names (``LORA_TARGETS`` order); an
+    unknown name is a ``ConfigError`` that lists the known ones."""
+    chosen = set()
+    for item in (part.strip() for part in str(spec).split(",")):
+        if item in LORA_GROUPS:
+            chosen.update(LORA_GROUPS[item])
+        elif item in LORA_TARGETS or (item and f"attn.{item}" in LORA_TARGETS) or (item and f"mlp.{item}" in LORA_TARGETS):
+            chosen.add(item if "." in item else (f"attn.{item}" if f"attn.{item}" in LORA_TARGETS else f"mlp.{item}"))
+        else:
+            raise ConfigError(f"--lora-targets: unknown target {item!r}; choose from {', '.join(LORA_TARGETS)} (short: "
+                              "q, k, v, o, in, out, gate) or the groups attn, mlp, all, comma-separated.")
+    return tuple(t for t in LORA_TARGETS if t in chosen)
+
+
+def lora_targets_check(spec: str) -> tuple[bool, str]:
+    """``(ok, message)`` for ``_checks``: ``spec`` parses (``parse_lora_targets``)."""
+    try:
+        parse_lora_targets(spec)
+    except ConfigError as error:
+        return False, str(error)
+    return True, ""
+
+
 @dataclass
 class SamplingConfig:
     """How responses are sampled."""
@@ -151,6 +180,16 @@ class PolicyTrainingConfig(TaskConfig):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Forward passes of the policy and the reference under torch.autocast in this dtype (not generation);
     log-softmax, KL, losses, weights and the optimiser state stay float32."""
+    lora_rank: int = 0
+    """Train low-rank adapters of this rank instead of every weight (0: off, full-parameter training). The base weights
+    are frozen, only the adapters (and PPO's value head) train, and the reference is the same model with the adapters
+    switched off: no second copy of the weights (rlhf_scratch/lora.py, docs/lora.md). LoRA wants a larger --lr than
+    full-parameter training (about 10x)."""
+    lora_alpha: float | None = None
+    """LoRA scale numerator: each adapted matrix computes W x + (alpha / rank)·B A x. None: alpha = rank (scale 1)."""
+    lora_targets: str = "all"
+    """Matrices LoRA adapts, comma-separated: attn.q, attn.k, attn.v, attn.o, mlp.in, mlp.out, mlp.gate (short: q, k,
+    v, o, in, out, gate), or the groups attn, mlp, all (all: every one the model family has)."""
     plain_forward: bool = True
     """Run the forward passes no hook watches (the rollout's policy and reference passes, the learning passes) as
     the plain Hugging Face module on the bridge's own weights: the same function to float rounding, without the
@@ -236,6 +275,11 @@ class PolicyTrainingConfig(TaskConfig):
             (self.kl_coef >= 0, f"kl_coef must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}."),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}."),
             (self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}."),
+            (self.lora_rank >= 0, f"lora_rank must be a positive integer (or 0: no LoRA), got {self.lora_rank}."),
+            (self.lora_alpha is None or self.lora_rank > 0,
+             f"lora_alpha={self.lora_alpha} was given without --lora-rank: pass --lora-rank R too (or drop --lora-alpha)."),
+            (self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}."),
+            lora_targets_check(self.lora_targets),
             (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
             (self.samples_per_phase >= 0, f"samples_per_phase must be >= 0, got {self.samples_per_phase}."),
             (self.table_rows >= 1, f"table_rows must be >= 1 (rows of the before/after table), got {self.table_rows}."),

@@ -52,6 +52,7 @@ from rlhf_scratch.model_loading import (  # noqa: F401 (re-exported: the loaders
     looks_like_path,
     read_checkpoint_meta,
 )
+from rlhf_scratch.lora import ADAPTER_FILE, detach_lora, load_adapters, lora_of, merge_into, save_adapters
 from rlhf_scratch.plain_forward import plain_forward_if_unhooked
 from rlhf_scratch.typecheck import typechecker
 
@@ -64,18 +65,27 @@ def residual_hooks(n_layers: int) -> list[tuple[str, str]]:
     return [("embed", EMBED_HOOK)] + [(f"L{layer}", f"blocks.{layer}.hook_resid_post") for layer in range(n_layers)]
 
 
-def load_bridge(source: str | os.PathLike, device: str = "cpu"):
+def load_bridge(source: str | os.PathLike, device: str = "cpu", merge_adapters: bool = True):
     """Load a ``TransformerBridge`` from ``"builtin"``, a local directory, or a hub name.
 
     ``"builtin"`` is built on first use (``pretrain.ensure_builtin_model``, minutes once, then cached); the rest is
     ``model_loading.load_bridge_from``. The model is returned in eval mode (dropout off): RLHF compares log-probs of
     the same tokens across forward passes, and dropout noise would make the PPO ratio differ from 1 even before any
     update.
+
+    A LoRA checkpoint (base weights plus ``lora_adapters.safetensors``) loads as the trained policy: ΔW = s·B A merged
+    into the weights, so ``diff``, ``inspect`` and ``--model`` see what the run trained. ``merge_adapters=False``:
+    the base weights only (resuming re-attaches the adapters instead).
     """
     if str(source) in BUILTIN_NAMES:
         check_device(device)
         source = pretrain.ensure_builtin_model()
-    return load_bridge_from(source, device)
+    bridge = load_bridge_from(source, device)
+    directory = complete_checkpoint_dir(source)
+    if merge_adapters and (directory / ADAPTER_FILE).is_file():
+        merge_into(bridge, load_adapters(bridge, directory))
+        detach_lora(bridge)
+    return bridge
 
 
 class ValueHead(nn.Module):
@@ -124,6 +134,8 @@ class PolicyWithValueHead(nn.Module):
         self.value_head = value_head if value_head is not None else ValueHead(bridge.cfg.d_model)
         self.plain_forward = True
         """Run a pass that no hook watches as the plain module on the bridge's weights (``rlhf_scratch.plain_forward``)."""
+        self.lora = None
+        """The LoRA adapters (``rlhf_scratch.lora.apply_lora``), or None: full-parameter training."""
 
     @property
     def tokenizer(self):
@@ -170,7 +182,10 @@ class PolicyWithValueHead(nn.Module):
         return PolicyOutput(logits=logits, values=values)
 
     def trunk_parameters(self) -> list[nn.Parameter]:
-        """The bridge's trainable parameters, each storage once (``bridge_parameters``)."""
+        """The trunk's trainable parameters: the LoRA adapters if any (the bridge is frozen then), else the bridge's
+        parameters, each storage once (``bridge_parameters``)."""
+        if self.lora is not None:
+            return list(self.lora.parameters())
         return bridge_parameters(self.bridge)
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -246,12 +261,16 @@ def save_model_dir(bridge, directory: str | os.PathLike, value_head: ValueHead |
 
     The result loads with ``load_bridge(directory)`` here and with plain
     ``AutoModelForCausalLM.from_pretrained(directory)`` elsewhere. Weights are
-    safetensors; nothing is pickled.
+    safetensors; nothing is pickled. A bridge with LoRA adapters writes its base
+    weights and ``lora_adapters.safetensors`` (``load_bridge`` merges them;
+    ``rlhf-scratch export`` writes the merged weights for other tools).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_module_from_bridge(bridge).save_pretrained(directory)
     bridge.tokenizer.save_pretrained(directory)
+    if lora_of(bridge) is not None:  # the base weights above (frozen), the adapters beside them
+        save_adapters(lora_of(bridge), directory)
     if value_head is not None:
         save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, directory / VALUE_HEAD_FILE)
     if meta is not None:
@@ -259,9 +278,13 @@ def save_model_dir(bridge, directory: str | os.PathLike, value_head: ValueHead |
     return directory
 
 
-def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithValueHead:
-    """A policy from any model source; a checkpoint's value head is restored if present."""
-    bridge = load_bridge(source, device=device)
+def load_policy(source: str | os.PathLike, device: str = "cpu", keep_adapters: bool = False) -> PolicyWithValueHead:
+    """A policy from any model source; a checkpoint's value head is restored if present. A LoRA checkpoint's
+    adapters are merged into the weights, or with ``keep_adapters`` re-attached as ``policy.lora`` over the frozen
+    base (how a LoRA run resumes)."""
+    directory = complete_checkpoint_dir(source)
+    keep = keep_adapters and (directory / ADAPTER_FILE).is_file()
+    bridge = load_bridge(source, device=device, merge_adapters=not keep)
     value_head = ValueHead(bridge.cfg.d_model)
     head_file = complete_checkpoint_dir(source) / VALUE_HEAD_FILE
     if head_file.is_file():
@@ -269,4 +292,9 @@ def load_policy(source: str | os.PathLike, device: str = "cpu") -> PolicyWithVal
             value_head.load_state_dict(load_file(head_file))
         except (OSError, RuntimeError, SafetensorError) as error:
             raise ModelLoadError(corrupted_model_message(head_file.parent, error, VALUE_HEAD_FILE)) from error
-    return PolicyWithValueHead(bridge, value_head.to(device))
+    policy = PolicyWithValueHead(bridge, value_head.to(device))
+    if keep:
+        policy.lora = load_adapters(bridge, directory)
+        for param in bridge.parameters():
+            param.requires_grad_(False)
+    return policy

@@ -17,6 +17,8 @@ instead:
 * Non-persistent buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) are in no state dict: they are taken from
   the wrapped module, so rotary and RMSNorm families (Llama, Mistral, Qwen, Gemma, OLMo 2, Phi-3, GPT-NeoX) run
   plain too.
+* LoRA adapters (``rlhf_scratch.lora``) are hooked onto the plain module's matrices too, so both paths compute the
+  adapted model (and, with ``adapters_disabled``, both the base model).
 * Position ids come from the attention mask, as the bridge derives them (left padding is skipped).
 * ``final_resid`` is the last hidden state, after the final LayerNorm: the bridge's ``ln_final.hook_out``,
   where the value head reads.
@@ -40,6 +42,7 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
 from rlhf_scratch.anatomy import FINAL_RESIDUAL_HOOK
+from rlhf_scratch.lora import attach_plain, lora_of
 
 TOLERANCE = 1e-4
 """Largest |difference| allowed between the plain and the bridge's logits or final residual (float32) at build time."""
@@ -102,10 +105,16 @@ class PlainForward:
         self.sources = {name: live[name] for name in names if name not in fused_names}
         self.split_qkv = {prefix: {kind: [live[prefix + f"{n}.{kind}"] for n in "qkv"] for kind in ("weight", "bias")}
                           for prefix in self.fused_qkv}
+        adapters = lora_of(bridge)  # LoRA: the same adapters on the same matrices (GPT-2's c_attn: q|k|v deltas)
+        if adapters is not None and (unplaced := attach_plain(self.module, adapters)):
+            raise PlainForwardUnavailable(f"no plain-module matrix for the LoRA adapter at {unplaced[0]}")
 
     def _parameter_ids(self) -> tuple[int, ...]:
         # Buffers too: ``.to(device)`` / ``.to(dtype)`` moves parameters in place but replaces buffers (inv_freq).
-        return tuple(id(t) for t in (*self.bridge.parameters(), *self.bridge.original_model.buffers()))
+        # And LoRA adapters: applied (or replaced) after this was built, they need hooks on a new plain module.
+        adapters = lora_of(self.bridge)
+        lora = () if adapters is None else tuple(adapters.parameters())
+        return tuple(id(t) for t in (*self.bridge.parameters(), *self.bridge.original_model.buffers(), *lora))
 
     def still_current(self) -> bool:
         """False once the bridge's parameters or buffers were replaced (``load_state_dict(assign=True)``,

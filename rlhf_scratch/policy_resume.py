@@ -24,6 +24,7 @@ from rlhf_scratch.checkpoint import (
     same_fingerprint,
     write_resume_state,
 )
+from rlhf_scratch.lora import ADAPTER_FILE
 from rlhf_scratch.models import VALUE_HEAD_FILE, load_bridge, load_policy, save_model_dir
 from rlhf_scratch.outputs import atomic_dir, to_jsonable
 
@@ -62,14 +63,17 @@ def resume_trainer(cls, config, reward=None, fwd_hooks: list | tuple = (), refer
         raise ValueError(f"{checkpoint} has no {VALUE_HEAD_FILE}: a {kind} checkpoint needs its value head to "
                          "continue exactly. Resume from an intact copy of the run (checkpoint.old).")
     source = state["reference"]["source"]
-    if reference is None:
+    lora = (checkpoint / ADAPTER_FILE).is_file()
+    if reference is None and lora and not config.reference:
+        pass  # the reference is the checkpoint's own base weights without the adapters (lora.adapter_free_view)
+    elif reference is None:
         if source is None:
             raise ValueError(
                 "This run's reference was an in-memory model (the trainer was given policy= or reference=), so "
                 "the checkpoint cannot reload it: pass reference=<the starting model's bridge> to resume()."
             )
         reference = load_bridge(source, device=config.device)
-    trainer = cls(dataclasses.replace(config, resume=None), policy=load_policy(checkpoint, device=config.device),
+    trainer = cls(dataclasses.replace(config, resume=None), policy=load_policy(checkpoint, device=config.device, keep_adapters=True),
                   reward=reward, fwd_hooks=fwd_hooks, reference=reference)
     if not same_fingerprint(trainer.reference_fingerprint, state["reference"]["fingerprint"]):
         raise ValueError(

@@ -38,6 +38,7 @@ from rlhf_scratch.config import PolicyTrainingConfig, TaskConfig
 from rlhf_scratch.evaluation import EvalConfig, ModelSampler, evaluate, evaluation_prompts, plot_curves, print_before_after
 from rlhf_scratch.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_scratch.learner import Learner, check_batch_split
+from rlhf_scratch.lora import adapter_free_view, apply_lora
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.models import PolicyWithValueHead, check_fwd_hooks, load_bridge, load_policy, make_reference
 from rlhf_scratch.policy_resume import SNAPSHOTS_DIR  # noqa: F401 (re-exported)
@@ -98,13 +99,18 @@ class PolicyTrainer:
         self.prompt_rng = random.Random(distributed.rank_seed(config.seed))
         self.policy = (policy or load_policy(config.model, device=config.device)).to(config.device)
         self.policy.eval()  # dropout off: log-probs must be reproducible between passes
+        if config.lora_rank and self.policy.lora is None:  # (a resumed LoRA policy has its adapters already)
+            apply_lora(self.policy, config.lora_rank, config.lora_alpha, config.lora_targets)
         if reference is not None:
             reference_bridge, self.reference_source = reference, None
         elif config.reference:
             reference_bridge, self.reference_source = load_bridge(config.reference, device=config.device), config.reference
         else:  # a copy of the starting policy; reloadable by name only if it was loaded by name
             reference_bridge, self.reference_source = self.policy.bridge, (config.model if policy is None else None)
-        reference_model = make_reference(reference_bridge)
+        # LoRA: the reference is the base model, i.e. the policy's own (frozen) weights without the adapters; a view
+        # over the same tensors, not a copy. Otherwise a frozen deep copy.
+        lora_reference = self.policy.lora is not None and reference_bridge is self.policy.bridge
+        reference_model = adapter_free_view(reference_bridge) if lora_reference else make_reference(reference_bridge)
         self.policy.plain_forward = config.plain_forward
         self.reference_fingerprint = weights_fingerprint(reference_model)
         reward = reward or make_reward(config.reward)

@@ -111,6 +111,11 @@ def scenario_learn(model_dir, prompts, out: Path, rank: int) -> None:
                                rank)
     result["ddp_parameters"] = [name for name, _ in ppo.learner.module.module.named_parameters()
                                 if name not in ppo.learner.module.parameters_to_ignore]
+    fresh = load_bridge(model_dir)  # LoRA: DDP over the adapters and the value head only; the reference is the base
+    lora = PPOTrainer(ppo_config(model_dir, prompts, lora_rank=4, lr=1e-2), policy=PolicyWithValueHead(fresh), reference=fresh)
+    result["ppo_lora"] = one_phase(lora, rank)
+    result["ppo_lora"]["ddp_parameters"] = [name for name, _ in lora.learner.module.module.named_parameters()
+                                            if name not in lora.learner.module.parameters_to_ignore]
     torch.save(result, out / f"rank{rank}.pt")
     scenario_resume(model_dir, prompts, out, rank)
     scenario_pairs(model_dir, prompts, out, rank)

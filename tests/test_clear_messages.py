@@ -167,3 +167,22 @@ def test_a_config_error_is_one_line_not_a_box(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err == f"rlhf-scratch pretrain: invalid configuration: --data {tmp_path / 'missing.txt'}: no such file. Give a .txt, .jsonl or .csv file of texts.\n"
+
+
+@pytest.mark.parametrize("name", ["reinforce_vs_ppo.py", "reward_model_levels.py"])
+def test_experiments_take_a_small_batch_and_refuse_a_bad_minibatch_before_training(tmp_path, capsys, name):
+    """--batch-size 8 used to end in a ValueError traceback (PPO's default minibatch 16 > 8); reward_model_levels
+    only found out after building pairs and training three reward models."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / name
+    namespace = runpy.run_path(str(script))  # not __main__: only the definitions
+    assert namespace["parse_args"]([str(tmp_path / "out"), "--batch-size", "8"]).minibatch_size == 8
+    with pytest.raises(SystemExit) as stop:
+        namespace["parse_args"]([str(tmp_path / "out"), "--batch-size", "24"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "minibatch_size (16) must divide batch_size (24); e.g. use --minibatch-size 12." in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

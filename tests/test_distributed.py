@@ -147,6 +147,24 @@ def test_ppo_phase_on_two_ranks_equals_one_process(learned, eos_model):
         trainer.learning_metrics(rank0["ppo"]["breakdown"])["losses/value"], rel=1e-5)
 
 
+def test_lora_ppo_phase_on_two_ranks_equals_one_process(learned, eos_model):
+    """LoRA under DDP: the same adapter update as one process on the global batch; DDP reduces only the adapters
+    and the value head; the frozen base is untouched on every rank."""
+    rank0, rank1 = learned
+    model_dir, prompts = eos_model
+    config = ppo_config(model_dir, prompts, lora_rank=4, lr=1e-2)
+    trainer = PPOTrainer(config, policy=PolicyWithValueHead(load_bridge(model_dir)))
+    after, breakdown = one_process_phase(trainer, rank0["ppo_lora"], config.minibatch_size, config.ppo_epochs)
+    assert_same_update(rank0["ppo_lora"], after, config.lr, config.steps_per_phase)
+    assert_same_breakdown(rank0["ppo_lora"]["breakdown"], breakdown)
+    reduced = rank0["ppo_lora"]["ddp_parameters"]
+    assert reduced and all(name.startswith(("lora.", "value_head.")) for name in reduced), reduced
+    for result in (rank0, rank1):
+        frozen = [k for k in result["ppo_lora"]["before"] if k.startswith("bridge.")]
+        assert frozen and all(torch.equal(result["ppo_lora"]["after"][k], result["ppo_lora"]["before"][k]) for k in frozen)
+    assert all(torch.equal(rank0["ppo_lora"]["after"][k], rank1["ppo_lora"]["after"][k]) for k in rank0["ppo_lora"]["after"])
+
+
 def test_weights_stay_bit_identical_across_ranks(learned):
     rank0, rank1 = learned
     for key in rank0["ppo_after_3"]:
