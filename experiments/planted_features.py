@@ -62,7 +62,7 @@ from rlhf_scratch.sampling import encode, left_pad, padding_id
 from rlhf_scratch.word_reward import WordReward
 
 MAX_RANK, MIN_RHO = 10, 0.3
-SETTINGS = dict(n_latents=512, k=8, steps=1500, batch_size=512)
+SETTINGS = dict(n_latents=512, k=8, steps=3000, batch_size=512)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
