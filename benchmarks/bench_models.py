@@ -153,6 +153,8 @@ def bench_engine(spec: ModelSpec, model_dir: Path, args) -> tuple[dict, dict]:
     result["phase_min"] = min(r["phase"] for r in rows)
     result["phase_max"] = max(r["phase"] for r in rows)
     result["per_phase"] = rows
+    # Since issue 24 the old policy's log-probs and values come from the decoding steps when exact: no second forward.
+    result["old_policy_from_generation"] = bool(getattr(trainer.rollout, "reads_from_generation", lambda: False)())
     keep = {
         "prompt_ids": list(trainer.prompt_pool[0]),
         # On the CPU: this dict may travel back from a child process.

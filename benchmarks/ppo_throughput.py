@@ -121,13 +121,16 @@ def bench_model(spec: ModelSpec, workdir: Path, texts: list[str], args, console)
         "raw_memory": raw_memory,
     }
     if raw is not None:
+        raw_forwards = 1 if engine.get("old_policy_from_generation") else 2
         ratios = {
             "generate": engine["generate"] / raw["generate"],
             "policy_forward": engine["policy_forward"] / raw["forward"],
             "reference_forward": engine["reference_forward"] / raw["forward"],
             "learning": engine["learning"] / raw["learning"],
             # Whole phase vs. the sum of the raw parts (+ the same reward cost).
-            "phase": engine["phase"] / (raw["generate"] + 2 * raw["forward"] + engine["reward"] + raw["learning"]),
+            # The raw parts: one forward per pass the engine needs (two, or one when it reads the old policy from
+            # the decoding steps).
+            "phase": engine["phase"] / (raw["generate"] + raw_forwards * raw["forward"] + engine["reward"] + raw["learning"]),
         }
         if "hf_generate" in raw:
             ratios["generate_vs_hf_generate"] = engine["generate"] / raw["hf_generate"]
@@ -180,7 +183,7 @@ def print_report(console, info: dict, results: list[dict], args, baseline_rss: f
         ("minibatch × epochs → steps", cells(lambda r: f"{r['spec']['minibatch_size']} × {r['spec']['ppo_epochs']} "
                                                     f"→ {r['learning_steps_per_phase']}")),
         ("generate (KV cache)", e("generate")),
-        ("old-policy forward", e("policy_forward")),
+        ("old-policy forward (or value head only)", e("policy_forward")),
         ("reference forward", e("reference_forward")),
         ("scoring: chars:. (in phase)", e("reward", 4)),
         ("scoring: VADER (not in phase)", e("vader", 4)),
@@ -232,8 +235,9 @@ def print_report(console, info: dict, results: list[dict], args, baseline_rss: f
                      f"increase during that measurement (models run left to right; {baseline_rss:.0f} MiB after "
                      f"imports). A raw Δ of +0 means the raw baseline stayed under the engine's peak.")
     if any(r.get("raw") for r in results):
-        notes.append("Ratios are engine / raw (1.00× = no overhead). Phase ratio: engine phase / (raw generate + 2 × "
-                     "raw forward + reward + raw learning).")
+        notes.append("Ratios are engine / raw (1.00× = no overhead). Phase ratio: engine phase / (raw generate + n × "
+                     "raw forward + reward + raw learning), n = 1 when the engine reads the old policy from the decoding "
+                     "steps (its old-policy row is then the value head alone), else 2.")
     busy = info["other_processes_cpu_share"]
     if busy > 0.1:
         notes.append(f"[yellow]The machine was shared: other processes used {100 * busy:.0f}% of its "

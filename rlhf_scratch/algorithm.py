@@ -26,7 +26,7 @@ from rlhf_scratch import distributed
 from rlhf_scratch.learner import row_share, token_share
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import calc_kl_penalty, generated_logprobs, per_token_kl, ppo_diagnostics
-from rlhf_scratch.optimization import check_finite
+from rlhf_scratch.optimization import check_finite_terms
 from rlhf_scratch.rollout import ScoredRollout, keeps_ref_logits
 
 
@@ -89,7 +89,7 @@ def learning_losses(algorithm, output, minibatch: ReplayMemory, kl_coef: float, 
 
         learning pass (logits at the generated positions, log-probs, values) ─► algorithm.loss ─► named terms
         ─► each term as this piece's share of the whole minibatch's mean (token or row mean: algorithm.share)
-        ─► finite checks ─► terms["loss"] = algorithm.total(terms) ─► clipping diagnostics (clipped algorithms)
+        ─► terms["loss"] = algorithm.total(terms) ─► finite check ─► clipping diagnostics (clipped algorithms)
 
     ``output`` is the learner's forward pass (``PolicyOutput``, float32, with grad). Returns the terms and the new
     log-probs of the generated tokens [B, G] (detached), which ``--debug`` compares with the rollout's.
@@ -100,9 +100,8 @@ def learning_losses(algorithm, output, minibatch: ReplayMemory, kl_coef: float, 
     terms = algorithm.loss(learning_pass, minibatch, kl_coef)
     terms = {name: (token_share if algorithm.share[name] == "tokens" else row_share)(value, minibatch)
              for name, value in terms.items()}
-    for name, value in terms.items():
-        check_finite(name, value, algorithm.nonfinite_hint)
     terms["loss"] = algorithm.total(terms)
+    check_finite_terms(terms, algorithm.nonfinite_hint)
     clip_coef = getattr(algorithm.config, "clip_coef", None)
     if algorithm.clipped:
         diagnostics = ppo_diagnostics(logprobs.detach(), minibatch.logprobs, minibatch.gen_mask, clip_coef)

@@ -9,7 +9,12 @@ Each check is a small pure function: it returns None when its invariant holds an
     sampling_matches_rollout     each rollout (checked first, right after the       a broken KV cache, a hook
                                  rollout's policy forward): |log π recorded while   or temperature in one pass
                                  sampling − log π of that full forward| <= tol      only
-                                 at every real generated position
+                                 at every real generated position (when the
+                                 rollout reads log-probs from the decoding steps,
+                                 the forward pass it saved runs for this check)
+    values_match_rollout         the same, for the value head when the rollout      a hook or dropout in one
+                                 reads it from the decoding steps' final residual:  pass, a value read at the
+                                 |V_decoding − V_forward| <= tol·max(1, |V|)        wrong position
     gen_mask_is_prefix           each row of gen_mask is True..True False..False    a real token after padding
     gen_mask_matches_attention   gen_mask == (attention_mask[:, P:] != 0)           masks built separately
     prompt_is_left_padded        attention_mask[:, :P] is 0..0 1..1 (some 1)        right-padded prompts
@@ -230,6 +235,29 @@ def check_sampling_matches_rollout(
             f"rollout {float(rollout_logprobs[row, column]):.5f}). The samples did not come from the policy that "
             "training reads: a KV cache that loses its context (check the library versions against "
             "constraints.txt), a hook or a temperature applied in one pass only.",
+            where,
+        )
+
+
+@jaxtyped(typechecker=typechecker)
+def check_values_match_rollout(
+    generation_values: Float[Tensor, "batch gen"], forward_values: Float[Tensor, "batch gen"],
+    gen_mask: Bool[Tensor, "batch gen"], tol: float = SAMPLING_TOLERANCE, where: str = "",
+) -> None:
+    """The value head read on the decoding steps' final residual equals it read on a full forward pass over the
+    batch: max over real positions of |V_decoding − V_forward| / max(1, |V_forward|) <= tol."""
+    gap = torch.where(gen_mask, (generation_values - forward_values).abs() / forward_values.abs().clamp(min=1.0),
+                      torch.zeros_like(generation_values))
+    worst, where_worst = _worst(gap)
+    if not worst <= tol:
+        row, column = where_worst
+        raise InvariantError(
+            "values_match_rollout",
+            f"the value read from the decoding step differs from the forward pass's by {worst:.3g} (relative) > tol "
+            f"{tol:g}, at row {row}, generated column {column} (decoding {float(generation_values[row, column]):.5f}, "
+            f"forward {float(forward_values[row, column]):.5f}). The final residual captured while sampling is not the "
+            "one a forward pass gives: a hook or dropout in one pass only, or the residual read at the wrong position. "
+            "--separate-rollout-forward reads the values from a forward pass instead.",
             where,
         )
 

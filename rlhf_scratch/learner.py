@@ -25,7 +25,8 @@ from torch import Tensor
 from rlhf_scratch import distributed
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.models import PolicyOutput, PolicyWithValueHead
-from rlhf_scratch.optimization import clip_and_step, fused_where_contiguous, regroup_optimizer_state
+from rlhf_scratch.optimization import (clip_and_step, copy_to_views, fuse_strided_groups, fused_where_contiguous,
+                                       regroup_optimizer_state)
 from rlhf_scratch.schedule import warmup_decay_lambda
 
 
@@ -69,7 +70,7 @@ def check_batch_split(config, group_size: int = 1) -> None:
 
 
 class Learner:
-    """AdamW over ``param_groups`` (fused where the parameters are contiguous), the warmup-then-decay schedule over
+    """AdamW over ``param_groups`` (fused: strided parameters made contiguous first), the warmup-then-decay schedule over
     ``phases``, and the policy as the learning passes see it (``module``: itself, or in DDP when data-parallel).
 
     ``config`` is a ``PolicyTrainingConfig`` (device, weight_decay, phases, warmup_phases, final_lr_scale,
@@ -80,7 +81,9 @@ class Learner:
                  nonfinite_hint: str = "Lower the learning rate or check the reward for extreme values."):
         self.config, self.fwd_hooks, self.nonfinite_hint = config, fwd_hooks, nonfinite_hint
         self.param_groups = param_groups
-        self.optimizer = torch.optim.AdamW(fused_where_contiguous(param_groups, config.device), weight_decay=config.weight_decay)
+        groups, self.strided_views = fuse_strided_groups(fused_where_contiguous(param_groups, config.device), config.device)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.fused = [group["fused"] for group in self.optimizer.param_groups]
         self.module = distributed.wrap_ddp(policy, [p for group in self.optimizer.param_groups for p in group["params"]])
         """The policy the learning passes run through: the policy itself, or wrapped in DDP (data-parallel)."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -104,20 +107,27 @@ class Learner:
         (``*_max`` terms: maxima) and ``grad_norm``, averaged over the ranks (``distributed.reduce_means``)."""
         self.optimizer.zero_grad(set_to_none=True)
         pieces = minibatch.split(self.config.grad_accum_steps)
-        totals: dict[str, float] = {}
+        kept: list[dict[str, Tensor]] = []
         for k, piece in enumerate(pieces):
             with distributed.shared_failures(where):
                 terms = loss_fn(piece)
             with distributed.maybe_no_sync(self.module, sync=k == len(pieces) - 1):
                 terms["loss"].backward()
-            for name, value in terms.items():
-                value = value.item()
+            kept.append({name: value.detach() for name, value in terms.items()})
+        grad_norm = clip_and_step(self.optimizer, self.config.max_grad_norm, self.nonfinite_hint)
+        copy_to_views(self.strided_views)  # the bridge's c_attn alias follows its q/k/v
+        # Every piece's terms and the norm read back in one transfer (one host-device sync per step on a GPU).
+        names = list(kept[0])
+        read = torch.stack([terms[name].float() for terms in kept for name in names] + [grad_norm.float()]).tolist()
+        totals: dict[str, float] = {}
+        for k in range(len(kept)):
+            for i, name in enumerate(names):
+                value = read[k * len(names) + i]
                 if name not in totals:
                     totals[name] = value
                 else:
                     totals[name] = max(totals[name], value) if name.endswith("_max") else totals[name] + value
-        grad_norm = clip_and_step(self.optimizer, self.config.max_grad_norm, self.nonfinite_hint).item()
-        return distributed.reduce_means({**totals, "grad_norm": grad_norm})
+        return distributed.reduce_means({**totals, "grad_norm": read[-1]})
 
     def end_phase(self) -> None:
         """One scheduler step per phase."""
@@ -143,4 +153,6 @@ class Learner:
                 raise ValueError(f"The checkpoint's optimizer state does not fit this model (parameter {index}: saved "
                                  f"{list(shape)}, model {have}); resume with the model the run trained.")
         self.optimizer.load_state_dict(saved)
+        for group, fused in zip(self.optimizer.param_groups, self.fused):  # a checkpoint's flags may predate fusing
+            group["fused"] = fused
         self.scheduler.load_state_dict(scheduler)

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rlhf_scratch.config import LORA_TARGETS, parse_lora_targets
+from rlhf_scratch.config import LORA_GROUPS, LORA_TARGETS, parse_lora_targets
 
 ADAPTER_FILE = "lora_adapters.safetensors"
 """Where a LoRA checkpoint keeps its adapters (beside the base weights; the metadata holds rank, alpha, targets)."""
@@ -152,7 +152,8 @@ def apply_lora(policy, rank: int, alpha: float | None = None, targets: str | tup
 
 
 def attach_lora(bridge, rank: int, alpha: float | None = None, targets: str | tuple[str, ...] = "all") -> LoRAAdapters:
-    """New adapters hooked onto ``bridge``'s target matrices (B = 0: the model is unchanged until they train)."""
+    """New adapters hooked onto ``bridge``'s target matrices (B = 0: the model is unchanged until they train), in
+    the bridge's mode (``bridge.training``)."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}: pass --lora-rank 8 (or leave it out).")
     alpha = float(rank if alpha is None else alpha)
@@ -160,9 +161,13 @@ def attach_lora(bridge, rank: int, alpha: float | None = None, targets: str | tu
         raise LoRAError(f"--lora-alpha must be a positive number, got {alpha}.")
     if lora_of(bridge) is not None:
         raise LoRAError("This model already has LoRA adapters; apply them once.")
-    names = targets if isinstance(targets, tuple) else parse_lora_targets(targets)
-    if not isinstance(targets, tuple) and any(g in targets.split(",") for g in ("attn", "mlp", "all")):
-        names = tuple(t for t in names if _has_target(bridge, t)) or names  # a group: what this family has
+    if isinstance(targets, tuple):
+        names = targets
+    else:  # a name given on its own must exist; a group (attn, mlp, all) takes what this family has
+        items = [item.strip() for item in targets.split(",")]
+        named = set(parse_lora_targets(",".join(i for i in items if i not in LORA_GROUPS))) if any(
+            i not in LORA_GROUPS for i in items) else set()
+        names = tuple(t for t in parse_lora_targets(targets) if t in named or _has_target(bridge, t))
     modules = target_modules(bridge, names)
     adapters = LoRAAdapters(rank, alpha, names)
     device = next(bridge.parameters()).device
@@ -171,6 +176,11 @@ def attach_lora(bridge, rank: int, alpha: float | None = None, targets: str | tu
         adapters.deltas[key] = LowRankDelta(d_in, d_out, rank, adapters.scale).to(device)
         adapters.paths[key] = _path_in(bridge.original_model, module)
         adapters.handles.append(module.register_forward_hook(_hook(adapters, key)))
+    # In the bridge's mode, not nn.Module's default (training): the adapters have no dropout, but a module in
+    # training mode anywhere in the policy turns off the rollout's exact shortcut (``reads_from_generation``), and
+    # a fresh LoRA run (adapters attached after ``policy.eval()``) and its resumed run (attached to a bridge loaded
+    # in eval mode) must take the same path.
+    adapters.train(bridge.training)
     _ADAPTERS[bridge] = adapters
     return adapters
 

@@ -26,6 +26,18 @@ def check_finite(name: str, value: Tensor, hint: str = DEFAULT_HINT) -> Tensor:
     return value
 
 
+def check_finite_terms(terms: dict[str, Tensor], hint: str = DEFAULT_HINT, total: str = "loss") -> None:
+    """``check_finite`` on every term, reading one flag: a NaN or inf in any term reaches ``terms[total]`` (their
+    weighted sum; inf − inf is NaN, 0·inf is NaN), so only that is read back, and when it is not finite the error
+    names the first non-finite term in order (the total itself if every term is finite)."""
+    if bool(torch.isfinite(terms[total]).all()):
+        return
+    for name, value in terms.items():
+        if name != total:
+            check_finite(name, value, hint)
+    check_finite(total, terms[total], hint)
+
+
 def clipped_step(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float, hint: str = DEFAULT_HINT) -> Tensor:
     """Backward, clip the global gradient norm of every parameter ``optimizer`` holds, step.
 
@@ -71,6 +83,38 @@ def fused_where_contiguous(groups: list[dict], device: str) -> list[dict]:
             if params:
                 split.append({**group, "params": params, "fused": use_fused or None, "origin": origin})
     return split
+
+
+def fuse_strided_groups(groups: list[dict], device: str) -> tuple[list[dict], list[tuple[Tensor, Tensor]]]:
+    """``fused_where_contiguous``'s groups with their strided parameters made contiguous, in place, so that every
+    group runs the fused AdamW: the same groups in the same order (a checkpoint's optimizer state still fits).
+    Returns the groups and the ``(parameter, strided view it had)`` pairs that ``copy_to_views`` keeps in step.
+
+    The GPT-2 bridge's q/k/v weights are transposed slices of the fused ``c_attn``, an alias its forward pass never
+    reads (the forward pass, ``state_dict``, ``plain_forward`` and ``models.hf_module_from_bridge`` all use the split
+    weights). Giving each its own contiguous storage (``param.data``: the same ``Parameter`` object) takes them off
+    the for-loop AdamW, which was about as slow on their 17 % of GPT-2's weights as the fused kernel on all the
+    others; ``copy_to_views`` after each step writes them back into ``c_attn``, so that the alias still holds the
+    trained weights. No-op where there is no fused kernel (mps).
+    """
+    views: list[tuple[Tensor, Tensor]] = []
+    if torch.device(device).type not in ("cpu", "cuda"):
+        return groups, views
+    for group in groups:
+        if "fused" in group and not group["fused"]:  # a group of fused_where_contiguous that kept the for-loop
+            for param in group["params"]:
+                views.append((param, param.data))
+                param.data = param.data.contiguous()
+            group["fused"] = True
+    return groups, views
+
+
+@torch.no_grad()
+def copy_to_views(views: list[tuple[Tensor, Tensor]]) -> None:
+    """Copy each parameter made contiguous by ``fuse_strided_groups`` into the strided view it had (the storage it
+    shares with an alias such as GPT-2's ``c_attn``)."""
+    for param, view in views:
+        view.copy_(param)
 
 
 def regroup_optimizer_state(saved: dict, original_groups: list[dict], optimizer: torch.optim.Optimizer) -> dict:

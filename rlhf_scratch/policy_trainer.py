@@ -46,6 +46,7 @@ from rlhf_scratch.rewards import make_reward, score_texts
 from rlhf_scratch.rollout import PromptPool, RolloutMaker, ScoredRollout, concat_rollouts  # noqa: F401 (concat_rollouts re-exported)
 from rlhf_scratch.run import resume_command, run_loop  # noqa: F401 (resume_command re-exported)
 from rlhf_scratch.sampling import Generation, generate, padding_id
+from rlhf_scratch.typecheck import shape_checks
 
 
 @dataclass(eq=False)
@@ -98,9 +99,9 @@ class PolicyTrainer:
                                   else self.generator)
         self.prompt_rng = random.Random(distributed.rank_seed(config.seed))
         self.policy = (policy or load_policy(config.model, device=config.device)).to(config.device)
-        self.policy.eval()  # dropout off: log-probs must be reproducible between passes
         if config.lora_rank and self.policy.lora is None:  # (a resumed LoRA policy has its adapters already)
             apply_lora(self.policy, config.lora_rank, config.lora_alpha, config.lora_targets)
+        self.policy.eval()  # dropout off (adapters included): log-probs must be reproducible between passes
         if reference is not None:
             reference_bridge, self.reference_source = reference, None
         elif config.reference:
@@ -110,8 +111,10 @@ class PolicyTrainer:
         # LoRA: the reference is the base model, i.e. the policy's own (frozen) weights without the adapters; a view
         # over the same tensors, not a copy. Otherwise a frozen deep copy.
         lora_reference = self.policy.lora is not None and reference_bridge is self.policy.bridge
-        reference_model = adapter_free_view(reference_bridge) if lora_reference else make_reference(reference_bridge)
+        reference_model = (adapter_free_view(reference_bridge) if lora_reference
+                           else make_reference(reference_bridge, config.reference_dtype))
         self.policy.plain_forward = config.plain_forward
+        self.policy.gradient_checkpointing = config.gradient_checkpointing
         self.reference_fingerprint = weights_fingerprint(reference_model)
         reward = reward or make_reward(config.reward)
         fwd_hooks = check_fwd_hooks(self.policy.bridge, fwd_hooks)
@@ -233,7 +236,7 @@ class PolicyTrainer:
         them: ``breakdown[i]`` is computed on ``minibatches[i]`` before its own step, so ``breakdown[0]`` is what the
         objectives give on ``minibatches[0]`` with the policy as it was before this call. With ``config.debug`` the
         invariants (``rlhf_scratch.invariants``) are checked first on the memory, then on each minibatch before its
-        step.
+        step, and the shape annotations are checked on every call (without it they are off in this loop).
         """
         config, where = self.config, f"phase {self.phase + 1}"
         if config.debug:
@@ -242,15 +245,16 @@ class PolicyTrainer:
             with distributed.shared_failures(f"{where}, --debug checks of the memory"):
                 invariants.check_memory(memory, eos_id=eos, pad_id=padding_id(tokenizer), where=where)
         breakdown = []
-        for index, minibatch in enumerate(minibatches if minibatches is not None else self.minibatches(memory)):
-            def loss_fn(piece: ReplayMemory, index=index) -> dict[str, Tensor]:
-                terms, logprobs = self.compute_losses(piece)
-                if config.debug:
-                    invariants.check_minibatch(index, piece, logprobs, config.debug_max_approx_kl,
-                                               where=f"{where}, minibatch {index}")
-                return terms
+        with shape_checks(config.debug):  # the jaxtyping checks cost ~5 % of a tiny model's step: --debug only
+            for index, minibatch in enumerate(minibatches if minibatches is not None else self.minibatches(memory)):
+                def loss_fn(piece: ReplayMemory, index=index) -> dict[str, Tensor]:
+                    terms, logprobs = self.compute_losses(piece)
+                    if config.debug:
+                        invariants.check_minibatch(index, piece, logprobs, config.debug_max_approx_kl,
+                                                   where=f"{where}, minibatch {index}")
+                    return terms
 
-            breakdown.append(self.learner.step(minibatch, loss_fn, where=f"{where}, minibatch {index}"))
+                breakdown.append(self.learner.step(minibatch, loss_fn, where=f"{where}, minibatch {index}"))
         self.end_phase(memory)
         return breakdown
 

@@ -4,7 +4,8 @@
 ``ScoredRollout`` of named, shaped tensors::
 
     prompts ─► generate (KV cache, fwd_hooks) ─► sequences [B, S], attention_mask [B, S], gen_mask [B, G]
-      ├─► policy forward (no grad) ─► logprobs [B, G] (at the sampling temperature), values [B, G]
+      ├─► old policy: logprobs [B, G] (at the sampling temperature), values [B, G], read from the decoding
+      │   steps where that is exact (``reads_from_generation``), else by a policy forward (no grad)
       ├─► reference forward (no grad) ─► ref_logprobs [B, G], ref logits at the generated positions [B, G, V]
       ├─► KL_t [B, G] by the configured estimator ─► sequence_kl [B]
       └─► reward on the decoded text ─► rewards [B]
@@ -29,12 +30,13 @@ from rlhf_scratch.learner import autocast
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import (
     entropy_from_logprobs,
+    gather_taken,
     generated_logprobs,
     kl_exact_from_logprobs,
     masked_mean,
     per_token_kl,
 )
-from rlhf_scratch.plain_forward import reference_logits
+from rlhf_scratch.plain_forward import any_hook_attached, reference_logits
 from rlhf_scratch.rewards import score_texts
 from rlhf_scratch.sampling import Generation, encode, generate, padding_id
 
@@ -179,23 +181,32 @@ class RolloutMaker:
         config = self.config
         clock = time.perf_counter()
         timings = {}
-        generation = generate(self.policy.bridge, prompts, config.sampling, generator=self.generator, fwd_hooks=self.fwd_hooks)
+        from_generation = self.reads_from_generation()
+        generation = generate(self.policy.bridge, prompts, config.sampling, generator=self.generator,
+                              fwd_hooks=self.fwd_hooks, record=from_generation)
         sequences = generation.sequences.to(config.device)
         attention_mask = generation.attention_mask.to(config.device)
         gen_mask = generation.gen_mask.to(config.device)
         P = generation.prompt_len
         timings["time/generate"], clock = time.perf_counter() - clock, time.perf_counter()
 
-        # Old policy: log-probs at the sampling temperature and values of each state. One log-softmax over the
-        # generated positions [B, G, V] gives the taken log-probs, the entropy and (when asked for) the exact KL;
-        # no [B, S, V] copy when T = 1. At GPT-2 size each vocabulary-wide pass costs a good part of a forward.
-        with autocast(config.device, config.dtype):
-            output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
-        _, logp_gen, logprobs = generated_logprobs(output.logits.float(), sequences, P, config.sampling.temperature)
-        values = output.values.float()[:, P - 1 : -1]
-        if config.debug:
-            invariants.check_sampling_matches_rollout(generation.sampled_logprobs, logprobs, generation.gen_mask,
-                                                      where=f"phase {phase + 1}, rollout")
+        # Old policy: log-probs at the sampling temperature and values of each state. One log-distribution over
+        # the generated positions [B, G, V] gives the taken log-probs, the entropy and (when asked for) the exact
+        # KL. Taken from the decoding steps when that is exact, else from a forward pass over the batch.
+        if from_generation:
+            logp_gen = generation.logp_gen
+            logprobs = gather_taken(logp_gen, sequences[:, P:])
+            values = self.policy.value_head(generation.final_resid).float()
+            if config.debug:  # the pass the shortcut saves, run once more to prove it equal
+                _, forward_logprobs, forward_values = self.policy_forward(sequences, attention_mask, P)
+                where = f"phase {phase + 1}, rollout"
+                invariants.check_sampling_matches_rollout(logprobs, forward_logprobs, gen_mask, where=where)
+                invariants.check_values_match_rollout(values, forward_values, gen_mask, where=where)
+        else:
+            logp_gen, logprobs, values = self.policy_forward(sequences, attention_mask, P)
+            if config.debug:
+                invariants.check_sampling_matches_rollout(generation.sampled_logprobs, logprobs, generation.gen_mask,
+                                                          where=f"phase {phase + 1}, rollout")
         timings["time/policy_forward"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # Reference: the same tokens under the frozen starting model.
@@ -226,6 +237,25 @@ class RolloutMaker:
             exact_sequence_kl=exact_sequence_kl,
         )
         return rollout, torch.where(gen_mask, entropy, 0.0).sum()
+
+    def reads_from_generation(self) -> bool:
+        """Whether the old policy's log-probs and values can be read from the decoding steps (``generate(...,
+        record=True)``) instead of a forward pass over the sampled batch: exactly when the two compute the same
+        function (to float rounding): float32 passes (no autocast), no hooks (a hook may act on positions, which a
+        cached step numbers differently), no dropout, and ``separate_rollout_forward`` not asked for."""
+        config, policy = self.config, self.policy
+        return (not config.separate_rollout_forward and config.dtype == "float32" and not self.fwd_hooks
+                and not any(module.training for module in policy.modules())
+                and not any_hook_attached(list(policy.bridge.hook_dict.values())))
+
+    def policy_forward(self, sequences: Tensor, attention_mask: Tensor, prompt_len: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The old policy's forward pass over the batch (no grad, ``fwd_hooks``, autocast in ``config.dtype``):
+        ``(logp_gen [B, G, V], logprobs [B, G], values [B, G])`` at the generated positions, float32."""
+        config = self.config
+        with autocast(config.device, config.dtype):
+            output = self.policy(sequences, attention_mask, fwd_hooks=self.fwd_hooks)
+        _, logp_gen, logprobs = generated_logprobs(output.logits.float(), sequences, prompt_len, config.sampling.temperature)
+        return logp_gen, logprobs, output.values.float()[:, prompt_len - 1 : -1]
 
     def stats(self, rewards: Tensor, sequence_kl: Tensor, exact_sequence_kl: Tensor | None, gen_mask: Tensor,
               ended_with_eos: Tensor, entropy: float, timings: dict[str, float], kl_coef: float) -> dict[str, float]:

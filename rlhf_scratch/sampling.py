@@ -26,7 +26,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from rlhf_scratch import compat
-from rlhf_scratch.anatomy import check_fwd_hooks
+from rlhf_scratch.anatomy import FINAL_RESIDUAL_HOOK, check_fwd_hooks
 from rlhf_scratch.compat import cache_kwarg_name
 from rlhf_scratch.typecheck import typechecker
 from rlhf_scratch.config import SamplingConfig  # noqa: F401 (defined there: importable without torch)
@@ -51,6 +51,13 @@ class Generation:
     compares it with the rollout's full forward pass."""
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
+    logp_gen: Float[Tensor, "batch gen vocab"] | None = None
+    """With ``generate(..., record=True)``: the log-softmax at the sampling temperature of each decoding step's
+    logits (before top-k/top-p), on the model's device; row b, column i is the distribution token i was drawn
+    from. What the rollout's policy forward would compute at columns P − 1 + i; None otherwise."""
+    final_resid: Float[Tensor, "batch gen d_model"] | None = None
+    """With ``record=True``: the final residual stream (``ln_final.hook_out``) at the position each token was
+    chosen from, on the model's device: the value head's input for that state. None otherwise."""
 
     @property
     def texts(self) -> list[str]:
@@ -247,6 +254,7 @@ def generate(
     config: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
     fwd_hooks: list | tuple = (),
+    record: bool = False,
 ) -> Generation:
     """Sample responses for a batch of tokenised prompts with a KV cache.
 
@@ -256,6 +264,12 @@ def generate(
     to every forward pass of this generation; a name that never runs on this model is refused
     (``anatomy.check_fwd_hooks``, one probe per new name). The first call on a bridge checks that
     cached decoding equals a full forward pass (``ensure_generation_checked``).
+
+    ``record=True`` also keeps what a forward pass of the policy over the finished sequences would read at the
+    generated positions, so that the rollout needs no such pass: each step's log-softmax at the sampling
+    temperature (``Generation.logp_gen`` [B, G, V]) and the final residual at the position the token was chosen
+    from (``Generation.final_resid`` [B, G, D], captured at ``ln_final.hook_out``). Cached decoding and a full
+    forward pass agree to float rounding (``check_cached_generation``; ``--debug`` compares them every phase).
     """
     tokenizer = bridge.tokenizer
     eos_id = tokenizer.eos_token_id
@@ -278,8 +292,15 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     ended_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens, new_real, new_logprobs = [], [], []
+    step_logp, step_resid, captured = [], [], {}
+
+    def capture_final_resid(resid, hook):
+        captured["resid"] = resid[:, -1]
+        return resid
+
+    hooks = [*fwd_hooks, (FINAL_RESIDUAL_HOOK, capture_final_resid)] if record else list(fwd_hooks)
     step_input, kv_cache = tokens, new_kv_cache()
-    with bridge.hooks(fwd_hooks=list(fwd_hooks)):
+    with bridge.hooks(fwd_hooks=hooks):
         for _ in range(config.max_new_tokens):
             logits = decode_step(bridge, step_input, attention_mask, kv_cache)[:, -1, :].float()
             next_logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
@@ -289,7 +310,12 @@ def generate(
             # log π(token) at the sampling temperature, before top-k/top-p: what training reads back.
             # scaled[token] − logsumexp(scaled) is log_softmax at one entry, without a [B, V] result per step.
             scaled = logits / config.temperature
-            step_logprobs = scaled.gather(-1, next_token[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+            if record:  # the whole log-distribution, as the rollout's forward pass would give it
+                step_logp.append(torch.log_softmax(scaled, dim=-1))
+                step_resid.append(captured.pop("resid"))
+                step_logprobs = step_logp[-1].gather(-1, next_token[:, None])[:, 0]
+            else:
+                step_logprobs = scaled.gather(-1, next_token[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
             new_logprobs.append(torch.where(finished, torch.zeros_like(step_logprobs), step_logprobs))
             new_tokens.append(next_token)
             new_real.append(~finished)
@@ -317,6 +343,8 @@ def generate(
         sampled_logprobs=torch.stack(new_logprobs, dim=1).cpu(),
         prompts=decode_prompts(tokenizer, tokens.cpu(), full_mask[:, :prompt_len].cpu()),
         responses=decode_responses(tokenizer, gen_tokens.cpu(), gen_mask.cpu()),
+        logp_gen=torch.stack(step_logp, dim=1) if record else None,
+        final_resid=torch.stack(step_resid, dim=1) if record else None,
     )
     return generation
 

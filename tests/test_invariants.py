@@ -198,6 +198,16 @@ def test_ratio_and_approx_kl_by_hand():
         invariants.check_approx_kl(new, old, mask, bound=0.15)
 
 
+def test_values_check_by_hand():
+    mask = torch.tensor([[True, True, False]])
+    forward = torch.tensor([[0.5, -20.0, 1.0]])
+    # relative to max(1, |V|): 9e-4 at |V| <= 1, 0.018 at |V| = 20; padding ignored
+    invariants.check_values_match_rollout(forward + torch.tensor([[9e-4, 0.018, 5.0]]), forward, mask)
+    with pytest.raises(InvariantError, match=r"'values_match_rollout' failed.*by 0.005 \(relative\) > tol 0.001, at row "
+                                             r"0, generated column 1"):
+        invariants.check_values_match_rollout(forward + torch.tensor([[0.0, 0.1, 0.0]]), forward, mask)
+
+
 def test_sampling_check_by_hand():
     mask = torch.tensor([[True, True, False]])
     rollout = torch.tensor([[-1.0, -2.0, -3.0]])
@@ -218,6 +228,8 @@ def test_debug_rollout_catches_samples_from_another_distribution(tiny_bridge, tr
     def drifting_generate(*args, **kwargs):
         generation = honest(*args, **kwargs)
         generation.sampled_logprobs = generation.sampled_logprobs - 0.3 * generation.gen_mask
+        if generation.logp_gen is not None:  # the rollout reads the decoding steps' distributions (record=True)
+            generation.logp_gen = generation.logp_gen - 0.3 * generation.gen_mask[..., None]
         return generation
 
     monkeypatch.setattr(rollout, "generate", drifting_generate)

@@ -107,6 +107,18 @@ def test_hooks_see_the_adapted_activations(tiny_model_dir):
     torch.testing.assert_close(adapted - off, delta.reshape(adapted.shape), rtol=1e-4, atol=1e-5)
 
 
+def test_kv_cached_generation_samples_from_the_adapted_policy(tiny_model_dir):
+    """With B ≠ 0: the cached decoding's log-probs equal the (plain, adapted) rollout forward's (``--debug`` checks it
+    and would raise), and they differ from the reference's."""
+    trainer = lora_trainer(tiny_model_dir, debug=True)
+    nudge_adapters(trainer.policy)
+    rollout = trainer.sample_and_score()
+    gap = (rollout.logprobs - rollout.ref_logprobs)[rollout.gen_mask]
+    assert gap.abs().max() > 0.05
+    torch.testing.assert_close(rollout.generation.sampled_logprobs[rollout.gen_mask], rollout.logprobs[rollout.gen_mask],
+                               rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("targets", ["all", "q,k,o,in"])
 def test_plain_forward_applies_the_adapters(tiny_model_dir, targets):
     """The fast path (GPT-2's fused c_attn gets the q|k|v deltas) equals the hooked bridge with B ≠ 0."""
@@ -214,6 +226,23 @@ def test_stopped_and_resumed_lora_run_equals_uninterrupted_run(tiny_model_dir, t
     assert_same_metrics(read_metrics(split_dir), expected)
 
 
+def test_adapters_take_their_models_mode_so_fresh_and_resumed_lora_rollouts_take_one_path(tiny_model_dir, tmp_path):
+    # Regression: adapters attached after policy.eval() stayed in nn.Module's default training mode, so a fresh LoRA
+    # run read the old policy by a forward pass while its resumed run (adapters loaded onto an eval-mode bridge) read
+    # the decoding steps: the two agree to ~5e-7 only, and the resumed run's KL drifted from the uninterrupted one's.
+    trainer = lora_trainer(tiny_model_dir, debug=True)
+    assert [name for name, module in trainer.policy.named_modules() if module.training] == []
+    assert trainer.rollout.reads_from_generation()  # the adapters have no dropout: the shortcut is exact for them
+    nudge_adapters(trainer.policy)  # B != 0; --debug then checks the decoding steps against the forward pass
+    assert trainer.rollout_phase().gen_mask.any()
+    save_model_dir(trainer.policy.bridge, tmp_path / "ckpt", value_head=trainer.policy.value_head)
+    resumed = load_policy(tmp_path / "ckpt", keep_adapters=True)  # what --resume builds
+    assert not any(module.training for module in resumed.lora.modules())  # the bridge's mode: eval
+    in_training = PolicyWithValueHead(load_bridge(tiny_model_dir)).train()
+    apply_lora(in_training, RANK)
+    assert in_training.lora.training and all(delta.training for delta in in_training.lora.deltas.values())
+
+
 def test_bad_lora_input_is_a_one_line_error(tiny_model_dir):
     policy = PolicyWithValueHead(load_bridge(tiny_model_dir))
     for rank in (0, -2):
@@ -233,3 +262,97 @@ def test_bad_lora_input_is_a_one_line_error(tiny_model_dir):
     with pytest.raises(ValueError, match="unknown target"):
         PPOConfig(lora_rank=8, lora_targets="attn,ffn")
     assert parse_lora_targets("v,q,mlp") == ("attn.q", "attn.v", "mlp.in", "mlp.out", "mlp.gate")
+
+
+def test_export_command_writes_merged_weights_plain_transformers_loads(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_scratch.cli import main
+
+    policy = PolicyWithValueHead(load_bridge(tiny_model_dir))
+    apply_lora(policy, RANK, targets="q,v,out")
+    nudge_adapters(policy)
+    with torch.no_grad():
+        adapted = policy(TOKENS, MASK).logits
+    save_model_dir(policy.bridge, tmp_path / "ckpt", value_head=policy.value_head)
+    assert main(["export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")]) == 0
+    assert not (tmp_path / "merged" / ADAPTER_FILE).exists() and (tmp_path / "merged" / "value_head.safetensors").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # no rlhf_scratch needed to read it
+    with torch.no_grad():
+        positions = (MASK.cumsum(-1) - 1).clamp(min=0)  # as the bridge counts them: left padding skipped
+        exported = plain(TOKENS, attention_mask=MASK, position_ids=positions).logits
+    torch.testing.assert_close(real(exported), real(adapted), rtol=0, atol=1e-4)
+
+
+def test_lora_errors_on_the_command_line_are_one_line(tiny_model_dir, tmp_path, capsys):
+    from rlhf_scratch.cli import main
+
+    args = ["ppo", "--model", str(tiny_model_dir), "--prompt", "The", "--phases", "1", "--batch-size", "2", "--minibatch-size", "2"]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--lora-rank", "4", "--lora-targets", "q,ffn", "--out", str(tmp_path / "a")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'ffn'" in err and err.count("\n") == 1
+    assert main([*args, "--lora-rank", "4", "--lora-targets", "gate", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "mlp.gate: GPT2LMHeadModel has no such matrix" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox", "phi3"])
+def test_lora_on_other_families(family, tmp_path):
+    """Rotary/RMSNorm families: every matrix adapted (the gated MLP's gate too), hooked = plain = merged with B ≠ 0,
+    off = base. GPT-NeoX and Phi-3 fuse q/k/v in their own layout: their LoRA passes go through the bridge, saying so."""
+    import warnings
+
+    from model_families import build_family_model
+
+    directory = build_family_model(family, tmp_path / family)
+    base = logits_of(load_bridge(directory))
+    policy = PolicyWithValueHead(load_bridge(directory))
+    apply_lora(policy, RANK)
+    assert ("mlp.gate" in lora_of(policy).targets) == (family in ("llama", "gemma2", "phi3"))
+    nudge_adapters(policy)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        fast = policy(TOKENS, MASK).logits
+        policy.plain_forward = False
+        hooked = policy(TOKENS, MASK).logits
+        with adapters_disabled(policy):
+            off = policy(TOKENS, MASK).logits
+    fused = family in ("gpt_neox", "phi3")
+    assert (plain_forward_for(policy.bridge) is None) == fused
+    assert any("no plain-module matrix for the LoRA adapter" in str(w.message) for w in caught) == fused
+    torch.testing.assert_close(real(fast), real(hooked), rtol=0, atol=1e-4)
+    torch.testing.assert_close(real(off), real(base), rtol=0, atol=1e-5)
+    torch.testing.assert_close(real(logits_of(merged_copy(policy.bridge))), real(hooked), rtol=0, atol=1e-4)
+    assert (real(hooked) - real(base)).abs().max() > 1e-2
+
+
+def test_a_group_takes_what_the_family_has_a_named_target_must_exist(tiny_model_dir):
+    policy = PolicyWithValueHead(load_bridge(tiny_model_dir))
+    with pytest.raises(LoRAError, match="mlp.gate"):
+        apply_lora(policy, RANK, targets="attn,gate")  # gate named on its own: GPT-2 has none
+    apply_lora(policy, RANK, targets="attn,mlp")
+    assert lora_of(policy).targets == ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.in", "mlp.out")
+
+
+@pytest.mark.parametrize("kind", ["reinforce", "rloo"])
+def test_reinforce_and_rloo_train_only_the_adapters(tiny_model_dir, kind):
+    from rlhf_scratch.algorithm_configs import REINFORCEConfig, RLOOConfig
+    from rlhf_scratch.group_baselines import RLOOTrainer
+    from rlhf_scratch.reinforce import REINFORCETrainer
+
+    fields = dict(prompt="The movie", reward="chars:e", phases=2, batch_size=8, minibatch_size=8, warmup_phases=0,
+                  lr=3e-2, lora_rank=RANK, sampling=SamplingConfig(max_new_tokens=6))
+    config = REINFORCEConfig(**fields) if kind == "reinforce" else RLOOConfig(**fields, group_size=2)
+    trainer = (REINFORCETrainer if kind == "reinforce" else RLOOTrainer)(config,
+                                                                          policy=PolicyWithValueHead(load_bridge(tiny_model_dir)))
+    optimised = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in optimised} == {id(p) for p in trainer.policy.lora.parameters()}  # no value head here
+    start = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    trainer.learning_phase(trainer.rollout_phase())
+    after = trainer.policy.state_dict()
+    assert all(torch.equal(after[k], start[k]) for k in start if k.startswith("bridge."))
+    assert max((after[k] - start[k]).abs().max().item() for k in start if k.startswith("lora.")) > 1e-3
+    torch.testing.assert_close(real(logits_of(trainer.reference)), real(logits_of(load_bridge(tiny_model_dir))),
+                               rtol=0, atol=1e-5)

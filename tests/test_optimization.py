@@ -42,3 +42,51 @@ def test_strided_parameters_keep_the_plain_adamw_and_the_order_within_each_group
     for group in groups[:2]:
         assert [position[id(p)] for p in group["params"]] == sorted(position[id(p)] for p in group["params"])
     assert [g["fused"] for g in fused_where_contiguous([{"params": params}], "mps")] == [None, None]
+
+
+def test_strided_parameters_made_contiguous_step_like_the_plain_adamw_and_the_bridge_computes_the_same(tiny_bridge):
+    """``fuse_strided_groups``: q/k/v get their own storage and the fused kernel; the bridge's forward pass is unchanged
+    and one step equals the plain AdamW's on the strided originals."""
+    from rlhf_scratch.optimization import copy_to_views, fuse_strided_groups
+
+    tokens = torch.tensor([[1, 5, 9, 13, 17]])
+    reference = copy.deepcopy(tiny_bridge)
+    with torch.no_grad():
+        before_logits = tiny_bridge(tokens)
+    plain = one_step(reference, lambda params: [{"params": params}])
+    groups, views = fuse_strided_groups(fused_where_contiguous([{"params": bridge_parameters(tiny_bridge)}], "cpu"), "cpu")
+    assert [g["fused"] for g in groups] == [True, True]
+    assert all(p.is_contiguous() for g in groups for p in g["params"])
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_bridge(tokens), before_logits, rtol=0, atol=0)
+    fused = one_step(tiny_bridge, lambda params: groups)
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], rtol=0, atol=1e-6)
+    # The c_attn alias (Conv1D [in, 3·out]) holds the old q/k/v until copy_to_views writes the stepped ones back.
+    parameters = dict(tiny_bridge.named_parameters())
+    q = parameters["transformer.h.0._original_component.attn.q._original_component.weight"]
+    alias = parameters["transformer.h.0._original_component.attn.qkv._original_component.weight"]
+    d = q.shape[0]
+    assert not torch.equal(alias[:, :d].T, q)
+    copy_to_views(views)
+    assert torch.equal(alias[:, :d].T, q)
+
+
+def test_one_finite_check_on_the_total_still_names_the_first_bad_term():
+    import math
+
+    import pytest
+
+    from rlhf_scratch.optimization import NonFiniteLossError, check_finite_terms
+
+    def terms(a, b):
+        a, b = torch.tensor(a), torch.tensor(b)
+        return {"surrogate": a, "value_loss": b, "loss": -(a - b)}
+
+    check_finite_terms(terms(1.0, 2.0))
+    with pytest.raises(NonFiniteLossError, match=r"The value_loss is \[inf\]"):
+        check_finite_terms(terms(1.0, math.inf))
+    with pytest.raises(NonFiniteLossError, match=r"The surrogate is \[nan\]"):  # the first in order
+        check_finite_terms(terms(math.nan, math.inf))
+    with pytest.raises(NonFiniteLossError, match=r"The loss is \[nan\]"):  # a total that is bad on its own
+        check_finite_terms({"surrogate": torch.tensor(1.0), "loss": torch.tensor(math.nan)})

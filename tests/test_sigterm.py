@@ -49,6 +49,7 @@ def sigterm_reward(tmp_path, monkeypatch):
 @pytest.mark.parametrize("command, flags", [
     ("ppo", ["--minibatch-size", "2", "--ppo-epochs", "2", "--adaptive-kl", "--kl-horizon", "100"]),
     ("grpo", ["--group-size", "2", "--minibatch-size", "2"]),
+    ("grpo", ["--group-size", "2", "--minibatch-size", "2", "--lora-rank", "4", "--lr", "1e-2"]),  # LoRA: adapters resume
 ])
 def test_sigterm_checkpoints_exits_143_and_the_resumed_run_equals_an_uninterrupted_one(
         tiny_model_dir, tmp_path, sigterm_reward, capsys, command, flags):

@@ -35,3 +35,43 @@ def test_every_module_uses_the_shared_typechecker():
         assert not re.search(r"^typechecker = ", source, re.M), f"{path.name} defines its own typechecker"
         if "@jaxtyped(" in source:
             assert "from rlhf_scratch.typecheck import typechecker" in source, path.name
+
+
+def test_shape_checks_can_be_turned_off_for_a_block_and_come_back():
+    """The learning loop turns the checks off unless --debug (``typecheck.shape_checks``)."""
+    import jaxtyping
+    import pytest
+
+    from rlhf_scratch.objectives import masked_mean
+    from rlhf_scratch.typecheck import shape_checks
+
+    x, wrong_mask = torch.ones(2, 3), torch.ones(3, dtype=torch.bool)  # shapes differ; torch would broadcast
+    with pytest.raises(jaxtyping.TypeCheckError):
+        masked_mean(x, wrong_mask)
+    with shape_checks(False):
+        assert masked_mean(x, wrong_mask).item() == 2.0  # unchecked: torch broadcasts, 6 / 3, the silent error
+        with shape_checks(True):  # nested: off stays off (the outer block asked for it)
+            masked_mean(x, wrong_mask)
+    with shape_checks(True):
+        with pytest.raises(jaxtyping.TypeCheckError):
+            masked_mean(x, wrong_mask)
+    with pytest.raises(jaxtyping.TypeCheckError):  # back on after the blocks
+        masked_mean(x, wrong_mask)
+
+
+def test_debug_learning_phase_checks_shapes_and_a_plain_one_does_not(tiny_bridge, monkeypatch):
+    import jaxtyping
+
+    from rlhf_scratch.models import PolicyWithValueHead
+    from rlhf_scratch.ppo import PPOConfig, PPOTrainer
+
+    seen = []
+    original = PPOTrainer.compute_losses
+    monkeypatch.setattr(PPOTrainer, "compute_losses",
+                        lambda self, piece: seen.append(jaxtyping.config.jaxtyping_disable) or original(self, piece))
+    for debug in (False, True):
+        config = PPOConfig(prompt="The movie", reward="chars:e", phases=1, batch_size=4, minibatch_size=4, ppo_epochs=1,
+                           sampling=SamplingConfig(max_new_tokens=4), debug=debug)
+        trainer = PPOTrainer(config, policy=PolicyWithValueHead(tiny_bridge))
+        trainer.learning_phase(trainer.rollout_phase())
+    assert seen == [True, False] and not jaxtyping.config.jaxtyping_disable
