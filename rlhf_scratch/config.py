@@ -199,6 +199,13 @@ class PolicyTrainingConfig(TaskConfig):
     """Read the old policy's log-probs and values with a separate forward pass over the sampled batch. By default
     they are taken from the generation's own decoding steps when that is exact (float32, no hooks, dropout off: the
     same function, to float rounding), and this pass runs only where it is not (--dtype bfloat16, hooks)."""
+    gradient_checkpointing: bool = False
+    """Keep only each transformer block's input for the backward pass of the learning forward and recompute the rest
+    then (rlhf_scratch/checkpointing.py): the same gradients, much less activation memory, one more forward of each block (+12% learning-pass CPU time at GPT-2-small).
+    Applies to the plain forward (a learning pass with hooks goes through the bridge and keeps every activation)."""
+    reference_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the frozen reference's weights: bfloat16 or float16 halve its memory; its log-probs then differ
+    from float32 ones by rounding, which adds to the measured KL (docs/memory.md gives the figures)."""
 
     # --- KL to the reference ---
     kl_coef: float = 0.05
@@ -284,6 +291,11 @@ class PolicyTrainingConfig(TaskConfig):
              f"lora_alpha={self.lora_alpha} was given without --lora-rank: pass --lora-rank R too (or drop --lora-alpha)."),
             (self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}."),
             lora_targets_check(self.lora_targets),
+            (self.plain_forward or not self.gradient_checkpointing,
+             "gradient_checkpointing needs the plain forward: drop --no-plain-forward, or --gradient-checkpointing."),
+            (self.lora_rank == 0 or self.reference is not None or self.reference_dtype == "float32",
+             f"reference_dtype={self.reference_dtype} has no effect with LoRA: the reference is the policy's own frozen "
+             "weights with the adapters off (no copy to shrink). Drop --reference-dtype, or give --reference MODEL."),
             (self.target_kl > 0 and self.kl_horizon > 0, "target_kl and kl_horizon must be > 0."),
             (self.samples_per_phase >= 0, f"samples_per_phase must be >= 0, got {self.samples_per_phase}."),
             (self.table_rows >= 1, f"table_rows must be >= 1 (rows of the before/after table), got {self.table_rows}."),

@@ -152,7 +152,8 @@ def apply_lora(policy, rank: int, alpha: float | None = None, targets: str | tup
 
 
 def attach_lora(bridge, rank: int, alpha: float | None = None, targets: str | tuple[str, ...] = "all") -> LoRAAdapters:
-    """New adapters hooked onto ``bridge``'s target matrices (B = 0: the model is unchanged until they train)."""
+    """New adapters hooked onto ``bridge``'s target matrices (B = 0: the model is unchanged until they train), in
+    the bridge's mode (``bridge.training``)."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}: pass --lora-rank 8 (or leave it out).")
     alpha = float(rank if alpha is None else alpha)
@@ -175,6 +176,11 @@ def attach_lora(bridge, rank: int, alpha: float | None = None, targets: str | tu
         adapters.deltas[key] = LowRankDelta(d_in, d_out, rank, adapters.scale).to(device)
         adapters.paths[key] = _path_in(bridge.original_model, module)
         adapters.handles.append(module.register_forward_hook(_hook(adapters, key)))
+    # In the bridge's mode, not nn.Module's default (training): the adapters have no dropout, but a module in
+    # training mode anywhere in the policy turns off the rollout's exact shortcut (``reads_from_generation``), and
+    # a fresh LoRA run (adapters attached after ``policy.eval()``) and its resumed run (attached to a bridge loaded
+    # in eval mode) must take the same path.
+    adapters.train(bridge.training)
     _ADAPTERS[bridge] = adapters
     return adapters
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +136,9 @@ class PolicyWithValueHead(nn.Module):
         self.value_head = value_head if value_head is not None else ValueHead(bridge.cfg.d_model)
         self.plain_forward = True
         """Run a pass that no hook watches as the plain module on the bridge's weights (``rlhf_scratch.plain_forward``)."""
+        self.gradient_checkpointing = False
+        """Checkpoint the blocks of the plain module's passes with gradients (``rlhf_scratch.checkpointing``): a pass
+        through the bridge (hooks attached, or ``plain_forward`` off) keeps every activation, with a warning."""
         self.lora = None
         """The LoRA adapters (``rlhf_scratch.lora.apply_lora``), or None: full-parameter training."""
 
@@ -164,8 +169,11 @@ class PolicyWithValueHead(nn.Module):
 
         plain = plain_forward_if_unhooked(self.bridge, fwd_hooks) if self.plain_forward else None
         if plain is not None:  # nothing is hooked: the same function without the hook points' overhead
-            logits, final_resid = plain(tokens, attention_mask)
+            logits, final_resid = plain(tokens, attention_mask, gradient_checkpointing=self.gradient_checkpointing)
             return PolicyOutput(logits=logits, values=self.value_head(final_resid))
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            warn_once(self, "Gradient checkpointing applies to the plain forward only: this pass runs through the "
+                            "TransformerLens bridge (hooks attached, or plain_forward off) and keeps every activation.")
         captured: dict[str, Tensor] = {}
 
         def capture_final_resid(resid, hook):
@@ -192,6 +200,16 @@ class PolicyWithValueHead(nn.Module):
         return list(self.value_head.parameters())
 
 
+_WARNED: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def warn_once(owner, message: str) -> None:
+    """``warnings.warn(message)`` the first time only for ``owner``."""
+    if owner not in _WARNED:
+        _WARNED.add(owner)
+        warnings.warn(message, stacklevel=3)
+
+
 def bridge_parameters(bridge) -> list[nn.Parameter]:
     """The parameters of a bridge to optimise, each storage once.
 
@@ -216,13 +234,32 @@ def drop_cached_activations(module: nn.Module) -> None:
                 setattr(submodule, name, None)
 
 
-def make_reference(bridge):
-    """A frozen deep copy of ``bridge`` for the KL penalty (no grads, eval mode)."""
+REFERENCE_DTYPES = ("float32", "bfloat16", "float16")
+"""The dtypes a frozen reference's weights may be kept in (``--reference-dtype``)."""
+
+
+def make_reference(bridge, dtype: str = "float32"):
+    """A frozen deep copy of ``bridge`` for the KL penalty (no grads, eval mode), its weights in ``dtype``.
+
+    ``bfloat16`` / ``float16`` keep the reference in 2 bytes per parameter instead of 4; its passes then run in
+    that dtype (their logits are cast to float32 before the log-softmax). Non-persistent buffers (rotary
+    ``inv_freq``, Gemma's ``embed_scale``) stay as they were, as Hugging Face loads them in a bf16 model: rounding
+    the rotary frequencies would change every position's angle, not just the weights. The reference's log-probs
+    then differ from the float32 ones by rounding (``docs/memory.md`` measures how much, and the KL it adds).
+    """
+    if dtype not in REFERENCE_DTYPES:
+        raise ValueError(f"Unknown reference dtype {dtype!r}: use one of {', '.join(REFERENCE_DTYPES)}.")
     drop_cached_activations(bridge)
     reference = copy.deepcopy(bridge)
     reference.eval()
     for param in reference.parameters():
         param.requires_grad_(False)
+    if dtype != "float32":
+        kept = [(module._buffers, key, module._buffers[key]) for module in reference.modules()
+                for key in module._non_persistent_buffers_set if module._buffers.get(key) is not None]
+        reference.to(dtype=getattr(torch, dtype), print_details=False)
+        for table, key, buffer in kept:
+            table[key] = buffer
     return reference
 
 

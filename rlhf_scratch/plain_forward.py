@@ -25,7 +25,8 @@ instead:
 
 The two paths compute the same function with different kernels (the bridge's Python LayerNorm and attention
 against the module's own), so they agree to float rounding, not bit for bit. ``PlainForward`` checks this when
-it is built, on a fixed left-padded batch: logits and final residual within ``TOLERANCE`` of the bridge's, or
+it is built, on a fixed left-padded batch: logits and final residual within ``TOLERANCE`` of the bridge's (in
+float32; a few units of rounding for a bfloat16 / float16 reference, ``tolerance``), or
 ``plain_forward_for`` returns None and every pass goes through the bridge (with a warning saying why). A hook
 attached to any of the bridge's hook points (``run_with_hooks``, ``bridge.hooks()``, ``add_hook``) sends the
 pass through the bridge, so hooks never miss a pass.
@@ -42,10 +43,21 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
 from rlhf_scratch.anatomy import FINAL_RESIDUAL_HOOK
+from rlhf_scratch.checkpointing import BlockCheckpointing
 from rlhf_scratch.lora import attach_plain, lora_of
 
 TOLERANCE = 1e-4
 """Largest |difference| allowed between the plain and the bridge's logits or final residual (float32) at build time."""
+HALF_TOLERANCE_ULPS = 4
+"""For a model in bfloat16 / float16 (``--reference-dtype``): the difference allowed is this many units of the
+dtype's rounding (``finfo.eps``) times 1 + the largest |value| — both paths round every op, differently."""
+
+
+def tolerance(reference: Tensor, dtype: torch.dtype) -> float:
+    """The largest difference allowed from ``reference`` (the bridge's output) for a model whose weights are ``dtype``."""
+    if dtype == torch.float32 or not dtype.is_floating_point:
+        return TOLERANCE
+    return HALF_TOLERANCE_ULPS * torch.finfo(dtype).eps * (1 + reference.abs().max().item())
 
 
 class PlainForwardUnavailable(RuntimeError):
@@ -91,6 +103,8 @@ class PlainForward:
         with torch.device("meta"):
             self.module = AutoModelForCausalLM.from_config(config)
         self.module.eval()
+        self.checkpointing: BlockCheckpointing | None = None
+        """The blocks' checkpointing (``rlhf_scratch.checkpointing``), built on the first checkpointed call."""
         self.parameter_ids = self._parameter_ids()
         self.hook_points = list(bridge.hook_dict.values())  # where a user's hook is attached (checked every pass)
         live = _live_tensors(bridge)
@@ -129,20 +143,30 @@ class PlainForward:
             weights[prefix + "c_attn.bias"] = torch.cat(split["bias"])
         return weights
 
-    def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``tokens [B, S]`` (``attention_mask [B, S]``, 1 = real) → ``(logits [B, S, V], final_resid [B, S, D])``."""
+    def __call__(self, tokens: Tensor, attention_mask: Tensor | None = None,
+                 gradient_checkpointing: bool = False) -> tuple[Tensor, Tensor]:
+        """``tokens [B, S]`` (``attention_mask [B, S]``, 1 = real) → ``(logits [B, S, V], final_resid [B, S, D])``.
+
+        ``gradient_checkpointing``: with gradients enabled, keep only each block's inputs for the backward pass
+        and recompute the rest then (``rlhf_scratch.checkpointing``); the same values and gradients."""
         kwargs = {"output_hidden_states": True, "use_cache": False}
         if attention_mask is not None:
             # As the bridge derives them: each real token's position counts only real tokens; padding gets 1.
             kwargs["attention_mask"] = attention_mask
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        output = functional_call(self.module, self.weights(), (tokens,), kwargs)
+        if gradient_checkpointing and torch.is_grad_enabled():
+            if self.checkpointing is None:
+                self.checkpointing = BlockCheckpointing(self.module)
+            with self.checkpointing.active():
+                output = functional_call(self.module, self.weights(), (tokens,), kwargs)
+        else:
+            output = functional_call(self.module, self.weights(), (tokens,), kwargs)
         return output.logits, output.hidden_states[-1]
 
     @torch.no_grad()
     def check_against_bridge(self) -> float:
         """The largest difference between this path's and the bridge's logits and final residual on a fixed
-        left-padded batch (real positions only); raises ``PlainForwardUnavailable`` above ``TOLERANCE``."""
+        left-padded batch (real positions only); raises ``PlainForwardUnavailable`` above ``tolerance``."""
         bridge, captured = self.bridge, {}
         vocab, n_ctx = bridge.cfg.d_vocab, bridge.cfg.n_ctx
         length = max(1, min(6, n_ctx))
@@ -160,10 +184,16 @@ class PlainForward:
             hooked_logits = bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(FINAL_RESIDUAL_HOOK, capture)])
             logits, resid = self(tokens, mask)
         real = mask.bool()
-        difference = max((logits - hooked_logits)[real].abs().max().item(), (resid - captured["resid"])[real].abs().max().item())
-        if not difference <= TOLERANCE:
-            raise PlainForwardUnavailable(f"its logits or final residual differ from the bridge's by {difference:.3g}")
-        return difference
+        dtype = next(bridge.parameters()).dtype
+        worst = 0.0  # the largest difference as a share of what is allowed
+        for mine, theirs in ((logits, hooked_logits), (resid, captured["resid"])):
+            difference = (mine - theirs)[real].abs().max().item()
+            allowed = tolerance(theirs[real].float(), dtype)
+            if not difference <= allowed:
+                raise PlainForwardUnavailable(f"its logits or final residual differ from the bridge's by {difference:.3g} "
+                                              f"(allowed in {str(dtype).removeprefix('torch.')}: {allowed:.3g})")
+            worst = max(worst, difference)
+        return worst
 
 
 _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

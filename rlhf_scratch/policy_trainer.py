@@ -99,9 +99,9 @@ class PolicyTrainer:
                                   else self.generator)
         self.prompt_rng = random.Random(distributed.rank_seed(config.seed))
         self.policy = (policy or load_policy(config.model, device=config.device)).to(config.device)
-        self.policy.eval()  # dropout off: log-probs must be reproducible between passes
         if config.lora_rank and self.policy.lora is None:  # (a resumed LoRA policy has its adapters already)
             apply_lora(self.policy, config.lora_rank, config.lora_alpha, config.lora_targets)
+        self.policy.eval()  # dropout off (adapters included): log-probs must be reproducible between passes
         if reference is not None:
             reference_bridge, self.reference_source = reference, None
         elif config.reference:
@@ -111,8 +111,10 @@ class PolicyTrainer:
         # LoRA: the reference is the base model, i.e. the policy's own (frozen) weights without the adapters; a view
         # over the same tensors, not a copy. Otherwise a frozen deep copy.
         lora_reference = self.policy.lora is not None and reference_bridge is self.policy.bridge
-        reference_model = adapter_free_view(reference_bridge) if lora_reference else make_reference(reference_bridge)
+        reference_model = (adapter_free_view(reference_bridge) if lora_reference
+                           else make_reference(reference_bridge, config.reference_dtype))
         self.policy.plain_forward = config.plain_forward
+        self.policy.gradient_checkpointing = config.gradient_checkpointing
         self.reference_fingerprint = weights_fingerprint(reference_model)
         reward = reward or make_reward(config.reward)
         fwd_hooks = check_fwd_hooks(self.policy.bridge, fwd_hooks)

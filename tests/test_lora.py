@@ -226,6 +226,23 @@ def test_stopped_and_resumed_lora_run_equals_uninterrupted_run(tiny_model_dir, t
     assert_same_metrics(read_metrics(split_dir), expected)
 
 
+def test_adapters_take_their_models_mode_so_fresh_and_resumed_lora_rollouts_take_one_path(tiny_model_dir, tmp_path):
+    # Regression: adapters attached after policy.eval() stayed in nn.Module's default training mode, so a fresh LoRA
+    # run read the old policy by a forward pass while its resumed run (adapters loaded onto an eval-mode bridge) read
+    # the decoding steps: the two agree to ~5e-7 only, and the resumed run's KL drifted from the uninterrupted one's.
+    trainer = lora_trainer(tiny_model_dir, debug=True)
+    assert [name for name, module in trainer.policy.named_modules() if module.training] == []
+    assert trainer.rollout.reads_from_generation()  # the adapters have no dropout: the shortcut is exact for them
+    nudge_adapters(trainer.policy)  # B != 0; --debug then checks the decoding steps against the forward pass
+    assert trainer.rollout_phase().gen_mask.any()
+    save_model_dir(trainer.policy.bridge, tmp_path / "ckpt", value_head=trainer.policy.value_head)
+    resumed = load_policy(tmp_path / "ckpt", keep_adapters=True)  # what --resume builds
+    assert not any(module.training for module in resumed.lora.modules())  # the bridge's mode: eval
+    in_training = PolicyWithValueHead(load_bridge(tiny_model_dir)).train()
+    apply_lora(in_training, RANK)
+    assert in_training.lora.training and all(delta.training for delta in in_training.lora.deltas.values())
+
+
 def test_bad_lora_input_is_a_one_line_error(tiny_model_dir):
     policy = PolicyWithValueHead(load_bridge(tiny_model_dir))
     for rank in (0, -2):
