@@ -174,14 +174,19 @@ def worker_env(threads: int, project: bool) -> dict:
     return env
 
 
-def run_worker(python: str, kind: str, job: dict, workdir: Path, tag: str, threads: int, console) -> dict:
+def run_worker(python: str, kind: str, job: dict, workdir: Path, tag: str, threads: int, console,
+               project: bool | None = None) -> dict:
+    """``trl_workers.py KIND`` on ``job`` in a fresh process under ``python``, ``threads`` threads; its result with the
+    process's wall time and load average. ``project``: whether it sees this checkout (default: ``kind == "project"``;
+    a TRL process must not)."""
+    project = kind == "project" if project is None else project
     job_path, out_path, log_path = (workdir / f"{tag}.{ext}" for ext in ("job.json", "out.json", "log"))
     job_path.write_text(json.dumps(job))
     cmd = [python, str(BENCHMARKS / "trl_workers.py"), kind, str(job_path), str(out_path)]
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, env=worker_env(threads, kind == "project"), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.run(cmd, env=worker_env(threads, project), stdout=log, stderr=subprocess.STDOUT,
                               cwd=str(BENCHMARKS.parent))
     if proc.returncode != 0:
         tail = log_path.read_text()[-4000:]

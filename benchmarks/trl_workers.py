@@ -1,7 +1,9 @@
 """The measured processes of ``trl_side_by_side.py``: ``trl_workers.py KIND JOB.json OUT.json`` runs one job in a fresh
 process and writes its figures. ``project``: the project's engine (``bench_models.bench_engine``) under this checkout;
 ``trl``: TRL 1.12's ``PPOTrainer.train()`` under the TRL virtualenv (torch, transformers, datasets, trl and the stdlib
-helpers of ``bench_common``; never rlhf_scratch). Every part of a TRL update is timed by wrappers."""
+helpers of ``bench_common``; never rlhf_scratch). Every part of a TRL update is timed by wrappers. ``raw``: the plain
+Hugging Face module (``bench_models.bench_raw``) on the same shapes. ``points``: several jobs of one of those kinds
+(``cost_curves.py``), one after the other in this one process."""
 
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ def project_worker(job: dict) -> dict:
         "setup_seconds": engine["setup_seconds"],
         "optimizer_steps_per_update": spec.ppo_epochs * spec.batch_size // spec.minibatch_size,
         "prompt_ids": keep["prompt_ids"],
+        "old_policy_from_generation": engine.get("old_policy_from_generation", False),
         "peak_rss_mib": own_peak_rss_mib(),
         "rss_after_imports_mib": rss_imports,
         "parameters": {"policy_trunk": keep["trunk_parameters"], "value_head": keep["head_parameters"]},
@@ -243,7 +246,12 @@ def trl_worker(job: dict) -> dict:
 
     busy0, own0 = cpu_seconds()
     t0 = clock()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:  # unwrapped again: a later run in this process (points_worker) wraps the originals, not these wrappers
+        for name, function in original.items():
+            setattr(ppo_module, name, function)
+        ppo_module.gc = gc
     close_update(clock())
     wall = clock() - t0
     busy1, own1 = cpu_seconds()
@@ -277,7 +285,7 @@ def trl_worker(job: dict) -> dict:
         "system": f"trl_{job['variant']}",
         "updates": rows,
         "optimizer_steps_per_update": steps.pop() if len(steps) == 1 else sorted(steps),
-        "expected_optimizer_steps": trl_optimizer_steps(kwargs),
+        "expected_optimizer_steps": _trl_optimizer_steps(kwargs),
         "peak_rss_mib": own_peak_rss_mib(),
         "rss_after_imports_mib": rss_imports,
         "rss_after_setup_mib": rss_setup,
@@ -292,10 +300,67 @@ def trl_worker(job: dict) -> dict:
     }
 
 
+def _trl_optimizer_steps(fields: dict) -> int:
+    from trl_side_by_side import trl_optimizer_steps  # stdlib only at import: safe in the TRL venv
+
+    return trl_optimizer_steps(fields)
+
+
+def raw_worker(job: dict) -> dict:
+    """The plain Hugging Face module on the job's shapes (``bench_models.bench_raw``: a KV-cached sampling loop, one
+    no-grad forward with the taken log-probs, the same learning steps with fused AdamW), in this fresh process.
+
+    The batch it reads back (forward, learning) is ``job["prompt_ids"]`` followed by ``G`` uniform random tokens per
+    row [B, P + G], every position real: the engine's batch has the same shape (``stop_at_eos=False``), and the cost
+    of a pass does not depend on which tokens it reads."""
+    import argparse as _argparse
+
+    from bench_common import cpu_seconds, prepare_process
+    from bench_models import ModelSpec, bench_raw
+
+    _set_threads(job["threads"])
+    args = _argparse.Namespace(device="cpu", seed=job["seed"], warmup=job["warmup"], hf_generate=False,
+                               threads=job["threads"])
+    prepare_process(args)
+    import torch
+
+    spec = ModelSpec(**job["spec"])
+    spec.phases = job["updates"]
+    prompt = torch.tensor(job["prompt_ids"], dtype=torch.long)
+    B, G, P = spec.batch_size, spec.new_tokens, len(job["prompt_ids"])
+    tokens = torch.randint(spec.vocab, (B, G), generator=torch.Generator().manual_seed(job["seed"]))
+    sequences = torch.cat([prompt.expand(B, P), tokens], dim=1)
+    keep = {"prompt_ids": job["prompt_ids"], "sequences": sequences, "attention_mask": torch.ones_like(sequences),
+            "gen_mask": torch.ones(B, G, dtype=torch.bool), "prompt_len": P}
+    busy0, own0 = cpu_seconds()
+    t0 = time.perf_counter()
+    raw = bench_raw(spec, Path(job["model_dir"]), keep, args)
+    wall = time.perf_counter() - t0
+    busy1, own1 = cpu_seconds()
+    return {"system": "raw", "updates": [{"generation": raw["generate"], "forward": raw["forward"],
+                                          "learning": raw["learning"]}],
+            "note": f"means of {spec.phases} timed repeats after {args.warmup} untimed",
+            "peak_rss_mib": own_peak_rss_mib(), "torch_threads": torch.get_num_threads(), "wall_seconds": wall,
+            "others_cpu_share": others_cpu_share(busy1 - busy0, own1 - own0, wall)}
+
+
+def points_worker(job: dict) -> dict:
+    """``job["jobs"]``, each a job of kind ``job["kind"]`` (project, raw or trl), run in order in this one process
+    (one import of the libraries for a whole sweep); the results in the same order."""
+    worker = WORKERS[job["kind"]]
+    return {"system": job["kind"], "results": [worker(sub) for sub in job["jobs"]]}
+
+
+WORKERS = {"project": project_worker, "trl": trl_worker, "raw": raw_worker}
+
+
 def run_worker_main(kind: str, job_path: str, out_path: str) -> None:
-    """Run one measured job (``project`` or ``trl``) described by the JSON at ``job_path``; write its result."""
+    """Run one measured job (``project``, ``trl``, ``raw`` or ``points``) described by the JSON at ``job_path``; write
+    its result."""
     job = json.loads(Path(job_path).read_text())
-    result = (project_worker if kind == "project" else trl_worker)(job)
+    if kind not in (*WORKERS, "points"):
+        raise SystemExit(f"unknown worker kind {kind!r}: choose from {', '.join((*WORKERS, 'points'))}")
+    result = points_worker(job) if kind == "points" else WORKERS[kind](job)
     Path(out_path).write_text(json.dumps(result, indent=1))
 
 

@@ -90,7 +90,9 @@ EARLY_SETTINGS = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--word", nargs="+", default=["director"], help="planted word(s), each one token (default director)")
-    parser.add_argument("--out", type=Path, default=Path("runs/planted"), help="cache and outputs (default runs/planted)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="cache and outputs (default runs/planted; with --quick runs/planted_quick, so that a smoke "
+                             "run never replaces the cached full runs: a cached run with other settings is retrained)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the planted runs (default 0)")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--no-control", action="store_true", help="skip the negative control")
@@ -101,7 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-prompts", type=int, default=128, help="held-out prompts for the checks (default 128)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached policies")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage (figures mean nothing)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("runs/planted_quick" if args.quick else "runs/planted")
+    return args
 
 
 @contextlib.contextmanager

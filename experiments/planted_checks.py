@@ -8,9 +8,12 @@ planted token t:
                among lens_top_tokens(model, Δ, k=10) at some layer, read through the reference's or the policy's
                own final norm and unembedding.
     steering   p_α,l(v) = mean over real positions of held-out texts of the reference's p(v) with α·Δ[l] added to
-               blocks.l.hook_resid_post; fires when for some l and α ∈ ALPHAS p_α,l(t) / p_0(t) ≥ 3 and t is among
-               the STEER_MAX_RANK tokens whose mean probability rose most (p_α,l(v) − p_0(v)): the steering vector
-               is about t, not a push that raises many tokens (a reward-0 control drifts, and large α amplify it).
+               blocks.l.hook_resid_post; fires when for some layer l, at α = STEER_ALPHA = 1 (the difference
+               itself), p_1,l(t) / p_0(t) ≥ 3 and t is among the STEER_MAX_RANK tokens whose mean probability rose
+               most (p_1,l(v) − p_0(v)): the steering vector is about t, not a push that raises many tokens. The
+               sweep over α ∈ ALPHAS is measured and reported (its best reading in the figure), but does not decide:
+               the issue's check is "steering the reference with *that difference*", and an α picked afterwards as
+               the best of a sweep amplifies any drift (a reward-0 control fired at α = 8: ×4.5, W 7th gainer).
     patching   on held-out texts (teacher-forced), p(S) = mean over positions of the reference's p(t) with the
                components S (attention heads and MLP outputs, no residual stream) taken from the policy. With the
                components ranked by patch_scan's recovered log-prob of t, fires when some n ≤ N/4 of the top ones
@@ -36,6 +39,8 @@ CAUSAL_CHECKS = ("lens: W in top 10", "steering: p(W) ×3", "patching: ≤25% tr
 LENS_K = 10
 FIRST_K = 5
 ALPHAS = (1.0, 2.0, 4.0, 8.0)
+STEER_ALPHA = 1.0
+"""The α the steering check decides at (Δ itself, fixed before any policy was read); the other ALPHAS are reported."""
 STEER_MIN_RATIO = 3.0
 STEER_MAX_RANK = 10
 PATCH_MIN_SHARE = 0.5
@@ -86,9 +91,12 @@ def lens_and_steering(reference, policy, token_id: int, seed: int, n_texts: int 
             gained = mean_probs(steered_logits(reference, tokens, mask, layer, delta[layer], alpha), mask.bool()) - base
             ratio = (base[token_id] + gained[token_id]).item() / max(base[token_id].item(), 1e-12)
             readings[(layer, alpha)] = (ratio, int((gained > gained[token_id]).sum()) + 1)
-    hits = {key: value for key, value in readings.items() if value[0] >= STEER_MIN_RATIO and value[1] <= STEER_MAX_RANK}
-    (layer, alpha), (ratio, rank) = max(hits.items() or readings.items(), key=lambda item: item[1][0])
-    steering = {"fired": bool(hits), "figure": f"×{ratio:.1f}, Δp #{rank} (L{layer}, α={alpha:g})",
+    at_alpha = {key: value for key, value in readings.items() if key[1] == STEER_ALPHA}
+    hits = {key: value for key, value in at_alpha.items() if value[0] >= STEER_MIN_RATIO and value[1] <= STEER_MAX_RANK}
+    (layer, alpha), (ratio, rank) = max(hits.items() or at_alpha.items(), key=lambda item: item[1][0])
+    (sweep_layer, sweep_alpha), (sweep_ratio, sweep_rank) = max(readings.items(), key=lambda item: item[1][0])
+    steering = {"fired": bool(hits), "figure": f"×{ratio:.1f}, Δp #{rank} (L{layer}, α={alpha:g}); sweep max "
+                                               f"×{sweep_ratio:.1f}, #{sweep_rank} (L{sweep_layer}, α={sweep_alpha:g})",
                 "readings": {f"L{l} a{a:g}": r for (l, a), r in readings.items()}, "base_prob": base[token_id].item()}
     return {CAUSAL_CHECKS[0]: lens, CAUSAL_CHECKS[1]: steering}
 

@@ -25,6 +25,12 @@ Per latent j, with decoder rows d_j^m = W_dec[j, m] [D]:
 
     relative decoder norm  r_j = ‖d_j^pol‖ / (‖d_j^ref‖ + ‖d_j^pol‖)  ∈ [0, 1]
                            ≈ 0: reference-only,  ≈ 0.5: shared,  ≈ 1: policy-only      (Lindsey et al. 2024)
+    norm difference        Δ_j = ½ ((‖d_j^pol‖ − ‖d_j^ref‖) / max(‖d_j^ref‖, ‖d_j^pol‖) + 1)  ∈ [0, 1]
+                           (Minder, Dumas et al. 2025's "relative norm difference"; a monotone function of r:
+                           Δ = 1 − (1 − r) / (2r) for r ≥ ½, r / (2(1 − r)) below)
+    classes (theirs, on Δ): policy-only Δ ≥ 0.9  ⇔  ‖d^pol‖ ≥ 5 ‖d^ref‖  ⇔  r ≥ 5/6;  reference-only Δ ≤ 0.1  ⇔
+                           r ≤ 1/6;  shared 0.4 ≤ Δ < 0.6  ⇔  4/9 ≤ r < 5/9;  else "mixed". (A threshold of 0.9 on r
+                           itself, ‖d^pol‖ ≥ 9 ‖d^ref‖, is stricter than the paper's.)
 
 Latent Scaling (Minder, Dumas et al. 2025): for a latent whose *home* model h is the one with the larger decoder
 norm (the other model is o), and its home direction d = d_j^h, fit one scalar β per model and target y:
@@ -36,6 +42,7 @@ norm (the other model is o), and its home direction d = d_j^h, fit one scalar β
 
 A genuinely policy-only latent has both ratios near 0; ν^ε near 1 flags complete shrinkage (the direction is in the
 reference's error), ν^r near 1 latent decoupling (the reference's reconstruction carries it through other latents).
+Minder, Dumas et al. call a policy-only latent with ν^ε < 0.2 and ν^r < 0.5 *specific* (``SPECIFIC_NU``).
 
     train_crosscoder(x [N, 2, D], CrosscoderSettings) -> Crosscoder
     explained_variance(crosscoder, x) -> {"reference", "policy", "both"};  latent_scaling(crosscoder, x, latents)
@@ -52,8 +59,11 @@ from rlhf_scratch.research_configs import CrosscoderSettings  # noqa: F401 (defi
 
 MODELS = ("reference", "policy")
 AUX_COEF = 1 / 32
-POLICY_ONLY, REFERENCE_ONLY = 0.9, 0.1
-"""r_j above POLICY_ONLY: policy-only; below REFERENCE_ONLY: reference-only; within 0.5 ± 0.1: shared."""
+POLICY_ONLY, REFERENCE_ONLY, SHARED = 0.9, 0.1, (0.4, 0.6)
+"""Classes on the norm difference Δ_j (module docstring): Δ ≥ POLICY_ONLY policy-only, Δ ≤ REFERENCE_ONLY
+reference-only, SHARED[0] ≤ Δ < SHARED[1] shared (Minder, Dumas et al. 2025's thresholds)."""
+SPECIFIC_NU = (0.2, 0.5)
+"""A policy-only latent is policy-specific when ν^ε < SPECIFIC_NU[0] and ν^r < SPECIFIC_NU[1] (same paper)."""
 
 
 class Crosscoder(nn.Module):
@@ -241,13 +251,27 @@ def dead_fraction(model: Crosscoder, x: Tensor) -> float:
     return 1.0 - (f > 0).any(dim=0).float().mean().item()
 
 
+def norm_difference(r: float) -> float:
+    """Δ = ½ ((‖d^pol‖ − ‖d^ref‖) / max(‖d^ref‖, ‖d^pol‖) + 1) from r = ‖d^pol‖ / (‖d^ref‖ + ‖d^pol‖)."""
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"a relative decoder norm is in [0, 1], got {r}.")
+    return 1.0 - (1.0 - r) / (2.0 * r) if r >= 0.5 else r / (2.0 * (1.0 - r))
+
+
 def latent_class(r: float) -> str:
-    """"policy-only" (r > 0.9), "reference-only" (r < 0.1), "shared" (|r − 0.5| <= 0.1) or "mixed"."""
-    if r > POLICY_ONLY:
+    """"policy-only" (Δ ≥ 0.9, i.e. r ≥ 5/6), "reference-only" (Δ ≤ 0.1, r ≤ 1/6), "shared" (0.4 ≤ Δ < 0.6,
+    4/9 ≤ r < 5/9) or "mixed", with Δ = ``norm_difference(r)`` (Minder, Dumas et al. 2025's classes)."""
+    delta = norm_difference(r)
+    if delta >= POLICY_ONLY:
         return "policy-only"
-    if r < REFERENCE_ONLY:
+    if delta <= REFERENCE_ONLY:
         return "reference-only"
-    return "shared" if abs(r - 0.5) <= 0.1 else "mixed"
+    return "shared" if SHARED[0] <= delta < SHARED[1] else "mixed"
+
+
+def is_specific(nu_error: float, nu_recon: float) -> bool:
+    """ν^ε < 0.2 and ν^r < 0.5: the other model carries the latent neither in its error nor in its reconstruction."""
+    return nu_error < SPECIFIC_NU[0] and nu_recon < SPECIFIC_NU[1]
 
 
 @jaxtyped(typechecker=typechecker)

@@ -268,9 +268,10 @@ def write_crosscode_report(out: Path, config: CrosscodeConfig, summary: dict) ->
         f"- explained variance on {summary['n_eval_positions']} held-out positions: {ev['both']:.3f} "
         f"(reference {ev['reference']:.3f}, policy {ev['policy']:.3f})",
         f"- dead latents (never fire on any position): {summary['dead_fraction']:.1%}",
-        f"- alive latents by relative decoder norm r = ‖d_pol‖ / (‖d_ref‖ + ‖d_pol‖): " + ", ".join(
+        "- alive latents by relative decoder norm r = ‖d_pol‖ / (‖d_ref‖ + ‖d_pol‖): " + ", ".join(
             f"{name} {count}" for name, count in summary["class_counts"].items()) +
-        " (policy-only r > 0.9, reference-only r < 0.1, shared |r − 0.5| ≤ 0.1)", "",
+        " (Minder, Dumas et al.'s classes on Δ = ½((‖d_pol‖ − ‖d_ref‖) / max + 1): policy-only Δ ≥ 0.9, i.e. r ≥ 5/6; "
+        "reference-only Δ ≤ 0.1, r ≤ 1/6; shared 0.4 ≤ Δ < 0.6, 4/9 ≤ r < 5/9)", "",
         "ν^ε and ν^r are the Latent Scaling ratios (other model / home model; near 0 for a latent that is really "
         "specific to its home model, near 1 when the other model carries it in its error (complete shrinkage) or "
         "reconstruction (latent decoupling)). Logit effect: the decoder row through each model's own final norm "

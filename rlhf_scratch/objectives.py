@@ -159,15 +159,19 @@ def _p_times(logp: Tensor, y: Tensor | Callable[[Tensor, slice], Tensor]) -> Ten
     CPU at a 50k vocabulary, where the five full-size temporaries of one pass do not fit in the cache.
     ``y`` may be a function of (logp block, row slice) so that a difference such as logp − ref_logp is never
     built whole either.
+
+    The blocks are ``split`` views, not slices: the backward of a split is one ``cat`` of the blocks' gradients,
+    where each slice's backward fills a zero tensor the size of the whole [rows, V] (n_blocks of them: quadratic in
+    the rows, 16 fills of [B·G, V] per learning step at B·G = 4096, V = 2048; found by ``cost_curves.py``).
     """
     vocab = logp.shape[-1]
     flat = logp.reshape(-1, vocab)
     rows_per_block = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+    y_blocks = None if callable(y) else y.reshape(-1, vocab).split(rows_per_block)
     blocks = []
-    for start in range(0, flat.shape[0], rows_per_block):
-        rows = slice(start, start + rows_per_block)
-        logp_block = flat[rows]
-        y_block = y(logp_block, rows) if callable(y) else y.reshape(-1, vocab)[rows]
+    for k, logp_block in enumerate(flat.split(rows_per_block) if flat.shape[0] else ()):
+        rows = slice(k * rows_per_block, k * rows_per_block + logp_block.shape[0])
+        y_block = y(logp_block, rows) if callable(y) else y_blocks[k]
         p = logp_block.exp()
         blocks.append((p * torch.where(p > 0, y_block, torch.zeros_like(y_block))).sum(-1))
     return (torch.cat(blocks) if blocks else flat.sum(-1)).reshape(logp.shape[:-1])

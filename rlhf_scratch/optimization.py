@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 class NonFiniteLossError(RuntimeError):
@@ -16,6 +17,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 DEFAULT_HINT = "Lower the learning rate or check the inputs for extreme values."
+
+_STRIDED_VIEWS = WeakIdKeyDictionary()
+"""Parameter -> the strided view it had before ``fuse_strided_groups`` gave it its own storage (kept for the
+parameter's life): a later optimizer over the same model (a second trainer on one bridge) must still see it as
+strided and keep its alias in step, though the parameter itself is contiguous by then."""
+
+
+def _strided(param: Tensor) -> bool:
+    """A strided parameter, or one that ``fuse_strided_groups`` made contiguous (its alias still needs the copy)."""
+    return not param.is_contiguous() or param in _STRIDED_VIEWS
 
 
 def check_finite(name: str, value: Tensor, hint: str = DEFAULT_HINT) -> Tensor:
@@ -77,16 +88,12 @@ def fused_where_contiguous(groups: list[dict], device: str) -> list[dict]:
     fused = torch.device(device).type in ("cpu", "cuda")
     split = []
     for origin, group in enumerate(groups):
-        contiguous = [p for p in group["params"] if p.is_contiguous()]
-        strided = [p for p in group["params"] if not p.is_contiguous()]
+        contiguous = [p for p in group["params"] if not _strided(p)]
+        strided = [p for p in group["params"] if _strided(p)]
         for params, use_fused in ((contiguous, fused), (strided, False)):
             if params:
                 split.append({**group, "params": params, "fused": use_fused or None, "origin": origin})
     return split
-
-
-_STRIDED_VIEW = "_rlhf_scratch_strided_view"
-"""The attribute under which a parameter made contiguous by ``fuse_strided_groups`` keeps the strided view it had."""
 
 
 def fuse_strided_groups(groups: list[dict], device: str) -> tuple[list[dict], list[tuple[Tensor, Tensor]]]:
@@ -100,6 +107,12 @@ def fuse_strided_groups(groups: list[dict], device: str) -> tuple[list[dict], li
     the for-loop AdamW, which was about as slow on their 17 % of GPT-2's weights as the fused kernel on all the
     others; ``copy_to_views`` after each step writes them back into ``c_attn``, so that the alias still holds the
     trained weights. No-op where there is no fused kernel (mps).
+
+    Each pair is remembered for the parameter's life (``_STRIDED_VIEWS``): a second optimizer over the same model
+    (another trainer on the same bridge) puts the parameter in the same group and keeps the same alias in step. Were it
+    classed by its now-contiguous storage, that trainer would never write ``c_attn`` back, and a ``state_dict`` of its
+    model (both keys) loaded into a fresh bridge (where q/k/v alias ``c_attn``, loaded after them) would restore the
+    stale alias over the trained q/k/v.
     """
     views: list[tuple[Tensor, Tensor]] = []
     if torch.device(device).type not in ("cpu", "cuda"):
@@ -107,12 +120,11 @@ def fuse_strided_groups(groups: list[dict], device: str) -> tuple[list[dict], li
     for group in groups:
         if "fused" in group and not group["fused"]:  # a group of fused_where_contiguous that kept the for-loop
             for param in group["params"]:
-                setattr(param, _STRIDED_VIEW, param.data)
-                param.data = param.data.contiguous()
+                if param not in _STRIDED_VIEWS:
+                    _STRIDED_VIEWS[param] = param.data
+                    param.data = param.data.contiguous()
+                views.append((param, _STRIDED_VIEWS[param]))
             group["fused"] = True
-        # Also parameters an earlier optimiser made contiguous (a second trainer on the same model): their view is
-        # kept on the parameter itself.
-        views += [(param, getattr(param, _STRIDED_VIEW)) for param in group["params"] if hasattr(param, _STRIDED_VIEW)]
     return groups, views
 
 

@@ -26,8 +26,7 @@ from rlhf_scratch.crosscoder_report import PairedActivations, context_of, contex
 from rlhf_scratch.data import load_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
 from rlhf_scratch.feature_html import write_feature_page
-from rlhf_scratch.model_diff import check_same_architecture
-from rlhf_scratch.models import load_bridge
+from rlhf_scratch.model_diff import load_pair
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.sae import SAE, load_sae, sae_hook, save_sae
 from rlhf_scratch.sampling import encode, left_pad, padding_id
@@ -97,9 +96,7 @@ def feature_changes(f_ref: Tensor, f_pol: Tensor) -> list[dict]:
 def run_sae(config: SAEConfig) -> dict:
     console = Console()
     torch.manual_seed(config.seed)
-    policy = load_bridge(config.policy, device=config.device)
-    reference = load_bridge(config.reference, device=config.device)
-    check_same_architecture(reference, policy, f"reference {config.reference!r}", f"policy {config.policy!r}")
+    reference, policy, _ = load_pair(config.reference, config.policy, config.device, "sae")
     sae = load_sae(config.sae) if config.sae else None
     hook = sae.hook_name if sae else (config.hook or f"blocks.{reference.cfg.n_layers // 2}.hook_resid_post")
     if hook not in reference.hook_dict:

@@ -1,28 +1,12 @@
 """benchmarks/trl_side_by_side.py maps the project's PPO shapes onto TRL 1.12 PPOConfig fields (no TRL needed)."""
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "trl_side_by_side.py"
+from benchmark_scripts import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module; its import-time environment and sys.path changes are undone."""
-    environ, path = dict(os.environ), list(sys.path)
-    spec = importlib.util.spec_from_file_location("trl_side_by_side", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
-        sys.path[:] = path
-    return module
+    return load_benchmark_script("trl_side_by_side")
 
 
 def trl_loop_steps(fields: dict) -> tuple[int, list[int]]:

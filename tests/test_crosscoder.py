@@ -13,7 +13,9 @@ from rlhf_scratch.crosscoder import (
     decoder_directions,
     explained_variance,
     from_state,
+    is_specific,
     latent_class,
+    norm_difference,
     latent_scaling,
     state,
     train_crosscoder,
@@ -65,6 +67,19 @@ def test_policy_only_atoms_are_recovered_as_policy_only_latents(trained):
     shared = [latents[a].item() for a in range(N_SHARED) if cos[a] > 0.95]
     assert len(shared) >= N_SHARED // 2
     assert all(abs(r[j] - 0.5) < 0.1 for j in shared)  # a shared atom has the same norm in both decoders
+
+
+def test_norm_difference_and_classes_by_hand():
+    """Δ = ½((‖d_pol‖ − ‖d_ref‖) / max + 1): decoder norms (1, 5) give r = 5/6 and Δ = ½(4/5 + 1) = 0.9; (2, 1) give
+    r = 1/3 and Δ = ½(−1/2 + 1) = 0.25; equal norms give ½ for both."""
+    assert norm_difference(5 / 6) == pytest.approx(0.9) and norm_difference(1 / 3) == pytest.approx(0.25)
+    assert norm_difference(0.5) == 0.5 and norm_difference(1.0) == 1.0 and norm_difference(0.0) == 0.0
+    # r = 0.86: ‖d_pol‖ = 6.14 ‖d_ref‖, Δ = 0.919 (policy-only); r = 0.8: 4 ‖d_ref‖, Δ = 0.875 (mixed)
+    assert [latent_class(r) for r in (0.86, 0.8, 0.5, 0.55, 0.6, 0.2, 0.1)] == [
+        "policy-only", "mixed", "shared", "shared", "mixed", "mixed", "reference-only"]
+    assert is_specific(0.1, 0.4) and not is_specific(0.25, 0.1) and not is_specific(0.1, 0.6)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        norm_difference(1.5)
 
 
 def test_explained_variance_near_one_and_latent_scaling_of_a_true_policy_only_latent(trained):

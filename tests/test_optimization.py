@@ -90,3 +90,41 @@ def test_one_finite_check_on_the_total_still_names_the_first_bad_term():
         check_finite_terms(terms(math.nan, math.inf))
     with pytest.raises(NonFiniteLossError, match=r"The loss is \[nan\]"):  # a total that is bad on its own
         check_finite_terms({"surrogate": torch.tensor(1.0), "loss": torch.tensor(math.nan)})
+
+
+def test_a_second_trainer_on_the_same_bridge_keeps_c_attn_in_step_and_its_state_dict_reloads(tiny_model_dir):
+    """Two trainers on one bridge, one after the other (notebooks, experiments/step_through.py): the second groups
+    q/k/v as the first did (its checkpoint fits a fresh trainer), writes its steps back into GPT-2's ``c_attn`` alias
+    (Conv1D [in, 3·out] = [q | k | v] transposed), and its ``state_dict`` loaded into a fresh bridge, where q/k/v are
+    views of ``c_attn`` loaded after them, gives the trained model back."""
+    from rlhf_scratch.models import PolicyWithValueHead, load_bridge
+    from rlhf_scratch.ppo import PPOConfig, PPOTrainer
+    from rlhf_scratch.sampling import SamplingConfig
+
+    def trainer(bridge):
+        config = PPOConfig(prompt="The movie", reward="chars:.", phases=2, batch_size=8, minibatch_size=8, ppo_epochs=2,
+                           warmup_phases=0, lr=1e-3, head_lr=1e-2, sampling=SamplingConfig(max_new_tokens=6))
+        return PPOTrainer(config, policy=PolicyWithValueHead(bridge))
+
+    def layout(learner):
+        return [(group["fused"], [tuple(p.shape) for p in group["params"]]) for group in learner.optimizer.param_groups]
+
+    bridge = load_bridge(tiny_model_dir)
+    first = trainer(bridge)
+    first.learning_phase(first.rollout_phase())
+    second = trainer(bridge)
+    assert layout(second.learner) == layout(first.learner)
+    before = {k: v.clone() for k, v in second.policy.state_dict().items()}
+    second.learning_phase(second.rollout_phase())
+    state = {k: v.clone() for k, v in second.policy.state_dict().items()}
+    q = "bridge.blocks.0.attn.q._original_component.weight"
+    assert (state[q] - before[q]).abs().max().item() > 1e-3  # the second trainer moved q (two steps of lr 1e-3)
+    for layer in range(bridge.cfg.n_layers):
+        prefix = f"bridge.blocks.{layer}.attn."
+        split = torch.cat([state[f"{prefix}{n}._original_component.weight"].T for n in "qkv"], dim=1)
+        assert torch.equal(state[f"{prefix}_original_component.c_attn._original_component.weight"], split)
+    tokens = torch.tensor([[1, 5, 9, 13, 17]])
+    fresh = PolicyWithValueHead(load_bridge(tiny_model_dir))
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.bridge(tokens), bridge(tokens), rtol=0, atol=1e-6)

@@ -165,6 +165,22 @@ def test_sae_command_trains_and_saves_one_when_none_is_given_and_refuses_a_wrong
     assert main(["sae", *common, "--sae", str(tmp_path / "wrong"), "--out", str(tmp_path / "refused")]) == 1
 
 
+def test_sae_command_refuses_a_policy_with_another_tokenizer_in_one_line(gpt2_dir, tmp_path, capsys):
+    """Same shapes, but the policy's vocabulary swaps two tokens' ids: the features would be read on other text."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(gpt2_dir, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["!"], vocab['"'] = vocab['"'], vocab["!"]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert main(["sae", "--policy", str(other), "--reference", str(gpt2_dir), "--texts", str(write_texts(tmp_path)),
+                 "--threads", "1", "--out", str(tmp_path / "refused")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert any("use different tokenizers" in line for line in error)
+
+
 def test_feature_page_is_self_contained_and_escapes_text(tmp_path):
     from rlhf_scratch.feature_html import write_feature_page
 
