@@ -60,6 +60,22 @@ class PhaseRecord:
     metrics: dict
 
 
+def build_reference(config: PolicyTrainingConfig, policy: PolicyWithValueHead, reference, policy_given: bool):
+    """The frozen reference model and its source name (None where it cannot be reloaded by name): ``reference`` if
+    given, else ``config.reference`` loaded, else the starting policy. Under LoRA the starting policy's reference is
+    the base model, i.e. the policy's own frozen weights without the adapters: a view over the same tensors, not a
+    copy. Otherwise a frozen deep copy (in ``config.reference_dtype``)."""
+    if reference is not None:
+        bridge, source = reference, None
+    elif config.reference:
+        bridge, source = load_bridge(config.reference, device=config.device), config.reference
+    else:  # a copy of the starting policy; reloadable by name only if it was loaded by name
+        bridge, source = policy.bridge, (None if policy_given else config.model)
+    if policy.lora is not None and bridge is policy.bridge:
+        return adapter_free_view(bridge), source
+    return make_reference(bridge, config.reference_dtype), source
+
+
 class PolicyTrainer:
     """The policy, a frozen reference, the reward, the prompt pool, and the pieces that train it: ``rollout``,
     ``learner``, ``algorithm`` (``algorithm_class(config)``) and the KL controller (module docstring).
@@ -102,17 +118,7 @@ class PolicyTrainer:
         if config.lora_rank and self.policy.lora is None:  # (a resumed LoRA policy has its adapters already)
             apply_lora(self.policy, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.policy.eval()  # dropout off (adapters included): log-probs must be reproducible between passes
-        if reference is not None:
-            reference_bridge, self.reference_source = reference, None
-        elif config.reference:
-            reference_bridge, self.reference_source = load_bridge(config.reference, device=config.device), config.reference
-        else:  # a copy of the starting policy; reloadable by name only if it was loaded by name
-            reference_bridge, self.reference_source = self.policy.bridge, (config.model if policy is None else None)
-        # LoRA: the reference is the base model, i.e. the policy's own (frozen) weights without the adapters; a view
-        # over the same tensors, not a copy. Otherwise a frozen deep copy.
-        lora_reference = self.policy.lora is not None and reference_bridge is self.policy.bridge
-        reference_model = (adapter_free_view(reference_bridge) if lora_reference
-                           else make_reference(reference_bridge, config.reference_dtype))
+        reference_model, self.reference_source = build_reference(config, self.policy, reference, policy is not None)
         self.policy.plain_forward = config.plain_forward
         self.policy.gradient_checkpointing = config.gradient_checkpointing
         self.reference_fingerprint = weights_fingerprint(reference_model)
