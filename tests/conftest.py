@@ -97,3 +97,13 @@ def greedy_up_to_rounding(logits: torch.Tensor, tokens: torch.Tensor, atol: floa
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """Index of the first position where two token lists differ; None if equal."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+
+
+@pytest.fixture(scope="module")
+def llama_bridge(tmp_path_factory):
+    """A tiny random Llama (tests/model_families.py), loaded once per test module."""
+    from model_families import build_family_model
+
+    from rlhf_scratch.models import load_bridge
+
+    return load_bridge(build_family_model("llama", tmp_path_factory.mktemp("llama")))

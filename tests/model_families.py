@@ -79,3 +79,13 @@ def build_family_model(family: str, directory: str | Path, texts: list[str] | No
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(directory)
     return directory
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows of 9 random token ids, the last two left-padded by 3 and 6 (mask 0): (tokens, attention_mask)."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 300, (3, 9), generator=generator)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return tokens, mask

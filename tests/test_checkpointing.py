@@ -5,29 +5,13 @@ import copy
 import pytest
 import torch
 
+from model_families import left_padded_batch
+
 from rlhf_scratch.config import ConfigError
 from rlhf_scratch.models import PolicyWithValueHead
 from rlhf_scratch.plain_forward import plain_forward_for
 from rlhf_scratch.ppo import PPOConfig, PPOTrainer
 from rlhf_scratch.sampling import SamplingConfig
-
-
-def left_padded_batch():
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 300, (3, 9), generator=generator)
-    mask = torch.ones_like(tokens)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    return tokens, mask
-
-
-@pytest.fixture(scope="module")
-def llama_bridge(tmp_path_factory):
-    from model_families import build_family_model
-
-    from rlhf_scratch.models import load_bridge
-
-    return load_bridge(build_family_model("llama", tmp_path_factory.mktemp("llama")))
 
 
 def tensor_bytes(values) -> int:

@@ -6,20 +6,13 @@ import warnings
 import pytest
 import torch
 
+from model_families import left_padded_batch
+
 from rlhf_scratch import plain_forward
 from rlhf_scratch.models import PolicyWithValueHead
 from rlhf_scratch.plain_forward import plain_forward_for, plain_forward_if_unhooked, reference_logits
 from rlhf_scratch.ppo import PPOConfig, PPOTrainer
 from rlhf_scratch.sampling import SamplingConfig
-
-
-def left_padded_batch():
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 300, (3, 9), generator=generator)
-    mask = torch.ones_like(tokens)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    return tokens, mask
 
 
 def policy_with_a_trained_looking_head(bridge) -> PolicyWithValueHead:

@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from model_families import left_padded_batch
+
 from rlhf_scratch.models import PolicyWithValueHead, make_reference
 from rlhf_scratch.plain_forward import reference_logits
 from rlhf_scratch.ppo import PPOConfig, PPOTrainer
@@ -14,24 +16,6 @@ from rlhf_scratch.sampling import SamplingConfig
 # (logits of order 1). bfloat16 keeps 8 significant bits (unit roundoff 2^-9 ≈ 2e-3), float16 11 (2^-12 ≈ 2.4e-4);
 # measured here: 2.9e-3 and 4.2e-4. docs/memory.md gives the figures on the built-in model.
 TOLERANCE = {"bfloat16": 1e-2, "float16": 2e-3}
-
-
-def left_padded_batch():
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 300, (3, 9), generator=generator)
-    mask = torch.ones_like(tokens)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    return tokens, mask
-
-
-@pytest.fixture(scope="module")
-def llama_bridge(tmp_path_factory):
-    from model_families import build_family_model
-
-    from rlhf_scratch.models import load_bridge
-
-    return load_bridge(build_family_model("llama", tmp_path_factory.mktemp("llama")))
 
 
 def weight_bytes(module) -> int:
