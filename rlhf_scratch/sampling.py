@@ -17,6 +17,7 @@ padding: ``gen_mask`` False, ``attention_mask`` 0.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as metadata
 import warnings
 from dataclasses import dataclass, field
@@ -327,7 +328,7 @@ def generate(
 
     hooks = [*fwd_hooks, (FINAL_RESIDUAL_HOOK, capture_final_resid)] if record and decoder is None else list(fwd_hooks)
     step_input, kv_cache = tokens, new_kv_cache()
-    with bridge.hooks(fwd_hooks=hooks):
+    with bridge.hooks(fwd_hooks=hooks), decoder if decoder is not None else contextlib.nullcontext():
         for _ in range(config.max_new_tokens):
             if decoder is None:
                 logits = decode_step(bridge, step_input, attention_mask, kv_cache)[:, -1, :].float()

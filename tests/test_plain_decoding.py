@@ -12,6 +12,7 @@ from model_families import build_family_model
 
 from rlhf_scratch.models import load_bridge
 from rlhf_scratch.plain_decoding import PlainDecoder, plain_decoder_for, static_cache_length
+from rlhf_scratch.plain_forward import plain_forward_for
 from rlhf_scratch.sampling import SamplingConfig, check_cached_generation, encode, generate
 
 PROMPTS = ["The movie was", "I", "What a waste of two hours! The plot"]
@@ -51,6 +52,8 @@ def test_generate_uses_the_plain_steps_only_where_no_hook_watches(tiny_bridge, m
     monkeypatch.setattr(PlainDecoder, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     generate(tiny_bridge, prompts, config)
     assert len(calls) == 3  # one per decoding step
+    # The bridge's weights were swapped into the plain module for the generation only.
+    assert all(tensor.is_meta for tensor in plain_forward_for(tiny_bridge).module.parameters())
     calls.clear()
     generate(tiny_bridge, prompts, config, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x)])
     generate(tiny_bridge, prompts, config, plain=False)
