@@ -119,7 +119,10 @@ class PlainDecoder:
         if seen != self.seen:
             raise ValueError(f"the attention mask covers {seen} earlier positions but the cache holds {self.seen}: "
                              "pass the mask of every position seen so far, cached and new")
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, -new:].contiguous()
+        if new == 1:  # the count of real positions before the newest one (1 where it is padding), as below
+            position_ids = (attention_mask.sum(-1, keepdim=True) - 1).masked_fill_(attention_mask[:, -1:] == 0, 1)
+        else:
+            position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, -new:].contiguous()
         cache_position = torch.arange(seen, seen + new, device=step_input.device)
         mask, step = attention_mask, _step
         if self.compiled is not None:

@@ -328,6 +328,7 @@ def generate(
 
     hooks = [*fwd_hooks, (FINAL_RESIDUAL_HOOK, capture_final_resid)] if record and decoder is None else list(fwd_hooks)
     step_input, kv_cache = tokens, new_kv_cache()
+    unfiltered = config.top_k is None and config.top_p >= 1.0
     with bridge.hooks(fwd_hooks=hooks), decoder if decoder is not None else contextlib.nullcontext():
         for _ in range(config.max_new_tokens):
             if decoder is None:
@@ -335,18 +336,21 @@ def generate(
             else:
                 logits, captured["resid"] = decoder(step_input, attention_mask, want_resid=record)
                 logits = logits[:, -1, :].float()
-            next_logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
-            next_token = sample_tokens(torch.softmax(next_logits, dim=-1), generator)
-            # Rows that already ended keep emitting padding; it carries no loss.
-            next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
-            # log π(token) at the sampling temperature, before top-k/top-p: what training reads back.
-            # scaled[token] − logsumexp(scaled) is log_softmax at one entry, without a [B, V] result per step.
-            scaled = logits / config.temperature
+            # log π at the sampling temperature, before top-k/top-p: what training reads back (x / 1 is x: skipped).
+            scaled = logits / config.temperature if config.temperature != 1 else logits
             if record:  # the whole log-distribution, as the rollout's forward pass would give it
                 step_logp.append(torch.log_softmax(scaled, dim=-1))
                 step_resid.append(captured.pop("resid"))
-                step_logprobs = step_logp[-1].gather(-1, next_token[:, None])[:, 0]
+            if record and unfiltered:  # the sampling distribution is exp of the recorded one: no second softmax
+                probs = step_logp[-1].exp()
             else:
+                probs = torch.softmax(filter_logits(logits, config.temperature, config.top_k, config.top_p), dim=-1)
+            next_token = sample_tokens(probs, generator)
+            # Rows that already ended keep emitting padding; it carries no loss.
+            next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+            if record:
+                step_logprobs = step_logp[-1].gather(-1, next_token[:, None])[:, 0]
+            else:  # scaled[token] − logsumexp(scaled) is log_softmax at one entry, without a [B, V] result per step
                 step_logprobs = scaled.gather(-1, next_token[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
             new_logprobs.append(torch.where(finished, torch.zeros_like(step_logprobs), step_logprobs))
             new_tokens.append(next_token)
