@@ -21,7 +21,11 @@ Variants, each timed once per round in an order that rotates between rounds:
 * ``raw_cdf``: the same loop sampling by the inverse CDF the engine uses (``sampling.sample_tokens``):
   ``torch.multinomial`` costs ~0.8 ms per call at batch 16 × vocabulary 2048 and ~3 ms at batch 64 on this CPU,
   a third of the raw loop's step at batch 64, so this is the stricter baseline;
-* ``hf_generate``: the module's own ``generate()`` (sampling, ``min_new_tokens`` = ``max_new_tokens``).
+* ``hf_generate``: the module's own ``generate()`` (sampling, ``min_new_tokens`` = ``max_new_tokens``);
+* ``ref_forward`` / ``raw_forward``: the rollout's reference forward over one generated batch [B, P + G], as the
+  rollout runs it (``plain_forward.reference_logits``, then ``objectives.generated_logprobs``: the log-softmax over the
+  generated positions and the taken log-probs) against the raw module's forward with the same log-softmax and gather.
+  (The old policy's pass is read from the decoding steps since issue 24, item 1: there is no second rollout forward.)
 
 Each round times ``--repeats`` generations of each. Printed: the median seconds of each and the median (range) of its per-round ratio to ``raw`` and to ``raw_cdf``;
 load average, versions, commit.
@@ -43,7 +47,7 @@ from bench_common import add_threads_argument, machine_info, prepare_process
 
 import torch  # noqa: E402 (after bench_common: the offline environment first)
 
-VARIANTS = ("engine", "bridge", "compiled", "static", "raw", "raw_cdf", "hf_generate")
+VARIANTS = ("engine", "bridge", "compiled", "static", "raw", "raw_cdf", "hf_generate", "ref_forward", "raw_forward")
 
 
 def engine_variants(bridge, prompts: list[list[int]], args) -> dict:
@@ -66,10 +70,22 @@ def engine_variants(bridge, prompts: list[list[int]], args) -> dict:
         finally:
             plain_decoding._compiled_step = real
 
-    return {"engine": run(config), "bridge": run(config, plain=False), "compiled": run(compiled), "static": static}
+    from rlhf_scratch.plain_forward import reference_logits
+    from rlhf_scratch.objectives import generated_logprobs
+
+    batch = run(config)()
+    P = batch.prompt_len
+
+    @torch.no_grad()
+    def ref_forward():
+        logits = reference_logits(bridge, batch.sequences, batch.attention_mask).float()
+        generated_logprobs(logits, batch.sequences, P, config.temperature)
+
+    return {"engine": run(config), "bridge": run(config, plain=False), "compiled": run(compiled), "static": static,
+            "ref_forward": ref_forward, "_batch": batch}
 
 
-def raw_variants(model_dir: Path, prompt_ids: list[int], args) -> dict:
+def raw_variants(model_dir: Path, prompt_ids: list[int], batch, args) -> dict:
     """The raw module's loops (module docstring): name -> a callable running one generation."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -114,7 +130,15 @@ def raw_variants(model_dir: Path, prompt_ids: list[int], args) -> dict:
                              pad_token_id=tokenizer.pad_token_id, output_scores=record, return_dict_in_generate=True)
         tokenizer.batch_decode(out.sequences[:, prompt.shape[1]:], skip_special_tokens=True)
 
-    return {"raw": loop(False), "raw_cdf": loop(True), "hf_generate": hf_generate}
+    P = batch.prompt_len
+
+    @torch.no_grad()
+    def raw_forward():
+        logits = model(input_ids=batch.sequences, attention_mask=batch.attention_mask).logits
+        logp = torch.log_softmax(logits[:, P - 1 : -1].float(), dim=-1)
+        logp.gather(-1, batch.sequences[:, P:, None])
+
+    return {"raw": loop(False), "raw_cdf": loop(True), "hf_generate": hf_generate, "raw_forward": raw_forward}
 
 
 def profile(fn, label: str, top: int) -> str:
@@ -161,8 +185,8 @@ def main(argv=None) -> dict:
         model_dir = model_directory(args.model, Path(workdir))
         bridge = load_bridge(model_dir)
         prompt_ids = encode(bridge.tokenizer, args.prompt)
-        available = {**engine_variants(bridge, [prompt_ids] * args.batch_size, args),
-                     **raw_variants(model_dir, prompt_ids, args)}
+        engine = engine_variants(bridge, [prompt_ids] * args.batch_size, args)
+        available = {**engine, **raw_variants(model_dir, prompt_ids, engine.pop("_batch"), args)}
         fns = {name: available[name] for name in names}
         info, load_start = machine_info(args), os.getloadavg()
         first_call = {}
@@ -192,7 +216,7 @@ def main(argv=None) -> dict:
     result = {"times": times}
     for name, ts in times.items():
         line = f"  {name:12s} {statistics.median(ts) * 1000:8.1f} ms"
-        for base in ("raw", "raw_cdf"):
+        for base in (("raw_forward",) if name == "ref_forward" else ("raw", "raw_cdf")):
             if base in times and base != name:
                 ratios = [t / b for t, b in zip(ts, times[base])]
                 result[f"{name}/{base}"] = ratios
