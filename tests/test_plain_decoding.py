@@ -98,3 +98,14 @@ def test_compiled_steps_equal_the_eager_steps(tiny_bridge):
     eager = sample(tiny_bridge, max_new_tokens=6, stop_at_eos=False)
     compiled = sample(tiny_bridge, max_new_tokens=6, stop_at_eos=False, compiled_decoding=True)
     assert (compiled.logp_gen - eager.logp_gen).abs().max() < ATOL
+
+
+def test_a_failed_compile_names_the_flag(tiny_bridge, monkeypatch):
+    from rlhf_scratch import plain_decoding
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(plain_decoding, "_compiled_step", lambda plain: broken)
+    with pytest.raises(plain_decoding.CompiledDecodingError, match="no working C.. compiler.*--compiled-decoding off"):
+        sample(tiny_bridge, max_new_tokens=3, compiled_decoding=True)
