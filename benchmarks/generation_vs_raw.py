@@ -27,8 +27,9 @@ Variants, each timed once per round in an order that rotates between rounds:
   generated positions and the taken log-probs) against the raw module's forward with the same log-softmax and gather.
   (The old policy's pass is read from the decoding steps since issue 24, item 1: there is no second rollout forward.)
 
-Each round times ``--repeats`` generations of each. Printed: the median seconds of each and the median (range) of its per-round ratio to ``raw`` and to ``raw_cdf``;
-load average, versions, commit.
+Each round times ``--repeats`` generations of each. Printed: the median (and least) seconds of each, the median
+(range) of its per-round ratio to ``raw`` and to ``raw_cdf``, and the ratio of the least times (on a shared machine
+the least time is the least disturbed one); load average, versions, commit.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def main(argv=None) -> dict:
         engine = engine_variants(bridge, [prompt_ids] * args.batch_size, args)
         available = {**engine, **raw_variants(model_dir, prompt_ids, engine.pop("_batch"), args)}
         fns = {name: available[name] for name in names}
-        info, load_start = machine_info(args), os.getloadavg()
+        info, load_start, stamp = machine_info(args), os.getloadavg(), commit()
         first_call = {}
         times = {name: [] for name in fns}
         for index in range(args.warmup + args.rounds):
@@ -206,7 +207,7 @@ def main(argv=None) -> dict:
         load_end = os.getloadavg()
         profiles = [profile(fns[name], name, args.top) for name in fns] if args.profile else []
 
-    print(f"commit {commit()}; {info['cpu_model']}, torch {info['torch']} ({info['torch_threads']} thread(s)), "
+    print(f"commit {stamp}; {info['cpu_model']}, torch {info['torch']} ({info['torch_threads']} thread(s)), "
           f"transformers {info['transformers']}, transformer-lens {info['transformer_lens']}, python {info['python']}")
     print(f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; model {args.model}; batch "
           f"{args.batch_size}, {args.new_tokens} new tokens, prompt {len(prompt_ids)} tokens, record={args.record}; "
@@ -215,12 +216,13 @@ def main(argv=None) -> dict:
         print(f"compiled: first (untimed) call {first_call['compiled']:.1f} s, including the compile")
     result = {"times": times}
     for name, ts in times.items():
-        line = f"  {name:12s} {statistics.median(ts) * 1000:8.1f} ms"
+        line = f"  {name:12s} {statistics.median(ts) * 1000:8.1f} ms (min {min(ts) * 1000:.1f})"
         for base in (("raw_forward",) if name == "ref_forward" else ("raw", "raw_cdf")):
             if base in times and base != name:
                 ratios = [t / b for t, b in zip(ts, times[base])]
                 result[f"{name}/{base}"] = ratios
-                line += f"   ÷ {base} {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+                line += (f"   ÷ {base} {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}; "
+                         f"of minima {min(ts) / min(times[base]):.2f}x)")
         print(line)
     for text in profiles:
         print(text)
