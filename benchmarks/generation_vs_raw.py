@@ -17,7 +17,8 @@ Variants, each timed once per round in an order that rotates between rounds:
 * ``static``: the static cache without compiling (the compiled variant's shapes, eager steps);
 * ``raw``: the plain Hugging Face module (``from_pretrained`` of the same weights) in a hand loop, as
   ``bench_models.bench_raw``: ``past_key_values``, ``torch.multinomial``, the texts decoded at the end, and with
-  ``--record`` the log-softmax and final hidden state of each step;
+  ``--record`` the log-softmax and final hidden state of each step, stacked at the end into [B, G, V] and [B, G, D]
+  (what the rollout reads: the taken log-probs, the entropy and the exact KL need the whole distribution);
 * ``raw_cdf``: the same loop sampling by the inverse CDF the engine uses (``sampling.sample_tokens``):
   ``torch.multinomial`` costs ~0.8 ms per call at batch 16 × vocabulary 2048 and ~3 ms at batch 64 on this CPU,
   a third of the raw loop's step at batch 64, so this is the stricter baseline;
@@ -120,6 +121,8 @@ def raw_variants(model_dir: Path, prompt_ids: list[int], batch, args) -> dict:
                 new.append(token)
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
                 step = token
+            if record:  # handed on as [B, G, V] and [B, G, D], as the engine's rollout reads them
+                torch.stack([logp for logp, _ in kept], dim=1), torch.stack([resid for _, resid in kept], dim=1)
             tokenizer.batch_decode(torch.cat(new, dim=1), skip_special_tokens=True)
 
         return run
