@@ -220,7 +220,8 @@ def main(argv=None) -> dict:
     result = {"times": times}
     for name, ts in times.items():
         line = f"  {name:12s} {statistics.median(ts) * 1000:8.1f} ms (min {min(ts) * 1000:.1f})"
-        for base in (("raw_forward",) if name == "ref_forward" else ("raw", "raw_cdf")):
+        bases = {"ref_forward": ("raw_forward",), "raw_forward": ()}.get(name, ("raw", "raw_cdf"))
+        for base in bases:
             if base in times and base != name:
                 ratios = [t / b for t, b in zip(ts, times[base])]
                 result[f"{name}/{base}"] = ratios
