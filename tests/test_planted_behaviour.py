@@ -29,6 +29,8 @@ def test_the_causal_checks_find_a_token_planted_in_the_last_mlp(planted):
     assert set(checks) == set(planted_checks.CAUSAL_CHECKS)
     assert all(check["fired"] for check in checks.values()), {k: v["figure"] for k, v in checks.items()}
     assert checks["patching: ≤25% transplant"]["top_components"] == ["L1.mlp"]
+    lens = checks[planted_checks.CAUSAL_CHECKS[0]]  # Δ at L1 is v, with γ ⊙ v ∝ W_U[:, t]: z near √(D − 1) = 5.6
+    assert lens["z"] > 5 and lens["z_min"] == pytest.approx(3.48, abs=0.01) and ", z " in lens["figure"]
 
 
 def test_the_causal_checks_stay_silent_on_a_random_change_elsewhere(planted, tiny_model_dir):
