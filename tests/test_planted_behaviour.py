@@ -3,6 +3,7 @@ check): the causal checks find a token planted in one MLP's output bias and stay
 elsewhere at random; the table's PASS/FAIL reads a control the other way round."""
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -77,3 +78,16 @@ def test_first_word_pairs_prefer_the_word_first(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [{"prompt": "The film", "chosen": " director was dull.", "rejected": " was dull.",
                      "chosen_score": 1.0, "rejected_score": 0.0}]
+
+
+def test_clopper_pearson_interval_closed_forms():
+    import lens_control_rate
+
+    lower, upper = lens_control_rate.clopper_pearson(0, 128)
+    assert lower == 0 and upper == pytest.approx(1 - 0.025 ** (1 / 128), abs=1e-9)  # k = 0: 1 − (α/2)^(1/n)
+    lower, upper = lens_control_rate.clopper_pearson(128, 128)
+    assert lower == pytest.approx(0.025 ** (1 / 128), abs=1e-9) and upper == 1
+    lower, upper = lens_control_rate.clopper_pearson(1, 2)  # symmetric: P(X ≥ 1 | p) = 1 − (1 − p)² = 0.025
+    assert lower == pytest.approx(1 - math.sqrt(0.975), abs=1e-9) and upper == pytest.approx(math.sqrt(0.975), abs=1e-9)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        lens_control_rate.clopper_pearson(3, 2)
