@@ -12,8 +12,12 @@ first 5 positions of the same 64 held-out reviews the planted checks use (``--se
 ``planted_checks.lens_check``: whether each rule fires, W's best rank over the 8 readings, its z there, and its
 largest z. The words default to the 16 candidates listed before the story/cast/score runs (experiments/README.md).
 The false-positive rate of each rule is the share of (control, word) pairs where it fires, with a Clopper-Pearson
-95 % interval (which treats the pairs as independent; the words of one control share its Δ). Writes
-OUT/lens_control_rate.md and OUT/lens_control_rate.json.
+95 % interval (which treats the pairs as independent; the words of one control share its Δ).
+
+Beside the chosen words, every token of the vocabulary is read as if it were W (``all_tokens``): per control, how
+many of the V tokens each rule would fire on, and how many reach z ≥ Z_MIN at some reading whatever their rank.
+Under the null (Δ's direction unrelated to every token) that last count is at most 0.1 % of V. Writes
+OUT/NAME.md and OUT/NAME.json (``--name``, default lens_control_rate).
 """
 
 from __future__ import annotations
@@ -25,12 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from planted_behaviour import CONTROL_REWARD, say, train_policy  # noqa: E402
-from planted_checks import FIRST_K, heldout_texts, lens_check  # noqa: E402
+from planted_checks import FIRST_K, LENS_K, heldout_texts, lens_check, lens_z_min  # noqa: E402
 
 from rlhf_scratch.evaluation import markdown_table  # noqa: E402
 
@@ -63,6 +65,28 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lower, upper
 
 
+def all_tokens(reference, policy, delta) -> dict:
+    """Every token t of the vocabulary read as W on Δ [L, D]: how many tokens the old rule (top 10 at some reading)
+    and the new one (top 10 and z ≥ Z_MIN at one reading) would fire on, how many have z ≥ Z_MIN at some reading,
+    and the standard deviation of z over tokens (mean over the readings)."""
+    import torch
+
+    from rlhf_scratch.diff_lens import lens_alignment, lens_top_tokens
+
+    old, new, high, spread = set(), set(), set(), []
+    z_min = lens_z_min(2 * delta.shape[0])
+    for bridge in (reference, policy):
+        tops = lens_top_tokens(bridge, delta, k=LENS_K)
+        z = lens_alignment(bridge, delta)  # [L, V]
+        spread += z.std(dim=-1).tolist()
+        high |= set(torch.nonzero((z >= z_min).any(dim=0)).flatten().tolist())
+        for layer, top in enumerate(tops):
+            old |= set(top)
+            new |= {t for t in top if z[layer, t] >= z_min}
+    return {"vocab": int(z.shape[-1]), "old": len(old), "new": len(new), "z_high": len(high),
+            "z_sd": sum(spread) / len(spread), "new_tokens": sorted(new)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/planted"),
@@ -71,13 +95,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--words", nargs="+", default=list(CANDIDATES), help="words to read (default the 16 candidates)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out texts (planted_behaviour's --seed)")
     parser.add_argument("--n-texts", type=int, default=64, help="held-out reviews for Δ (default 64, as the checks)")
+    parser.add_argument("--name", default="lens_control_rate", help="stem of the outputs OUT/NAME.md, OUT/NAME.json")
     args = parser.parse_args(argv)
     args.quick, args.retrain = False, False  # train_policy's flags: the full settings, cached runs reused
     return args
 
 
-@torch.no_grad()
 def main(argv=None) -> dict:
+    """Train the missing controls (with gradients), then read each control's lens for every word."""
     args = parse_args(argv)
     from rlhf_scratch.diff_lens import activation_difference
     from rlhf_scratch.models import load_bridge
@@ -92,13 +117,14 @@ def main(argv=None) -> dict:
         except ValueError as error:
             say(f"{word}: left out ({error})")
     texts, mask = heldout_texts(reference.tokenizer, args.n_texts, args.seed)
-    rows, train_seconds = [], {}
+    rows, train_seconds, vocab = [], {}, {}
     for seed in args.seeds:
         checkpoint, seconds = train_policy("ppo", CONTROL_REWARD, seed, args.out / "control" / f"ppo_seed{seed}", args)
         train_seconds[seed] = seconds
         say(f"control seed {seed}: {'trained' if seconds else 'cached'} in {seconds:.0f} s")
         policy = load_bridge(checkpoint)
         delta = activation_difference(reference, policy, texts, mask, first_k=FIRST_K)
+        vocab[seed] = all_tokens(reference, policy, delta)
         for word, token_id in tokens.items():
             check = lens_check(reference, policy, delta, token_id)
             rows.append({"seed": seed, "word": word, "old": check["fired_top10"], "new": check["fired"],
@@ -118,17 +144,25 @@ def main(argv=None) -> dict:
         for seed in args.seeds])
     lines = [f"{rule} rule: fires on {v['fired']} of {v['pairs']} (control, word) pairs = {v['rate']:.1%}, 95 % CI "
              f"{v['ci95'][0]:.1%}–{v['ci95'][1]:.1%}" for rule, v in rates.items()]
+    decode = reference.tokenizer.decode
+    vocab_table = markdown_table(
+        ["control", "tokens, old rule", "tokens, new rule", "tokens with z ≥ Z_MIN", "sd of z over tokens", "new rule's tokens"],
+        [[f"s{seed}", str(v["old"]), str(v["new"]), f"{v['z_high']} ({v['z_high'] / v['vocab']:.2%})", f"{v['z_sd']:.2f}",
+          " ".join(repr(decode([t])) for t in v["new_tokens"][:12])] for seed, v in vocab.items()])
     seconds = time.time() - start
     z_min = rows[0]["z_min"] if rows else float("nan")
     text = (f"# The lens check on reward-0 controls\n\nEach cell: W's best rank over the 8 readings, its z there, and its "
             f"largest z; **old** = top 10 at some reading, **new** = top 10 and z ≥ {z_min:.2f} at one reading.\n\n"
-            f"{table}\n\n" + "\n".join(f"- {line}" for line in lines) + f"\n\nWall time {seconds:.0f} s (training "
+            f"{table}\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\nEvery token of the vocabulary read as W "
+            f"(``all_tokens``):\n\n{vocab_table}\n\nWall time {seconds:.0f} s (training "
             f"{sum(train_seconds.values()):.0f} s).\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lens_control_rate.md").write_text(text)
-    summary = {"rows": rows, "rates": rates, "train_seconds": train_seconds, "seconds": seconds, "words": tokens}
-    (args.out / "lens_control_rate.json").write_text(json.dumps(summary, indent=2))
-    say(f"\n{table}\n\n" + "\n".join(lines) + f"\n\nwall time {seconds:.0f} s; written to {args.out}/lens_control_rate.md")
+    (args.out / f"{args.name}.md").write_text(text)
+    summary = {"rows": rows, "rates": rates, "all_tokens": vocab, "train_seconds": train_seconds, "seconds": seconds,
+               "words": tokens}
+    (args.out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
+    say(f"\n{table}\n\n" + "\n".join(lines) + f"\n\n{vocab_table}\n\nwall time {seconds:.0f} s; written to "
+        f"{args.out}/{args.name}.md")
     return summary
 
 
