@@ -194,10 +194,10 @@ def check_cached_generation(bridge, n_steps: int = 4, tolerance: float | None = 
     Two left-padded prompts of different lengths (fixed token ids, no randomness) are decoded
     greedily for ``n_steps`` steps through ``decode_step`` (``plain``: through the plain module's
     decoding steps, ``plain_decoding.PlainDecoder``, which must then exist for the bridge); then the
-    whole sequence runs once through the bridge, without a cache. The step log-probs must equal the full pass's log-probs at the same
-    positions (column P − 1 + i for generated token i) to within ``tolerance`` (default 1e-3
-    nats in float32, 0.1 in lower precision). Runs without hooks and draws no random numbers,
-    so it changes nothing a caller sees. Returns the largest difference found.
+    whole sequence runs once through the bridge, without a cache. The step log-probs must equal the
+    full pass's log-probs at the same positions (column P − 1 + i for generated token i) to within
+    ``tolerance`` (default 1e-3 nats in float32, 0.1 in lower precision). Runs without hooks and draws
+    no random numbers, so it changes nothing a caller sees. Returns the largest difference found.
 
     A broken stack (transformers 5.24 with TransformerLens 4.3 before ``compat.install``)
     differs by 0.4 to 12 nats; a correct one by about 1e-6.
