@@ -4,9 +4,19 @@ They use ``rlhf_scratch.diff_lens`` and ``rlhf_scratch.patching``; until those m
 "n/a". Every check returns {"fired": bool | None, "figure": str, ...details}; a check *fires* when it finds the
 planted token t:
 
-    lens       Δ = activation_difference(reference, policy, held-out texts, first_k=5) [L, D]; fires when t is
-               among lens_top_tokens(model, Δ, k=10) at some layer, read through the reference's or the policy's
-               own final norm and unembedding.
+    lens       Δ = activation_difference(reference, policy, held-out texts, first_k=5) [L, D]. A *reading* is one
+               model M (the reference or the policy: its own final norm and unembedding) and one layer l, so there
+               are m = 2 · n_layers readings. Fires when at one reading t is among lens_top_tokens(M, Δ, k=10)
+               *and* its z = lens_alignment(M, Δ)[l, t] ≥ Z_MIN = Φ⁻¹(1 − LENS_FAMILY_FPR / m) (3.66 for m = 8).
+               z = √n · cos(x̂, w_t), with x̂ the final norm of Δ_l without its affine part and w_t = γ ⊙ W_U[:, t]
+               (centred for LayerNorm, n = d_model − 1; RMSNorm n = d_model), is ≈ N(0, 1) when Δ_l's direction
+               is unrelated to t (x̂ uniform on its sphere), so under that null the check fires for a given t with
+               probability ≤ LENS_FAMILY_FPR = 0.1 % over all m readings (Bonferroni). The top-10 rule alone has no
+               scale: 8 readings of the top 10 of 2,048 tokens fired on two reward-0 controls (book and cast, both
+               at layer 0). The rule was set before any z was computed. What the null leaves out: a control's drift
+               is not isotropic (it may move frequent review words together); experiments/lens_control_rate.py
+               measures the rate on reward-0 controls. The figure is the best reading's rank and its z; the
+               details keep every reading.
     steering   p_α,l(v) = mean over real positions of held-out texts of the reference's p(v) with α·Δ[l] added to
                blocks.l.hook_resid_post; fires when for some layer l, at α = STEER_ALPHA = 1 (the difference
                itself), p_1,l(t) / p_0(t) ≥ 3 and t is among the STEER_MAX_RANK tokens whose mean probability rose
@@ -35,8 +45,10 @@ from rlhf_scratch.data import load_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET
 from rlhf_scratch.sampling import encode, left_pad, padding_id
 
-CAUSAL_CHECKS = ("lens: W in top 10", "steering: p(W) ×3", "patching: ≤25% transplant")
+CAUSAL_CHECKS = ("lens: W top 10 & z ≥ Z_MIN", "steering: p(W) ×3", "patching: ≤25% transplant")
 LENS_K = 10
+LENS_FAMILY_FPR = 0.001
+"""The lens check's false-positive rate, over all its readings, for a Δ whose direction is unrelated to t."""
 FIRST_K = 5
 ALPHAS = (1.0, 2.0, 4.0, 8.0)
 STEER_ALPHA = 1.0
@@ -69,21 +81,44 @@ def mean_token_prob(logits: torch.Tensor, mask: torch.Tensor, token_id: int) -> 
     return ((probs * mask).sum() / mask.sum().clamp_min(1)).item()
 
 
-@torch.no_grad()
-def lens_and_steering(reference, policy, token_id: int, seed: int, n_texts: int = 64) -> dict[str, dict]:
-    from rlhf_scratch.diff_lens import activation_difference, lens_logits, lens_top_tokens, steered_logits
+def lens_z_min(n_readings: int, family_fpr: float = LENS_FAMILY_FPR) -> float:
+    """Z_MIN = Φ⁻¹(1 − family_fpr / m): one-sided, Bonferroni over the m readings (8 → 3.66 at 0.1 %)."""
+    if n_readings < 1 or not 0 < family_fpr < 1:
+        raise ValueError(f"need n_readings >= 1 and 0 < family_fpr < 1, got {n_readings} and {family_fpr}.")
+    return torch.special.ndtri(torch.tensor(1 - family_fpr / n_readings, dtype=torch.float64)).item()
 
-    tokens, mask = heldout_texts(reference.tokenizer, n_texts, seed)
-    delta = activation_difference(reference, policy, tokens, mask, first_k=FIRST_K)
-    best = None  # (rank from 0, layer, model)
+
+@torch.no_grad()
+def lens_check(reference, policy, delta: torch.Tensor, token_id: int) -> dict:
+    """The lens check (module docstring) of token t on Δ [L, D]: {"fired", "fired_top10" (the old rule: the top 10
+    alone), "figure", "rank" (best, from 1), "z" (at that reading), "max_z", "z_min", "readings"}."""
+    from rlhf_scratch.diff_lens import lens_alignment, lens_logits, lens_top_tokens
+
+    readings = []  # (rank from 0, -z, layer, model name, z)
     for name, bridge in (("reference", reference), ("policy", policy)):
         tops = lens_top_tokens(bridge, delta, k=LENS_K)
+        z = lens_alignment(bridge, delta)[:, token_id]
         for layer, logits in enumerate(lens_logits(bridge, delta)):
             # The tool's top-k decides; the rank (tokens with a larger lens logit) is the figure when it is not in it.
             rank = tops[layer].index(token_id) if token_id in tops[layer] else max(LENS_K, int((logits > logits[token_id]).sum()))
-            if best is None or rank < best[0]:
-                best = (rank, layer, name)
-    lens = {"fired": best[0] < LENS_K, "figure": f"#{best[0] + 1} at L{best[1]} ({best[2]} lens)"}
+            readings.append((rank, -z[layer].item(), layer, name, z[layer].item()))
+    z_min = lens_z_min(len(readings))
+    firing = [r for r in readings if r[0] < LENS_K and r[4] >= z_min]
+    rank, _, layer, name, z = min(firing or readings)  # best rank, then largest z
+    top_z = max(readings, key=lambda r: r[4])
+    return {"fired": bool(firing), "fired_top10": any(r[0] < LENS_K for r in readings),
+            "figure": f"#{rank + 1} at L{layer} ({name} lens), z {z:.1f}", "rank": rank + 1, "z": z,
+            "max_z": top_z[4], "max_z_at": f"L{top_z[2]} ({top_z[3]} lens)", "z_min": z_min,
+            "readings": [{"model": r[3], "layer": r[2], "rank": r[0] + 1, "z": r[4]} for r in readings]}
+
+
+@torch.no_grad()
+def lens_and_steering(reference, policy, token_id: int, seed: int, n_texts: int = 64) -> dict[str, dict]:
+    from rlhf_scratch.diff_lens import activation_difference, steered_logits
+
+    tokens, mask = heldout_texts(reference.tokenizer, n_texts, seed)
+    delta = activation_difference(reference, policy, tokens, mask, first_k=FIRST_K)
+    lens = lens_check(reference, policy, delta, token_id)
     base = mean_probs(reference(tokens, attention_mask=mask), mask.bool())
     readings = {}  # (layer, α) -> (p(t) ratio, rank of t by Δ mean p)
     for layer in range(delta.shape[0]):

@@ -12,18 +12,26 @@ towards. *Steering* adds α·Δ_l to the reference's residual stream after block
 whether the reference now behaves like the policy: the change in reward of its samples and in the log-prob of
 the lens's top tokens, over a sweep of α (α = 0 is the plain forward pass).
 
+The lens reading is a ranking without a scale; ``lens_alignment`` gives each token's reading a null distribution.
+With x̂ = the final norm of Δ_l without its affine part and w_t = γ ⊙ W_U[:, t] (centred for LayerNorm), the part
+of the lens logit that depends on Δ is a_t = w_t · x̂ (the rest, β·W_U + b_U, is a per-token prior that Δ does not
+move), and z_t = √n · cos(x̂, w_t) is ≈ N(0, 1) when Δ's direction is unrelated to t (below).
+
     activation_difference(reference, policy, tokens, attention_mask, first_k=5) -> Δ [L, D]
     lens_top_tokens(bridge, delta [L, D], k=10) -> [[token id, ...] per layer]
+    lens_alignment(bridge, delta [L, D]) -> z [L, V]
     steered_logits(bridge, tokens, attention_mask, layer, vector [D], alpha) -> logits [N, S, V]
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from rlhf_scratch.anatomy import logit_lens
+from rlhf_scratch.anatomy import final_norm_parameters, logit_lens, unembedding
 from rlhf_scratch.typecheck import typechecker
 
 
@@ -81,6 +89,42 @@ def lens_top_tokens(bridge, delta: Float[Tensor, "layer d_model"], k: int = 10) 
         raise ValueError(f"k must be >= 1, got {k}.")
     logits = lens_logits(bridge, delta)
     return torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices.tolist()
+
+
+@jaxtyped(typechecker=typechecker)
+def alignment_z(delta: Float[Tensor, "layer d_model"], gamma: Float[Tensor, "d_model"],
+                W_U: Float[Tensor, "d_model vocab"], center: bool) -> Float[Tensor, "layer vocab"]:
+    """z_t = √n · cos(x̂_l, w_t) per layer l and token t: [L, D], γ [D], W_U [D, V] -> [L, V].
+
+    x̂_l = Δ_l − mean(Δ_l) (``center``, LayerNorm) or Δ_l (RMSNorm): the final norm without its affine part, up to
+    the positive factor 1/sqrt(var + ε), which the cosine ignores. w_t = γ ⊙ W_U[:, t], minus its mean over d_model
+    when ``center`` (w_t · x̂ is the same: x̂ ⊥ 1). n = D − 1 (centred: x̂ lives in the D − 1 dimensional subspace ⊥ 1)
+    or D. If x̂ is uniform on the unit sphere of that subspace, cos² ~ Beta(½, (n − 1)/2), so E[z²] = 1 exactly and
+    z ≈ N(0, 1) (its tails are a little lighter: |z| ≤ √n). A zero Δ_l or w_t gives z = 0.
+    """
+    x = delta.double()
+    w = gamma.double()[:, None] * W_U.double()  # [D, V]
+    if center:
+        x = x - x.mean(dim=-1, keepdim=True)
+        w = w - w.mean(dim=0, keepdim=True)
+    n = delta.shape[-1] - 1 if center else delta.shape[-1]
+    if n < 2:
+        raise ValueError(f"d_model {delta.shape[-1]} is too small for a direction statistic (n = {n}); it needs n >= 2.")
+    cos = (x @ w) / (x.norm(dim=-1, keepdim=True) * w.norm(dim=0, keepdim=True)).clamp_min(1e-300)
+    return (math.sqrt(n) * cos).float()
+
+
+@torch.no_grad()
+def lens_alignment(bridge, delta: Float[Tensor, "layer d_model"]) -> Float[Tensor, "layer vocab"]:
+    """z [L, V] of each token's lens reading of each Δ_l (``alignment_z``) through the bridge's own final norm (its γ,
+    1 + w for Gemma, and centring for LayerNorm) and W_U. β, b_U and ε do not enter: they add the same amount to
+    a token's lens logit whatever Δ is. Gemma's soft-cap is monotone, so it leaves the ranking and z alone."""
+    norm = final_norm_parameters(bridge)
+    W_U, _ = unembedding(bridge)
+    if delta.shape[-1] != W_U.shape[0]:
+        raise ValueError(f"delta has d_model {delta.shape[-1]}; the model's is {W_U.shape[0]} (pass Δ [layer, d_model] "
+                         "from activation_difference of this model).")
+    return alignment_z(delta.float().cpu(), norm.weight.float().cpu(), W_U.cpu(), norm.center)
 
 
 def steering_hook(layer: int, vector: Tensor, alpha: float):

@@ -19,6 +19,7 @@ from rich.table import Table
 from rlhf_scratch.data import load_texts, prompts_from_texts
 from rlhf_scratch.diff_lens import (
     activation_difference,
+    lens_alignment,
     lens_logits,
     resid_hook,
     steered_logits,
@@ -96,10 +97,11 @@ def run_lens(config: LensConfig) -> dict:
     ref_norms = [cache[resid_hook(l)].float().cpu()[keep].norm(dim=-1).mean().item() for l in range(n_layers)]
     logits = lens_logits(reference, delta)  # [L, V]
     top = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1)
+    z = lens_alignment(reference, delta)  # [L, V]: each lens reading's z (≈ N(0, 1) for a direction unrelated to t)
     decode = lambda t: policy.tokenizer.decode([t])  # noqa: E731
     lens_rows = [{"layer": l, "delta_norm": delta[l].norm().item(), "relative_norm": delta[l].norm().item() / max(ref_norms[l], 1e-12),
                   "top_token_ids": top.indices[l].tolist(), "top_tokens": [decode(t) for t in top.indices[l].tolist()],
-                  "top_logits": top.values[l].tolist()} for l in range(n_layers)]
+                  "top_logits": top.values[l].tolist(), "top_z": z[l, top.indices[l]].tolist()} for l in range(n_layers)]
     token_ids = given or lens_rows[layer]["top_token_ids"]
     console.print(f"lens: Δ over the first {config.first_k} positions of {texts.shape[0]} held-out texts; steering at "
                   f"layer {layer} with α in {config.alpha_values}")
@@ -143,9 +145,13 @@ def write_lens_report(out: Path, config: LensConfig, summary: dict) -> Path:
         f"({config.texts}) of h_pol,l − h_ref,l (``blocks.l.hook_resid_post``). Its lens reading is the reference's "
         f"own final norm and unembedding applied to Δ_l (logit_lens). Model: {summary['anatomy']}.", "",
         "## Top tokens of the lens per layer", "",
-        markdown_table(["layer", "‖Δ_l‖", "‖Δ_l‖ / mean ‖h_ref,l‖", "top tokens (largest lens logit first)"],
+        "z of a token = √n · cos(x̂, γ ⊙ W_U[:, t]) (x̂: the final norm of Δ_l without its affine part; n = d_model − 1 "
+        "for LayerNorm, d_model for RMSNorm): ≈ N(0, 1) when Δ_l's direction is unrelated to the token, so a top token "
+        "with a small z is there by its constant prior (β·W_U + b_U), not by Δ.", "",
+        markdown_table(["layer", "‖Δ_l‖", "‖Δ_l‖ / mean ‖h_ref,l‖", "top tokens (largest lens logit first)", "their z"],
                        [[f"L{r['layer']}", f"{r['delta_norm']:.4f}", f"{r['relative_norm']:.4f}",
-                         _tokens_cell(r["top_tokens"], config.top_k)] for r in summary["lens"]]), "",
+                         _tokens_cell(r["top_tokens"], config.top_k),
+                         " ".join(f"{v:.1f}" for v in r["top_z"][: config.top_k])] for r in summary["lens"]]), "",
         f"## Steering the reference with α·Δ_{summary['layer']}", "",
         f"α·Δ_{summary['layer']} is added at every position of blocks.{summary['layer']}.hook_resid_post. Token set "
         f"T = {_tokens_cell(summary['steer_tokens'])} ({'from --tokens' if summary['token_source'] == '--tokens' else 'the lens top tokens at that layer'}); "

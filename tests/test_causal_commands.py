@@ -62,6 +62,8 @@ def test_patch_and_lens_commands_run_on_every_family(name, family_dirs, tmp_path
     assert summary["lens"][0]["delta_norm"] < 1e-4 < summary["lens"][1]["delta_norm"]
     assert [row["alpha"] for row in summary["sweep"]] == [0.0, 1.0] and summary["sweep"][0]["delta_token_logprob"] == 0
     assert (tmp_path / "lens" / "steering.png").is_file()
+    assert all(len(row["top_z"]) == 3 and all(abs(z) < 1e3 for z in row["top_z"]) for row in summary["lens"])
+    assert "their z" in (tmp_path / "lens" / "report.md").read_text()
 
 
 def test_bad_flags_are_refused_with_one_line(family_dirs, capsys, tmp_path):

@@ -3,6 +3,7 @@ check): the causal checks find a token planted in one MLP's output bias and stay
 elsewhere at random; the table's PASS/FAIL reads a control the other way round."""
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def test_the_causal_checks_find_a_token_planted_in_the_last_mlp(planted):
     assert set(checks) == set(planted_checks.CAUSAL_CHECKS)
     assert all(check["fired"] for check in checks.values()), {k: v["figure"] for k, v in checks.items()}
     assert checks["patching: ≤25% transplant"]["top_components"] == ["L1.mlp"]
+    lens = checks[planted_checks.CAUSAL_CHECKS[0]]  # Δ at L1 is v, with γ ⊙ v ∝ W_U[:, t]: z near √(D − 1) = 5.6
+    assert lens["z"] > 5 and lens["z_min"] == pytest.approx(3.48, abs=0.01) and ", z " in lens["figure"]
 
 
 def test_the_causal_checks_stay_silent_on_a_random_change_elsewhere(planted, tiny_model_dir):
@@ -75,3 +78,16 @@ def test_first_word_pairs_prefer_the_word_first(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [{"prompt": "The film", "chosen": " director was dull.", "rejected": " was dull.",
                      "chosen_score": 1.0, "rejected_score": 0.0}]
+
+
+def test_clopper_pearson_interval_closed_forms():
+    import lens_control_rate
+
+    lower, upper = lens_control_rate.clopper_pearson(0, 128)
+    assert lower == 0 and upper == pytest.approx(1 - 0.025 ** (1 / 128), abs=1e-9)  # k = 0: 1 − (α/2)^(1/n)
+    lower, upper = lens_control_rate.clopper_pearson(128, 128)
+    assert lower == pytest.approx(0.025 ** (1 / 128), abs=1e-9) and upper == 1
+    lower, upper = lens_control_rate.clopper_pearson(1, 2)  # symmetric: P(X ≥ 1 | p) = 1 − (1 − p)² = 0.025
+    assert lower == pytest.approx(1 - math.sqrt(0.975), abs=1e-9) and upper == pytest.approx(math.sqrt(0.975), abs=1e-9)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        lens_control_rate.clopper_pearson(3, 2)
