@@ -93,6 +93,10 @@ class SamplingConfig:
     """Nucleus sampling: keep the smallest set of tokens with total probability >= top_p (1.0: off)."""
     stop_at_eos: bool = True
     """End a response at its first EOS token; later positions become padding."""
+    compiled_decoding: bool = False
+    """Compile the single-token decoding step with torch.compile (a static KV cache; seconds to a minute of compiling
+    per batch size and cache length, then faster steps: see benchmarks/README.md). Only where the steps run as the
+    plain module (no hooks); opt-in."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -191,10 +195,10 @@ class PolicyTrainingConfig(TaskConfig):
     """Matrices LoRA adapts, comma-separated: attn.q, attn.k, attn.v, attn.o, mlp.in, mlp.out, mlp.gate (short: q, k,
     v, o, in, out, gate), or the groups attn, mlp, all (all: every one the model family has)."""
     plain_forward: bool = True
-    """Run the forward passes no hook watches (the rollout's policy and reference passes, the learning passes) as
-    the plain Hugging Face module on the bridge's own weights: the same function to float rounding, without the
-    TransformerLens hook points' overhead (rlhf_scratch/plain_forward.py). Passes with hooks always go through the
-    bridge. False: every pass through the bridge."""
+    """Run the forward passes no hook watches (the rollout's decoding steps, policy and reference passes, the learning
+    passes) as the plain Hugging Face module on the bridge's own weights: the same function to float rounding,
+    without the TransformerLens hook points' overhead (rlhf_scratch/plain_forward.py, plain_decoding.py). Passes with
+    hooks always go through the bridge. False: every pass through the bridge."""
     separate_rollout_forward: bool = False
     """Read the old policy's log-probs and values with a separate forward pass over the sampled batch. By default
     they are taken from the generation's own decoding steps when that is exact (float32, no hooks, dropout off: the

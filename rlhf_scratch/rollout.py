@@ -183,7 +183,7 @@ class RolloutMaker:
         timings = {}
         from_generation = self.reads_from_generation()
         generation = generate(self.policy.bridge, prompts, config.sampling, generator=self.generator,
-                              fwd_hooks=self.fwd_hooks, record=from_generation)
+                              fwd_hooks=self.fwd_hooks, record=from_generation, plain=config.plain_forward)
         sequences = generation.sequences.to(config.device)
         attention_mask = generation.attention_mask.to(config.device)
         gen_mask = generation.gen_mask.to(config.device)

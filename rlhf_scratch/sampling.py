@@ -17,7 +17,9 @@ padding: ``gen_mask`` False, ``attention_mask`` 0.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as metadata
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,7 @@ from transformers import DynamicCache
 from rlhf_scratch import compat
 from rlhf_scratch.anatomy import FINAL_RESIDUAL_HOOK, check_fwd_hooks
 from rlhf_scratch.compat import cache_kwarg_name
+from rlhf_scratch.plain_decoding import plain_decoder_for
 from rlhf_scratch.typecheck import typechecker
 from rlhf_scratch.config import SamplingConfig  # noqa: F401 (defined there: importable without torch)
 
@@ -185,15 +188,16 @@ _SELF_CHECKED = "_rlhf_scratch_generation_checked"
 
 
 @torch.no_grad()
-def check_cached_generation(bridge, n_steps: int = 4, tolerance: float | None = None) -> float:
+def check_cached_generation(bridge, n_steps: int = 4, tolerance: float | None = None, plain: bool = False) -> float:
     """Prove that KV-cached decoding computes what one full forward pass computes; raise if not.
 
     Two left-padded prompts of different lengths (fixed token ids, no randomness) are decoded
-    greedily for ``n_steps`` steps through ``decode_step``; then the whole sequence runs once,
-    without a cache. The step log-probs must equal the full pass's log-probs at the same
-    positions (column P − 1 + i for generated token i) to within ``tolerance`` (default 1e-3
-    nats in float32, 0.1 in lower precision). Runs without hooks and draws no random numbers,
-    so it changes nothing a caller sees. Returns the largest difference found.
+    greedily for ``n_steps`` steps through ``decode_step`` (``plain``: through the plain module's
+    decoding steps, ``plain_decoding.PlainDecoder``, which must then exist for the bridge); then the
+    whole sequence runs once through the bridge, without a cache. The step log-probs must equal the
+    full pass's log-probs at the same positions (column P − 1 + i for generated token i) to within
+    ``tolerance`` (default 1e-3 nats in float32, 0.1 in lower precision). Runs without hooks and draws
+    no random numbers, so it changes nothing a caller sees. Returns the largest difference found.
 
     A broken stack (transformers 5.24 with TransformerLens 4.3 before ``compat.install``)
     differs by 0.4 to 12 nats; a correct one by about 1e-6.
@@ -213,8 +217,15 @@ def check_cached_generation(bridge, n_steps: int = 4, tolerance: float | None = 
     tokens, attention_mask = (t.to(device) for t in left_pad(prompts, padding_id(bridge.tokenizer)))
     prompt_len = tokens.shape[1]
     kv_cache, step_input, step_logprobs = new_kv_cache(), tokens, []
+    decoder = plain_decoder_for(bridge, tokens.shape[0], prompt_len + n_steps) if plain else None
+    if plain and decoder is None:
+        raise ValueError("check_cached_generation(plain=True) needs a bridge that the plain module can stand in for "
+                         "(plain_forward.plain_forward_for), in eval mode, with no hook attached.")
     for _ in range(n_steps):
-        logits = decode_step(bridge, step_input, attention_mask, kv_cache)[:, -1].float()
+        if decoder is None:
+            logits = decode_step(bridge, step_input, attention_mask, kv_cache)[:, -1].float()
+        else:
+            logits = decoder(step_input, attention_mask)[0][:, -1].float()
         step_logprobs.append(torch.log_softmax(logits, dim=-1))
         step_input = logits.argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, step_input], dim=1)
@@ -239,12 +250,15 @@ def check_cached_generation(bridge, n_steps: int = 4, tolerance: float | None = 
     return difference
 
 
-def ensure_generation_checked(bridge) -> None:
-    """Run ``check_cached_generation`` once per bridge object (about one forward pass; see the
-    README for its cost), so a broken library stack stops the first command that samples."""
-    if not getattr(bridge, _SELF_CHECKED, False):
-        check_cached_generation(bridge)
-        setattr(bridge, _SELF_CHECKED, True)
+def ensure_generation_checked(bridge, plain: bool = False) -> None:
+    """Run ``check_cached_generation`` once per bridge object and decoding path (the bridge's steps; ``plain``: the
+    plain module's), about one forward pass each (see the README for its cost), so a broken library stack stops the
+    first command that samples."""
+    checked = getattr(bridge, _SELF_CHECKED, ())
+    path = "plain" if plain else "bridge"
+    if path not in checked:
+        check_cached_generation(bridge, plain=plain)
+        setattr(bridge, _SELF_CHECKED, (*checked, path))
 
 
 @torch.no_grad()
@@ -255,6 +269,7 @@ def generate(
     generator: torch.Generator | None = None,
     fwd_hooks: list | tuple = (),
     record: bool = False,
+    plain: bool = True,
 ) -> Generation:
     """Sample responses for a batch of tokenised prompts with a KV cache.
 
@@ -270,6 +285,11 @@ def generate(
     temperature (``Generation.logp_gen`` [B, G, V]) and the final residual at the position the token was chosen
     from (``Generation.final_resid`` [B, G, D], captured at ``ln_final.hook_out``). Cached decoding and a full
     forward pass agree to float rounding (``check_cached_generation``; ``--debug`` compares them every phase).
+
+    With ``plain`` (the default), no ``fwd_hooks``, no hook attached to the bridge and the bridge in eval mode, each
+    step runs as the plain Hugging Face module on the bridge's weights (``plain_decoding``: the same function
+    without the hook points' cost, checked once per bridge like the bridge's steps); ``config.compiled_decoding``
+    compiles that step (opt-in: a compile per batch size and cache length).
     """
     tokenizer = bridge.tokenizer
     eos_id = tokenizer.eos_token_id
@@ -288,6 +308,14 @@ def generate(
     device = next(bridge.parameters()).device
     tokens, attention_mask = tokens.to(device), attention_mask.to(device)
     batch, prompt_len = tokens.shape
+    decoder = plain_decoder_for(bridge, batch, prompt_len + config.max_new_tokens, fwd_hooks,
+                                compiled=config.compiled_decoding) if plain else None
+    if decoder is not None:
+        ensure_generation_checked(bridge, plain=True)
+    elif config.compiled_decoding:
+        warnings.warn("compiled_decoding is ignored here: the decoding steps go through the TransformerLens bridge "
+                      "(hooks asked for or attached, the model in training mode, or the plain module off).",
+                      stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     ended_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -298,23 +326,31 @@ def generate(
         captured["resid"] = resid[:, -1]
         return resid
 
-    hooks = [*fwd_hooks, (FINAL_RESIDUAL_HOOK, capture_final_resid)] if record else list(fwd_hooks)
+    hooks = [*fwd_hooks, (FINAL_RESIDUAL_HOOK, capture_final_resid)] if record and decoder is None else list(fwd_hooks)
     step_input, kv_cache = tokens, new_kv_cache()
-    with bridge.hooks(fwd_hooks=hooks):
+    unfiltered = config.top_k is None and config.top_p >= 1.0
+    with bridge.hooks(fwd_hooks=hooks), decoder if decoder is not None else contextlib.nullcontext():
         for _ in range(config.max_new_tokens):
-            logits = decode_step(bridge, step_input, attention_mask, kv_cache)[:, -1, :].float()
-            next_logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
-            next_token = sample_tokens(torch.softmax(next_logits, dim=-1), generator)
-            # Rows that already ended keep emitting padding; it carries no loss.
-            next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
-            # log π(token) at the sampling temperature, before top-k/top-p: what training reads back.
-            # scaled[token] − logsumexp(scaled) is log_softmax at one entry, without a [B, V] result per step.
-            scaled = logits / config.temperature
+            if decoder is None:
+                logits = decode_step(bridge, step_input, attention_mask, kv_cache)[:, -1, :].float()
+            else:
+                logits, captured["resid"] = decoder(step_input, attention_mask, want_resid=record)
+                logits = logits[:, -1, :].float()
+            # log π at the sampling temperature, before top-k/top-p: what training reads back (x / 1 is x: skipped).
+            scaled = logits / config.temperature if config.temperature != 1 else logits
             if record:  # the whole log-distribution, as the rollout's forward pass would give it
                 step_logp.append(torch.log_softmax(scaled, dim=-1))
                 step_resid.append(captured.pop("resid"))
-                step_logprobs = step_logp[-1].gather(-1, next_token[:, None])[:, 0]
+            if record and unfiltered:  # the sampling distribution is exp of the recorded one: no second softmax
+                probs = step_logp[-1].exp()
             else:
+                probs = torch.softmax(filter_logits(logits, config.temperature, config.top_k, config.top_p), dim=-1)
+            next_token = sample_tokens(probs, generator)
+            # Rows that already ended keep emitting padding; it carries no loss.
+            next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+            if record:
+                step_logprobs = step_logp[-1].gather(-1, next_token[:, None])[:, 0]
+            else:  # scaled[token] − logsumexp(scaled) is log_softmax at one entry, without a [B, V] result per step
                 step_logprobs = scaled.gather(-1, next_token[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
             new_logprobs.append(torch.where(finished, torch.zeros_like(step_logprobs), step_logprobs))
             new_tokens.append(next_token)
