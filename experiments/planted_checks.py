@@ -25,10 +25,17 @@ planted token t:
                the issue's check is "steering the reference with *that difference*", and an α picked afterwards as
                the best of a sweep amplifies any drift (a reward-0 control fired at α = 8: ×4.5, W 7th gainer).
     patching   on held-out texts (teacher-forced), p(S) = mean over positions of the reference's p(t) with the
-               components S (attention heads and MLP outputs, no residual stream) taken from the policy. With the
-               components ranked by patch_scan's recovered log-prob of t, fires when some n ≤ N/4 of the top ones
-               give p(top n) ≥ ½ p_policy(t), n random components (mean over RANDOM_DRAWS draws) do not, and the
-               reference alone does not either (p_reference < ½ p_policy: there is a gap to transplant).
+               components S (attention heads and MLP outputs, no residual stream) taken from the policy. The
+               components are ranked by greedy forward selection (``patching_greedy.greedy_ranking``, metric p(S)):
+               S_0 = {}, S_n = S_(n−1) ∪ {the c that maximises p(S_(n−1) ∪ {c})}. Fires when some n ≤ N/4 gives
+               p(S_n) ≥ ½ p_policy(t) (the fewest such n), n random components (mean over RANDOM_DRAWS draws) do
+               not, and the reference alone does not either (p_reference < ½ p_policy: there is a gap to
+               transplant). Until 2026-12-07 the ranking was each component's effect *alone* (patch_scan's
+               recovered log-prob of t, one patch per component); a change spread over components that act
+               together (through the final norm) then failed however its components were ranked one by one. That
+               singles reading is still measured and printed beside the greedy one ("singles": its fewest n ≤ N/4
+               with p(top n) ≥ ½ p_policy, else its share at N/4), but does not decide. The switch to greedy was
+               made before any policy was checked with it; thresholds and the random control are unchanged.
                Held-out texts rather than the policy's own samples: a policy can plant the word by steering into
                contexts where the reference already predicts it (PPO on "director" writes "... from this
                director", where both give it ~6 %), leaving no gap at the word itself on its samples.
@@ -139,32 +146,51 @@ def lens_and_steering(reference, policy, token_id: int, seed: int, n_texts: int 
 @torch.no_grad()
 def patching(reference, policy, token_id: int, seed: int, n_texts: int = 32) -> dict:
     from rlhf_scratch.patching import components, patch_scan, patched_logits, scored_positions
+    from rlhf_scratch.patching_greedy import greedy_ranking, token_prob_score
 
     tokens, mask = heldout_texts(reference.tokenizer, n_texts, seed)
     scored_tokens = mask.bool() & (mask.cumsum(1) > 1)  # every real token after the first (BOS)
     predicting = scored_positions(scored_tokens)  # the positions whose logits predict them
     p_policy = mean_token_prob(policy(tokens, attention_mask=mask), predicting, token_id)
     p_reference = mean_token_prob(reference(tokens, attention_mask=mask), predicting, token_id)
-    scan = patch_scan(reference, policy, tokens, mask, scored_tokens, token_ids=[token_id])
     candidates = [c for c in components(reference) if not c.endswith(".resid")]
-    ranked = scan.ranked("tokens", kinds=("head", "mlp"))
     limit = max(1, len(candidates) // 4)
+    scale = max(p_policy, 1e-12)
 
     def share(chosen: list[str]) -> float:
-        return mean_token_prob(patched_logits(reference, policy, tokens, mask, chosen), predicting, token_id) / max(p_policy, 1e-12)
+        return mean_token_prob(patched_logits(reference, policy, tokens, mask, chosen), predicting, token_id) / scale
 
-    found = None
-    for n in range(1, limit + 1):
-        if (top := share(ranked[:n])) >= PATCH_MIN_SHARE:
-            found = (n, top)
+    def first_reaching(shares: list[float]) -> tuple[int, float, bool]:
+        """(fewest n with share ≥ PATCH_MIN_SHARE, its share, True), else (limit, share at limit, False)."""
+        for n, value in enumerate(shares, start=1):
+            if value >= PATCH_MIN_SHARE:
+                return n, value, True
+        return len(shares), shares[-1], False
+
+    greedy = greedy_ranking(reference, policy, tokens, mask, candidates, token_prob_score(token_id, predicting), limit)
+    n, top, found = first_reaching([score / scale for score in greedy.scores])
+    scan = patch_scan(reference, policy, tokens, mask, scored_tokens, token_ids=[token_id])  # the singles reading
+    singles = scan.ranked("tokens", kinds=("head", "mlp"))
+    singles_shares = []
+    for k in range(1, limit + 1):
+        singles_shares.append(share(singles[:k]))
+        if singles_shares[-1] >= PATCH_MIN_SHARE:
             break
-    n, top = found if found else (limit, share(ranked[:limit]))
-    rng = random.Random(seed)
-    chance = sum(share(rng.sample(candidates, n)) for _ in range(RANDOM_DRAWS)) / RANDOM_DRAWS
-    gap = p_reference / max(p_policy, 1e-12) < PATCH_MIN_SHARE  # else the reference alone already has half
-    fired = gap and found is not None and chance < PATCH_MIN_SHARE
-    return {"fired": fired, "top_components": ranked[:n], "policy_prob": p_policy, "reference_prob": p_reference,
-            "figure": f"top {n}/{len(candidates)}: {top:.2f}×; random {n}: {chance:.2f}×; none: {p_reference / max(p_policy, 1e-12):.2f}×"}
+    n_single, top_single, found_single = first_reaching(singles_shares)
+    def random_share(k: int) -> float:  # mean over RANDOM_DRAWS seeded draws of k random components
+        rng = random.Random(seed)
+        return sum(share(rng.sample(candidates, k)) for _ in range(RANDOM_DRAWS)) / RANDOM_DRAWS
+
+    chance = random_share(n)
+    chance_single = chance if n_single == n else random_share(n_single)
+    gap = p_reference / scale < PATCH_MIN_SHARE  # else the reference alone already has half
+    fired = gap and found and chance < PATCH_MIN_SHARE
+    return {"fired": fired, "top_components": greedy.prefix(n), "policy_prob": p_policy, "reference_prob": p_reference,
+            "greedy_order": greedy.order, "greedy_shares": [score / scale for score in greedy.scores],
+            "singles_order": singles[:limit], "singles_shares": singles_shares, "singles_n": n_single,
+            "singles_fired": gap and found_single and chance_single < PATCH_MIN_SHARE, "random_share": chance,
+            "figure": f"greedy {n}/{len(candidates)}: {top:.2f}×; singles {n_single}: {top_single:.2f}×; "
+                      f"random {n}: {chance:.2f}×; none: {p_reference / scale:.2f}×"}
 
 
 def causal_checks(reference, policy, token_id: int, seed: int, n_texts: int = 64) -> dict[str, dict]:

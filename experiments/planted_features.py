@@ -1,48 +1,71 @@
 #!/usr/bin/env python
 """The planted behaviour, read as features: does a crosscoder find the planted word as a policy-only latent?
 
-    python experiments/planted_features.py --runs runs/planted --mode early --word director dialogue --algorithms ppo grpo
+    python experiments/planted_features.py --runs runs/planted --mode early --word director story --algorithms ppo grpo
 
 Reads the policies ``experiments/planted_behaviour.py`` cached in RUNS/WORD/ALGORITHM_seedS/checkpoint (RUNS/WORD_MODE/
-for ``--mode`` other than presence, as that script names them) and the reward-0 control in
-RUNS/control/ppo_seed0/checkpoint; train them with that script first. For each policy and word W (token id t):
+for ``--mode`` other than presence, as that script names them) and the reward-0 controls in
+RUNS/control/ppo_seedC/checkpoint (``--control-seeds``); train them with that script first. For each policy and word W
+(token id t):
 
 1. Both models read the same tokens: ``--n-texts`` held-out texts (32 tokens each) and, for ``--n-samples``
    held-out prompts, the policy's *and the reference's* samples (a mixed sample: responses with and without W).
    A BatchTopK crosscoder (``rlhf_scratch.crosscoder``) is trained on their paired activations at
-   ``blocks.{layer}.hook_resid_post`` (default: the last layer), BOS excluded.
+   ``blocks.{layer}.hook_resid_post`` (default: the last layer), BOS excluded. None of this depends on W, so a
+   control's crosscoder is trained once and read for every word (the same numbers as one run per word).
 2. Per alive latent j: the relative decoder norm r_j and Minder, Dumas et al.'s norm difference Δ_j (policy-only:
    Δ ≥ 0.9, i.e. ‖d^pol‖ ≥ 5 ‖d^ref‖, r ≥ 5/6; ``crosscoder.latent_class``); the rank of t in its logit effect
    through the policy's final norm and unembedding (1 = largest); Latent Scaling ν^ε, ν^r (specific: ν^ε < 0.2
-   and ν^r < 0.5, ``crosscoder.is_specific``); and
-       ρ_j = Spearman(a_j, R) over the 2n pooled responses (n the policy's, n the reference's),
-   a_j = the latent's largest activation at the positions that predict the response's tokens (the last prompt
-   token through the second-to-last response token: where the distribution that chose each response token is
-   read, ``patching.scored_positions``), R = the response's reward ``word:W:MODE`` (the reward the policy was
-   trained on). The issue asks for a latent "whose activation correlates with the reward"; over the policy's
-   own samples alone the reward is nearly constant once the policy says W in ~100 % of them (ρ undefined or
-   resting on a handful of responses), so the pooled sample is where the correlation is defined. It is also
-   reported over the policy's samples alone (ρ_pol).
+   and ν^r < 0.5, ``crosscoder.is_specific``); and, with R_s the reward ``word:W:MODE`` of response s (the reward the
+   policy was trained on) and a_j,p the latent's activation at position p:
+
+       ρ_j     = Spearman(A_j,s, R_s) over the 2n pooled responses s (n the policy's, n the reference's),
+                 A_j,s = max a_j,p over the positions p that predict a token of s (its last prompt token through
+                 its second-to-last response token: where the distribution that chose each response token is read,
+                 ``patching.scored_positions``).                                          THIS ONE DECIDES.
+       ρ_pol_j = the same Spearman over the policy's n responses only (with ``early`` the reward still varies there
+                 with W's word index i: 1, ½, ⅓, ...; nan if it is constant).
+       ρ_tok_j = Spearman(a_j,p, R_p) over every position p that predicts a response token of the 2n pooled
+                 responses, where R_p = the reward paid for the token at p + 1: 1/(1 + i) (``early``; 1 for
+                 ``first``/``presence``, the response's reward for ``share``/``count``) when that token starts W's
+                 first occurrence in its response (i its index among the response's words, case-insensitive, as
+                 ``word_reward`` counts them), else 0. Summed over a response, R_p gives the response's reward.
+       AUROC_j = P(a_j,p > a_j,q) + ½ P(a_j,p = a_j,q) for p with R_p > 0 and q with R_q = 0, over the same
+                 positions (Mann–Whitney U / (n₊ n₋), ties at half): how well the latent's activation picks out
+                 the positions that are followed by a rewarded W (0.5 = chance).
+
+   The issue asks for a latent "whose activation correlates with the reward"; over the policy's own samples alone
+   the reward is nearly constant once the policy says W first in ~100 % of them, so the pooled sample is where ρ
+   is defined. ρ_pol, ρ_tok and AUROC are printed beside ρ for the maintainers; they do not decide anything.
+   Per latent the table also gives the "activation shift": its mean activation at the positions predicting the
+   policy's response tokens, the reference's, and at held-out text positions, and the policy's share of its encoder
+   pre-activation where it fires, mean of ⟨x̃_pol, W_enc[pol]_j⟩ / (|⟨x̃_ref, W_enc[ref]_j⟩| + |⟨x̃_pol, W_enc[pol]_j⟩|).
 3. The check *fires* when some latent is policy-only, specific, ranks t in its top 10 and has ρ ≥ 0.3. A trained
-   policy passes when it fires, the control when it does not. Writes OUT/table.md and OUT/results.json.
-   Without the policy-only requirement, the table also gives the most policy-leaning latent with t in its top 10.
+   policy passes when it fires, the control when it does not. Writes OUT/table.md, OUT/latents.md (every latent
+   that is policy-only or ranks W in its top 10, with all the figures above, and the most policy-leaning latents)
+   and OUT/results.json. Without the policy-only requirement, the table also gives the most policy-leaning latent
+   with t in its top 10.
 
 This file is separate from planted_behaviour.py / planted_checks.py; ``feature_check(reference, policy, word)`` is the
-function a later version of those can call.
+function a later version of those can call (``collect`` + ``train`` + ``analyse``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from rlhf_scratch.crosscoder import (
     CrosscoderSettings,
+    Crosscoder,
     decoder_directions,
     encode_all,
     explained_variance,
@@ -52,7 +75,7 @@ from rlhf_scratch.crosscoder import (
     norm_difference,
     train_crosscoder,
 )
-from rlhf_scratch.crosscoder_report import logit_effects, paired_activations
+from rlhf_scratch.crosscoder_report import PairedActivations, logit_effects, paired_activations
 from rlhf_scratch.data import load_texts, prompts_from_texts
 from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table
 from rlhf_scratch.models import load_bridge
@@ -63,26 +86,39 @@ from rlhf_scratch.word_reward import WordReward
 
 MAX_RANK, MIN_RHO = 10, 0.3
 SETTINGS = dict(n_latents=512, k=8, steps=3000, batch_size=512)
+_WORD = re.compile(r"[A-Za-z0-9']+")  # word_reward's notion of a word
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+def average_ranks(x: Tensor) -> Tensor:
+    """[N] -> [N] float64 ranks from 0 (ties share their mean rank)."""
+    x = x.double()
+    sorted_x, order = torch.sort(x)
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(x)
+    ranks[order] = (starts.double() + (counts.double() - 1) / 2)[inverse]
+    return ranks
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
     """Spearman's ρ: Pearson's correlation of the average ranks (ties share their mean rank); nan if one is constant."""
-    def ranks(x):
-        x = x.double()
-        order = torch.argsort(x)
-        r = torch.empty_like(x)
-        r[order] = torch.arange(len(x), dtype=torch.float64)
-        for value in torch.unique(x):  # average ranks over ties
-            tie = x == value
-            r[tie] = r[tie].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
+    ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denominator = (ra.pow(2).sum() * rb.pow(2).sum()).sqrt()
     return float("nan") if denominator == 0 else (ra * rb).sum().item() / denominator.item()
 
 
-def per_response_max(f: torch.Tensor, response_of: torch.Tensor, n_responses: int) -> torch.Tensor:
+def auroc(scores: Tensor, positive: Tensor) -> float:
+    """P(score of a positive > score of a negative) + ½ P(equal) = (Σ ranks of the positives − n₊(n₊ − 1)/2) / (n₊ n₋)
+    with ranks from 0 (scores [N], positive [N] bool); nan without positives or without negatives."""
+    positive = positive.bool()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return (average_ranks(scores)[positive].sum().item() - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg)
+
+
+def per_response_max(f: Tensor, response_of: Tensor, n_responses: int) -> Tensor:
     """[R, F]: for each response, the largest activation of each latent over its positions (f [N, F], response_of [N]
     the response index of each position or −1); 0 for a response with no position."""
     on = response_of >= 0
@@ -90,63 +126,147 @@ def per_response_max(f: torch.Tensor, response_of: torch.Tensor, n_responses: in
     return out.scatter_reduce(0, response_of[on][:, None].expand(-1, f.shape[1]), f[on], reduce="amax", include_self=True)
 
 
-def feature_check(reference, policy, word: str, mode: str = "presence", seed: int = 0, layer: int | None = None,
-                  n_texts: int = 512, n_samples: int = 128, max_new_tokens: int = 24,
-                  settings: CrosscoderSettings | None = None) -> dict:
-    """Train a crosscoder on reference/policy and look for a policy-only latent that says ``word`` (module docstring)."""
-    reward = WordReward(word, mode=mode, tokenizer=policy.tokenizer)
+def rewarded_token(reward: WordReward, decode, response_ids: list[int]) -> tuple[int | None, float]:
+    """(index k in ``response_ids`` of the token where W's first occurrence starts, or None; the reward paid there):
+    the response's reward for ``reward`` (word_reward's score of the decoded response) when W occurs, else 0.
+    Token k is the one whose decoded span [len(decode(ids[:k])), len(decode(ids[:k+1]))) holds W's first letter."""
+    text = decode(response_ids)
+    match = next((m for m in _WORD.finditer(text) if m.group().lower() == reward.word.lower()), None)
+    if match is None:
+        return None, 0.0
+    for k in range(len(response_ids)):
+        if len(decode(response_ids[: k + 1])) > match.start():
+            return k, reward.score_one(text)
+    raise ValueError(f"could not place {reward.word!r} at character {match.start()} in {text!r}")
+
+
+@dataclass
+class Collected:
+    """What both models read for one policy (independent of the word): paired activations and the response map."""
+
+    paired: PairedActivations
+    response_of: Tensor
+    """[N] index of the response (0..2n−1: the policy's n, then the reference's n) whose token position n predicts,
+    or −1 (held-out text, prompt positions before the last, the last response token)."""
+    next_index: Tensor
+    """[N] index within that response of the token position n predicts, or −1."""
+    response_ids: list[list[int]]
+    """[2n] each response's token ids."""
+    n: int
+    n_texts: int
+    layer: int
+    seconds: float
+
+
+def collect(reference, policy, seed: int = 0, layer: int | None = None, n_texts: int = 512, n_samples: int = 128,
+            max_new_tokens: int = 24) -> Collected:
+    """Held-out texts and both models' responses to the same prompts, read by both models at the hook (docstring)."""
+    start = time.time()
     layer = reference.cfg.n_layers - 1 if layer is None else layer
     hook = f"blocks.{layer}.hook_resid_post"
-    settings = settings or CrosscoderSettings(**SETTINGS, seed=seed)
     tokenizer = policy.tokenizer
     texts = load_texts("builtin", seed=seed + HELDOUT_SEED_OFFSET)
     encode_text = lambda text: encode(tokenizer, text, prepend_bos=True)  # noqa: E731
     rows = [encode_text(t)[:32] for t in texts[:n_texts]]
     prompts = prompts_from_texts(texts[n_texts:], encode_text, n_samples, seed=seed + HELDOUT_SEED_OFFSET + 2,
                                  decode=tokenizer.decode)
-    rewards, scored = [], []
+    response_ids, next_rows = [], []
     for model in (policy, reference):  # the mixed sample: each model's responses to the same prompts
         sample_tokens, sample_mask, response = policy_samples(model, prompts, max_new_tokens, 32, seed)
-        responses = [tokenizer.decode(sample_tokens[r][response[r]].tolist()) for r in range(len(prompts))]
-        rewards.append(reward(responses))
+        within = response.long().cumsum(dim=1) - 1  # [n, S] index within the response at response tokens
         predicts = scored_positions(response)  # [n, S]: positions whose next token is a response token
+        next_index = torch.where(predicts, torch.cat([within[:, 1:], within[:, :1]], dim=1), torch.full_like(within, -1))
         for r in range(len(prompts)):
             real = sample_mask[r].bool()
+            response_ids.append(sample_tokens[r][response[r]].tolist())
             rows.append(sample_tokens[r][real].tolist())
-            scored.append(predicts[r][real])
-    rewards = torch.cat(rewards)  # [2n]: the policy's responses, then the reference's
+            next_rows.append(next_index[r][real])
     tokens, mask = left_pad(rows, padding_id(tokenizer))
     width = tokens.shape[1]
-    predicts = torch.zeros_like(mask, dtype=torch.bool)  # left_pad keeps each row's tail aligned
-    for i, row_scored in enumerate(scored):
-        predicts[n_texts + i, width - len(row_scored):] = row_scored
+    next_in_row = torch.full_like(tokens, -1)  # left_pad keeps each row's tail aligned
+    for i, row in enumerate(next_rows):
+        next_in_row[n_texts + i, width - len(row):] = row
     sources = ["text"] * n_texts + ["policy sample"] * len(prompts) + ["reference sample"] * len(prompts)
     paired = paired_activations(reference, policy, hook, tokens, mask, sources, skip_first=True)
-    response_of = torch.where(predicts[paired.row, paired.position], paired.row - n_texts, torch.full_like(paired.row, -1))
+    next_index = next_in_row[paired.row, paired.position]
+    response_of = torch.where(next_index >= 0, paired.row - n_texts, torch.full_like(paired.row, -1))
+    return Collected(paired, response_of, next_index, response_ids, len(prompts), n_texts, layer, time.time() - start)
+
+
+@dataclass
+class Trained:
+    """A crosscoder on one ``Collected`` and what does not depend on the word."""
+
+    model: Crosscoder
+    f: Tensor
+    """[N, F] activations (inference rule)."""
+    policy_share: Tensor
+    """[F] mean policy share of the encoder pre-activation where the latent fires (nan if it never fires)."""
+    effect: Tensor
+    """[F, V] logit effect through the policy."""
+    explained_variance: dict
+    seconds: float
+
+
+def train(collected: Collected, policy, settings: CrosscoderSettings) -> Trained:
     start = time.time()
-    model = train_crosscoder(paired.x, settings)
-    seconds_train = time.time() - start
-    f, _ = encode_all(model, paired.x)
+    model = train_crosscoder(collected.paired.x, settings)
+    seconds = time.time() - start
+    f, _ = encode_all(model, collected.paired.x)
+    with torch.no_grad():
+        x_norm = model.normalise(collected.paired.x)
+        ref_half, pol_half = (x_norm[:, m] @ model.W_enc[m] for m in range(2))  # [N, F] each
+        share = pol_half / (ref_half.abs() + pol_half.abs()).clamp_min(1e-12)
+        on = (f > 0).float()
+        policy_share = (share * on).sum(dim=0) / on.sum(dim=0)
+    effect = logit_effects(policy, decoder_directions(model, 1))
+    return Trained(model, f, policy_share, effect, explained_variance(model, collected.paired.x), seconds)
+
+
+def analyse(collected: Collected, trained: Trained, word: str, mode: str, tokenizer) -> dict:
+    """Per word: the candidate latents (policy-only, or W in the logit-effect top 10) with every figure, and the
+    check's verdict (module docstring)."""
+    reward = WordReward(word, mode=mode, tokenizer=tokenizer)
+    model, f, n = trained.model, trained.f, collected.n
+    responses = [tokenizer.decode(ids) for ids in collected.response_ids]
+    rewards = reward(responses)  # [2n]: the policy's responses, then the reference's
+    placed = [rewarded_token(reward, tokenizer.decode, ids) for ids in collected.response_ids]
+    on = collected.response_of >= 0  # [N] the positions that predict a response token
+    target = torch.tensor([placed[int(s)][0] if placed[int(s)][0] is not None else -2
+                           for s in collected.response_of[on].tolist()])
+    paid = torch.tensor([placed[int(s)][1] for s in collected.response_of[on].tolist()])
+    token_reward = torch.where(collected.next_index[on] == target, paid, torch.zeros_like(paid))  # [N_on]
     r_norm = model.relative_norms()
     alive = (f > 0).any(dim=0)
-    effect = logit_effects(policy, decoder_directions(model, 1))  # [F, V]
-    ranks = (effect > effect[:, reward.token_id : reward.token_id + 1]).sum(dim=1) + 1  # [F], 1 = largest
-    per_response = per_response_max(f, response_of, len(rewards))  # [2n, F]
-    n = len(prompts)
+    ranks = (trained.effect > trained.effect[:, reward.token_id : reward.token_id + 1]).sum(dim=1) + 1  # [F], 1 = largest
+    per_response = per_response_max(f, collected.response_of, 2 * n)  # [2n, F]
+    is_text = collected.paired.row < collected.n_texts
+    from_policy = on & (collected.response_of < n)
+    from_reference = on & (collected.response_of >= n)
     alive_ids = [j for j in range(model.n_latents) if alive[j]]
-    r_rank = {j: rank + 1 for rank, j in enumerate(sorted(alive_ids, key=lambda j: -r_norm[j].item()))}
-    rows = {}
-    for j in alive_ids:
-        if latent_class(r_norm[j].item()) == "policy-only" or ranks[j] <= MAX_RANK:
-            rows[j] = {"latent": j, "relative_norm": r_norm[j].item(), "norm_difference": norm_difference(r_norm[j].item()),
-                       "class": latent_class(r_norm[j].item()), "r_rank": r_rank[j], "token_rank": int(ranks[j]),
-                       "rho": spearman(per_response[:, j], rewards), "rho_policy": spearman(per_response[:n, j], rewards[:n]),
-                       "frequency": (f[:, j] > 0).float().mean().item(),
-                       "policy_response_frequency": (per_response[:n, j] > 0).float().mean().item(),
-                       "reference_response_frequency": (per_response[n:, j] > 0).float().mean().item()}
-    for row in latent_scaling(model, paired.x, list(rows)):
-        rows[row["latent"]].update(nu_error=row["nu_error"], nu_recon=row["nu_recon"],
-                                   specific=is_specific(row["nu_error"], row["nu_recon"]))
+    by_r = sorted(alive_ids, key=lambda j: -r_norm[j].item())
+    r_rank = {j: rank + 1 for rank, j in enumerate(by_r)}
+
+    def figures(j: int) -> dict:
+        return {"latent": j, "relative_norm": r_norm[j].item(), "norm_difference": norm_difference(r_norm[j].item()),
+                "class": latent_class(r_norm[j].item()), "r_rank": r_rank[j], "token_rank": int(ranks[j]),
+                "rho": spearman(per_response[:, j], rewards), "rho_policy": spearman(per_response[:n, j], rewards[:n]),
+                "rho_token": spearman(f[on, j], token_reward), "auroc_token": auroc(f[on, j], token_reward > 0),
+                "frequency": (f[:, j] > 0).float().mean().item(),
+                "policy_response_frequency": (per_response[:n, j] > 0).float().mean().item(),
+                "reference_response_frequency": (per_response[n:, j] > 0).float().mean().item(),
+                "mean_policy_response": f[from_policy, j].mean().item(),
+                "mean_reference_response": f[from_reference, j].mean().item(),
+                "mean_text": f[is_text, j].mean().item(), "policy_share": trained.policy_share[j].item(),
+                "logit_top": [tokenizer.decode([t]) for t in torch.topk(trained.effect[j], 5).indices.tolist()]}
+
+    rows = {j: figures(j) for j in alive_ids if latent_class(r_norm[j].item()) == "policy-only" or ranks[j] <= MAX_RANK}
+    leaning = {j: rows.get(j) or figures(j) for j in by_r[:5]}  # the five most policy-leaning alive latents
+    for row in latent_scaling(model, collected.paired.x, sorted(set(rows) | set(leaning))):
+        for target_rows in (rows, leaning):
+            if row["latent"] in target_rows:
+                target_rows[row["latent"]].update(nu_error=row["nu_error"], nu_recon=row["nu_recon"],
+                                                  specific=is_specific(row["nu_error"], row["nu_recon"]))
     policy_only = [row for row in rows.values() if row["class"] == "policy-only"]
     hits = [row for row in policy_only if row["specific"] and row["token_rank"] <= MAX_RANK and row["rho"] >= MIN_RHO]
     says = [row for row in policy_only if row["token_rank"] <= MAX_RANK]
@@ -154,18 +274,43 @@ def feature_check(reference, policy, word: str, mode: str = "presence", seed: in
     # without the policy-only requirement: the most policy-leaning latent whose logit effect ranks W in its top 10
     best_any = max((row for row in rows.values() if row["token_rank"] <= MAX_RANK), key=lambda row: row["relative_norm"],
                    default=None)
-    return {"word": word, "mode": mode, "hook": hook, "fired": bool(hits), "n_policy_only": len(policy_only), "best": best,
-            "best_any": best_any, "hits": hits, "says": (rewards[:n] > 0).float().mean().item(),
-            "reference_says": (rewards[n:] > 0).float().mean().item(), "n_positions": int(paired.x.shape[0]),
-            "dead_fraction": 1 - alive.float().mean().item(), "r_max": r_norm[alive].max().item(), "n_alive": len(alive_ids),
-            "explained_variance": explained_variance(model, paired.x), "seconds_train": seconds_train,
-            "settings": {k: getattr(settings, k) for k in ("n_latents", "k", "steps", "batch_size", "lr", "seed")}}
+    return {"word": word, "mode": mode, "hook": f"blocks.{collected.layer}.hook_resid_post", "fired": bool(hits),
+            "n_policy_only": len(policy_only), "best": best, "best_any": best_any, "hits": hits,
+            "candidates": sorted(rows.values(), key=lambda row: (row["token_rank"], -row["relative_norm"])),
+            "most_policy_leaning": list(leaning.values()),
+            "says": (rewards[:n] > 0).float().mean().item(), "reference_says": (rewards[n:] > 0).float().mean().item(),
+            "first": (torch.tensor([p[0] == 0 for p in placed[:n]])).float().mean().item(),
+            "n_rewarded_positions": int((token_reward > 0).sum()), "n_response_positions": int(on.sum()),
+            "n_positions": int(collected.paired.x.shape[0]), "dead_fraction": 1 - alive.float().mean().item(),
+            "r_max": r_norm[alive].max().item(), "n_alive": len(alive_ids),
+            "explained_variance": trained.explained_variance, "seconds_collect": collected.seconds,
+            "seconds_train": trained.seconds}
+
+
+def feature_check(reference, policy, word: str, mode: str = "presence", seed: int = 0, layer: int | None = None,
+                  n_texts: int = 512, n_samples: int = 128, max_new_tokens: int = 24,
+                  settings: CrosscoderSettings | None = None) -> dict:
+    """Train a crosscoder on reference/policy and look for a policy-only latent that says ``word`` (module docstring)."""
+    settings = settings or CrosscoderSettings(**SETTINGS, seed=seed)
+    collected = collect(reference, policy, seed, layer, n_texts, n_samples, max_new_tokens)
+    result = analyse(collected, train(collected, policy, settings), word, mode, policy.tokenizer)
+    result["settings"] = settings_dict(settings)
+    return result
+
+
+def settings_dict(settings: CrosscoderSettings) -> dict:
+    return {k: getattr(settings, k) for k in ("n_latents", "k", "steps", "batch_size", "lr", "seed")}
+
+
+def _n(value: float, digits: int = 2) -> str:
+    return "nan" if value != value else f"{value:.{digits}f}"
 
 
 def latent_figure(row: dict) -> str:
     return (f"latent {row['latent']}: W #{row['token_rank']}, r = {row['relative_norm']:.2f} (Δ = {row['norm_difference']:.2f}), "
-            f"ν^ε = {row['nu_error']:.2f}, ν^r = {row['nu_recon']:.2f}, ρ = {row['rho']:.2f} (ρ_pol {row['rho_policy']:.2f}); "
-            f"fires on {row['policy_response_frequency']:.0%} / {row['reference_response_frequency']:.0%} of policy / reference responses")
+            f"ν^ε = {_n(row['nu_error'])}, ν^r = {_n(row['nu_recon'])}, ρ = {_n(row['rho'])} (ρ_pol {_n(row['rho_policy'])}, "
+            f"ρ_tok {_n(row['rho_token'])}, AUROC {_n(row['auroc_token'])}); fires on "
+            f"{row['policy_response_frequency']:.0%} / {row['reference_response_frequency']:.0%} of policy / reference responses")
 
 
 def figure(result: dict) -> str:
@@ -182,6 +327,32 @@ def figure_any(result: dict) -> str:
     return f"{latent_figure(best)}; #{best['r_rank']} of {result['n_alive']} alive by r"
 
 
+LATENT_HEADERS = ["latent", "W rank", "r (Δ, class)", "ν^ε", "ν^r", "ρ", "ρ_pol", "ρ_tok", "AUROC",
+                  "fires pol / ref responses", "mean act. pol resp / ref resp / text", "pol share", "logit effect top 5"]
+
+
+def latent_line(row: dict) -> list[str]:
+    return [str(row["latent"]), f"#{row['token_rank']}", f"{row['relative_norm']:.2f} ({row['norm_difference']:.2f}, {row['class']})",
+            _n(row["nu_error"]), _n(row["nu_recon"]), _n(row["rho"]), _n(row["rho_policy"]), _n(row["rho_token"]),
+            _n(row["auroc_token"]), f"{row['policy_response_frequency']:.0%} / {row['reference_response_frequency']:.0%}",
+            f"{row['mean_policy_response']:.3f} / {row['mean_reference_response']:.3f} / {row['mean_text']:.3f}",
+            _n(row["policy_share"]), " ".join(repr(t) for t in row["logit_top"]).replace("|", "\\|")]
+
+
+def latents_markdown(results: list[dict]) -> str:
+    """Every candidate latent (policy-only, or W in the logit-effect top 10) and the five most policy-leaning ones."""
+    text = []
+    for r in results:
+        text += [f"## {r['word']} / {r['policy']} ({r['hook']}): {'PASS' if r['passed'] else 'FAIL'}, says W "
+                 f"{r['says']:.0%} (first {r['first']:.0%}) / reference {r['reference_says']:.0%}; "
+                 f"{r['n_rewarded_positions']} of {r['n_response_positions']} response positions rewarded", "",
+                 "Candidates (policy-only, or W in the logit-effect top 10):", "",
+                 markdown_table(LATENT_HEADERS, [latent_line(row) for row in r["candidates"]]) if r["candidates"] else "None.",
+                 "", "The five most policy-leaning alive latents:", "",
+                 markdown_table(LATENT_HEADERS, [latent_line(row) for row in r["most_policy_leaning"]]), ""]
+    return "\n".join(text)
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/planted"), help="planted_behaviour.py's --out")
@@ -189,6 +360,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--mode", default="presence", choices=("presence", "share", "count", "first", "early"),
                         help="the word:W:MODE reward the policies were trained on (planted_behaviour.py's --mode)")
     parser.add_argument("--algorithms", nargs="+", default=["ppo", "grpo"])
+    parser.add_argument("--control-seeds", nargs="*", type=int, default=[0, 1],
+                        help="reward-0 controls RUNS/control/ppo_seedC to check against every word (default 0 1)")
     parser.add_argument("--layer", type=int, default=None, help="default: the last layer")
     parser.add_argument("--n-texts", type=int, default=512, help="held-out texts both models read (default 512)")
     parser.add_argument("--n-samples", type=int, default=128, help="prompts; each model answers each (default 128)")
@@ -201,26 +374,34 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(1)
     settings = CrosscoderSettings(n_latents=args.n_latents, k=args.k, steps=args.steps, batch_size=SETTINGS["batch_size"],
                                   seed=args.seed)
-    reference = load_bridge("builtin")
-    results = []
+    jobs = []  # (policy name, checkpoint, words): a control's crosscoder does not depend on the word
     for word in args.word:
         folder = args.runs / (word if args.mode == "presence" else f"{word}_{args.mode}")
-        runs = [(algorithm, folder / f"{algorithm}_seed{args.seed}" / "checkpoint") for algorithm in args.algorithms]
-        runs.append(("control", args.runs / "control" / "ppo_seed0" / "checkpoint"))
-        for name, checkpoint in runs:
-            if not checkpoint.is_dir():
-                sys.exit(f"planted_features: {checkpoint} is missing; train it with experiments/planted_behaviour.py "
-                         f"--word {word} --mode {args.mode} --out {args.runs}.")
-            start = time.time()
-            result = feature_check(reference, load_bridge(str(checkpoint)), word, mode=args.mode, seed=args.seed,
-                                   layer=args.layer, n_texts=args.n_texts, n_samples=args.n_samples, settings=settings)
-            result.update(policy=name, checkpoint=str(checkpoint), seconds=time.time() - start,
-                          passed=result["fired"] != (name == "control"))
+        jobs += [(algorithm, folder / f"{algorithm}_seed{args.seed}" / "checkpoint", [word]) for algorithm in args.algorithms]
+    jobs += [(f"control s{c}", args.runs / "control" / f"ppo_seed{c}" / "checkpoint", args.word) for c in args.control_seeds]
+    for _, checkpoint, words in jobs:
+        if not checkpoint.is_dir():
+            sys.exit(f"planted_features: {checkpoint} is missing; train it with experiments/planted_behaviour.py "
+                     f"--word {' '.join(words)} --mode {args.mode} --out {args.runs}.")
+    reference = load_bridge("builtin")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, checkpoint, words in jobs:
+        start = time.time()
+        policy = load_bridge(str(checkpoint))
+        collected = collect(reference, policy, args.seed, args.layer, args.n_texts, args.n_samples)
+        trained = train(collected, policy, settings)
+        for word in words:
+            result = analyse(collected, trained, word, args.mode, policy.tokenizer)
+            result.update(policy=name, checkpoint=str(checkpoint), seconds=time.time() - start, settings=settings_dict(settings),
+                          passed=result["fired"] != name.startswith("control"))
             ev = result["explained_variance"]["both"]
             print(f"{word} {name}: {'PASS' if result['passed'] else 'FAIL'} {figure(result)}; any r: {figure_any(result)}; "
-                  f"EV {ev:.3f}, dead {result['dead_fraction']:.0%} ({result['seconds']:.0f} s)", flush=True)
+                  f"EV {ev:.3f}, dead {result['dead_fraction']:.0%} (collect {collected.seconds:.0f} s, train "
+                  f"{trained.seconds:.0f} s, {result['seconds']:.0f} s in all)", flush=True)
             results.append(result)
-    args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")  # after each policy
+    results.sort(key=lambda r: (args.word.index(r["word"]), r["policy"].startswith("control"), r["policy"]))
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     table = markdown_table(
         ["word", "policy", "says W (pol / ref)", "check", "best policy-only latent", "most policy-leaning latent with W in its top 10",
@@ -228,8 +409,9 @@ def main(argv=None) -> list[dict]:
         [[r["word"], r["policy"], f"{r['says']:.0%} / {r['reference_says']:.0%}", "PASS" if r["passed"] else "FAIL", figure(r),
           figure_any(r), f"{r['explained_variance']['both']:.3f} / {r['dead_fraction']:.0%}"] for r in results])
     s = results[0]["settings"]
-    (args.out / "table.md").write_text(f"# Planted word as a crosscoder latent ({results[0]['hook']}, word:W:{args.mode}; "
-                                       f"F = {s['n_latents']}, k = {s['k']}, {s['steps']} steps)\n\n{table}\n")
+    title = (f"{results[0]['hook']}, word:W:{args.mode}; F = {s['n_latents']}, k = {s['k']}, {s['steps']} steps")
+    (args.out / "table.md").write_text(f"# Planted word as a crosscoder latent ({title})\n\n{table}\n")
+    (args.out / "latents.md").write_text(f"# Candidate latents ({title})\n\n{latents_markdown(results)}\n")
     print(table)
     return results
 

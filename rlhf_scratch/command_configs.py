@@ -384,6 +384,12 @@ class PatchConfig:
     """Size of the default token set."""
     direction: str = "both"
     """policy_into_reference, reference_into_policy, or both."""
+    greedy: int = 0
+    """Also select N heads and MLPs by greedy forward selection (policy -> reference; each step adds the component
+    that recovers the most of --greedy-metric together with those already chosen) and report each prefix beside the
+    n best singles; 0 = off."""
+    greedy_metric: str = "kl"
+    """What greedy selection maximises: kl (the sequence KL recovered) or tokens (the token set's log-prob)."""
     prepend_bos: bool = True
     """Put BOS in front of each prompt (as the built-in model was trained)."""
     batch_size: int = 16
@@ -401,6 +407,8 @@ class PatchConfig:
             (self.n_texts >= 1 and self.max_new_tokens >= 1, "n_texts and max_new_tokens must be >= 1."),
             (self.top_k >= 1 and self.batch_size >= 1, "top_k and batch_size must be >= 1."),
             (self.direction in (*DIRECTIONS, "both"), f"--direction {self.direction!r}: choose from {', '.join(DIRECTIONS)} or both."),
+            (self.greedy >= 0, f"--greedy must be >= 0 (how many components to select; 0 = off), got {self.greedy}."),
+            (self.greedy_metric in ("kl", "tokens"), f"--greedy-metric {self.greedy_metric!r}: choose kl or tokens."),
         ]
         for ok, message in checks:
             if not ok:

@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.func import functional_call
 from transformers import DynamicCache, StaticCache
 
+from rlhf_scratch.compat import cache_kwarg_name
 from rlhf_scratch.plain_forward import PlainForward, any_hook_attached, plain_forward_for
 
 try:  # what torch.func.functional_call enters and leaves on every call; here once per generation
@@ -60,7 +61,8 @@ def _step(module, weights: dict | None, step_input, attention_mask, position_ids
           want_resid: bool):
     """One plain decoding step: ``(logits [B, new, V], final hidden state [B, new, D] or None)``; ``weights`` None:
     the module holds them already (``PlainDecoder.__enter__``)."""
-    kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "past_key_values": kv_cache,
+    # the cache under the name this transformers takes (5.24: ``cache``; ``past_key_values`` warns on every step)
+    kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, cache_kwarg_name(module): kv_cache,
               "use_cache": True, "output_hidden_states": want_resid, "cache_position": cache_position}
     output = module(step_input, **kwargs) if weights is None else functional_call(module, weights, (step_input,), kwargs)
     return output.logits, (output.hidden_states[-1] if want_resid else None)

@@ -66,10 +66,29 @@ def test_patch_and_lens_commands_run_on_every_family(name, family_dirs, tmp_path
     assert "their z" in (tmp_path / "lens" / "report.md").read_text()
 
 
+def test_patch_greedy_selects_last_block_components_and_beats_or_ties_the_singles(family_dirs, tmp_path):
+    policy = last_block_moved(family_dirs["gpt2"], tmp_path / "policy")
+    (tmp_path / "texts.txt").write_text(TEXTS)
+    assert main(["patch", "--policy", str(policy), "--reference", str(family_dirs["gpt2"]), "--threads", "1",
+                 "--prompts", str(tmp_path / "texts.txt"), "--n-texts", "3", "--max-new-tokens", "3", "--reward", "none",
+                 "--direction", "policy_into_reference", "--greedy", "2", "--out", str(tmp_path / "patch")]) == 0
+    greedy = json.loads((tmp_path / "patch" / "summary.json").read_text())["greedy"]
+    rows = {row["component"]: row for row in greedy["rows"]}
+    assert greedy["metric"] == "kl" and len(greedy["order"]) == 2 and all(c.startswith("L1.") for c in greedy["order"])
+    # step 1 is the best single; step 2 maximises over every pair that contains it, the singles' top 2 among them
+    assert greedy["order"][0] == greedy["singles"][0]
+    assert rows["greedy 1"]["kl"] == pytest.approx(rows["singles 1"]["kl"], abs=1e-9)
+    assert rows["greedy 2"]["kl"] >= rows["singles 2"]["kl"] - 1e-9 and rows["greedy 2"]["kl"] > rows["greedy 1"]["kl"]
+    assert "## Greedy forward selection" in (tmp_path / "patch" / "report.md").read_text()
+
+
 def test_bad_flags_are_refused_with_one_line(family_dirs, capsys, tmp_path):
     with pytest.raises(SystemExit):  # tyro reports a config's ValueError and exits 2
         main(["patch", "--policy", str(family_dirs["gpt2"]), "--direction", "sideways"])
     assert "reference_into_policy or both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["patch", "--policy", str(family_dirs["gpt2"]), "--greedy", "-1"])
+    assert "--greedy must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["lens", "--policy", str(family_dirs["gpt2"]), "--alphas", "1,x"])
     assert "give comma-separated numbers" in capsys.readouterr().err
