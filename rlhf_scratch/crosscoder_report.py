@@ -18,7 +18,6 @@ summary.json, crosscoder.pt, features.html (the listed latents as a static page)
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,9 @@ from rlhf_scratch.crosscoder import (
     train_crosscoder,
 )
 from rlhf_scratch.data import load_texts, prompts_from_texts
-from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
+from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, code_cell, markdown_table, number_cell, pyplot
 from rlhf_scratch.feature_html import write_feature_page
-from rlhf_scratch.model_diff import load_pair
+from rlhf_scratch.model_diff import load_pair_at_layer
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.patching_report import policy_samples
 from rlhf_scratch.sampling import encode, left_pad, padding_id
@@ -159,12 +158,7 @@ def latent_rows(model, paired: PairedActivations, latents: list[int], effects: l
 def run_crosscode(config: CrosscodeConfig) -> dict:
     """Collect paired activations, train, analyse; write report.md, relative_norms.png, summary.json, crosscoder.pt."""
     console = Console()
-    torch.manual_seed(config.seed)
-    reference, policy, facts = load_pair(config.reference, config.policy, config.device, "crosscode")
-    n_layers = reference.cfg.n_layers
-    layer = n_layers // 2 if config.layer is None else config.layer
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"--layer {layer}: the model has {n_layers} layers (0..{n_layers - 1}).")
+    reference, policy, facts, layer = load_pair_at_layer(config, "crosscode")
     hook = config.hook or f"blocks.{layer}.hook_resid_post"
     if hook not in reference.hook_dict:
         raise ValueError(f"--hook {hook!r} is not a hook of this model; e.g. blocks.{layer}.hook_resid_post.")
@@ -242,17 +236,9 @@ def html_feature(row: dict) -> dict:
     """One latent as a card of ``feature_html``."""
     return {"title": f"Latent {row['latent']} ({row['group']}, {row['class']})",
             "facts": {"r": f"{row['relative_norm']:.3f}", "frequency": f"{row['frequency']:.4f}",
-                      "ν^ε": _number(row["nu_error"]), "ν^r": _number(row["nu_recon"])},
+                      "ν^ε": number_cell(row["nu_error"], 2), "ν^r": number_cell(row["nu_recon"], 2)},
             "tokens": {f"{name} logit effect": row[f"logit_tokens_{name}"] for name in MODELS},
             "contexts": [{"label": f"{c['source']} {c['activation']:.2f}", "tokens": c["tokens"]} for c in row["contexts"]]}
-
-
-def _code(text: str) -> str:
-    return "`" + repr(text)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
-
-
-def _number(value, digits: int = 2) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def write_crosscode_report(out: Path, config: CrosscodeConfig, summary: dict) -> Path:
@@ -290,15 +276,15 @@ def write_crosscode_report(out: Path, config: CrosscodeConfig, summary: dict) ->
             text += ["None.", ""]
             continue
         text += [markdown_table(headers, [[str(row["latent"]), f"{row['relative_norm']:.3f} ({row['class']})", f"{row['frequency']:.4f}",
-                                           _number(row["nu_error"]), _number(row["nu_recon"]),
-                                           " ".join(_code(t) for t in row["logit_tokens_policy"][:6]),
-                                           " ".join(_code(t) for t in row["logit_tokens_reference"][:6])] for row in rows]), ""]
+                                           number_cell(row["nu_error"], 2), number_cell(row["nu_recon"], 2),
+                                           " ".join(code_cell(t) for t in row["logit_tokens_policy"][:6]),
+                                           " ".join(code_cell(t) for t in row["logit_tokens_reference"][:6])] for row in rows]), ""]
     text += ["## Top contexts", "", "The read token is in [[ ]]; pol share: the policy half's share of the encoder "
              "pre-activation at that token; source: held-out text or policy sample.", ""]
     for row in summary["latents"]:
         text += [f"**Latent {row['latent']}** ({row['class']}, r = {row['relative_norm']:.3f})", "",
                  markdown_table(["activation", "pol share", "source", "context"],
-                                [[f"{c['activation']:.2f}", _number(c["policy_share"]), c["source"], _code(c["context"])]
+                                [[f"{c['activation']:.2f}", number_cell(c["policy_share"], 2), c["source"], code_cell(c["context"])]
                                  for c in row["contexts"]]) if row["contexts"] else "Never fires.", ""]
     path = out / "report.md"
     path.write_text("\n".join(text))

@@ -25,8 +25,8 @@ from rlhf_scratch.diff_lens import (
     steered_logits,
     steering_hook,
 )
-from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
-from rlhf_scratch.model_diff import load_pair, parse_token_set
+from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, code_cell, markdown_table, number_cell, pyplot
+from rlhf_scratch.model_diff import load_pair_at_layer, parse_token_set
 from rlhf_scratch.outputs import write_json
 from rlhf_scratch.patching import token_set_logprob
 from rlhf_scratch.rewards import make_reward, score_texts
@@ -70,12 +70,8 @@ def steering_sweep(reference, vector, layer: int, alphas: list[float], texts, te
 def run_lens(config: LensConfig) -> dict:
     """Δ per layer, its lens reading, the steering sweep; write report.md, steering.png, summary.json."""
     console = Console()
-    torch.manual_seed(config.seed)
-    reference, policy, facts = load_pair(config.reference, config.policy, config.device, "lens")
+    reference, policy, facts, layer = load_pair_at_layer(config, "lens")
     n_layers = reference.cfg.n_layers
-    layer = n_layers // 2 if config.layer is None else config.layer
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"--layer {layer}: the model has {n_layers} layers (0..{n_layers - 1}).")
     given = parse_token_set(config.tokens, policy.tokenizer) if config.tokens else None
     reward = make_reward(config.reward) if config.reward else None
 
@@ -129,11 +125,7 @@ def run_lens(config: LensConfig) -> dict:
 
 
 def _tokens_cell(tokens: list[str], n: int = 10) -> str:
-    return " ".join("`" + repr(t)[1:-1].replace("|", "\\|").replace("`", "'") + "`" for t in tokens[:n])
-
-
-def _number(value, digits: int = 3, sign: str = "") -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{sign}.{digits}f}"
+    return " ".join(code_cell(t) for t in tokens[:n])
 
 
 def write_lens_report(out: Path, config: LensConfig, summary: dict) -> Path:
@@ -158,11 +150,11 @@ def write_lens_report(out: Path, config: LensConfig, summary: dict) -> Path:
         "log Σ_T p and Σ_T p are means over the held-out texts' real positions (teacher-forced); the ratio is Σ_T p "
         "against α = 0." + (f" Reward: {summary['reward']} of {config.n_prompts} samples ({config.max_new_tokens} new "
                              f"tokens) per α, the same random numbers for every α; the policy itself scores "
-                             f"{_number(summary['policy_reward'])} on the same prompts." if has_reward else ""), "",
+                             f"{number_cell(summary['policy_reward'], 3)} on the same prompts." if has_reward else ""), "",
         markdown_table(["α", "log Σ_T p", "Δ vs α=0", "Σ_T p ratio", *(["reward ± SE", "Δ reward", "first sample"] if has_reward else [])],
-                       [[f"{r['alpha']:g}", _number(r["token_logprob"]), _number(r["delta_token_logprob"], sign="+"),
-                         _number(r["token_prob_ratio"], 2),
-                         *([f"{_number(r['reward'])} ± {_number(r['reward_se'])}", _number(r["delta_reward"], sign="+"),
+                       [[f"{r['alpha']:g}", number_cell(r["token_logprob"], 3), number_cell(r["delta_token_logprob"], 3, "+"),
+                         number_cell(r["token_prob_ratio"], 2),
+                         *([f"{number_cell(r['reward'], 3)} ± {number_cell(r['reward_se'], 3)}", number_cell(r["delta_reward"], 3, "+"),
                             "`" + repr(r["sample"])[1:-1].replace("|", "\\|").replace("`", "'")[:60] + "`"] if has_reward else [])]
                         for r in summary["sweep"]]), "",
         "![steering sweep](steering.png)", "",
@@ -184,8 +176,8 @@ def print_lens_tables(console, summary: dict) -> None:
     for header in ("α", "Δ log Σ_T p", "Σ_T p ratio", "reward"):
         table.add_column(header, justify="right")
     for r in summary["sweep"]:
-        table.add_row(f"{r['alpha']:g}", _number(r["delta_token_logprob"], sign="+"), _number(r["token_prob_ratio"], 2),
-                      _number(r.get("reward")))
+        table.add_row(f"{r['alpha']:g}", number_cell(r["delta_token_logprob"], 3, "+"), number_cell(r["token_prob_ratio"], 2),
+                      number_cell(r.get("reward"), 3))
     console.print(table)
 
 

@@ -388,6 +388,16 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def code_cell(text: str) -> str:
+    """``text`` as inline code for a table cell: escapes shown (repr, unquoted), | escaped, ` written as '."""
+    return "`" + repr(text)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
+
+
+def number_cell(value, digits: int, sign: str = "") -> str:
+    """``value`` to ``digits`` decimals (``sign`` "+": always signed), or – where it is None or NaN."""
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{sign}.{digits}f}"
+
+
 def markdown_metrics_table(rows: list[dict]) -> str:
     return markdown_table([header for _, header in TABLE_COLUMNS], [table_cells(row) for row in rows])
 

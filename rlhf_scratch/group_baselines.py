@@ -13,8 +13,8 @@ same prompt in the same phase. One phase, on the same engine as PPO and REINFORC
            aggregate: per-response mean, then mean over responses (GRPO);
            Dr. GRPO: no std division, Σ_t / max_new_tokens (no length bias)          (objectives.aggregate_tokens)
 
-RLOO is REINFORCE with the leave-one-out baseline: it calls REINFORCE's loss as a function
-(``reinforce.reinforce_terms``) and inherits nothing. GRPO is a clipped-ratio update like PPO's, without
+RLOO is REINFORCE with the leave-one-out baseline: it shares REINFORCE's update (``reinforce.ReinforceUpdate``:
+minibatches, the loss ``reinforce_terms``, total, metrics) and has its own ``build_memory``. GRPO is a clipped-ratio update like PPO's, without
 the value head and with the KL as a loss term (k3, the paper's choice) by default. Both are values plugged
 into the one loop (``policy_trainer.PolicyTrainer``): outputs, resume, hooks and ``--debug`` are shared.
 """
@@ -36,7 +36,7 @@ from rlhf_scratch.algorithm_configs import GRPOConfig, GroupConfig, RLOOConfig  
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import aggregate_tokens, clipped_surrogate_per_token, per_token_kl
 from rlhf_scratch.policy_trainer import PolicyTrainer, run_trainer
-from rlhf_scratch.reinforce import REINFORCE_METRICS, REINFORCE_SHARE, reinforce_terms
+from rlhf_scratch.reinforce import ReinforceUpdate
 from rlhf_scratch.rollout import ScoredRollout
 
 
@@ -78,12 +78,11 @@ class GroupAlgorithm:
 # --------------------------------------------------------------------------- RLOO
 
 
-class RLOO(GroupAlgorithm):
-    """REINFORCE whose baseline is each response's leave-one-out group mean (``advantages.rloo_advantages``)."""
+class RLOO(ReinforceUpdate, GroupAlgorithm):
+    """REINFORCE whose baseline is each response's leave-one-out group mean (``advantages.rloo_advantages``); the
+    update (minibatches, loss, total, metrics) is REINFORCE's (``reinforce.ReinforceUpdate``)."""
 
     title, kind = "RLOO", "rloo"
-    clipped = False
-    share = REINFORCE_SHARE
 
     @torch.no_grad()
     def build_memory(self, rollout: ScoredRollout, kl_coef: float) -> tuple[ReplayMemory, dict[str, float]]:
@@ -91,21 +90,6 @@ class RLOO(GroupAlgorithm):
         advantage = rloo_advantages(shaped, self.config.group_size)
         stats = {"reinforce/shaped_reward": shaped.mean().item(), **group_stats(shaped, advantage, self.group_size)}
         return memory_with_sequence_advantages(self.config, rollout, advantage), stats
-
-    def minibatches(self, memory: ReplayMemory, generator: torch.Generator):
-        """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size), as REINFORCE."""
-        return shuffled_minibatches(memory, self.config.minibatch_size or len(memory), 1, generator)
-
-    def loss(self, learning_pass: LearningPass, minibatch: ReplayMemory, kl_coef: float) -> dict[str, Tensor]:
-        """REINFORCE's loss (``reinforce.reinforce_terms``) with the leave-one-out advantages."""
-        return reinforce_terms(learning_pass, minibatch, self.config, kl_coef)
-
-    @staticmethod
-    def total(terms: dict[str, Tensor]) -> Tensor:
-        return terms["policy_loss"] + terms["kl_penalty"]
-
-    def metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
-        return breakdown_means(breakdown, REINFORCE_METRICS)
 
 
 class RLOOTrainer(PolicyTrainer):

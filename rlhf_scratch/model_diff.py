@@ -162,6 +162,19 @@ def load_pair(reference_source: str, policy_source: str, device: str, tool: str)
     return reference, policy, facts
 
 
+def load_pair_at_layer(config, tool: str):
+    """Seed torch with ``config.seed``, ``load_pair`` ``config.reference`` and ``config.policy`` on ``config.device``,
+    and pick the layer a tool reads: ``config.layer``, or the middle one (n_layers // 2) when it is None; a layer the
+    model lacks is refused in one line. -> ``(reference, policy, facts, layer)``"""
+    torch.manual_seed(config.seed)
+    reference, policy, facts = load_pair(config.reference, config.policy, config.device, tool)
+    n_layers = reference.cfg.n_layers
+    layer = n_layers // 2 if config.layer is None else config.layer
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"--layer {layer}: the model has {n_layers} layers (0..{n_layers - 1}).")
+    return reference, policy, facts, layer
+
+
 def weight_change(ref_bridge, policy_bridge) -> list[dict]:
     """Relative Frobenius change of every head's Q/K/V/O, every MLP matrix, embeddings, unembedding and norm scales.
 

@@ -19,7 +19,7 @@ from rich.table import Table
 from torch import Tensor
 
 from rlhf_scratch.data import load_texts, prompts_from_texts
-from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
+from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, code_cell, markdown_table, pyplot
 from rlhf_scratch.model_diff import (
     cached_hook_names,
     collect,
@@ -236,16 +236,12 @@ def interpretation(summary: dict) -> str:
 # --------------------------------------------------------------------------- tables and plots
 
 
-def _token_cell(token: str) -> str:
-    return "`" + repr(token)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
-
-
 def _prob(p: float, sign: str = "") -> str:
     return f"{p:{sign}.4f}" if abs(p) >= 1e-3 or p == 0 else f"{p:{sign}.1e}"
 
 
 def _token_rows(rows: list[dict]) -> list[list[str]]:
-    return [[_token_cell(r["token"]), f"{r['delta_logprob']:+.3f}", _prob(r["delta_prob"], "+"), _prob(r["ref_prob"]),
+    return [[code_cell(r["token"]), f"{r['delta_logprob']:+.3f}", _prob(r["delta_prob"], "+"), _prob(r["ref_prob"]),
              _prob(r["pol_prob"])] for r in rows]
 
 
@@ -292,7 +288,7 @@ def write_diff_report(out: Path, config: DiffConfig, summary: dict, notes: list[
         "Lost most:", "",
         markdown_table(token_headers, _token_rows(summary["prob_fell"])), "",
         "## Direct logit attribution", "",
-        f"Token set T = {', '.join(_token_cell(t) for t in summary['dla_tokens'])}"
+        f"Token set T = {', '.join(code_cell(t) for t in summary['dla_tokens'])}"
         f"{' (from --tokens)' if config.tokens else ' (the tokens that rose most)'}. Direction d = mean_T W_U[:, t] − "
         "mean_v W_U[:, v]; contribution of component c = mean over positions of ((c − m(c))/s)·(γ ⊙ d), with s the "
         "final norm's scale of the full residual and m(c) = mean c for LayerNorm, 0 for RMSNorm; 'bias' = β·d + "

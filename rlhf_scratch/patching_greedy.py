@@ -10,15 +10,17 @@ component at a time (receiver r, donor d, candidates C, metric m of the patched 
 
 The order c_1, c_2, ... is the ranking and m(S_k) the metric of each prefix. Ties go to the first candidate in
 ``candidates`` order. Cost: |C| + (|C| − 1) + ... + (|C| − n + 1) patched forward passes of the receiver for the
-first n (and one of the donor, whose activations are cached).
+first n, and one forward of the donor per step (its logits and the activations to patch in).
 
-The metric is a function of the patched logits, summed over batches, so that every measure works and no [N, S, V]
-tensor of all sequences is held at once:
+The metric is a function of the patched logits and the donor's, summed over row batches:
 
-    score_fn(logits [B, S, V], rows: slice) -> float,     m(S) = Σ over batches of score_fn(batch logits, rows)
+    score_fn(logits [B, S, V], rows: slice, donor_logits [B, S, V]) -> float,
+    m(S) = Σ over batches of score_fn(batch logits, rows, the donor's batch logits)
 
-where ``rows`` says which sequences of ``tokens`` the batch holds. ``kl_score`` and ``token_prob_score`` build the
-two usual ones (the negated sequence KL to the donor; the mean probability of a token at chosen positions).
+where ``rows`` says which sequences of ``tokens`` the batch holds. Each step runs batch by batch (every candidate on
+one batch, then the next), so at most one batch of logits [B, S, V] is held, never one of all N sequences.
+``kl_score``, ``token_prob_score`` and ``token_set_score`` build the usual ones (the negated sequence KL to the
+donor; the mean probability of a token, or log-probability of a token set, at chosen positions).
 
     greedy_ranking(receiver, donor, tokens, attention_mask, candidates, score_fn, max_n) -> GreedyRanking
 """
@@ -30,13 +32,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from rlhf_scratch.patching import _parsed, donor_activations, run_patched, sequence_kl
 
-ScoreFn = Callable[[Tensor, slice], float]
-"""score_fn(logits [B, S, V], rows) -> float; the metric of a patched model is its sum over batches."""
+ScoreFn = Callable[[Tensor, slice, Tensor], float]
+"""score_fn(logits [B, S, V], rows, donor_logits [B, S, V]) -> float; the metric of a patched model is its sum over
+batches."""
 
 
 @dataclass
@@ -62,18 +65,21 @@ class GreedyRanking:
         return sorted(first, key=lambda name: -first[name])
 
 
-def _score(receiver, tokens, attention_mask, acts, names, score_fn: ScoreFn, batch_size: int) -> float:
-    total = 0.0
+def _scores(receiver, donor, tokens, attention_mask, candidates, sets: list[list[str]], score_fn: ScoreFn,
+            batch_size: int) -> list[float]:
+    """m(S) for each S in ``sets``, batch by batch: one donor forward per batch, then every set on that batch."""
+    totals = [0.0] * len(sets)
+    device = next(receiver.parameters()).device
     for start in range(0, tokens.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        index = torch.arange(tokens.shape[0])[rows]
-        if names:
-            logits = run_patched(receiver, tokens[rows], attention_mask[rows], acts.rows(index), names)
-        else:
-            device = next(receiver.parameters()).device
-            logits = receiver(tokens[rows].to(device), attention_mask=attention_mask[rows].to(device))
-        total += float(score_fn(logits, rows))
-    return total
+        donor_logits, acts = donor_activations(donor, tokens[rows], attention_mask[rows], candidates)
+        for i, names in enumerate(sets):
+            if names:
+                logits = run_patched(receiver, tokens[rows], attention_mask[rows], acts, names)
+            else:
+                logits = receiver(tokens[rows].to(device), attention_mask=attention_mask[rows].to(device))
+            totals[i] += float(score_fn(logits, rows, donor_logits))
+    return totals
 
 
 @torch.no_grad()
@@ -81,7 +87,8 @@ def greedy_ranking(receiver, donor, tokens: Int[Tensor, "batch seq"], attention_
                    candidates: Sequence[str], score_fn: ScoreFn, max_n: int, batch_size: int = 16) -> GreedyRanking:
     """Greedy forward selection (module docstring) of up to ``max_n`` of ``candidates`` (component names as
     ``patching.components`` gives them), patched from ``donor`` into ``receiver`` on ``tokens``, ``attention_mask``
-    [N, S]; ``score_fn`` (logits [B, S, V], rows) -> float, higher is better, summed over batches."""
+    [N, S]; ``score_fn`` (logits [B, S, V], rows, donor_logits [B, S, V]) -> float, higher is better, summed over
+    batches of ``batch_size`` sequences."""
     candidates = list(dict.fromkeys(candidates))
     if not candidates:
         raise ValueError("candidates is empty; pass component names, e.g. patching.components(reference).")
@@ -90,15 +97,15 @@ def greedy_ranking(receiver, donor, tokens: Int[Tensor, "batch seq"], attention_
     if tokens.shape != attention_mask.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and attention_mask {tuple(attention_mask.shape)} must have the same shape [N, S].")
     _parsed(receiver, candidates)
-    acts = None
-    for start in range(0, tokens.shape[0], batch_size):  # the donor's activations, one forward per batch
-        _, part = donor_activations(donor, tokens[start : start + batch_size], attention_mask[start : start + batch_size], candidates)
-        acts = part if acts is None else _concat(acts, part)
-    empty = _score(receiver, tokens, attention_mask, acts, [], score_fn, batch_size)
+    empty = None
     order, scores, steps = [], [], []
     for _ in range(min(max_n, len(candidates))):
-        tried = {c: _score(receiver, tokens, attention_mask, acts, order + [c], score_fn, batch_size)
-                 for c in candidates if c not in order}
+        tried_names = [c for c in candidates if c not in order]
+        sets = [order + [c] for c in tried_names] + ([[]] if empty is None else [])  # step 1 also scores S_0 = {}
+        totals = _scores(receiver, donor, tokens, attention_mask, candidates, sets, score_fn, batch_size)
+        if empty is None:
+            empty = totals.pop()
+        tried = dict(zip(tried_names, totals))
         best = max(tried, key=lambda c: (tried[c], -candidates.index(c)))
         order.append(best)
         scores.append(tried[best])
@@ -106,24 +113,16 @@ def greedy_ranking(receiver, donor, tokens: Int[Tensor, "batch seq"], attention_
     return GreedyRanking(order=order, scores=scores, empty=empty, steps=steps)
 
 
-def _concat(a, b):
-    from rlhf_scratch.patching import DonorActivations
+def kl_score(scored: Bool[Tensor, "batch seq"], donor_is_policy: bool = True) -> ScoreFn:
+    """m(S) = −mean over the N sequences of KL_seq (``patching.sequence_kl``) between the donor and the patched model
+    P: KL(π_donor ‖ π_P) when the donor is the policy (policy → reference), else KL(π_P ‖ π_donor) (the mirror), so
+    that the recovered fraction is 1 + m(S) / KL_seq(π_pol ‖ π_ref). scored [N, S] (the positions that predict
+    response tokens); both log-softmaxes are taken in float64, one batch [B, S, V] at a time."""
+    n = scored.shape[0]
 
-    return DonorActivations({k: torch.cat([a.z[k], b.z[k]]) for k in a.z}, a.W_O,
-                            {k: torch.cat([a.sites[k], b.sites[k]]) for k in a.sites})
-
-
-def kl_score(donor_logp: Float[Tensor, "batch seq vocab"], scored: Bool[Tensor, "batch seq"],
-             donor_is_policy: bool = True) -> ScoreFn:
-    """m(S) = −mean over sequences of KL_seq (``patching.sequence_kl``) between the donor and the patched model P:
-    KL(π_donor ‖ π_P) when the donor is the policy (policy → reference), else KL(π_P ‖ π_donor) (the mirror), so
-    that the recovered fraction is 1 + m(S) / KL_seq(π_pol ‖ π_ref). donor_logp [N, S, V] (float64 log-probs),
-    scored [N, S] (the positions that predict response tokens)."""
-    n = donor_logp.shape[0]
-
-    def score(logits: Tensor, rows: slice) -> float:
+    def score(logits: Tensor, rows: slice, donor_logits: Tensor) -> float:
         logp = F.log_softmax(logits.double().cpu(), -1)
-        target, keep = donor_logp[rows], scored[rows]
+        target, keep = F.log_softmax(donor_logits.double().cpu(), -1), scored[rows]
         kl = sequence_kl(target, logp, keep) if donor_is_policy else sequence_kl(logp, target, keep)
         return -kl.sum().item() / n
 
@@ -134,7 +133,7 @@ def token_prob_score(token_id: int, positions: Bool[Tensor, "batch seq"]) -> Sco
     """m(S) = mean over ``positions`` [N, S] of the patched model's p(token_id) (softmax of the logits)."""
     count = max(int(positions.sum()), 1)
 
-    def score(logits: Tensor, rows: slice) -> float:
+    def score(logits: Tensor, rows: slice, donor_logits: Tensor | None = None) -> float:
         probs = logits.float().softmax(-1)[..., token_id].cpu()
         return (probs * positions[rows]).sum().item() / count
 
@@ -145,7 +144,7 @@ def token_set_score(token_ids: list[int], positions: Bool[Tensor, "batch seq"]) 
     """m(S) = mean over ``positions`` [N, S] of log Σ_{t∈T} π_P(t) (``patching.token_set_logprob``, T = token_ids)."""
     count = max(int(positions.sum()), 1)
 
-    def score(logits: Tensor, rows: slice) -> float:
+    def score(logits: Tensor, rows: slice, donor_logits: Tensor | None = None) -> float:
         logp = F.log_softmax(logits.double().cpu(), -1)
         return (torch.logsumexp(logp[..., token_ids], -1) * positions[rows]).sum().item() / count
 

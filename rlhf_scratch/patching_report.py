@@ -154,14 +154,7 @@ def greedy_transplant(reference, policy, tokens: Tensor, mask: Tensor, response:
     ``patch_scan(sets=...)`` (KL, reward, token set). {"metric", "order", "singles", "rows"}."""
     scored = scored_positions(response) & mask.bool()
     candidates = [c for c in components(reference) if not c.endswith(".resid")]
-    if config.greedy_metric == "kl":
-        device = next(policy.parameters()).device
-        donor_logp = torch.cat([torch.log_softmax(policy(tokens[i : i + config.batch_size].to(device),
-                                                         attention_mask=mask[i : i + config.batch_size].to(device)).double().cpu(), -1)
-                                for i in range(0, tokens.shape[0], config.batch_size)])
-        score = kl_score(donor_logp, scored)
-    else:
-        score = token_set_score(token_ids, scored)
+    score = kl_score(scored) if config.greedy_metric == "kl" else token_set_score(token_ids, scored)
     ranking = greedy_ranking(reference, policy, tokens, mask, candidates, score, config.greedy, batch_size=config.batch_size)
     singles = ranking.singles()
     sets = {}

@@ -18,7 +18,8 @@ steps (one by default).
 
 Logging, samples, resumable checkpoints (``checkpoint/``, no value head; the baseline is kept),
 ``--debug`` invariants, forward hooks and ``summary.json`` keys are those of PPO (``policy_trainer.PolicyTrainer``).
-``reinforce_terms`` is the loss as a function: RLOO (``group_baselines.RLOO``) calls it with its own advantages.
+``ReinforceUpdate`` is the update (minibatches, the loss ``reinforce_terms``, total, metrics) without the baseline:
+RLOO (``group_baselines.RLOO``) shares it with its own advantages.
 """
 
 from __future__ import annotations
@@ -117,14 +118,36 @@ REINFORCE_METRICS = {"losses/policy": "policy_loss", "losses/kl_penalty": "kl_pe
 """PPO's metric names where they apply (losses/policy, losses/kl_penalty, ...)."""
 
 
-class REINFORCE:
+class ReinforceUpdate:
+    """REINFORCE's update, for any algorithm whose ``build_memory`` puts one advantage per response on its real tokens
+    (REINFORCE here, RLOO in ``group_baselines``): one pass over the batch in shuffled minibatches, the loss
+    ``reinforce_terms``, total = policy_loss + kl_penalty, PPO's metric names. Uses ``self.config``."""
+
+    clipped = False
+    share = REINFORCE_SHARE
+
+    def minibatches(self, memory: ReplayMemory, generator: torch.Generator):
+        """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size)."""
+        return shuffled_minibatches(memory, self.config.minibatch_size or len(memory), 1, generator)
+
+    def loss(self, learning_pass: LearningPass, minibatch: ReplayMemory, kl_coef: float) -> dict[str, Tensor]:
+        """``reinforce_terms`` with the advantages ``build_memory`` stored."""
+        return reinforce_terms(learning_pass, minibatch, self.config, kl_coef)
+
+    @staticmethod
+    def total(terms: dict[str, Tensor]) -> Tensor:
+        return terms["policy_loss"] + terms["kl_penalty"]
+
+    def metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
+        return breakdown_means(breakdown, REINFORCE_METRICS)
+
+
+class REINFORCE(ReinforceUpdate):
     """REINFORCE with a moving-average baseline: A = r' − b, the baseline b of earlier phases (module docstring)."""
 
     title, kind = "REINFORCE", "reinforce"
     saves_value_head = False
-    clipped = False
     group_size = 1
-    share = REINFORCE_SHARE
     nonfinite_hint = "Lower the learning rate or check the reward for extreme values."
 
     def __init__(self, config: REINFORCEConfig):
@@ -152,20 +175,6 @@ class REINFORCE:
             "reinforce/advantage_std": advantage.std().item() if len(advantage) > 1 else 0.0,
         }
         return memory_with_sequence_advantages(self.config, rollout, advantage), stats
-
-    def minibatches(self, memory: ReplayMemory, generator: torch.Generator):
-        """One pass over the batch in shuffled minibatches (the whole batch unless --minibatch-size)."""
-        return shuffled_minibatches(memory, self.config.minibatch_size or len(memory), 1, generator)
-
-    def loss(self, learning_pass: LearningPass, minibatch: ReplayMemory, kl_coef: float) -> dict[str, Tensor]:
-        return reinforce_terms(learning_pass, minibatch, self.config, kl_coef)
-
-    @staticmethod
-    def total(terms: dict[str, Tensor]) -> Tensor:
-        return terms["policy_loss"] + terms["kl_penalty"]
-
-    def metrics(self, breakdown: list[dict[str, float]]) -> dict[str, float]:
-        return breakdown_means(breakdown, REINFORCE_METRICS)
 
     def state_dict(self) -> dict:
         return {"baseline": self.baseline.state_dict()}

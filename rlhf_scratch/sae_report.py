@@ -24,7 +24,7 @@ from torch import Tensor
 from rlhf_scratch.crosscoder import CrosscoderSettings, train_crosscoder
 from rlhf_scratch.crosscoder_report import PairedActivations, context_of, context_tokens, paired_activations
 from rlhf_scratch.data import load_texts
-from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, markdown_table, pyplot
+from rlhf_scratch.evaluation import HELDOUT_SEED_OFFSET, code_cell, markdown_table, pyplot
 from rlhf_scratch.feature_html import write_feature_page
 from rlhf_scratch.model_diff import load_pair
 from rlhf_scratch.outputs import write_json
@@ -165,10 +165,6 @@ def run_sae(config: SAEConfig) -> dict:
     return summary
 
 
-def _code(text: str) -> str:
-    return "`" + repr(text)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
-
-
 def write_sae_report(out: Path, summary: dict) -> Path:
     q = summary["quality"]
     text = [f"# SAE features: `{summary['policy']}` vs `{summary['reference']}` at `{summary['hook']}`", "",
@@ -192,7 +188,7 @@ def write_sae_report(out: Path, summary: dict) -> Path:
                                   f"{r['mean_policy']:.4f}", f"{r['freq_reference']:.3f}", f"{r['freq_policy']:.3f}"]
                                  for r in rows]), "", f"Top contexts in the {where} (activation there / in the other model):", ""]
         for r in rows:
-            text.append(f"- **{r['feature']}**: " + "; ".join(f"{_code(c['context'])} {c['activation']:.2f}/{c['other']:.2f}"
+            text.append(f"- **{r['feature']}**: " + "; ".join(f"{code_cell(c['context'])} {c['activation']:.2f}/{c['other']:.2f}"
                                                              for c in r["contexts"][:4]))
         text.append("")
     path = out / "report.md"

@@ -65,9 +65,11 @@ def test_greedy_picks_the_two_changed_mlps_that_act_only_together(pair):
 
 def test_greedy_by_kl_and_by_token_set_find_the_same_two(pair):
     reference, policy, t, candidates = pair
-    donor_logp = F.log_softmax(policy(TOKENS, attention_mask=MASK).double(), -1)
-    score = kl_score(donor_logp, SCORED)
-    gap = -score(reference(TOKENS, attention_mask=MASK), slice(None))  # mean KL_seq(policy ‖ reference)
+    score = kl_score(SCORED)
+    ref_logp = F.log_softmax(reference(TOKENS, attention_mask=MASK).double(), -1)
+    pol_logp = F.log_softmax(policy(TOKENS, attention_mask=MASK).double(), -1)
+    gap = (pol_logp.exp() * (pol_logp - ref_logp)).sum(-1)[SCORED].sum().item() / TOKENS.shape[0]  # mean KL_seq(pol ‖ ref)
+    assert -score(reference(TOKENS, attention_mask=MASK), slice(None), policy(TOKENS, attention_mask=MASK)) == pytest.approx(gap)
     greedy = greedy_ranking(reference, policy, TOKENS, MASK, candidates, score, max_n=2)
     assert gap > 0.1 and sorted(greedy.order) == ["L0.mlp", "L1.mlp"]
     assert 1 + greedy.scores[1] / gap == pytest.approx(1.0, abs=1e-6)

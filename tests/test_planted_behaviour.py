@@ -64,7 +64,10 @@ def test_response_stats_count_the_word_in_the_models_own_samples(tiny_bridge):
     with torch.no_grad():  # the unembedding bias of " was" at +50: every sampled token is " was"
         biased.original_model.lm_head.bias = torch.nn.Parameter(torch.zeros(biased.cfg.d_vocab))
         biased.original_model.lm_head.bias[reward.token_id] = 50.0
-    stats = planted_behaviour.response_stats(biased, reward, prompts, seed=0)
+    # the plain decoding module is built from the config, which has no lm_head bias: its check against the bridge
+    # sees the logits differ by the bias (50) and sampling falls back to the bridge, which has it (intended)
+    with pytest.warns(UserWarning, match=r"plain module cannot stand in for it \(its logits .*differ from the bridge's by 50"):
+        stats = planted_behaviour.response_stats(biased, reward, prompts, seed=0)
     assert stats["says"] == 1.0 and stats["mean_prob"] > 0.99
 
 
