@@ -177,7 +177,10 @@ def bench_raw(spec: ModelSpec, model_dir: Path, keep: dict, args) -> dict:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     device, repeats, warmup = args.device, spec.phases, args.warmup
+    from rlhf_scratch.compat import cache_kwarg_name
+
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()  # eval: dropout off, as in the engine
+    cache_name = cache_kwarg_name(model)  # "cache" on transformers 5.24 ("past_key_values" warns every step)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     B, G = spec.batch_size, spec.new_tokens
     prompt = torch.tensor([keep["prompt_ids"]] * B, dtype=torch.long, device=device)
@@ -189,7 +192,7 @@ def bench_raw(spec: ModelSpec, model_dir: Path, keep: dict, args) -> dict:
     def hand_loop_generate():
         step_input, mask, past, new = prompt, prompt_mask, None, []
         for _ in range(G):
-            out = model(input_ids=step_input, attention_mask=mask, past_key_values=past, use_cache=True)
+            out = model(input_ids=step_input, attention_mask=mask, use_cache=True, **{cache_name: past})
             past = out.past_key_values
             probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
             token = torch.multinomial(probs, 1, generator=generator)

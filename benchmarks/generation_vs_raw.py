@@ -91,9 +91,11 @@ def raw_variants(model_dir: Path, prompt_ids: list[int], batch, args) -> dict:
     """The raw module's loops (module docstring): name -> a callable running one generation."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from rlhf_scratch.compat import cache_kwarg_name
     from rlhf_scratch.sampling import sample_tokens
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    cache_name = cache_kwarg_name(model)  # "cache" on transformers 5.24 ("past_key_values" warns every step)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     prompt = torch.tensor([prompt_ids] * args.batch_size, dtype=torch.long)
     G, record = args.new_tokens, args.record
@@ -104,7 +106,7 @@ def raw_variants(model_dir: Path, prompt_ids: list[int], batch, args) -> dict:
             generator = torch.Generator().manual_seed(args.seed)
             step, mask, past, new, kept = prompt, torch.ones_like(prompt), None, [], []
             for _ in range(G):
-                out = model(input_ids=step, attention_mask=mask, past_key_values=past, use_cache=True,
+                out = model(input_ids=step, attention_mask=mask, use_cache=True, **{cache_name: past},
                             output_hidden_states=record)
                 past = out.past_key_values
                 logits = out.logits[:, -1].float()
