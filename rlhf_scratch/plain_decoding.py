@@ -58,11 +58,12 @@ def static_cache_length(needed: int, n_ctx: int) -> int:
 
 
 def _step(module, weights: dict | None, step_input, attention_mask, position_ids, kv_cache, cache_position,
-          want_resid: bool):
+          want_resid: bool, cache_name: str = "past_key_values"):
     """One plain decoding step: ``(logits [B, new, V], final hidden state [B, new, D] or None)``; ``weights`` None:
     the module holds them already (``PlainDecoder.__enter__``)."""
-    # the cache under the name this transformers takes (5.24: ``cache``; ``past_key_values`` warns on every step)
-    kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, cache_kwarg_name(module): kv_cache,
+    # cache_name: the name this transformers takes (``compat.cache_kwarg_name``, read once per decoder outside the
+    # compiled step; 5.24: ``cache``, where ``past_key_values`` warns on every step)
+    kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, cache_name: kv_cache,
               "use_cache": True, "output_hidden_states": want_resid, "cache_position": cache_position}
     output = module(step_input, **kwargs) if weights is None else functional_call(module, weights, (step_input,), kwargs)
     return output.logits, (output.hidden_states[-1] if want_resid else None)
@@ -88,6 +89,7 @@ class PlainDecoder:
         self.module = plain.module
         self.weights = {name: tensor.detach() for name, tensor in plain.weights().items()}
         self.compiled = _compiled_step(plain) if compiled else None
+        self.cache_name = cache_kwarg_name(self.module)
         self.seen = 0  # positions in the cache
         self._swapped = None  # the module's weights swapped in for the whole generation (``with decoder:``)
         if compiled:
@@ -135,7 +137,7 @@ class PlainDecoder:
         try:
             weights = None if self._swapped is not None and step is _step else self.weights
             logits, hidden = step(self.module, weights, step_input, mask, position_ids, self.kv_cache, cache_position,
-                                  want_resid)
+                                  want_resid, self.cache_name)
         except Exception as error:  # torch._dynamo's failures carry many types; name the flag that caused them
             if step is _step:
                 raise
