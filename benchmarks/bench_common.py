@@ -11,8 +11,11 @@ the functions that measure a device import torch themselves.
 
 from __future__ import annotations
 
+import cProfile
+import io
 import os
 import platform
+import pstats
 import resource
 import shlex
 import sys
@@ -189,3 +192,16 @@ def machine_info(args) -> dict:
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(args.device)
     return info
+
+
+def profiled(fn, heading: str, top: int, orders: tuple[str, ...] = ("tottime",)) -> str:
+    """cProfile of one call of ``fn``: the ``top`` functions in each sort order of ``orders``, under ``heading``."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    profiler.disable()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    for order in orders:
+        stats.sort_stats(order).print_stats(top)
+    return f"--- cProfile: {heading} ---\n" + stream.getvalue()

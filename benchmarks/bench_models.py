@@ -176,9 +176,9 @@ def bench_raw(spec: ModelSpec, model_dir: Path, keep: dict, args) -> dict:
     """The plain Hugging Face module on the same work, without the engine around it."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    device, repeats, warmup = args.device, spec.phases, args.warmup
     from rlhf_scratch.compat import cache_kwarg_name
 
+    device, repeats, warmup = args.device, spec.phases, args.warmup
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()  # eval: dropout off, as in the engine
     cache_name = cache_kwarg_name(model)  # "cache" on transformers 5.24 ("past_key_values" warns every step)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)

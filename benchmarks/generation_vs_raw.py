@@ -36,16 +36,13 @@ the least time is the least disturbed one); load average, versions, commit.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import os
-import pstats
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench_common import add_threads_argument, machine_info, prepare_process
+from bench_common import add_threads_argument, machine_info, prepare_process, profiled
 
 import torch  # noqa: E402 (after bench_common: the offline environment first)
 
@@ -147,16 +144,6 @@ def raw_variants(model_dir: Path, prompt_ids: list[int], batch, args) -> dict:
     return {"raw": loop(False), "raw_cdf": loop(True), "hf_generate": hf_generate, "raw_forward": raw_forward}
 
 
-def profile(fn, label: str, top: int) -> str:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    fn()
-    profiler.disable()
-    stream = io.StringIO()
-    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
-    return f"--- cProfile: {label}, one generation (by own time) ---\n" + stream.getvalue()
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin", help="builtin | gpt2 (GPT-2-small shape, built here) | a dir")
@@ -210,7 +197,7 @@ def main(argv=None) -> dict:
                 else:
                     first_call.setdefault(name, elapsed)
         load_end = os.getloadavg()
-        profiles = [profile(fns[name], name, args.top) for name in fns] if args.profile else []
+        profiles = [profiled(fns[name], f"{name}, one generation (by own time)", args.top) for name in fns] if args.profile else []
 
     print(f"commit {stamp}; {info['cpu_model']}, torch {info['torch']} ({info['torch_threads']} thread(s)), "
           f"transformers {info['transformers']}, transformer-lens {info['transformer_lens']}, python {info['python']}")

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import cProfile
-import io
 import os
-import pstats
 import statistics
 import subprocess
 import tempfile
@@ -35,7 +32,7 @@ import time
 from pathlib import Path
 
 import bench_common
-from bench_common import add_threads_argument, machine_info, prepare_process
+from bench_common import add_threads_argument, machine_info, prepare_process, profiled
 
 import torch  # noqa: E402 (after bench_common: the offline environment first)
 
@@ -129,18 +126,6 @@ def make_raw(model_dir: Path, trainer, minibatches, args):
     return phase
 
 
-def profile(fn, label: str, top: int) -> str:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    fn()
-    profiler.disable()
-    stream = io.StringIO()
-    stats = pstats.Stats(profiler, stream=stream)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return f"--- cProfile: {label} (by own time, then cumulative) ---\n" + stream.getvalue()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin", help="builtin | gpt2 | a model directory (default: builtin)")
@@ -177,7 +162,8 @@ def main(argv=None):
                 if index >= args.warmup:
                     times[name].append(elapsed)
         load_end = os.getloadavg()
-        profiles = [profile(engine, "engine", args.top), profile(raw, "raw", args.top)] if args.profile else []
+        profiles = [profiled(fn, f"{name} (by own time, then cumulative)", args.top, ("tottime", "cumulative"))
+                    for name, fn in (("engine", engine), ("raw", raw))] if args.profile else []
 
     ratios = [e / r for e, r in zip(times["engine"], times["raw"])]
     steps = len(minibatches)
