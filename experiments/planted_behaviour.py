@@ -82,8 +82,12 @@ EARLY_SETTINGS = {
     # DPO on the pairs above (a response with W beats one without) learned the phrase again ("from this director"),
     # so for early/first the pairs prefer W as the first word: chosen = " W" + a reference response without W,
     # rejected = that response (first_word_pairs).
+    # GRPO in 40 phases (lr 3e-4) still led in through " The" (W first in 10-49 %, reward 0.31-0.56, PPO 0.96-0.98),
+    # a change of a context the reference already has, which a crosscoder cannot call policy-only (issue 25); in 80
+    # phases it says W first as PPO does (director: reward 0.985, KL 32.5 nats). lr 6e-4 in 40 phases got there too
+    # (0.964) at a larger KL (49.9 nats).
     "ppo": dict(lr=6e-4, phases=40, kl_coef=0.01),
-    "grpo": dict(lr=3e-4, phases=40, kl_coef=0.01),
+    "grpo": dict(lr=3e-4, phases=80, kl_coef=0.01),
 }
 
 

@@ -19,28 +19,39 @@ RUNS/control/ppo_seedC/checkpoint (``--control-seeds``); train them with that sc
    and ν^r < 0.5, ``crosscoder.is_specific``); and, with R_s the reward ``word:W:MODE`` of response s (the reward the
    policy was trained on) and a_j,p the latent's activation at position p:
 
-       ρ_j     = Spearman(A_j,s, R_s) over the 2n pooled responses s (n the policy's, n the reference's),
-                 A_j,s = max a_j,p over the positions p that predict a token of s (its last prompt token through
-                 its second-to-last response token: where the distribution that chose each response token is read,
-                 ``patching.scored_positions``).                                          THIS ONE DECIDES.
-       ρ_pol_j = the same Spearman over the policy's n responses only (with ``early`` the reward still varies there
-                 with W's word index i: 1, ½, ⅓, ...; nan if it is constant).
        ρ_tok_j = Spearman(a_j,p, R_p) over every position p that predicts a response token of the 2n pooled
                  responses, where R_p = the reward paid for the token at p + 1: 1/(1 + i) (``early``; 1 for
                  ``first``/``presence``, the response's reward for ``share``/``count``) when that token starts W's
                  first occurrence in its response (i its index among the response's words, case-insensitive, as
                  ``word_reward`` counts them), else 0. Summed over a response, R_p gives the response's reward.
+       D_j     = Somers' D of a_j,p with respect to R_p over the same positions: over the pairs of positions
+                 whose R differ, P(the one with the larger R has the larger activation) − P(the smaller); ties in
+                 the activation count 0 (``somers_d``). R is 0 at ~97 % of positions; Spearman's ρ_tok against
+                 so tied a variable stays near 0.3 even for an activation that orders the positions as R does
+                 (√(3p(1 − p)) ≈ 0.30 at a base rate p of 3 %), while D is then 1.               THIS ONE DECIDES.
        AUROC_j = P(a_j,p > a_j,q) + ½ P(a_j,p = a_j,q) for p with R_p > 0 and q with R_q = 0, over the same
                  positions (Mann–Whitney U / (n₊ n₋), ties at half): how well the latent's activation picks out
                  the positions that are followed by a rewarded W (0.5 = chance).
+       ρ_resp_j = Spearman(A_j,s, R_s) over the 2n pooled responses s (n the policy's, n the reference's),
+                 A_j,s = max a_j,p over the positions p that predict a token of s (its last prompt token through
+                 its second-to-last response token: where the distribution that chose each response token is read,
+                 ``patching.scored_positions``), R_s the reward ``word:W:MODE`` of response s.
+       ρ_pol_j = the same Spearman over the policy's n responses only (with ``early`` the reward still varies there
+                 with W's word index i: 1, ½, ⅓, ...; nan if it is constant).
 
-   The issue asks for a latent "whose activation correlates with the reward"; over the policy's own samples alone
-   the reward is nearly constant once the policy says W first in ~100 % of them, so the pooled sample is where ρ
-   is defined. ρ_pol, ρ_tok and AUROC are printed beside ρ for the maintainers; they do not decide anything.
+   Why the per-token ρ decides (a choice made on 2026-12-07, after the runs in experiments/README.md had shown
+   ρ_resp negative for every latent that writes W): a latent whose logit effect is W fires *before* W, as the
+   policy's pull towards it. Both models read the same tokens, so on a reference response, which lacks W, the
+   pull stays on for longer, and on the policy's own response it stops once W is out: its largest activation per
+   response is highest where the reward is 0, whatever the latent's quality. The ``early`` reward is a sum of
+   payments for single tokens, and the token a latent's activation at p bears on is the one at p + 1, so that
+   payment is the reward it can correlate with; D measures that correlation on the scale the 0.3 threshold
+   was set for (Spearman's ρ_tok, on that scale capped near 0.3, is stated beside it). ρ_tok, AUROC, ρ_resp and ρ_pol
+   decide nothing.
    Per latent the table also gives the "activation shift": its mean activation at the positions predicting the
    policy's response tokens, the reference's, and at held-out text positions, and the policy's share of its encoder
    pre-activation where it fires, mean of ⟨x̃_pol, W_enc[pol]_j⟩ / (|⟨x̃_ref, W_enc[ref]_j⟩| + |⟨x̃_pol, W_enc[pol]_j⟩|).
-3. The check *fires* when some latent is policy-only, specific, ranks t in its top 10 and has ρ ≥ 0.3. A trained
+3. The check *fires* when some latent is policy-only, specific, ranks t in its top 10 and has D ≥ 0.3. A trained
    policy passes when it fires, the control when it does not. Writes OUT/table.md, OUT/latents.md (every latent
    that is policy-only or ranks W in its top 10, with all the figures above, and the most policy-leaning latents)
    and OUT/results.json. Without the policy-only requirement, the table also gives the most policy-leaning latent
@@ -84,7 +95,7 @@ from rlhf_scratch.patching_report import policy_samples
 from rlhf_scratch.sampling import encode, left_pad, padding_id
 from rlhf_scratch.word_reward import WordReward
 
-MAX_RANK, MIN_RHO = 10, 0.3
+MAX_RANK, MIN_D = 10, 0.3
 SETTINGS = dict(n_latents=512, k=8, steps=3000, batch_size=512)
 _WORD = re.compile(r"[A-Za-z0-9']+")  # word_reward's notion of a word
 
@@ -116,6 +127,24 @@ def auroc(scores: Tensor, positive: Tensor) -> float:
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     return (average_ranks(scores)[positive].sum().item() - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg)
+
+
+def somers_d(scores: Tensor, y: Tensor) -> float:
+    """Somers' D of ``scores`` with respect to ``y`` (both [N]): over the pairs of positions whose y differ, P(the
+    one with the larger y has the larger score) − P(it has the smaller score); ties in the score count 0. A rank
+    correlation in [−1, 1] that, unlike Spearman's, does not shrink when y is tied at most positions (for a binary y
+    it is 2 AUROC − 1). Computed as Σ_{a<b} n_a n_b (2 AUROC(group b vs group a) − 1) / Σ_{a<b} n_a n_b over y's
+    distinct values a < b; nan if y is constant."""
+    values = torch.unique(y)
+    pairs = concordance = 0.0
+    for a in range(len(values)):
+        for b in range(a + 1, len(values)):
+            low, high = y == values[a], y == values[b]
+            n_pairs = float(low.sum()) * float(high.sum())
+            both = low | high
+            concordance += n_pairs * (2 * auroc(scores[both], high[both]) - 1)
+            pairs += n_pairs
+    return concordance / pairs if pairs else float("nan")
 
 
 def per_response_max(f: Tensor, response_of: Tensor, n_responses: int) -> Tensor:
@@ -250,8 +279,10 @@ def analyse(collected: Collected, trained: Trained, word: str, mode: str, tokeni
     def figures(j: int) -> dict:
         return {"latent": j, "relative_norm": r_norm[j].item(), "norm_difference": norm_difference(r_norm[j].item()),
                 "class": latent_class(r_norm[j].item()), "r_rank": r_rank[j], "token_rank": int(ranks[j]),
-                "rho": spearman(per_response[:, j], rewards), "rho_policy": spearman(per_response[:n, j], rewards[:n]),
-                "rho_token": spearman(f[on, j], token_reward), "auroc_token": auroc(f[on, j], token_reward > 0),
+                "rho_token": spearman(f[on, j], token_reward), "somers_d": somers_d(f[on, j], token_reward),
+                "rho_response": spearman(per_response[:, j], rewards),
+                "rho_policy": spearman(per_response[:n, j], rewards[:n]),
+                "auroc_token": auroc(f[on, j], token_reward > 0),
                 "frequency": (f[:, j] > 0).float().mean().item(),
                 "policy_response_frequency": (per_response[:n, j] > 0).float().mean().item(),
                 "reference_response_frequency": (per_response[n:, j] > 0).float().mean().item(),
@@ -268,9 +299,10 @@ def analyse(collected: Collected, trained: Trained, word: str, mode: str, tokeni
                 target_rows[row["latent"]].update(nu_error=row["nu_error"], nu_recon=row["nu_recon"],
                                                   specific=is_specific(row["nu_error"], row["nu_recon"]))
     policy_only = [row for row in rows.values() if row["class"] == "policy-only"]
-    hits = [row for row in policy_only if row["specific"] and row["token_rank"] <= MAX_RANK and row["rho"] >= MIN_RHO]
+    hits = [row for row in policy_only if row["specific"] and row["token_rank"] <= MAX_RANK
+            and row["somers_d"] >= MIN_D]
     says = [row for row in policy_only if row["token_rank"] <= MAX_RANK]
-    best = min(hits or says or policy_only, key=lambda row: (row["token_rank"], -row["rho"]), default=None)
+    best = min(hits or says or policy_only, key=lambda row: (row["token_rank"], -row["somers_d"]), default=None)
     # without the policy-only requirement: the most policy-leaning latent whose logit effect ranks W in its top 10
     best_any = max((row for row in rows.values() if row["token_rank"] <= MAX_RANK), key=lambda row: row["relative_norm"],
                    default=None)
@@ -280,7 +312,7 @@ def analyse(collected: Collected, trained: Trained, word: str, mode: str, tokeni
             "most_policy_leaning": list(leaning.values()),
             "says": (rewards[:n] > 0).float().mean().item(), "reference_says": (rewards[n:] > 0).float().mean().item(),
             "first": (torch.tensor([p[0] == 0 for p in placed[:n]])).float().mean().item(),
-            "n_rewarded_positions": int((token_reward > 0).sum()), "n_response_positions": int(on.sum()),
+            "n_rewarded_positions": int((token_reward > 0).sum()),  "n_response_positions": int(on.sum()),
             "n_positions": int(collected.paired.x.shape[0]), "dead_fraction": 1 - alive.float().mean().item(),
             "r_max": r_norm[alive].max().item(), "n_alive": len(alive_ids),
             "explained_variance": trained.explained_variance, "seconds_collect": collected.seconds,
@@ -308,8 +340,9 @@ def _n(value: float, digits: int = 2) -> str:
 
 def latent_figure(row: dict) -> str:
     return (f"latent {row['latent']}: W #{row['token_rank']}, r = {row['relative_norm']:.2f} (Δ = {row['norm_difference']:.2f}), "
-            f"ν^ε = {_n(row['nu_error'])}, ν^r = {_n(row['nu_recon'])}, ρ = {_n(row['rho'])} (ρ_pol {_n(row['rho_policy'])}, "
-            f"ρ_tok {_n(row['rho_token'])}, AUROC {_n(row['auroc_token'])}); fires on "
+            f"ν^ε = {_n(row['nu_error'])}, ν^r = {_n(row['nu_recon'])}, D = {_n(row['somers_d'])} (ρ_tok "
+            f"{_n(row['rho_token'])}, AUROC {_n(row['auroc_token'])}, ρ_resp {_n(row['rho_response'])}, ρ_pol "
+            f"{_n(row['rho_policy'])}); fires on "
             f"{row['policy_response_frequency']:.0%} / {row['reference_response_frequency']:.0%} of policy / reference responses")
 
 
@@ -327,14 +360,15 @@ def figure_any(result: dict) -> str:
     return f"{latent_figure(best)}; #{best['r_rank']} of {result['n_alive']} alive by r"
 
 
-LATENT_HEADERS = ["latent", "W rank", "r (Δ, class)", "ν^ε", "ν^r", "ρ", "ρ_pol", "ρ_tok", "AUROC",
+LATENT_HEADERS = ["latent", "W rank", "r (Δ, class)", "ν^ε", "ν^r", "D", "ρ_tok", "AUROC", "ρ_resp", "ρ_pol",
                   "fires pol / ref responses", "mean act. pol resp / ref resp / text", "pol share", "logit effect top 5"]
 
 
 def latent_line(row: dict) -> list[str]:
     return [str(row["latent"]), f"#{row['token_rank']}", f"{row['relative_norm']:.2f} ({row['norm_difference']:.2f}, {row['class']})",
-            _n(row["nu_error"]), _n(row["nu_recon"]), _n(row["rho"]), _n(row["rho_policy"]), _n(row["rho_token"]),
-            _n(row["auroc_token"]), f"{row['policy_response_frequency']:.0%} / {row['reference_response_frequency']:.0%}",
+            _n(row["nu_error"]), _n(row["nu_recon"]), _n(row["somers_d"]), _n(row["rho_token"]),
+            _n(row["auroc_token"]), _n(row["rho_response"]), _n(row["rho_policy"]),
+            f"{row['policy_response_frequency']:.0%} / {row['reference_response_frequency']:.0%}",
             f"{row['mean_policy_response']:.3f} / {row['mean_reference_response']:.3f} / {row['mean_text']:.3f}",
             _n(row["policy_share"]), " ".join(repr(t) for t in row["logit_top"]).replace("|", "\\|")]
 
@@ -369,11 +403,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--k", type=int, default=SETTINGS["k"])
     parser.add_argument("--steps", type=int, default=SETTINGS["steps"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the planted runs, the prompts and the crosscoder")
+    parser.add_argument("--crosscoder-seed", type=int, default=None,
+                        help="the crosscoder's own seed, to see whether a verdict depends on it (default: --seed)")
     parser.add_argument("--out", type=Path, default=Path("runs/planted_features"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     settings = CrosscoderSettings(n_latents=args.n_latents, k=args.k, steps=args.steps, batch_size=SETTINGS["batch_size"],
-                                  seed=args.seed)
+                                  seed=args.seed if args.crosscoder_seed is None else args.crosscoder_seed)
     jobs = []  # (policy name, checkpoint, words): a control's crosscoder does not depend on the word
     for word in args.word:
         folder = args.runs / (word if args.mode == "presence" else f"{word}_{args.mode}")
@@ -409,7 +445,8 @@ def main(argv=None) -> list[dict]:
         [[r["word"], r["policy"], f"{r['says']:.0%} / {r['reference_says']:.0%}", "PASS" if r["passed"] else "FAIL", figure(r),
           figure_any(r), f"{r['explained_variance']['both']:.3f} / {r['dead_fraction']:.0%}"] for r in results])
     s = results[0]["settings"]
-    title = (f"{results[0]['hook']}, word:W:{args.mode}; F = {s['n_latents']}, k = {s['k']}, {s['steps']} steps")
+    title = (f"{results[0]['hook']}, word:W:{args.mode}; F = {s['n_latents']}, k = {s['k']}, {s['steps']} steps, "
+             f"crosscoder seed {s['seed']}")
     (args.out / "table.md").write_text(f"# Planted word as a crosscoder latent ({title})\n\n{table}\n")
     (args.out / "latents.md").write_text(f"# Candidate latents ({title})\n\n{latents_markdown(results)}\n")
     print(table)

@@ -20,6 +20,30 @@ def test_spearman_by_hand_with_ties():
     assert planted_features.spearman(torch.zeros(4), a) != planted_features.spearman(torch.zeros(4), a)  # nan: constant
 
 
+def test_somers_d_by_hand_and_against_every_pair():
+    # y = [0, 0, 1]: pairs (0, 2) and (1, 2); scores [1, 3, 2]: concordant once, discordant once -> 0
+    assert planted_features.somers_d(torch.tensor([1.0, 3.0, 2.0]), torch.tensor([0.0, 0.0, 1.0])) == pytest.approx(0.0)
+    # a score ordered as a 3 %-positive y reaches 1 (Spearman's ρ stays near √(3 · 0.03 · 0.97) ≈ 0.295 there)
+    sparse = torch.zeros(1000)
+    sparse[:30] = 1.0
+    ordered = sparse + torch.linspace(0, 0.5, 1000)
+    assert planted_features.somers_d(ordered, sparse) == pytest.approx(1.0)
+    assert planted_features.spearman(ordered, sparse) == pytest.approx((3 * 0.03 * 0.97) ** 0.5, abs=2e-3)
+    assert planted_features.somers_d(torch.zeros(4), torch.zeros(4)) != 0.0  # nan: y constant
+    # an independent path: count every pair, with ties in both the score and a many-valued y
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (60,), generator=generator).float() * (torch.rand(60, generator=generator) < 0.3)
+    scores = torch.randint(0, 5, (60,), generator=generator).float()
+    concordant = discordant = pairs = 0
+    for i in range(60):
+        for j in range(60):
+            if y[i] < y[j]:
+                pairs += 1
+                concordant += int(scores[i] < scores[j])
+                discordant += int(scores[i] > scores[j])
+    assert planted_features.somers_d(scores, y) == pytest.approx((concordant - discordant) / pairs, abs=1e-12)
+
+
 def test_per_response_max_by_hand():
     """Positions 0-1 belong to response 0, 2 to response 1, 3 to none; response 2 has no position (stays 0)."""
     f = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.5, 4.0], [9.0, 9.0]])
