@@ -50,12 +50,15 @@ RUNS/control/ppo_seedC/checkpoint (``--control-seeds``); train them with that sc
    decide nothing.
    Per latent the table also gives the "activation shift": its mean activation at the positions predicting the
    policy's response tokens, the reference's, and at held-out text positions, and the policy's share of its encoder
-   pre-activation where it fires, mean of ⟨x̃_pol, W_enc[pol]_j⟩ / (|⟨x̃_ref, W_enc[ref]_j⟩| + |⟨x̃_pol, W_enc[pol]_j⟩|).
+   pre-activation where it fires, mean of ⟨x̃_pol, W_enc[pol]_j⟩ / (|⟨x̃_ref, W_enc[ref]_j⟩| + |⟨x̃_pol, W_enc[pol]_j⟩|);
+   and the latent's reference half: ‖d^ref‖ / ‖d^pol‖ and cos(d^ref, d^pol) in raw units, and the three tokens it
+   writes most through the reference's final norm and unembedding (what a near-policy-only latent shares with the
+   reference: for the planted words, a slot other review nouns fill).
 3. The check *fires* when some latent is policy-only, specific, ranks t in its top 10 and has D ≥ 0.3. A trained
    policy passes when it fires, the control when it does not. Writes OUT/table.md, OUT/latents.md (every latent
-   that is policy-only or ranks W in its top 10, with all the figures above, and the most policy-leaning latents)
-   and OUT/results.json. Without the policy-only requirement, the table also gives the most policy-leaning latent
-   with t in its top 10.
+   that is policy-only or ranks W in its top 10, with all the figures above, and the most policy-leaning latents),
+   OUT/results.json and OUT/crosscoders/POLICY.pt (each crosscoder, for ``crosscoder.from_state``). Without the
+   policy-only requirement, the table also gives the most policy-leaning latent with t in its top 10.
 
 This file is separate from planted_behaviour.py / planted_checks.py; ``feature_check(reference, policy, word)`` is the
 function a later version of those can call (``collect`` + ``train`` + ``analyse``).
@@ -84,6 +87,7 @@ from rlhf_scratch.crosscoder import (
     latent_class,
     latent_scaling,
     norm_difference,
+    state,
     train_crosscoder,
 )
 from rlhf_scratch.crosscoder_report import PairedActivations, logit_effects, paired_activations
@@ -237,12 +241,14 @@ class Trained:
     policy_share: Tensor
     """[F] mean policy share of the encoder pre-activation where the latent fires (nan if it never fires)."""
     effect: Tensor
-    """[F, V] logit effect through the policy."""
+    """[F, V] logit effect of the policy half d^pol through the policy."""
+    reference_effect: Tensor
+    """[F, V] logit effect of the reference half d^ref through the reference."""
     explained_variance: dict
     seconds: float
 
 
-def train(collected: Collected, policy, settings: CrosscoderSettings) -> Trained:
+def train(collected: Collected, reference, policy, settings: CrosscoderSettings) -> Trained:
     start = time.time()
     model = train_crosscoder(collected.paired.x, settings)
     seconds = time.time() - start
@@ -254,7 +260,9 @@ def train(collected: Collected, policy, settings: CrosscoderSettings) -> Trained
         on = (f > 0).float()
         policy_share = (share * on).sum(dim=0) / on.sum(dim=0)
     effect = logit_effects(policy, decoder_directions(model, 1))
-    return Trained(model, f, policy_share, effect, explained_variance(model, collected.paired.x), seconds)
+    reference_effect = logit_effects(reference, decoder_directions(model, 0))
+    return Trained(model, f, policy_share, effect, reference_effect, explained_variance(model, collected.paired.x),
+                   seconds)
 
 
 def analyse(collected: Collected, trained: Trained, word: str, mode: str, tokenizer) -> dict:
@@ -271,6 +279,7 @@ def analyse(collected: Collected, trained: Trained, word: str, mode: str, tokeni
     paid = torch.tensor([placed[int(s)][1] for s in collected.response_of[on].tolist()])
     token_reward = torch.where(collected.next_index[on] == target, paid, torch.zeros_like(paid))  # [N_on]
     r_norm = model.relative_norms()
+    d_ref, d_pol = decoder_directions(model, 0), decoder_directions(model, 1)  # [F, D] raw units
     alive = (f > 0).any(dim=0)
     ranks = (trained.effect > trained.effect[:, reward.token_id : reward.token_id + 1]).sum(dim=1) + 1  # [F], 1 = largest
     per_response = per_response_max(f, collected.response_of, 2 * n)  # [2n, F]
@@ -294,7 +303,11 @@ def analyse(collected: Collected, trained: Trained, word: str, mode: str, tokeni
                 "mean_policy_response": f[from_policy, j].mean().item(),
                 "mean_reference_response": f[from_reference, j].mean().item(),
                 "mean_text": f[is_text, j].mean().item(), "policy_share": trained.policy_share[j].item(),
-                "logit_top": [tokenizer.decode([t]) for t in torch.topk(trained.effect[j], 5).indices.tolist()]}
+                "logit_top": [tokenizer.decode([t]) for t in torch.topk(trained.effect[j], 5).indices.tolist()],
+                "reference_half_ratio": (d_ref[j].norm() / d_pol[j].norm().clamp_min(1e-12)).item(),
+                "half_cosine": torch.nn.functional.cosine_similarity(d_ref[j], d_pol[j], dim=0).item(),
+                "reference_half_top": [tokenizer.decode([t])
+                                       for t in torch.topk(trained.reference_effect[j], 3).indices.tolist()]}
 
     rows = {j: figures(j) for j in alive_ids if latent_class(r_norm[j].item()) == "policy-only" or ranks[j] <= MAX_RANK}
     leaning = {j: rows.get(j) or figures(j) for j in by_r[:5]}  # the five most policy-leaning alive latents
@@ -330,7 +343,7 @@ def feature_check(reference, policy, word: str, mode: str = "presence", seed: in
     """Train a crosscoder on reference/policy and look for a policy-only latent that says ``word`` (module docstring)."""
     settings = settings or CrosscoderSettings(**SETTINGS, seed=seed)
     collected = collect(reference, policy, seed, layer, n_texts, n_samples, max_new_tokens)
-    result = analyse(collected, train(collected, policy, settings), word, mode, policy.tokenizer)
+    result = analyse(collected, train(collected, reference, policy, settings), word, mode, policy.tokenizer)
     result["settings"] = settings_dict(settings)
     return result
 
@@ -366,7 +379,8 @@ def figure_any(result: dict) -> str:
 
 
 LATENT_HEADERS = ["latent", "W rank", "r (Δ, class)", "ν^ε", "ν^r", "D", "ρ_tok", "AUROC", "ρ_resp", "ρ_pol",
-                  "fires pol / ref responses", "mean act. pol resp / ref resp / text", "pol share", "logit effect top 5"]
+                  "fires pol / ref responses", "mean act. pol resp / ref resp / text", "pol share", "logit effect top 5",
+                  "ref half: ‖d^ref‖/‖d^pol‖, cos, its logit top 3"]
 
 
 def latent_line(row: dict) -> list[str]:
@@ -375,7 +389,9 @@ def latent_line(row: dict) -> list[str]:
             _n(row["auroc_token"]), _n(row["rho_response"]), _n(row["rho_policy"]),
             f"{row['policy_response_frequency']:.0%} / {row['reference_response_frequency']:.0%}",
             f"{row['mean_policy_response']:.3f} / {row['mean_reference_response']:.3f} / {row['mean_text']:.3f}",
-            _n(row["policy_share"]), " ".join(repr(t) for t in row["logit_top"]).replace("|", "\\|")]
+            _n(row["policy_share"]), " ".join(repr(t) for t in row["logit_top"]).replace("|", "\\|"),
+            f"{row['reference_half_ratio']:.2f}, {row['half_cosine']:.2f}, "
+            + " ".join(repr(t) for t in row["reference_half_top"]).replace("|", "\\|")]
 
 
 def latents_markdown(results: list[dict]) -> str:
@@ -426,13 +442,15 @@ def main(argv=None) -> list[dict]:
             sys.exit(f"planted_features: {checkpoint} is missing; train it with experiments/planted_behaviour.py "
                      f"--word {' '.join(words)} --mode {args.mode} --out {args.runs}.")
     reference = load_bridge("builtin")
-    args.out.mkdir(parents=True, exist_ok=True)
+    crosscoders = args.out / "crosscoders"  # one per policy, for reading further (crosscoder.from_state)
+    crosscoders.mkdir(parents=True, exist_ok=True)
     results = []
     for name, checkpoint, words in jobs:
         start = time.time()
         policy = load_bridge(str(checkpoint))
         collected = collect(reference, policy, args.seed, args.layer, args.n_texts, args.n_samples)
-        trained = train(collected, policy, settings)
+        trained = train(collected, reference, policy, settings)
+        torch.save(state(trained.model), crosscoders / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.pt")
         for word in words:
             result = analyse(collected, trained, word, args.mode, policy.tokenizer)
             result.update(policy=name, checkpoint=str(checkpoint), seconds=time.time() - start, settings=settings_dict(settings),
