@@ -39,15 +39,15 @@ RUNS/control/ppo_seedC/checkpoint (``--control-seeds``); train them with that sc
        ρ_pol_j = the same Spearman over the policy's n responses only (with ``early`` the reward still varies there
                  with W's word index i: 1, ½, ⅓, ...; nan if it is constant).
 
-   Why the per-token ρ decides (a choice made on 2026-12-07, after the runs in experiments/README.md had shown
+   Why a per-token correlation decides (a choice made on 2026-12-07, after the runs in experiments/README.md had shown
    ρ_resp negative for every latent that writes W): a latent whose logit effect is W fires *before* W, as the
    policy's pull towards it. Both models read the same tokens, so on a reference response, which lacks W, the
    pull stays on for longer, and on the policy's own response it stops once W is out: its largest activation per
    response is highest where the reward is 0, whatever the latent's quality. The ``early`` reward is a sum of
    payments for single tokens, and the token a latent's activation at p bears on is the one at p + 1, so that
    payment is the reward it can correlate with; D measures that correlation on the scale the 0.3 threshold
-   was set for (Spearman's ρ_tok, on that scale capped near 0.3, is stated beside it). ρ_tok, AUROC, ρ_resp and ρ_pol
-   decide nothing.
+   was set for (Spearman's ρ_tok, capped near 0.3 here, is stated beside it). ρ_tok, AUROC, ρ_resp and ρ_pol decide
+   nothing.
    Per latent the table also gives the "activation shift": its mean activation at the positions predicting the
    policy's response tokens, the reference's, and at held-out text positions, and the policy's share of its encoder
    pre-activation where it fires, mean of ⟨x̃_pol, W_enc[pol]_j⟩ / (|⟨x̃_ref, W_enc[ref]_j⟩| + |⟨x̃_pol, W_enc[pol]_j⟩|);
@@ -105,7 +105,7 @@ N_TEXTS, N_SAMPLES = 1024, 256
 """Held-out texts and prompts (each answered by both models): about 35,000 paired positions. Twice the 512 / 128 of
 the first runs, at the same training cost (3000 steps of 512): with 512 / 128 GRPO's W latent on story fell just
 short of policy-only for both crosscoder seeds (Δ 0.899, 0.853), with these it is policy-only for both (0.901,
-0.91); experiments/README.md, "Item 3 per token"."""
+0.907); experiments/README.md, "Item 3 per token"."""
 _WORD = re.compile(r"[A-Za-z0-9']+")  # word_reward's notion of a word
 
 
@@ -196,8 +196,8 @@ class Collected:
     seconds: float
 
 
-def collect(reference, policy, seed: int = 0, layer: int | None = None, n_texts: int = N_TEXTS, n_samples: int = N_SAMPLES,
-            max_new_tokens: int = 24) -> Collected:
+def collect(reference, policy, seed: int = 0, layer: int | None = None, n_texts: int = N_TEXTS,
+            n_samples: int = N_SAMPLES, max_new_tokens: int = 24) -> Collected:
     """Held-out texts and both models' responses to the same prompts, read by both models at the hook (docstring)."""
     start = time.time()
     layer = reference.cfg.n_layers - 1 if layer is None else layer
@@ -330,7 +330,7 @@ def analyse(collected: Collected, trained: Trained, word: str, mode: str, tokeni
             "most_policy_leaning": list(leaning.values()),
             "says": (rewards[:n] > 0).float().mean().item(), "reference_says": (rewards[n:] > 0).float().mean().item(),
             "first": (torch.tensor([p[0] == 0 for p in placed[:n]])).float().mean().item(),
-            "n_rewarded_positions": int((token_reward > 0).sum()),  "n_response_positions": int(on.sum()),
+            "n_rewarded_positions": int((token_reward > 0).sum()), "n_response_positions": int(on.sum()),
             "n_positions": int(collected.paired.x.shape[0]), "dead_fraction": 1 - alive.float().mean().item(),
             "r_max": r_norm[alive].max().item(), "n_alive": len(alive_ids),
             "explained_variance": trained.explained_variance, "seconds_collect": collected.seconds,
