@@ -13,6 +13,7 @@ plus ``total(terms)`` (the scalar to minimise), ``share`` (whether each term is 
 responses, so that a piece of a minibatch gives its share), ``group_size`` (samples per prompt) and
 ``state_dict`` / ``load_state_dict``. The generic skeleton around ``loss`` (forward, log-probs, shares, finite
 checks, the total, the clipping diagnostics) is ``learning_losses`` below: written once, for every algorithm.
+``CriticFree`` holds what the algorithms without a value head (REINFORCE, RLOO, GRPO) answer alike.
 """
 
 from __future__ import annotations
@@ -23,11 +24,23 @@ import torch
 from torch import Tensor
 
 from rlhf_scratch import distributed
-from rlhf_scratch.learner import row_share, token_share
+from rlhf_scratch.learner import NONFINITE_HINT, row_share, token_share
 from rlhf_scratch.memory import ReplayMemory
 from rlhf_scratch.objectives import calc_kl_penalty, generated_logprobs, per_token_kl, ppo_diagnostics
 from rlhf_scratch.optimization import check_finite_terms
 from rlhf_scratch.rollout import ScoredRollout, keeps_ref_logits
+
+
+class CriticFree:
+    """What the algorithms without a value head share (REINFORCE, RLOO, GRPO): the optimiser trains the trunk alone,
+    at ``config.lr``, and a checkpoint has no value head to save."""
+
+    saves_value_head = False
+    nonfinite_hint = NONFINITE_HINT
+
+    def param_groups(self, policy) -> list[dict]:
+        """The trunk at ``lr`` (no value head)."""
+        return [{"params": policy.trunk_parameters(), "lr": self.config.lr}]
 
 
 @dataclass(eq=False)

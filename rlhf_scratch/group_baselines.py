@@ -26,6 +26,7 @@ from torch import Tensor
 
 from rlhf_scratch.advantages import constant_groups, grpo_advantages, rloo_advantages
 from rlhf_scratch.algorithm import (
+    CriticFree,
     LearningPass,
     breakdown_means,
     memory_with_sequence_advantages,
@@ -53,19 +54,13 @@ def group_stats(rewards: Tensor, advantage: Tensor, group_size: int) -> dict[str
     }
 
 
-class GroupAlgorithm:
+class GroupAlgorithm(CriticFree):
     """What the group-baseline algorithms share: k samples per prompt (the trainer samples batch_size / k prompts and
     repeats each k times, contiguously), no value head, no state of their own."""
-
-    saves_value_head = False
-    nonfinite_hint = "Lower the learning rate or check the reward for extreme values."
 
     def __init__(self, config: GroupConfig):
         self.config = config
         self.group_size = config.group_size
-
-    def param_groups(self, policy) -> list[dict]:
-        return [{"params": policy.trunk_parameters(), "lr": self.config.lr}]
 
     def state_dict(self) -> dict:
         """No state: the baseline comes from the phase's own samples."""

@@ -69,6 +69,10 @@ def check_batch_split(config, group_size: int = 1) -> None:
                          f"processes) must be a multiple of group_size ({k}): a group is sampled on one rank.")
 
 
+NONFINITE_HINT = "Lower the learning rate or check the reward for extreme values."
+"""What a non-finite loss or gradient error tells the user to do (an algorithm may name more: ``ppo.PPO``)."""
+
+
 class Learner:
     """AdamW over ``param_groups`` (fused: strided parameters made contiguous first), the warmup-then-decay schedule over
     ``phases``, and the policy as the learning passes see it (``module``: itself, or in DDP when data-parallel).
@@ -78,7 +82,7 @@ class Learner:
     """
 
     def __init__(self, policy: PolicyWithValueHead, param_groups: list[dict], config, fwd_hooks: list = (),
-                 nonfinite_hint: str = "Lower the learning rate or check the reward for extreme values."):
+                 nonfinite_hint: str = NONFINITE_HINT):
         self.config, self.fwd_hooks, self.nonfinite_hint = config, fwd_hooks, nonfinite_hint
         self.param_groups = param_groups
         groups, self.strided_views = fuse_strided_groups(fused_where_contiguous(param_groups, config.device), config.device)

@@ -31,6 +31,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from rlhf_scratch.algorithm import (
+    CriticFree,
     LearningPass,
     breakdown_means,
     kl_loss_term,
@@ -142,21 +143,15 @@ class ReinforceUpdate:
         return breakdown_means(breakdown, REINFORCE_METRICS)
 
 
-class REINFORCE(ReinforceUpdate):
+class REINFORCE(ReinforceUpdate, CriticFree):
     """REINFORCE with a moving-average baseline: A = r' − b, the baseline b of earlier phases (module docstring)."""
 
     title, kind = "REINFORCE", "reinforce"
-    saves_value_head = False
     group_size = 1
-    nonfinite_hint = "Lower the learning rate or check the reward for extreme values."
 
     def __init__(self, config: REINFORCEConfig):
         self.config = config
         self.baseline = MovingAverageBaseline(config.baseline, config.baseline_decay)
-
-    def param_groups(self, policy) -> list[dict]:
-        """The trunk at ``lr`` (no value head)."""
-        return [{"params": policy.trunk_parameters(), "lr": self.config.lr}]
 
     @torch.no_grad()
     def build_memory(self, rollout: ScoredRollout, kl_coef: float) -> tuple[ReplayMemory, dict[str, float]]:
