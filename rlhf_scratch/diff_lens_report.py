@@ -155,7 +155,7 @@ def write_lens_report(out: Path, config: LensConfig, summary: dict) -> Path:
                        [[f"{r['alpha']:g}", number_cell(r["token_logprob"], 3), number_cell(r["delta_token_logprob"], 3, "+"),
                          number_cell(r["token_prob_ratio"], 2),
                          *([f"{number_cell(r['reward'], 3)} ± {number_cell(r['reward_se'], 3)}", number_cell(r["delta_reward"], 3, "+"),
-                            "`" + repr(r["sample"])[1:-1].replace("|", "\\|").replace("`", "'")[:60] + "`"] if has_reward else [])]
+                            code_cell(r["sample"], 60)] if has_reward else [])]
                         for r in summary["sweep"]]), "",
         "![steering sweep](steering.png)", "",
     ]

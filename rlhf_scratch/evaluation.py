@@ -388,9 +388,10 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def code_cell(text: str) -> str:
-    """``text`` as inline code for a table cell: escapes shown (repr, unquoted), | escaped, ` written as '."""
-    return "`" + repr(text)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
+def code_cell(text: str, limit: int | None = None) -> str:
+    """``text`` as inline code for a table cell: escapes shown (repr, unquoted), | escaped, ` written as '; its
+    first ``limit`` characters after escaping (all when None)."""
+    return "`" + repr(text)[1:-1].replace("|", "\\|").replace("`", "'")[:limit] + "`"
 
 
 def number_cell(value, digits: int, sign: str = "") -> str:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from rlhf_scratch.patching import _parsed, donor_activations, run_patched, sequence_kl
+from rlhf_scratch.patching import _parsed, donor_activations, run_patched, sequence_kl, token_set_logprob
 
 ScoreFn = Callable[[Tensor, slice, Tensor], float]
 """score_fn(logits [B, S, V], rows, donor_logits [B, S, V]) -> float; the metric of a patched model is its sum over
@@ -146,6 +146,6 @@ def token_set_score(token_ids: list[int], positions: Bool[Tensor, "batch seq"]) 
 
     def score(logits: Tensor, rows: slice, donor_logits: Tensor | None = None) -> float:
         logp = F.log_softmax(logits.double().cpu(), -1)
-        return (torch.logsumexp(logp[..., token_ids], -1) * positions[rows]).sum().item() / count
+        return (token_set_logprob(logp, token_ids) * positions[rows]).sum().item() / count
 
     return score

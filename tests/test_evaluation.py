@@ -9,6 +9,7 @@ import torch
 from rlhf_scratch.evaluation import (
     EvalConfig,
     ModelSampler,
+    code_cell,
     distinct_n,
     evaluate,
     evaluation_prompts,
@@ -178,3 +179,9 @@ def test_evaluation_prompts_are_held_out_and_fixed(tiny_bridge):
 def test_eval_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**overrides)
+
+
+def test_code_cell_escapes_by_hand_and_cuts_after_escaping():
+    assert code_cell("a|b`c\n") == "`a\\|b'c\\n`"  # | escaped, ` as ', the newline shown as \n
+    assert code_cell("a|bcdef", 3) == "`a\\|`"  # the first 3 characters of the escaped text
+    assert code_cell("ab", 60) == "`ab`"
